@@ -1,0 +1,1775 @@
+"""gateway.py - a small HTTP/1.1 server for WSGI and ASGI apps, written to be read.
+
+One file, standard library only. It serves WSGI apps (PEP 3333) from a
+`selectors` event loop with a small thread pool, and ASGI 3 apps from
+`asyncio.start_server`. Both share one hand-written, I/O-free HTTP/1.1 parser
+and one response writer.
+
+Read it beside:  RFC 9112 (HTTP/1.1 message syntax)   RFC 9110 (HTTP semantics)
+                 PEP 3333 (WSGI)    ASGI "HTTP & WebSocket" spec
+
+    §1 Imports, limits and constants    §5 WSGI adapter   (a worker thread)
+    §2 Errors                           §6 WSGI server    (selectors loop)
+    §3 Reading requests   (pure)        §7 ASGI HTTP adapter
+    §4 Writing responses  (pure)        §8 ASGI server    (asyncio streams)
+                                        §9 Command line
+
+§3 and §4 never touch a socket, a thread, a clock or an event loop: bytes go
+in, values come out. §5-§8 do the I/O and call down into them.
+
+Run:   python gateway.py --wsgi echo_wsgi:application
+       python gateway.py --asgi echo_asgi:app
+Grep:  "Policy:" marks a choice where the RFC allows several, "Limit:" a
+       refusal that comes from a constant in §1.
+Not here (yet, or on purpose): HTTP/2 and HTTP/3 (put a proxy in front),
+WebSocket, lifespan, TLS, several worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import errno
+import importlib
+import io
+import logging
+import os
+import queue
+import re
+import selectors
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from urllib.parse import unquote, unquote_to_bytes
+
+__all__ = [
+    "Config", "HTTPError", "Request", "RequestParser", "Response", "END",
+    "parse_head", "error_response", "WSGIServer", "ASGIServer", "serve",
+    "make_listener", "main",
+]
+
+log = logging.getLogger("gateway")   # configured by the command line (§9)
+
+# =============================================================================
+# §1  Imports, limits and constants
+#
+# Every number the server uses lives here, with its unit and the status code
+# that going over it produces. Config (below) lets the command line change them.
+# =============================================================================
+
+SERVER_NAME = b"gateway"
+
+# Precedents for the head limits: h11 allows 16 KiB, waitress 256 KiB.
+MAX_REQUEST_LINE = 8 * 1024      # bytes, request-line          -> 414 (RFC 9112 §3)
+MAX_HEAD_BYTES = 64 * 1024       # bytes, request-line + fields -> 431 (RFC 6585 §5)
+MAX_FIELD_LINES = 100            # field lines in one head      -> 431
+MAX_METHOD_BYTES = 32            # longer than any method we know -> 501 (RFC 9112 §3)
+MAX_CHUNK_LINE = 4 * 1024        # bytes, chunk-size + chunk-ext -> 400 (RFC 9112 §7.1.1)
+MAX_SIZE_DIGITS = 16             # hex digits in a chunk-size, so it cannot overflow
+MAX_LENGTH_DIGITS = 18           # decimal digits in a Content-Length -> 413
+
+RECV_BYTES = 64 * 1024           # size asked of each recv()
+HIGH_WATER = 256 * 1024          # bytes buffered for one side before we pause it
+LOW_WATER = 64 * 1024            # ... and the level at which we resume it
+KEEP_ALIVE_SECONDS = 5.0         # idle time between requests before we close
+LINGER_SECONDS = 2.0             # read-and-discard time after our last response
+WSGI_THREADS = 8                 # worker threads that call WSGI applications
+
+
+@dataclass
+class Config:
+    """The knobs of one server; the defaults are the constants above."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int = WSGI_THREADS
+    timeout_keep_alive: float = KEEP_ALIVE_SECONDS
+    limit_request_body: int | None = None   # bytes; None means no limit
+    root_path: str = ""
+    server_header: bool = True
+    date_header: bool = True
+
+
+# =============================================================================
+# §2  Errors
+#
+# One exception means "the client broke HTTP". Only §3 raises it; each server
+# catches it in one place, answers with its status, and closes the connection.
+# =============================================================================
+
+
+class HTTPError(Exception):
+    """The request is unacceptable; `status` is what the client will be told."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class ClientDisconnected(ConnectionError):
+    """The client went away (ASGI HTTP spec 2.4: an OSError subclass)."""
+
+
+# =============================================================================
+# §3  Reading requests - RFC 9112 §2-§7
+#
+# Bytes in, events out. RequestParser.feed() takes bytes as they arrive, and
+# next_event() hands back, in order: one Request (the head), the body as
+# `bytes` pieces, then END; or None when it needs more bytes. Any split of the
+# input, down to one byte at a time, gives the same events. The parser only
+# moves on to the next pipelined request when asked for the next event, so the
+# server decides when to read it.
+# =============================================================================
+
+# RFC 9110 §5.6.2   token = 1*tchar
+#   tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." /
+#           "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+
+# RFC 9112 §3   request-line = method SP request-target SP HTTP-version
+# RFC 9112 §3.2 the target has no whitespace, no CTL and no "#" (a fragment is
+#               never sent), so: visible ASCII except "#".
+REQUEST_LINE = re.compile(
+    rb"(?P<method>" + TOKEN + rb") "
+    rb"(?P<target>[!-\"$-~]+) "
+    rb"(?P<version>HTTP/[0-9]\.[0-9])"
+)
+
+# RFC 9112 §5   field-line = field-name ":" OWS field-value OWS
+# RFC 9110 §5.5 field-value: visible characters, SP, HTAB and obs-text
+#   (%x80-FF); never NUL, CR, LF or another CTL. The trailing OWS is cut off
+#   with rstrip(b" \t") afterwards, which keeps the pattern free of backtracking.
+FIELD_LINE = re.compile(
+    rb"(?P<name>" + TOKEN + rb"):[ \t]*(?P<value>[\t\x20-\x7e\x80-\xff]*)"
+)
+
+# RFC 9112 §3.2 + RFC 3986 §3.2.2: Host = uri-host [ ":" port ]
+HOST = re.compile(
+    rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?"
+)
+
+# RFC 9112 §7.1    chunk      = chunk-size [ chunk-ext ] CRLF chunk-data CRLF
+#                  chunk-size = 1*HEXDIG
+# RFC 9112 §7.1.1  chunk-ext  = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )
+#                  ext-val    = token / quoted-string
+QUOTED_STRING = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
+CHUNK_LINE = re.compile(
+    rb"(?P<size>[0-9A-Fa-f]+)"
+    rb"(?:[ \t]*;[ \t]*" + TOKEN +
+    rb"(?:[ \t]*=[ \t]*(?:" + TOKEN + rb"|" + QUOTED_STRING + rb"))?)*"
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A parsed request head: RFC 9112 §3 request-line plus §5 field lines."""
+
+    method: str                           # "GET", case kept (RFC 9110 §9.1)
+    target: bytes                         # b"/search?q=1", as sent
+    path: bytes                           # b"/search", still percent-encoded
+    query: bytes                          # b"q=1", without the "?"
+    version: str                          # "1.0" or "1.1"
+    headers: list[tuple[bytes, bytes]]    # (lower-cased name, value), wire order
+    chunked: bool                         # body framing: chunked ...
+    content_length: int                   # ... or this many bytes (0 if chunked)
+    keep_alive: bool                      # may the connection stay open after?
+    expect_continue: bool                 # "Expect: 100-continue" was sent
+
+
+class EndOfMessage:
+    """The event after the last body byte of a request."""
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = EndOfMessage()
+
+
+def field_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """All values of one field, in order; `name` must be lower-case."""
+    return [value for key, value in headers if key == name]
+
+
+def comma_list(values: list[bytes]) -> list[bytes]:
+    """RFC 9110 §5.6.1: split "a, b" lists, drop empty members, lower-case them."""
+    items = []
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t").lower()
+            if item:
+                items.append(item)
+    return items
+
+
+def parse_request_line(line: bytes) -> tuple[str, bytes, str]:
+    """RFC 9112 §3: split the request-line into method, target and version."""
+    match = REQUEST_LINE.fullmatch(line)
+    if match is None:
+        # RFC 9112 §3: exactly one SP between the three parts, nothing else.
+        raise HTTPError(400, "malformed request line")
+    method, target, version = match.group("method", "target", "version")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        # RFC 9110 §15.6.6: 505 for a major version we do not speak. This also
+        # answers an HTTP/2 connection preface ("PRI * HTTP/2.0").
+        raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    if len(method) > MAX_METHOD_BYTES:
+        raise HTTPError(501, "method too long")    # Limit: RFC 9112 §3
+    return method.decode("ascii"), target, version[5:].decode("ascii")
+
+
+def split_target(method: str, target: bytes) -> tuple[bytes, bytes]:
+    """RFC 9112 §3.2: the four forms of request-target; returns (path, query)."""
+    if method == "CONNECT":
+        # Policy: authority-form (§3.2.3) is for proxies; this is not one.
+        raise HTTPError(501, "CONNECT is not supported")
+    if target == b"*":
+        if method != "OPTIONS":      # §3.2.4: asterisk-form is for OPTIONS only
+            raise HTTPError(400, "'*' is only allowed with OPTIONS")
+        return b"*", b""
+    if target[:1] != b"/":
+        # §3.2.2: absolute-form, "http://host/path?q", MUST be accepted by a
+        # server. The authority in it wins over Host (§3.3); we only need the path.
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            raise HTTPError(400, "malformed request target")
+        slash = min(i for i in (rest.find(b"/"), rest.find(b"?"), len(rest)) if i >= 0)
+        target = rest[slash:]
+        if target[:1] != b"/":
+            target = b"/" + target   # an empty path means "/" (RFC 9112 §3.2.2)
+    path, _, query = target.partition(b"?")   # §3.2.1: split at the first "?"
+    return path, query
+
+
+def parse_field_line(line: bytes) -> tuple[bytes, bytes]:
+    """RFC 9112 §5: one "Name: value" line -> (lower-case name, value)."""
+    match = FIELD_LINE.fullmatch(line)
+    if match is None:
+        if line[:1] in (b" ", b"\t"):
+            # RFC 9112 §5.2: obs-fold is deprecated; we may reject it with 400.
+            raise HTTPError(400, "obsolete line folding is not accepted")
+        # Covers "Name : v" (RFC 9112 §5.1 MUST reject), a missing colon, and
+        # CR, LF, NUL or other control characters in a value (RFC 9110 §5.5).
+        raise HTTPError(400, "malformed header field")
+    return match["name"].lower(), match["value"].rstrip(b" \t")
+
+
+def body_framing(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[bool, int]:
+    """Where does this request's body end? RFC 9112 §6.3, items (3) to (7).
+
+    Returns (chunked, content_length).
+    """
+    te = comma_list(field_values(headers, b"transfer-encoding"))
+    cl = field_values(headers, b"content-length")
+    if te and cl:
+        # (3) Policy: the RFC lets Transfer-Encoding win and says the message
+        # "ought to be handled as an error". A proxy in front may have used the
+        # other one (request smuggling, §11.2), so we refuse and close.
+        raise HTTPError(400, "both Transfer-Encoding and Content-Length")
+    if te:
+        if version == "1.0":     # §6.1: TE in a 1.0 request means faulty framing
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if te[-1] != b"chunked":  # (4) MUST answer 400: the length is unknowable
+            raise HTTPError(400, "chunked is not the final transfer coding")
+        if te.count(b"chunked") > 1:      # §7.1: chunked only once
+            raise HTTPError(400, "chunked applied twice")
+        if len(te) > 1:   # §6.1: a coding we do not implement -> 501
+            raise HTTPError(501, "only the chunked transfer coding is supported")
+        return True, 0
+    if cl:
+        # (5) Content-Length = 1*DIGIT. Several equal values ("5, 5" or two
+        # lines) are allowed; different or malformed ones are an error. We check
+        # isdigit() first: int() would also take "+5", " 5" and "1_0".
+        values = set(item.strip(b" \t") for value in cl for item in value.split(b","))
+        if len(values) != 1:
+            raise HTTPError(400, "conflicting Content-Length values")
+        value = values.pop()
+        if not (value.isdigit() and value.isascii()):
+            raise HTTPError(400, "malformed Content-Length")
+        if len(value) > MAX_LENGTH_DIGITS:
+            raise HTTPError(413, "Content-Length too large")   # Limit
+        return False, int(value)
+    return False, 0      # (7) neither: a request has no body
+
+
+def check_host(version: str, headers: list[tuple[bytes, bytes]]) -> None:
+    """RFC 9112 §3.2: an HTTP/1.1 request carries exactly one valid Host."""
+    # "A server MUST respond with a 400 (Bad Request) status code to any
+    # HTTP/1.1 request message that lacks a Host header field and to any
+    # request message that contains more than one Host header field line or a
+    # Host header field with an invalid field value."
+    hosts = field_values(headers, b"host")
+    if len(hosts) > 1 or (version == "1.1" and not hosts):
+        raise HTTPError(400, "exactly one Host header is required")
+    if hosts and HOST.fullmatch(hosts[0]) is None:
+        raise HTTPError(400, "malformed Host header")
+
+
+def parse_head(head: bytes) -> Request:
+    """Parse one request head (without its empty last line) into a Request."""
+    # RFC 9112 §2.2: lines end in CRLF. Leniency: a bare LF also ends a line, as
+    # the RFC allows; a CR anywhere else fails the patterns below (400).
+    lines = head.split(b"\n")
+    lines = [line[:-1] if line[-1:] == b"\r" else line for line in lines]
+    if len(lines[0]) > MAX_REQUEST_LINE:
+        raise HTTPError(414, "request line too long")   # Limit: RFC 9112 §3
+    method, target, version = parse_request_line(lines[0])
+    path, query = split_target(method, target)
+    if len(lines) - 1 > MAX_FIELD_LINES:
+        raise HTTPError(431, "too many header fields")    # Limit: RFC 6585 §5
+    headers = [parse_field_line(line) for line in lines[1:]]
+    check_host(version, headers)
+    chunked, content_length = body_framing(version, headers)
+    connection = comma_list(field_values(headers, b"connection"))
+    if version == "1.1":   # RFC 9112 §9.3: persistent unless "close"
+        keep_alive = b"close" not in connection
+    else:                  # HTTP/1.0: only with an explicit "keep-alive"
+        keep_alive = b"keep-alive" in connection
+    # RFC 9110 §10.1.1: 100-continue only means something for HTTP/1.1.
+    expect = comma_list(field_values(headers, b"expect"))
+    expect_continue = version == "1.1" and b"100-continue" in expect
+    return Request(method, target, path, query, version, headers,
+                   chunked, content_length, keep_alive, expect_continue)
+
+
+class RequestParser:
+    """Incremental HTTP/1.1 request parser: feed() bytes, take next_event()s."""
+
+    def __init__(self, max_body: int | None = None) -> None:
+        self.buffer = bytearray()
+        self.state = "head"   # head, body, chunk-size, chunk-data, chunk-end,
+        #                       trailers, or error
+        self.remaining = 0    # body or chunk bytes still to come
+        self.body_size = 0    # bytes of this request's body seen so far
+        self.max_body = max_body
+        self.search_from = 0  # where to resume looking for the end of the head
+        self.trailer_bytes = 0
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes received from the client."""
+        self.buffer += data
+
+    def next_event(self) -> Request | bytes | EndOfMessage | None:
+        """The next event, or None if more bytes are needed. Raises HTTPError."""
+        if self.state == "error":
+            raise HTTPError(400, "the connection is in an error state")
+        try:
+            if self.state == "head":
+                return self._read_head()
+            if self.state == "body":
+                return self._read_body()
+            return self._read_chunked()
+        except HTTPError:
+            self.state = "error"    # nothing after a framing error is trusted
+            raise
+
+    @property
+    def has_partial_request(self) -> bool:
+        """True if some bytes of an unfinished request have arrived."""
+        return self.state != "head" or bool(self.buffer)
+
+    # -- the head -------------------------------------------------------------
+
+    def _read_head(self) -> Request | None:
+        buffer = self.buffer
+        # RFC 9112 §2.2: "a server SHOULD ignore at least one empty line (CRLF)
+        # received prior to the request-line".
+        while buffer[:2] == b"\r\n" or buffer[:1] == b"\n":
+            del buffer[: 2 if buffer[:1] == b"\r" else 1]
+        end, size = self._find_end_of_head()
+        if end < 0:
+            self._check_incomplete_head()
+            return None
+        if end > MAX_HEAD_BYTES:
+            raise HTTPError(431, "request header fields too large")   # Limit
+        head = bytes(buffer[:end])
+        del buffer[: end + size]
+        self.search_from = 0
+        request = parse_head(head)
+        self._start_body(request)
+        return request
+
+    def _find_end_of_head(self) -> tuple[int, int]:
+        """Find the empty line that ends the head: (index, its length) or (-1, 0)."""
+        buffer = self.buffer
+        crlf = buffer.find(b"\n\r\n", self.search_from)   # the usual "\r\n\r\n"
+        stop = crlf if crlf >= 0 else len(buffer)
+        lf = buffer.find(b"\n\n", self.search_from, stop + 1)   # bare LF lines
+        if lf >= 0:
+            return lf, 2
+        if crlf >= 0:
+            return crlf, 3
+        self.search_from = max(0, len(buffer) - 2)
+        return -1, 0
+
+    def _check_incomplete_head(self) -> None:
+        """Limit: refuse a head that is already too long to be finished."""
+        newline = self.buffer.find(b"\n", 0, MAX_REQUEST_LINE + 1)
+        if newline < 0 and len(self.buffer) > MAX_REQUEST_LINE:
+            raise HTTPError(414, "request line too long")   # RFC 9112 §3
+        if len(self.buffer) > MAX_HEAD_BYTES:
+            raise HTTPError(431, "request header fields too large")   # RFC 6585 §5
+
+    def _start_body(self, request: Request) -> None:
+        if request.chunked:
+            self.state = "chunk-size"
+        else:
+            self._count_body(request.content_length)
+            self.state = "body"
+            self.remaining = request.content_length
+        self.body_size = 0
+        self.trailer_bytes = 0
+
+    def _count_body(self, size: int) -> None:
+        """Limit: the configured maximum body size -> 413 (RFC 9110 §15.5.14)."""
+        self.body_size += size
+        if self.max_body is not None and self.body_size > self.max_body:
+            raise HTTPError(413, "request body too large")
+
+    # -- a Content-Length body (RFC 9112 §6.2) ---------------------------------
+
+    def _read_body(self) -> bytes | EndOfMessage | None:
+        if self.remaining == 0:
+            self.state = "head"
+            return END
+        if not self.buffer:
+            return None
+        data = bytes(self.buffer[: self.remaining])
+        del self.buffer[: len(data)]
+        self.remaining -= len(data)
+        return data
+
+    # -- a chunked body (RFC 9112 §7.1) ----------------------------------------
+
+    def _read_chunked(self) -> bytes | EndOfMessage | None:
+        while True:
+            if self.state == "chunk-size":
+                if not self._read_chunk_size():
+                    return None
+            elif self.state == "chunk-data":
+                if not self.buffer:
+                    return None
+                data = bytes(self.buffer[: self.remaining])
+                del self.buffer[: len(data)]
+                self.remaining -= len(data)
+                if self.remaining == 0:
+                    self.state = "chunk-end"
+                return data
+            elif self.state == "chunk-end":
+                if len(self.buffer) < 2:
+                    return None
+                if self.buffer[:2] != b"\r\n":   # chunk-data CRLF, exactly
+                    raise HTTPError(400, "chunk data not followed by CRLF")
+                del self.buffer[:2]
+                self.state = "chunk-size"
+            else:
+                return self._read_trailers()
+
+    def _take_crlf_line(self, limit: int) -> bytes | None:
+        """Cut one CRLF-terminated line off the buffer, or None if incomplete."""
+        end = self.buffer.find(b"\r\n", 0, limit + 2)
+        if end < 0:
+            if len(self.buffer) > limit:
+                raise HTTPError(400, "chunk line too long")   # Limit: §1
+            return None
+        line = bytes(self.buffer[:end])
+        del self.buffer[: end + 2]
+        if b"\n" in line:
+            # Policy: a bare LF is accepted in the head, but inside chunked
+            # framing only CRLF is (lenient chunk parsing enables smuggling).
+            raise HTTPError(400, "bare LF in chunked framing")
+        return line
+
+    def _read_chunk_size(self) -> bool:
+        line = self._take_crlf_line(MAX_CHUNK_LINE)
+        if line is None:
+            return False
+        match = CHUNK_LINE.fullmatch(line)
+        if match is None:
+            raise HTTPError(400, "malformed chunk size line")
+        size = match["size"]
+        if len(size) > MAX_SIZE_DIGITS:
+            raise HTTPError(400, "chunk size too large")   # Limit: no overflow
+        self.remaining = int(size, 16)     # checked to be 1*HEXDIG above
+        self._count_body(self.remaining)
+        self.state = "chunk-data" if self.remaining else "trailers"
+        return True
+
+    def _read_trailers(self) -> EndOfMessage | None:
+        # RFC 9112 §7.1.2: trailer fields are read, checked like header fields,
+        # and dropped: RFC 9110 §6.5.1 forbids merging them into the headers.
+        while True:
+            line = self._take_crlf_line(MAX_HEAD_BYTES)
+            if line is None:
+                return None
+            if not line:
+                self.state = "head"
+                return END
+            self.trailer_bytes += len(line) + 2
+            if self.trailer_bytes > MAX_HEAD_BYTES:
+                raise HTTPError(431, "trailer section too large")   # Limit
+            parse_field_line(line)
+
+
+# =============================================================================
+# §4  Writing responses - RFC 9112 §4, §6, §7.1, §9
+#
+# Response is the one response serializer: it picks the framing, adds the
+# headers the server owns, and turns app bytes into wire bytes. It is pure:
+# it returns bytes and takes the clock as an argument.
+# =============================================================================
+
+REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+
+# RFC 9110 §7.6.1: these describe one connection, not the message. The server
+# writes its own; the app's are dropped (ASGI) or refused (PEP 3333, §5).
+CONNECTION_FIELDS = {b"connection", b"keep-alive", b"transfer-encoding"}
+
+# RFC 9112 §11.1 (response splitting): nothing from the app may end a line.
+UNSAFE_FIELD = re.compile(rb"[\x00\r\n]")
+FIELD_NAME = re.compile(TOKEN)
+
+_date_cache = [0, b""]
+
+
+def http_date(now: float) -> bytes:
+    """RFC 9110 §5.6.7: IMF-fixdate, e.g. b"Sun, 06 Nov 1994 08:49:37 GMT"."""
+    second = int(now)
+    if _date_cache[0] != second:   # one formatdate() per second, not per request
+        _date_cache[:] = [second, formatdate(second, usegmt=True).encode("ascii")]
+    return _date_cache[1]
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """RFC 9112 §7.1: chunk = chunk-size CRLF chunk-data CRLF."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class Response:
+    """Frames one response: status line, fields, then body bytes (RFC 9112 §4-§7)."""
+
+    def __init__(self, method: str, version: str, keep_alive: bool,
+                 config: Config | None = None) -> None:
+        self.method = method
+        self.version = version          # the request's: "1.0" or "1.1"
+        self.keep_alive = keep_alive    # may turn False in head() and end()
+        self.config = config or Config()
+        self.framing = ""               # "none", "length", "chunked" or "close"
+        self.length = 0                 # Content-Length still owed (if "length")
+
+    def head(self, status: int, headers: list[tuple[bytes, bytes]],
+             now: float, reason: bytes | None = None) -> bytes:
+        """The status line and header section for a final (>= 200) response."""
+        lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"") if reason is None
+                                      else reason)]
+        length = None
+        own = set()     # names of the app's fields that the server also adds
+        for name, value in headers:
+            lname = name.lower()
+            if not FIELD_NAME.fullmatch(name) or UNSAFE_FIELD.search(value):
+                raise ValueError(f"invalid response header: {name!r}: {value!r}")
+            if lname in CONNECTION_FIELDS:
+                if lname == b"connection" and b"close" in comma_list([value]):
+                    self.keep_alive = False      # the app asked us to close
+                continue
+            if lname == b"content-length":
+                if status < 200 or status == 204:
+                    continue     # RFC 9110 §8.6: never on 1xx and 204
+                if not value.isdigit():
+                    raise ValueError(f"invalid Content-Length: {value!r}")
+                length = int(value)
+            own.add(lname)
+            lines.append(name + b": " + value)
+        self.framing = self._choose_framing(status, length)
+        lines += self._server_fields(own, now)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def _choose_framing(self, status: int, length: int | None) -> str:
+        """RFC 9112 §6.3: how the client will find the end of this body."""
+        if self.method == "HEAD" or status < 200 or status in (204, 304):
+            return "none"       # (1) never a body, whatever the app sends
+        if length is not None:
+            self.length = length
+            return "length"     # (6) the app gave the size
+        if self.version == "1.1":
+            return "chunked"    # (4) HTTP/1.1 clients understand chunked
+        self.keep_alive = False
+        return "close"          # (8) HTTP/1.0: closing the connection ends it
+
+    def _server_fields(self, own: set[bytes], now: float) -> list[bytes]:
+        """The fields the server adds: Date, Server, framing and Connection."""
+        lines = []
+        if self.config.date_header and b"date" not in own:
+            lines.append(b"Date: " + http_date(now))    # RFC 9110 §6.6.1
+        if self.config.server_header and b"server" not in own:
+            lines.append(b"Server: " + SERVER_NAME)     # RFC 9110 §10.2.4
+        if self.framing == "chunked":
+            lines.append(b"Transfer-Encoding: chunked")
+        if not self.keep_alive:
+            lines.append(b"Connection: close")          # RFC 9112 §9.6
+        elif self.version == "1.0":
+            lines.append(b"Connection: keep-alive")     # RFC 9112 App. C.2.2
+        return lines
+
+    def body(self, data: bytes) -> bytes:
+        """Frame a piece of the body; b"" for nothing to send."""
+        if not data or self.framing == "none":
+            return b""           # an empty chunk would end a chunked body
+        if self.framing == "chunked":
+            return encode_chunk(data)
+        if self.framing == "length":
+            if len(data) > self.length:
+                raise ValueError("response body longer than its Content-Length")
+            self.length -= len(data)
+        return data
+
+    def end(self) -> bytes:
+        """The bytes that end the body; settles whether the connection stays."""
+        if self.framing == "chunked":
+            return b"0\r\n\r\n"      # last-chunk, no trailers, CRLF
+        if self.framing == "length" and self.length:
+            # RFC 9112 §8: the client will see an incomplete message; all we
+            # can do is close so it does not wait for the missing bytes.
+            log.error("response ended %d bytes short of its Content-Length",
+                      self.length)
+            self.keep_alive = False
+        return b""
+
+
+def error_response(status: int, message: str, now: float,
+                   config: Config | None = None) -> bytes:
+    """A short text/plain response that the server writes itself, then closes."""
+    body = f"{status} {REASONS.get(status, b'').decode()}: {message}\n".encode()
+    response = Response("GET", "1.1", keep_alive=False, config=config)
+    head = response.head(status, [(b"Content-Type", b"text/plain; charset=utf-8"),
+                                  (b"Content-Length", b"%d" % len(body))], now)
+    return head + body
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"   # RFC 9110 §15.2.1
+
+
+# =============================================================================
+# §5  WSGI adapter - PEP 3333
+#
+# What a worker thread does for one request: build the environ, call the app,
+# hand the response bytes to the connection, and always close() the result.
+# Nothing here touches a socket: bytes go to the loop thread through
+# WSGIConnection.put() and WSGIConnection.finish() (§6).
+# =============================================================================
+
+
+def build_environ(request: Request, body, server: tuple, client: tuple,
+                  config: Config) -> dict:
+    """The PEP 3333 environ for one request ("environ Variables")."""
+    script_name = config.root_path.rstrip("/")
+    # PEP 3333, "Unicode Issues": native strings hold the bytes as latin-1.
+    path_info = unquote_to_bytes(request.path).decode("latin-1")
+    if script_name and path_info.startswith(script_name):
+        path_info = path_info[len(script_name):]
+    environ = {
+        "REQUEST_METHOD":        request.method,
+        "SCRIPT_NAME":           script_name,
+        "PATH_INFO":             path_info,
+        "QUERY_STRING":          request.query.decode("latin-1"),
+        "SERVER_NAME":           str(server[0]),
+        "SERVER_PORT":           str(server[1]),
+        "SERVER_PROTOCOL":       "HTTP/" + request.version,
+        "SERVER_SOFTWARE":       SERVER_NAME.decode(),
+        "REMOTE_ADDR":           str(client[0]),
+        "REMOTE_PORT":           str(client[1]),
+        "wsgi.version":          (1, 0),
+        "wsgi.url_scheme":       "http",
+        "wsgi.input":            body,
+        "wsgi.errors":           sys.stderr,
+        "wsgi.multithread":      True,
+        "wsgi.multiprocess":     False,
+        "wsgi.run_once":         False,
+        "wsgi.input_terminated": True,   # wsgi.input ends where the body ends
+    }
+    add_header_variables(environ, request.headers)
+    return environ
+
+
+def add_header_variables(environ: dict, headers: list[tuple[bytes, bytes]]) -> None:
+    """PEP 3333 (after CGI): CONTENT_TYPE, CONTENT_LENGTH and HTTP_* variables."""
+    for name, value in headers:
+        if b"_" in name:
+            # Policy: "X_Forwarded_For" would become the same HTTP_ key as
+            # "X-Forwarded-For", so a client could spoof what a proxy set.
+            continue
+        key = name.decode("latin-1").upper().replace("-", "_")
+        text = value.decode("latin-1")
+        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            key = "HTTP_" + key
+        if key in environ:   # RFC 9110 §5.3: repeated fields join with commas
+            environ[key] += ", " + text
+        else:
+            environ[key] = text
+
+
+class WSGIInput:
+    """wsgi.input for a body still arriving (PEP 3333, "Input and Error Streams").
+
+    The loop thread feed()s bytes in; the app's worker thread reads them out,
+    waiting when none are there yet. read() returns b"" at the end of the
+    body and never reads into the next request.
+    """
+
+    def __init__(self, conn: WSGIConnection, parts: list[bytes], expect_continue: bool):
+        self.conn = conn
+        self.ready = threading.Condition()
+        self.buffer = bytearray(b"".join(parts))
+        self.complete = False
+        self.error: Exception | None = None
+        self.paused = False        # the loop stopped reading: we are full
+        # RFC 9110 §10.1.1: the client waits for "100 Continue" before it sends
+        # the body. We send it when the app first reads, so an app that answers
+        # without reading (say, 401) spares the client the upload.
+        self.send_continue = expect_continue and not parts
+
+    # Runs on: the loop thread.
+    def feed(self, data: bytes) -> None:
+        with self.ready:
+            self.buffer += data
+            self.paused = len(self.buffer) > HIGH_WATER
+            self.ready.notify()
+
+    def finish(self, error: Exception | None = None) -> None:
+        with self.ready:
+            self.complete = True
+            self.error = error
+            self.ready.notify()
+
+    # Runs on: a worker thread.
+    def _wait(self, enough) -> None:
+        """Wait until enough(buffer) is true or no more bytes will come."""
+        if self.send_continue:
+            self.send_continue = False
+            self.conn.put(CONTINUE)
+        with self.ready:
+            while not (enough(self.buffer) or self.complete):
+                self.ready.wait()
+            if self.error is not None and not enough(self.buffer):
+                raise self.error
+
+    def _take(self, size: int) -> bytes:
+        with self.ready:
+            data = bytes(self.buffer[:size])
+            del self.buffer[:size]
+            resume = self.paused and len(self.buffer) < LOW_WATER
+            if resume:
+                self.paused = False
+        if resume:
+            self.conn.server.wake(self.conn)    # ask the loop to read again
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            self._wait(lambda buffer: False)          # the whole rest
+            return self._take(len(self.buffer))
+        self._wait(lambda buffer: len(buffer) >= size)
+        return self._take(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = size if size is not None and size >= 0 else sys.maxsize
+        self._wait(lambda buffer: b"\n" in buffer or len(buffer) >= limit)
+        newline = self.buffer.find(b"\n")
+        end = len(self.buffer) if newline < 0 else newline + 1
+        return self._take(min(end, limit))
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines, total = [], 0
+        for line in self:
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self):
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+
+class WSGIResponse:
+    """start_response() and write() for one request. Runs on: a worker thread."""
+
+    def __init__(self, conn: WSGIConnection, request: Request) -> None:
+        self.conn = conn
+        self.response = Response(request.method, request.version,
+                                 request.keep_alive, conn.server.config)
+        self.status: str | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_sent = False
+
+    def start_response(self, status: str, headers: list, exc_info=None):
+        """PEP 3333, "The start_response() Callable"."""
+        if exc_info:
+            try:
+                if self.head_sent:   # too late to change: re-raise the app's error
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None      # PEP 3333: avoid a reference cycle
+        elif self.status is not None:
+            raise AssertionError("start_response() called twice without exc_info")
+        self.headers = check_wsgi_headers(status, headers)
+        self.status = status
+        return self.write
+
+    def _head(self) -> bytes:
+        """The response head, the first time body bytes are ready for it."""
+        if self.status is None:
+            raise AssertionError("the app sent a body before calling start_response()")
+        self.head_sent = True
+        code, _, reason = self.status.partition(" ")
+        return self.response.head(int(code), self.headers, time.time(),
+                                  reason.encode("latin-1"))
+
+    def write(self, data: bytes) -> None:
+        """PEP 3333, "The write() Callable": queued in order before we return."""
+        if type(data) is not bytes:
+            raise TypeError(f"WSGI body must be bytes, not {type(data).__name__}")
+        head = b"" if self.head_sent else self._head()
+        self.conn.put(head + self.response.body(data))
+
+    def final_bytes(self, last: bytes = b"") -> bytes:
+        """The rest of the response once the app is done: head, `last`, end."""
+        if type(last) is not bytes:
+            raise TypeError(f"WSGI body must be bytes, not {type(last).__name__}")
+        head = b"" if self.head_sent else self._head()
+        return head + self.response.body(last) + self.response.end()
+
+
+def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
+    """PEP 3333: the status is "NNN reason", headers a list of (str, str)."""
+    if type(status) is not str or not re.fullmatch(r"[1-9][0-9][0-9] [^\r\n\x00]*", status):
+        raise ValueError(f"WSGI status must look like '200 OK', not {status!r}")
+    if type(headers) is not list:
+        raise TypeError("WSGI response headers must be a list of (name, value) tuples")
+    encoded = []
+    for item in headers:
+        if type(item) is not tuple or len(item) != 2:
+            raise TypeError(f"WSGI header must be a (name, value) tuple: {item!r}")
+        name, value = item
+        if type(name) is not str or type(value) is not str:
+            raise TypeError(f"WSGI header name and value must be str: {item!r}")
+        if name.lower() in ("connection", "keep-alive", "transfer-encoding", "upgrade",
+                            "te", "trailer", "proxy-authenticate", "proxy-authorization"):
+            # PEP 3333, "Other HTTP Features": hop-by-hop headers are the server's.
+            raise ValueError(f"hop-by-hop header not allowed in a WSGI app: {name!r}")
+        encoded.append((name.encode("latin-1"), value.encode("latin-1")))
+    return encoded
+
+
+def run_wsgi_app(conn: WSGIConnection, request: Request, environ: dict) -> None:
+    """One PEP 3333 application call, start_response() to close(). Runs on: a worker."""
+    response = WSGIResponse(conn, request)
+    final, keep_alive = b"", False
+    try:
+        result = conn.server.app(environ, response.start_response)
+        try:
+            final = send_wsgi_result(result, response)
+            keep_alive = response.response.keep_alive
+        finally:
+            if hasattr(result, "close"):   # PEP 3333: always, even after errors
+                result.close()
+    except Exception as error:
+        final, keep_alive = wsgi_failure(conn, response, environ, error), False
+    conn.finish(final, keep_alive)
+
+
+def send_wsgi_result(result, response: WSGIResponse) -> bytes:
+    """Iterate the app's result; return the bytes that end the response."""
+    if type(result) in (list, tuple) and len(result) == 1 and not response.head_sent:
+        # PEP 3333, "Handling the Content-Length Header": a one-item body has
+        # a known length, so the client can keep the connection open.
+        body = result[0]
+        if response.status is not None and type(body) is bytes and not any(
+                name.lower() == b"content-length" for name, _ in response.headers):
+            response.headers.append((b"Content-Length", b"%d" % len(body)))
+        return response.final_bytes(body)
+    for data in result:
+        if data:      # PEP 3333: empty items send nothing, not even headers
+            response.write(data)
+    return response.final_bytes()
+
+
+def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
+                 error: Exception) -> bytes:
+    """PEP 3333, "Error Handling": a 500 if nothing was sent, else cut it short."""
+    if conn.error is not None:     # the body was malformed: that is the answer
+        return b"" if response.head_sent else error_response(
+            conn.error.status, conn.error.reason, time.time(), conn.server.config)
+    if isinstance(error, ClientDisconnected):
+        return b""                 # nobody is left to answer
+    log.exception("error in WSGI app for %s %s", environ["REQUEST_METHOD"],
+                  environ["PATH_INFO"])
+    if response.head_sent:
+        return b""    # the client sees an incomplete message, then EOF
+    return error_response(500, "the application failed", time.time(),
+                          conn.server.config)
+
+
+# =============================================================================
+# §6  WSGI server - a selectors event loop and a thread pool
+#
+# The loop thread owns every socket: it accepts, reads, parses and writes.
+# WSGI apps block, so each request runs on a worker thread (§5). Workers hand
+# bytes back with put()/finish() and wake the loop through a socketpair (the
+# self-pipe trick). Both directions are bounded: the loop stops reading a body
+# the app has not consumed, and a worker waits while its output is unsent.
+# =============================================================================
+
+
+class WSGIConnection:
+    """One client socket. Runs on: the loop thread, unless a method says so."""
+
+    def __init__(self, server: WSGIServer, sock: socket.socket, client: tuple) -> None:
+        self.server = server
+        self.sock = sock
+        self.client = client
+        self.parser = RequestParser(server.config.limit_request_body)
+        self.sendbuf = bytearray()
+        self.state = "idle"          # idle -> busy -> idle ... -> closing
+        self.since = time.monotonic()
+        self.events = 0              # what the selector watches for us
+        self.closed = False
+        self.peer_eof = False        # the client sent FIN
+        self._reset()
+        # Shared with the worker thread, guarded by `room`:
+        self.room = threading.Condition()
+        self.outbox: list[bytes] = []
+        self.unsent = 0              # bytes put() but not yet sent
+        self.worker_done = False
+
+    def _reset(self) -> None:
+        self.request: Request | None = None
+        self.body_parts: list[bytes] = []
+        self.body: WSGIInput | None = None
+        self.body_complete = False
+        self.submitted = False
+        self.error: HTTPError | None = None
+        self.done = False            # the response is complete (loop side)
+        self.keep_alive = False
+
+    # -- reading ---------------------------------------------------------------
+
+    def on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self.on_readable()
+        if mask & selectors.EVENT_WRITE and not self.closed:
+            self.flush()
+        if not self.closed:
+            self.watch()
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:              # e.g. a reset: nothing can be sent either
+            self.close()
+            return
+        if self.state == "closing":
+            if not data:
+                self.close()          # lingering close is over (RFC 9112 §9.6)
+            return
+        if not data:
+            self.on_eof()
+            return
+        self.parser.feed(data)
+        self.process()
+
+    def on_eof(self) -> None:
+        self.peer_eof = True
+        if self.state == "idle":
+            self.close()    # idle or mid-head: RFC 9112 §9.5, nothing to answer
+        elif not self.body_complete and self.body is not None:
+            # RFC 9112 §8: an incomplete body is never reported as complete.
+            self.fail_body(ClientDisconnected("client closed mid-body"))
+        # else: a half-close after a full request; the response still goes out.
+
+    def process(self) -> None:
+        """Start the next request, or hand body bytes to the one in progress."""
+        try:
+            while self.state == "idle" or (self.state == "busy" and not self.body_complete):
+                if self.body is not None and self.body.paused:
+                    break                         # the app has enough unread
+                event = self.parser.next_event()
+                if event is None:
+                    break
+                if self.state == "idle":
+                    self.state, self.request = "busy", event
+                elif event is END:
+                    self.body_complete = True
+                    if self.body is not None:
+                        self.body.finish()
+                elif self.body is not None:
+                    self.body.feed(event)
+                else:
+                    self.body_parts.append(event)
+        except HTTPError as error:
+            self.on_bad_request(error)
+        if self.state == "busy" and not self.submitted and not self.done:
+            self.submit()
+
+    def on_bad_request(self, error: HTTPError) -> None:
+        """Answer a request the parser refused, then close (RFC 9112 §9.6)."""
+        if not self.submitted:     # the app never saw it: we answer for it
+            self.state = "busy"
+            self.send_now(error_response(error.status, error.reason, time.time(),
+                                         self.server.config))
+        else:                      # the app is reading the body: stop it there
+            self.error = error
+            self.fail_body(ClientDisconnected("malformed request body"))
+
+    def fail_body(self, error: Exception) -> None:
+        """The body will never be complete: wake the app's read() with `error`."""
+        self.body_complete = True
+        self.body.finish(error)
+
+    def submit(self) -> None:
+        """Hand the request to a worker thread, with what we have of its body."""
+        request = self.request
+        self.submitted = True
+        if self.body_complete:
+            body = io.BytesIO(b"".join(self.body_parts))   # no waiting needed
+        else:
+            self.body = body = WSGIInput(self, self.body_parts, request.expect_continue)
+        self.body_parts = []
+        environ = build_environ(request, body, self.server.address, self.client,
+                                self.server.config)
+        self.server.pool.submit(run_wsgi_app, self, request, environ)
+
+    # -- writing ---------------------------------------------------------------
+
+    def put(self, data: bytes) -> None:
+        """Runs on: a worker. Queue bytes to send; wait while too many are unsent."""
+        with self.room:
+            while self.unsent > HIGH_WATER and not self.closed:
+                self.room.wait()
+            if self.closed:
+                raise ClientDisconnected("client went away")
+            self.outbox.append(data)
+            self.unsent += len(data)
+        self.server.wake(self)
+
+    def finish(self, data: bytes, keep_alive: bool) -> None:
+        """Runs on: a worker. The last bytes of the response; the worker is done."""
+        with self.room:
+            self.outbox.append(data)
+            self.unsent += len(data)
+            self.worker_done = True
+            self.keep_alive = keep_alive
+        self.server.wake(self)
+
+    def on_wake(self) -> None:
+        """A worker put bytes, finished, or read enough of the body to go on."""
+        with self.room:
+            outbox, self.outbox = self.outbox, []
+            if self.worker_done:
+                self.worker_done = False
+                self.done = True
+        for data in outbox:
+            self.sendbuf += data
+        if self.state == "busy" and not self.body_complete:
+            self.process()           # the app made room for more body
+        self.flush()
+        if not self.closed:
+            self.watch()
+
+    def send_now(self, data: bytes) -> None:
+        """Send bytes the loop itself produced, as the end of this response."""
+        self.sendbuf += data
+        self.done = True
+        self.keep_alive = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what we can without blocking; end the response once all is out."""
+        if self.sendbuf:
+            try:
+                sent = self.sock.send(self.sendbuf)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close()
+                return
+            del self.sendbuf[:sent]
+            with self.room:
+                self.unsent -= sent
+                if self.unsent <= LOW_WATER:
+                    self.room.notify()
+        if self.done and not self.sendbuf:
+            self.end_response()
+
+    def end_response(self) -> None:
+        """RFC 9112 §9.3: keep the connection for the next request, or close."""
+        keep = (self.keep_alive and self.body_complete and self.error is None
+                and not self.peer_eof)
+        self._reset()
+        self.since = time.monotonic()
+        if not keep:
+            self.close_gracefully()
+            return
+        self.state = "idle"
+        self.process()     # a pipelined request may be waiting (RFC 9112 §9.3.2)
+
+    # -- the selector and closing ---------------------------------------------
+
+    def watch(self) -> None:
+        """Tell the selector what this connection is waiting for now."""
+        if self.state == "closing":
+            reading = True                  # discard until the client's FIN
+        elif self.peer_eof:
+            reading = False
+        elif self.state == "idle":
+            reading = True
+        elif not self.body_complete:
+            reading = self.body is None or not self.body.paused
+        else:                               # pipelined bytes, up to a bound
+            reading = len(self.parser.buffer) < MAX_HEAD_BYTES
+        events = (selectors.EVENT_READ if reading else 0) | (
+            selectors.EVENT_WRITE if self.sendbuf else 0)
+        if events == self.events:
+            return
+        if self.events == 0:
+            self.server.selector.register(self.sock, events, self)
+        elif events == 0:
+            self.server.selector.unregister(self.sock)
+        else:
+            self.server.selector.modify(self.sock, events, self)
+        self.events = events
+
+    def close_gracefully(self) -> None:
+        """RFC 9112 §9.6: send FIN, then read and discard until the client's FIN.
+
+        Closing with unread bytes in the socket would send a TCP reset, which
+        can destroy the last response before the client reads it.
+        """
+        if self.peer_eof:
+            self.close()
+            return
+        self.state = "closing"
+        self.since = time.monotonic()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.events:
+            self.server.selector.unregister(self.sock)
+            self.events = 0
+        self.sock.close()
+        self.server.connections.discard(self)
+        with self.room:
+            self.room.notify_all()   # a worker waiting in put() must see this
+        if self.body is not None:
+            self.body.finish(ClientDisconnected("connection closed"))
+
+    def expired(self, now: float) -> bool:
+        """Is this connection idle (or lingering) for longer than allowed?"""
+        if self.state == "idle":
+            return now - self.since > self.server.config.timeout_keep_alive
+        return self.state == "closing" and now - self.since > LINGER_SECONDS
+
+
+class WorkerPool:
+    """A few threads that run WSGI app calls, taken from one queue in order."""
+
+    def __init__(self, count: int) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, daemon=True,
+                                         name=f"gateway-worker-{n}")
+                        for n in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, function, *args) -> None:
+        self.jobs.put((function, args))
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            function, args = job
+            try:
+                function(*args)
+            except Exception:     # run_wsgi_app catches the app's; this is ours
+                log.exception("internal error in a worker thread")
+
+    def stop(self) -> None:
+        for _ in self.threads:
+            self.jobs.put(None)
+
+
+class WSGIServer:
+    """Serves one WSGI app on a listening socket until shutdown() is called."""
+
+    def __init__(self, app, listener: socket.socket, config: Config | None = None):
+        self.app = app
+        self.listener = listener
+        self.config = config or Config()
+        self.address = listener.getsockname()[:2]
+        self.selector = selectors.DefaultSelector()
+        self.connections: set[WSGIConnection] = set()
+        self.pool = WorkerPool(self.config.threads)
+        self.running = False
+        # The self-pipe: a worker writes a byte to wake the loop's select().
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.wake_writer.setblocking(False)
+        self.woken: collections.deque[WSGIConnection] = collections.deque()
+        self.wake_sent = False
+
+    def serve_forever(self) -> None:
+        """Runs on: the loop thread. Accept, read, write until shutdown()."""
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
+        self.running = True
+        last_sweep = time.monotonic()
+        try:
+            while self.running:
+                for key, mask in self.selector.select(timeout=1.0):
+                    if key.data == "accept":
+                        self.accept()
+                    elif key.data == "wake":
+                        self.on_wake()
+                    else:
+                        key.data.on_event(mask)
+                now = time.monotonic()
+                if now - last_sweep >= 1.0:
+                    self.close_expired(now)
+                    last_sweep = now
+        finally:
+            self.close_all()
+
+    def accept(self) -> None:
+        for _ in range(64):     # several per wake-up, but let others run too
+            try:
+                sock, client = self.listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as error:   # e.g. EMFILE: out of file descriptors
+                log.warning("accept() failed: %s", error)
+                return
+            sock.setblocking(False)
+            set_nodelay(sock)
+            conn = WSGIConnection(self, sock, client)
+            self.connections.add(conn)
+            conn.watch()
+
+    def wake(self, conn: WSGIConnection) -> None:
+        """Runs on: any thread. Have the loop call conn.on_wake() soon."""
+        self.woken.append(conn)
+        # One byte wakes the loop; while one is on its way, more are useless.
+        # The loop clears wake_sent before it empties `woken`, so a connection
+        # appended after that is either seen now or sends a new byte.
+        if not self.wake_sent:
+            self.wake_sent = True
+            try:
+                self.wake_writer.send(b"\0")
+            except OSError:       # full: the loop is about to wake anyway
+                pass
+
+    def on_wake(self) -> None:
+        try:
+            self.wake_reader.recv(4096)
+        except BlockingIOError:
+            pass
+        self.wake_sent = False
+        while self.woken:
+            conn = self.woken.popleft()
+            if not conn.closed:
+                conn.on_wake()
+
+    def close_expired(self, now: float) -> None:
+        for conn in [c for c in self.connections if c.expired(now)]:
+            conn.close()
+
+    def shutdown(self) -> None:
+        """Runs on: any thread. Make serve_forever() return."""
+        self.running = False
+        self.wake_writer.send(b"\0")
+
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            conn.close()
+        self.pool.stop()
+        self.selector.close()
+        self.listener.close()
+        self.wake_reader.close()
+        self.wake_writer.close()
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Send small responses at once instead of waiting for Nagle's algorithm."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# =============================================================================
+# §7  ASGI HTTP adapter - ASGI "HTTP & WebSocket" spec, http scope
+#
+# One HTTPCycle per request: it builds the scope, and its receive() and send()
+# are what the app awaits. receive() pulls body bytes through the parser only
+# when the app asks (that is the flow control); send() frames the response
+# with §4 and waits for the socket to drain.
+# =============================================================================
+
+
+def build_scope(request: Request, server: tuple, client: tuple, config: Config) -> dict:
+    """The ASGI http scope for one request ("HTTP Connection Scope")."""
+    # Policy: like uvicorn, invalid UTF-8 in the path becomes U+FFFD.
+    path = unquote(request.path.decode("ascii"))
+    return {
+        "type":         "http",
+        "asgi":         {"version": "3.0", "spec_version": "2.3"},
+        "http_version": request.version,
+        "method":       request.method,
+        "scheme":       "http",
+        "path":         config.root_path + path,
+        "raw_path":     request.path,
+        "query_string": request.query,
+        "root_path":    config.root_path,
+        "headers":      [[name, value] for name, value in request.headers],
+        "client":       client,
+        "server":       server,
+        "extensions":   {},
+    }
+
+
+class HTTPCycle:
+    """One request and its response on the ASGI path."""
+
+    def __init__(self, conn: ASGIConnection, request: Request) -> None:
+        self.conn = conn
+        self.request = request
+        self.response = Response(request.method, request.version, request.keep_alive,
+                                 conn.config)
+        self.state = "start"          # response: start -> body -> done
+        self.head = b""               # held back until the first body message
+        self.head_written = False
+        self.body_done = False        # the app has received the whole body
+        self.disconnected = False
+        self.response_done = asyncio.Event()
+        self.send_continue = request.expect_continue
+
+    @property
+    def keep_alive(self) -> bool:
+        return (self.state == "done" and self.response.keep_alive and self.body_done
+                and not self.disconnected and self.conn.error is None)
+
+    async def run(self) -> None:
+        """Call the app; answer 500 if it fails before its response starts."""
+        scope = build_scope(self.request, self.conn.server_address,
+                            self.conn.client, self.conn.config)
+        failure = None
+        try:
+            await self.conn.app(scope, self.receive, self.send)
+        except ClientDisconnected:
+            self.disconnected = True
+        except Exception:
+            # ASGI spec, "Error Handling": log it; the connection ends below.
+            log.exception("error in ASGI app for %s %s", scope["method"], scope["path"])
+            failure = HTTPError(500, "the application failed")
+        else:
+            if self.state == "start":
+                log.error("ASGI app returned without sending a response")
+                failure = HTTPError(500, "the application sent no response")
+            elif self.state == "body" and not self.disconnected:
+                log.error("ASGI app returned before its response was complete")
+        failure = self.conn.error or failure   # a malformed body is the real cause
+        if failure is not None:
+            await self.fail(failure)
+
+    async def fail(self, error: HTTPError) -> None:
+        """Send an error response if no part of the response went out yet."""
+        if self.head_written or (self.disconnected and self.conn.error is None):
+            return
+        self.state = "failed"
+        await self.conn.write(error_response(error.status, error.reason, time.time(),
+                                             self.conn.config))
+
+    # -- receive ---------------------------------------------------------------
+
+    async def receive(self) -> dict:
+        """ASGI HTTP spec: "Request - receive event", then "Disconnect"."""
+        if self.body_done or self.disconnected:
+            # After the body: wait until the response is done or the client
+            # leaves, then say http.disconnect (now, and on every later call).
+            await self.wait_for_disconnect()
+            return {"type": "http.disconnect"}
+        if self.send_continue:
+            self.send_continue = False
+            if not self.conn.parser.buffer:    # RFC 9110 §10.1.1
+                await self.conn.write(CONTINUE)
+        return await self.read_body()
+
+    async def read_body(self) -> dict:
+        """All the body bytes the parser has now, reading the socket if it has none."""
+        parts = []
+        parser = self.conn.parser
+        while True:
+            try:
+                event = parser.next_event()
+            except HTTPError as error:
+                self.conn.error = error      # answered after the app returns
+                self.disconnected = True
+                return {"type": "http.disconnect"}
+            if event is END:
+                self.body_done = True
+                return {"type": "http.request", "body": b"".join(parts),
+                        "more_body": False}
+            if event is not None:
+                parts.append(event)
+                continue
+            if parts:
+                return {"type": "http.request", "body": b"".join(parts),
+                        "more_body": True}
+            data = await self.conn.read()
+            if not data:
+                self.disconnected = True     # RFC 9112 §8: incomplete body
+                return {"type": "http.disconnect"}
+            parser.feed(data)
+
+    async def wait_for_disconnect(self) -> None:
+        """Wait for the response to finish, noticing if the client goes away."""
+        conn = self.conn
+        while not self.disconnected and self.state not in ("done", "failed"):
+            if conn.eof or len(conn.parser.buffer) > MAX_HEAD_BYTES:
+                await self.response_done.wait()    # nothing more to learn
+                return
+            reading = conn.start_read()
+            finished = asyncio.ensure_future(self.response_done.wait())
+            await asyncio.wait([reading, finished], return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()
+            if reading.done():
+                data = await conn.read()         # takes the finished read
+                if data:
+                    conn.parser.feed(data)       # the next pipelined request
+                else:
+                    self.disconnected = True
+
+    # -- send ------------------------------------------------------------------
+
+    async def send(self, message: dict) -> None:
+        """ASGI HTTP spec: one "http.response.start", then "http.response.body"s."""
+        kind = message["type"]
+        if self.disconnected:
+            raise ClientDisconnected("the client has disconnected")  # spec 2.4
+        if kind == "http.response.start":
+            if self.state != "start":
+                raise RuntimeError(f"ASGI: 'http.response.start' sent twice ({self.state})")
+            self.head = self.response.head(message["status"],
+                                           check_asgi_headers(message.get("headers", [])),
+                                           time.time())
+            self.state = "body"
+        elif kind == "http.response.body":
+            if self.state == "start":
+                raise RuntimeError("ASGI: 'http.response.body' before 'http.response.start'")
+            if self.state != "body":
+                return          # ASGI HTTP spec: ignored once the response is done
+            await self.send_body(message.get("body", b""), message.get("more_body", False))
+        else:
+            raise RuntimeError(f"ASGI: unexpected message type {kind!r} for http")
+
+    async def send_body(self, body: bytes, more_body: bool) -> None:
+        if type(body) is not bytes:
+            raise TypeError(f"ASGI: body must be bytes, not {type(body).__name__}")
+        data = self.head + self.response.body(body)
+        self.head = b""
+        self.head_written = True
+        if not more_body:
+            data += self.response.end()
+            self.state = "done"
+        if data:
+            await self.conn.write(data)
+        if not more_body:
+            self.response_done.set()
+
+
+def check_asgi_headers(headers) -> list[tuple[bytes, bytes]]:
+    """ASGI HTTP spec: headers are an iterable of [name, value] byte strings."""
+    checked = []
+    for name, value in headers:
+        if type(name) is not bytes or type(value) is not bytes:
+            raise TypeError(f"ASGI: header names and values must be bytes: {name!r}")
+        checked.append((name, value))
+    return checked
+
+
+# =============================================================================
+# §8  ASGI server - asyncio.start_server
+#
+# One task per connection runs ASGIConnection.run(): wait for a request head,
+# run its HTTPCycle, and loop while the connection is kept alive. All reads go
+# through read() so that only one is ever waiting on the socket.
+# =============================================================================
+
+
+class ASGIConnection:
+    """One client connection on the asyncio path."""
+
+    def __init__(self, server: ASGIServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.app = server.app
+        self.config = server.config
+        self.reader = reader
+        self.writer = writer
+        self.server_address = server.address
+        self.client = writer.get_extra_info("peername")[:2]
+        self.parser = RequestParser(self.config.limit_request_body)
+        self.pending_read: asyncio.Future | None = None
+        self.eof = False
+        self.error: HTTPError | None = None
+
+    async def run(self) -> None:
+        try:
+            while True:
+                request = await self.next_request()
+                if request is None:
+                    break
+                cycle = HTTPCycle(self, request)
+                await cycle.run()
+                if not cycle.keep_alive:
+                    break       # RFC 9112 §9.3, or the body was not all read
+        except HTTPError as error:
+            await self.write(error_response(error.status, error.reason, time.time(),
+                                            self.config))
+        except (ClientDisconnected, OSError):
+            pass
+        finally:
+            await self.close()
+
+    async def next_request(self) -> Request | None:
+        """The next request head, or None if the client leaves or stays idle."""
+        timer = None
+        try:
+            while True:
+                event = self.parser.next_event()
+                if event is not None:
+                    return event
+                if timer is None:   # keep-alive timeout, from the first wait on
+                    timer = asyncio.get_running_loop().call_later(
+                        self.config.timeout_keep_alive, self.writer.transport.abort)
+                data = await self.read()
+                if not data:
+                    return None    # RFC 9112 §9.5: close quietly, even mid-head
+                self.parser.feed(data)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def start_read(self) -> asyncio.Future:
+        """Start (or return) the one read that may wait on the socket."""
+        if self.pending_read is None:
+            self.pending_read = asyncio.ensure_future(self.reader.read(RECV_BYTES))
+        return self.pending_read
+
+    async def read(self) -> bytes:
+        """The next bytes from the client; b"" at EOF or on a broken connection."""
+        pending, self.pending_read = self.pending_read, None
+        try:
+            data = await (pending if pending is not None else self.reader.read(RECV_BYTES))
+        except OSError:
+            data = b""
+        self.eof = not data
+        return data
+
+    async def write(self, data: bytes) -> None:
+        """Write and wait for the socket to drain (backpressure)."""
+        if self.writer.transport.is_closing():
+            raise ClientDisconnected("the client has disconnected")
+        self.writer.write(data)
+        try:
+            await self.writer.drain()
+        except OSError as error:
+            raise ClientDisconnected(str(error)) from error
+
+    async def close(self) -> None:
+        """RFC 9112 §9.6: send FIN, discard until the client's FIN, then close."""
+        if self.pending_read is not None:
+            self.pending_read.cancel()
+        transport = self.writer.transport
+        try:
+            if not self.eof and not transport.is_closing() and transport.can_write_eof():
+                transport.write_eof()
+                deadline = time.monotonic() + LINGER_SECONDS
+                while await asyncio.wait_for(self.reader.read(RECV_BYTES),
+                                             max(0.0, deadline - time.monotonic())):
+                    pass
+        except (OSError, asyncio.TimeoutError):
+            pass
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
+class ASGIServer:
+    """Serves one ASGI app on a listening socket until shutdown() is called."""
+
+    def __init__(self, app, listener: socket.socket, config: Config | None = None):
+        self.app = app
+        self.listener = listener
+        self.config = config or Config()
+        self.address = listener.getsockname()[:2]
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping: asyncio.Event | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    async def serve(self) -> None:
+        """Accept and serve connections until shutdown()."""
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        server = await asyncio.start_server(self.handle, sock=self.listener,
+                                            limit=RECV_BYTES)
+        async with server:
+            await self.stopping.wait()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def handle(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        set_nodelay(writer.get_extra_info("socket"))
+        task = asyncio.current_task()
+        self.tasks.add(task)
+        try:
+            await ASGIConnection(self, reader, writer).run()
+        finally:
+            self.tasks.discard(task)
+
+    def shutdown(self) -> None:
+        """Runs on: any thread. Make serve() return."""
+        if self.loop is not None and self.stopping is not None:
+            self.loop.call_soon_threadsafe(self.stopping.set)
+
+
+# =============================================================================
+# §9  Command line
+# =============================================================================
+
+
+class AppImportError(Exception):
+    """The "module:attr" given on the command line does not name an app."""
+
+
+def import_app(spec: str):
+    """Import "module:attr" (attr may be dotted; default: app, then application)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise AppImportError(f"cannot import module {module_name!r}: "
+                                 "no such module") from None
+        raise AppImportError(f"error while importing {module_name!r}: {error}") from None
+    except Exception as error:
+        raise AppImportError(f"error while importing {module_name!r}: "
+                             f"{type(error).__name__}: {error}") from None
+    for name in [attr] if attr else ["app", "application"]:
+        found = module
+        for part in name.split("."):
+            found = getattr(found, part, None)
+        if found is not None:
+            return found
+    if attr:
+        raise AppImportError(f"module {module_name!r} has no attribute {attr!r}")
+    raise AppImportError(f"module {module_name!r} has neither 'app' nor 'application'; "
+                         f"name it: {module_name}:ATTR")
+
+
+def make_listener(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket; port 0 picks a free one."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=backlog)
+
+
+def serve(app, interface: str = "asgi", host: str = "127.0.0.1", port: int = 8000,
+          config: Config | None = None, listener: socket.socket | None = None) -> None:
+    """Serve `app` ("wsgi" or "asgi") until interrupted. Blocks."""
+    config = config or Config(host=host, port=port)
+    listener = listener or make_listener(host, port)
+    if interface == "wsgi":
+        WSGIServer(app, listener, config).serve_forever()
+    elif interface == "asgi":
+        asyncio.run(ASGIServer(app, listener, config).serve())
+    else:
+        raise ValueError(f"interface must be 'wsgi' or 'asgi', not {interface!r}")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway.py",
+        description="Serve a WSGI or ASGI app over HTTP/1.1 (standard library only).",
+        epilog="example: python gateway.py --asgi echo_asgi:app --port 8000")
+    app = parser.add_mutually_exclusive_group(required=True)
+    app.add_argument("--asgi", metavar="MODULE:ATTR", help="serve this ASGI 3 app")
+    app.add_argument("--wsgi", metavar="MODULE:ATTR", help="serve this WSGI app")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="port to listen on, 0 for any free one (default: %(default)s)")
+    parser.add_argument("--app-dir", default=".", metavar="DIR",
+                        help="directory to import the app from (default: current)")
+    parser.add_argument("--threads", type=int, default=WSGI_THREADS,
+                        help="WSGI worker threads (default: %(default)s)")
+    parser.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_SECONDS,
+                        metavar="SECONDS",
+                        help="close idle connections after this (default: %(default)s)")
+    parser.add_argument("--root-path", default="", metavar="PATH",
+                        help="mount point of the app (SCRIPT_NAME / root_path)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    sys.path.insert(0, os.path.abspath(args.app_dir))
+    interface, spec = ("asgi", args.asgi) if args.asgi else ("wsgi", args.wsgi)
+    try:
+        app = import_app(spec)
+    except AppImportError as error:
+        log.error("%s", error)
+        return 1
+    try:
+        listener = make_listener(args.host, args.port)
+    except OSError as error:
+        reason = "address already in use" if error.errno == errno.EADDRINUSE else error
+        log.error("cannot listen on %s:%s: %s", args.host, args.port, reason)
+        return 1
+    host, port = listener.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving %s app %s on http://%s:%d (Ctrl+C to quit)",
+             interface.upper(), spec, shown, port)
+    config = Config(host=args.host, port=port, threads=args.threads,
+                    timeout_keep_alive=args.timeout_keep_alive, root_path=args.root_path)
+    try:
+        serve(app, interface, config=config, listener=listener)
+    except KeyboardInterrupt:
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
