@@ -69,6 +69,7 @@ MAX_REQUEST_LINE = 8 * 1024      # bytes, request-line          -> 414 (RFC 9112
 MAX_HEAD_BYTES = 64 * 1024       # bytes, request-line + fields -> 431 (RFC 6585 §5)
 MAX_FIELD_LINES = 100            # field lines in one head      -> 431
 MAX_METHOD_BYTES = 32            # longer than any method we know -> 501 (RFC 9112 §3)
+MAX_EMPTY_LINES = 8              # empty lines before a request-line -> 400 (§2.2)
 MAX_CHUNK_LINE = 4 * 1024        # bytes, chunk-size + chunk-ext -> 400 (RFC 9112 §7.1.1)
 MAX_SIZE_DIGITS = 16             # hex digits in a chunk-size, so it cannot overflow
 MAX_LENGTH_DIGITS = 18           # decimal digits in a Content-Length -> 413
@@ -215,10 +216,14 @@ def parse_request_line(line: bytes) -> tuple[str, bytes, str]:
         # RFC 9112 §3: exactly one SP between the three parts, nothing else.
         raise HTTPError(400, "malformed request line")
     method, target, version = match.group("method", "target", "version")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+    if version[:7] != b"HTTP/1.":
         # RFC 9110 §15.6.6: 505 for a major version we do not speak. This also
         # answers an HTTP/2 connection preface ("PRI * HTTP/2.0").
         raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    if version != b"HTTP/1.0":
+        # RFC 9110 §2.5: a higher minor version "SHOULD" be processed as the
+        # highest minor version we implement, so HTTP/1.2 is handled as 1.1.
+        version = b"HTTP/1.1"
     if len(method) > MAX_METHOD_BYTES:
         raise HTTPError(501, "method too long")    # Limit: RFC 9112 §3
     return method.decode("ascii"), target, version[5:].decode("ascii")
@@ -265,14 +270,17 @@ def body_framing(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[bool
 
     Returns (chunked, content_length).
     """
-    te = comma_list(field_values(headers, b"transfer-encoding"))
+    te_fields = field_values(headers, b"transfer-encoding")
+    te = comma_list(te_fields)
     cl = field_values(headers, b"content-length")
-    if te and cl:
+    if te_fields and cl:
         # (3) Policy: the RFC lets Transfer-Encoding win and says the message
         # "ought to be handled as an error". A proxy in front may have used the
         # other one (request smuggling, §11.2), so we refuse and close.
         raise HTTPError(400, "both Transfer-Encoding and Content-Length")
-    if te:
+    if te_fields:
+        if not te:
+            raise HTTPError(400, "empty Transfer-Encoding")
         if version == "1.0":     # §6.1: TE in a 1.0 request means faulty framing
             raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if te[-1] != b"chunked":  # (4) MUST answer 400: the length is unknowable
@@ -330,10 +338,12 @@ def parse_head(head: bytes) -> Request:
     if version == "1.1":   # RFC 9112 §9.3: persistent unless "close"
         keep_alive = b"close" not in connection
     else:                  # HTTP/1.0: only with an explicit "keep-alive"
-        keep_alive = b"keep-alive" in connection
+        keep_alive = b"keep-alive" in connection and b"close" not in connection
     # RFC 9110 §10.1.1: 100-continue only means something for HTTP/1.1.
     expect = comma_list(field_values(headers, b"expect"))
     expect_continue = version == "1.1" and b"100-continue" in expect
+    if version == "1.1" and any(item != b"100-continue" for item in expect):
+        raise HTTPError(417, "only 'Expect: 100-continue' is supported")
     return Request(method, target, path, query, version, headers,
                    chunked, content_length, keep_alive, expect_continue)
 
@@ -350,6 +360,7 @@ class RequestParser:
         self.max_body = max_body
         self.search_from = 0  # where to resume looking for the end of the head
         self.trailer_bytes = 0
+        self.empty_lines = 0  # empty lines skipped before this request-line
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the client."""
@@ -379,18 +390,20 @@ class RequestParser:
     def _read_head(self) -> Request | None:
         buffer = self.buffer
         # RFC 9112 §2.2: "a server SHOULD ignore at least one empty line (CRLF)
-        # received prior to the request-line".
+        # received prior to the request-line". Policy: at most MAX_EMPTY_LINES.
         while buffer[:2] == b"\r\n" or buffer[:1] == b"\n":
             del buffer[: 2 if buffer[:1] == b"\r" else 1]
+            self.empty_lines += 1
+            if self.empty_lines > MAX_EMPTY_LINES:
+                raise HTTPError(400, "too many empty lines before the request")
         end, size = self._find_end_of_head()
+        self._check_head_limits(end)
         if end < 0:
-            self._check_incomplete_head()
             return None
-        if end > MAX_HEAD_BYTES:
-            raise HTTPError(431, "request header fields too large")   # Limit
         head = bytes(buffer[:end])
         del buffer[: end + size]
         self.search_from = 0
+        self.empty_lines = 0
         request = parse_head(head)
         self._start_body(request)
         return request
@@ -408,23 +421,35 @@ class RequestParser:
         self.search_from = max(0, len(buffer) - 2)
         return -1, 0
 
-    def _check_incomplete_head(self) -> None:
-        """Limit: refuse a head that is already too long to be finished."""
-        newline = self.buffer.find(b"\n", 0, MAX_REQUEST_LINE + 1)
-        if newline < 0 and len(self.buffer) > MAX_REQUEST_LINE:
-            raise HTTPError(414, "request line too long")   # RFC 9112 §3
-        if len(self.buffer) > MAX_HEAD_BYTES:
+    def _check_head_limits(self, end: int) -> None:
+        """Limit: refuse a head that is, or can only become, too long.
+
+        `end` is where the head ends, or -1 while it is incomplete. The checks
+        allow for the line endings still to come, so that any split of the
+        same bytes gets the same answer.
+        """
+        buffer = self.buffer
+        newline = buffer.find(b"\n", 0, MAX_REQUEST_LINE + 2)
+        if newline < 0:           # the request-line is at least this long:
+            line_length = len(buffer) - 1 if buffer[-1:] == b"\r" else len(buffer)
+        else:
+            line_length = newline - 1 if buffer[newline - 1:newline] == b"\r" else newline
+        if line_length > MAX_REQUEST_LINE:
+            raise HTTPError(414, "request line too long")     # RFC 9112 §3
+        # The head ends at `end`; while incomplete, no earlier than 2 bytes
+        # before the end of the buffer (a "\n\r" may have arrived already).
+        if (end if end >= 0 else len(buffer) - 2) > MAX_HEAD_BYTES:
             raise HTTPError(431, "request header fields too large")   # RFC 6585 §5
 
     def _start_body(self, request: Request) -> None:
+        self.body_size = 0
+        self.trailer_bytes = 0
         if request.chunked:
             self.state = "chunk-size"
         else:
             self._count_body(request.content_length)
             self.state = "body"
             self.remaining = request.content_length
-        self.body_size = 0
-        self.trailer_bytes = 0
 
     def _count_body(self, size: int) -> None:
         """Limit: the configured maximum body size -> 413 (RFC 9110 §15.5.14)."""
@@ -471,12 +496,12 @@ class RequestParser:
             else:
                 return self._read_trailers()
 
-    def _take_crlf_line(self, limit: int) -> bytes | None:
+    def _take_crlf_line(self, limit: int, error: HTTPError) -> bytes | None:
         """Cut one CRLF-terminated line off the buffer, or None if incomplete."""
         end = self.buffer.find(b"\r\n", 0, limit + 2)
         if end < 0:
-            if len(self.buffer) > limit:
-                raise HTTPError(400, "chunk line too long")   # Limit: §1
+            if len(self.buffer) > limit + 1:    # room for a line and its CR
+                raise error                     # Limit: §1
             return None
         line = bytes(self.buffer[:end])
         del self.buffer[: end + 2]
@@ -487,7 +512,8 @@ class RequestParser:
         return line
 
     def _read_chunk_size(self) -> bool:
-        line = self._take_crlf_line(MAX_CHUNK_LINE)
+        line = self._take_crlf_line(MAX_CHUNK_LINE,
+                                    HTTPError(400, "chunk size line too long"))
         if line is None:
             return False
         match = CHUNK_LINE.fullmatch(line)
@@ -505,7 +531,8 @@ class RequestParser:
         # RFC 9112 §7.1.2: trailer fields are read, checked like header fields,
         # and dropped: RFC 9110 §6.5.1 forbids merging them into the headers.
         while True:
-            line = self._take_crlf_line(MAX_HEAD_BYTES)
+            line = self._take_crlf_line(MAX_HEAD_BYTES,
+                                        HTTPError(431, "trailer field too large"))
             if line is None:
                 return None
             if not line:
@@ -581,7 +608,7 @@ class Response:
             if lname == b"content-length":
                 if status < 200 or status == 204:
                     continue     # RFC 9110 §8.6: never on 1xx and 204
-                if not value.isdigit():
+                if not value.isdigit() or length not in (None, int(value)):
                     raise ValueError(f"invalid Content-Length: {value!r}")
                 length = int(value)
             own.add(lname)
@@ -1398,6 +1425,20 @@ class HTTPCycle:
         failure = self.conn.error or failure   # a malformed body is the real cause
         if failure is not None:
             await self.fail(failure)
+        elif self.state == "done" and not self.disconnected:
+            self.skip_unread_body()
+
+    def skip_unread_body(self) -> None:
+        """RFC 9112 §9.3: a body the app did not read must be skipped before the
+        next request; we do that only if all of it has already arrived."""
+        while not self.body_done:
+            try:
+                event = self.conn.parser.next_event()
+            except HTTPError:
+                return              # the connection closes; the answer is sent
+            if event is None:
+                return              # still on its way: close instead of waiting
+            self.body_done = event is END
 
     async def fail(self, error: HTTPError) -> None:
         """Send an error response if no part of the response went out yet."""
@@ -1534,6 +1575,7 @@ class ASGIConnection:
         self.reader = reader
         self.writer = writer
         self.server_address = server.address
+        self.stopping = server.stopping
         self.client = writer.get_extra_info("peername")[:2]
         self.parser = RequestParser(self.config.limit_request_body)
         self.pending_read: asyncio.Future | None = None
@@ -1608,6 +1650,9 @@ class ASGIConnection:
         if self.pending_read is not None:
             self.pending_read.cancel()
         transport = self.writer.transport
+        if self.stopping.is_set():
+            transport.abort()     # the server is shutting down: no lingering
+            return
         try:
             if not self.eof and not transport.is_closing() and transport.can_write_eof():
                 transport.write_eof()
@@ -1655,6 +1700,8 @@ class ASGIServer:
         self.tasks.add(task)
         try:
             await ASGIConnection(self, reader, writer).run()
+        except asyncio.CancelledError:
+            pass           # shutdown() cancelled us; the connection is closed
         finally:
             self.tasks.discard(task)
 

@@ -6,9 +6,16 @@ thread, talks raw bytes to it, and waits on conditions with bounded timeouts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import hashlib
+import os
+import queue
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +24,8 @@ import pytest
 import echo_asgi
 import echo_wsgi
 import gateway
-from gateway import END, HTTPError, RequestParser
+from gateway import (END, Config, HTTPError, Request, RequestParser, Response,
+                     encode_chunk, error_response, http_date)
 
 TIMEOUT = 10.0     # seconds any single socket operation may take in a test
 
@@ -36,7 +44,7 @@ def running_server(interface: str, app, **options):
         thread = threading.Thread(target=server.serve_forever, daemon=True)
     else:
         server = gateway.ASGIServer(app, listener, config)
-        thread = threading.Thread(target=gateway.asyncio.run, args=(server.serve(),),
+        thread = threading.Thread(target=asyncio.run, args=(server.serve(),),
                                   daemon=True)
     thread.start()
     try:
@@ -161,3 +169,1353 @@ def wait_for(condition, timeout: float = TIMEOUT) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.005)
+
+
+
+
+# =============================================================================
+# §3  Reading requests - RFC 9112 §2-§7
+#
+# Every table row is fed three ways (STYLE rule 24): whole, one byte at a time,
+# and whole with a second, pipelined request behind it. Body bytes may arrive
+# in any number of pieces, so adjacent body pieces are joined before comparing.
+# =============================================================================
+
+NEXT_REQUEST = b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n"
+
+# The head most rows share: "GET / HTTP/1.1" with "Host: t" and no body.
+BASE_REQUEST = Request(method="GET", target=b"/", path=b"/", query=b"", version="1.1",
+                       headers=[(b"host", b"t")], chunked=False, content_length=0,
+                       keep_alive=True, expect_continue=False)
+
+NEXT_EVENTS = [dataclasses.replace(BASE_REQUEST, target=b"/next", path=b"/next"), END]
+
+
+def head_of(**changes) -> Request:
+    """BASE_REQUEST with some fields changed."""
+    return dataclasses.replace(BASE_REQUEST, **changes)
+
+
+def feed_whole(raw: bytes) -> list[bytes]:
+    return [raw]
+
+
+def feed_bytewise(raw: bytes) -> list[bytes]:
+    return [raw[i:i + 1] for i in range(len(raw))]
+
+
+def feed_pipelined(raw: bytes) -> list[bytes]:
+    return [raw + NEXT_REQUEST]
+
+
+FEED_WAYS = {"whole": feed_whole, "bytewise": feed_bytewise, "pipelined": feed_pipelined}
+
+
+def parse_pieces(pieces: list[bytes], max_body: int | None = None) -> list:
+    """Feed the pieces in order, taking every ready event after each one.
+
+    Adjacent body pieces are joined, so any split of the input can be compared
+    with any other. Raises the parser's HTTPError.
+    """
+    parser = RequestParser(max_body)
+    events: list = []
+    for piece in pieces:
+        parser.feed(piece)
+        while (event := parser.next_event()) is not None:
+            assert event != b"", "a body event is never empty"
+            if isinstance(event, bytes) and events and isinstance(events[-1], bytes):
+                events[-1] += event
+            else:
+                events.append(event)
+    return events
+
+
+def rejection(pieces: list[bytes], max_body: int | None = None) -> HTTPError:
+    """The HTTPError that parsing these pieces must raise."""
+    with pytest.raises(HTTPError) as caught:
+        parse_pieces(pieces, max_body)
+    return caught.value
+
+
+def leftover_after_end(raw: bytes) -> bytes:
+    """Parse `raw` up to its first END; return what is still buffered."""
+    parser = RequestParser()
+    parser.feed(raw)
+    while (event := parser.next_event()) is not END:
+        assert event is not None, "the message did not end"
+    return bytes(parser.buffer)
+
+
+# -- accepted heads -------------------------------------------------------------
+
+LONGEST_LINE = b"GET /" + b"a" * (gateway.MAX_REQUEST_LINE - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
+MANY_FIELDS = b"".join(b"X-%d: v\r\n" % i for i in range(gateway.MAX_FIELD_LINES - 1))
+
+ACCEPTED_HEADS = [
+    # raw request,  expected Request,  expected body,  rule
+    (b"GET /search?q=1&r=%20 HTTP/1.1\r\nHost: t\r\n\r\n",
+     head_of(target=b"/search?q=1&r=%20", path=b"/search", query=b"q=1&r=%20"), b"",
+     "RFC 9112 §3.2.1 origin-form with query"),
+    (b"GET /a?b?c HTTP/1.1\r\nHost: t\r\n\r\n",
+     head_of(target=b"/a?b?c", path=b"/a", query=b"b?c"), b"",
+     "RFC 9112 §3.2.1 split at the first question mark"),
+    (b"GET /a? HTTP/1.1\r\nHost: t\r\n\r\n",
+     head_of(target=b"/a?", path=b"/a", query=b""), b"",
+     "RFC 9112 §3.2.1 empty query"),
+    (b"GET http://h:1/p?q HTTP/1.1\r\nHost: t\r\n\r\n",
+     head_of(target=b"http://h:1/p?q", path=b"/p", query=b"q"), b"",
+     "RFC 9112 §3.2.2 absolute-form"),
+    (b"GET http://h HTTP/1.1\r\nHost: t\r\n\r\n",
+     head_of(target=b"http://h", path=b"/"), b"",
+     "RFC 9112 §3.2.2 absolute-form empty path is slash"),
+    (b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n",
+     head_of(method="OPTIONS", target=b"*", path=b"*"), b"",
+     "RFC 9112 §3.2.4 asterisk-form with OPTIONS"),
+    (b"get / HTTP/1.1\r\nHost: t\r\n\r\n",
+     head_of(method="get"), b"",
+     "RFC 9110 §9.1 method case is kept"),
+    (b"GET / HTTP/1.0\r\n\r\n",
+     head_of(version="1.0", headers=[], keep_alive=False), b"",
+     "RFC 9112 §3.2 HTTP-1.0 without Host"),
+    (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+     head_of(version="1.0", headers=[(b"connection", b"keep-alive")]), b"",
+     "RFC 9112 §9.3 HTTP-1.0 keep-alive"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+     head_of(headers=[(b"host", b"t"), (b"connection", b"close")], keep_alive=False), b"",
+     "RFC 9112 §9.3 HTTP-1.1 Connection close"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, CLOSE\r\n\r\n",
+     head_of(headers=[(b"host", b"t"), (b"connection", b"Upgrade, CLOSE")], keep_alive=False),
+     b"", "RFC 9110 §7.6.1 Connection is a case-insensitive list"),
+    pytest.param(
+        b"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n",
+        head_of(version="1.0", headers=[(b"connection", b"keep-alive, close")],
+                keep_alive=False), b"",
+        "RFC 9112 §9.3 HTTP-1.0 close wins over keep-alive"),
+    (b"\r\n\r\n\nGET / HTTP/1.1\r\nHost: t\r\n\r\n",
+     BASE_REQUEST, b"",
+     "RFC 9112 §2.2 empty lines before the request-line are skipped"),
+    (b"GET / HTTP/1.1\nHost: t\nX: y\n\n",
+     head_of(headers=[(b"host", b"t"), (b"x", b"y")]), b"",
+     "RFC 9112 §2.2 Leniency bare LF line endings"),
+    (b"GET / HTTP/1.1\r\nHost: t\nX: y\r\n\n",
+     head_of(headers=[(b"host", b"t"), (b"x", b"y")]), b"",
+     "RFC 9112 §2.2 Leniency mixed CRLF and LF"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX: caf\xc3\xa9 \x80\xff\r\n\r\n",
+     head_of(headers=[(b"host", b"t"), (b"x", b"caf\xc3\xa9 \x80\xff")]), b"",
+     "RFC 9110 §5.5 obs-text in a value is kept as bytes"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX: \t a \t b \t \r\nY:v\r\nZ:\r\nW: \xa0v\xa0\r\n\r\n",
+     head_of(headers=[(b"host", b"t"), (b"x", b"a \t b"), (b"y", b"v"), (b"z", b""),
+                      (b"w", b"\xa0v\xa0")]), b"",
+     "RFC 9112 §5.1 only SP and HTAB are trimmed"),
+    (b"GET / HTTP/1.1\r\nAccept: a\r\nHOST: t\r\naccept: b\r\nX-Y: 1\r\n\r\n",
+     head_of(headers=[(b"accept", b"a"), (b"host", b"t"), (b"accept", b"b"), (b"x-y", b"1")]),
+     b"", "RFC 9110 §5.3 names lower-cased, wire order, duplicates kept"),
+    (b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+     head_of(headers=[(b"host", b"[::1]:8080")]), b"",
+     "RFC 9112 §3.2 Host with IPv6 literal and port"),
+    (b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+     head_of(headers=[(b"host", b"")]), b"",
+     "RFC 9112 §3.2 empty Host"),
+    (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5, 5\r\n\r\nhello",
+     head_of(method="POST", headers=[(b"host", b"t"), (b"content-length", b"5, 5")],
+             content_length=5), b"hello",
+     "RFC 9112 §6.3 equal Content-Length list"),
+    (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+     head_of(method="POST", headers=[(b"host", b"t"), (b"content-length", b"5"),
+                                     (b"content-length", b"5")], content_length=5), b"hello",
+     "RFC 9112 §6.3 equal Content-Length lines"),
+    (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: , Chunked\r\n\r\n0\r\n\r\n",
+     head_of(method="POST", headers=[(b"host", b"t"), (b"transfer-encoding", b", Chunked")],
+             chunked=True), b"",
+     "RFC 9112 §6.1 Transfer-Encoding case-insensitive, empty members ignored"),
+    (b"POST / HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi",
+     head_of(method="POST", headers=[(b"host", b"t"), (b"expect", b"100-continue"),
+                                     (b"content-length", b"2")],
+             content_length=2, expect_continue=True), b"hi",
+     "RFC 9110 §10.1.1 Expect 100-continue"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nExpect: 100-Continue\r\n\r\n",
+     head_of(headers=[(b"host", b"t"), (b"expect", b"100-Continue")], expect_continue=True),
+     b"", "RFC 9110 §10.1.1 Expect is case-insensitive"),
+    (b"GET / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n",
+     head_of(version="1.0", headers=[(b"expect", b"100-continue")], keep_alive=False), b"",
+     "RFC 9110 §10.1.1 Expect ignored on HTTP-1.0"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n" + MANY_FIELDS + b"\r\n",
+     head_of(headers=[(b"host", b"t")] + [(b"x-%d" % i, b"v")
+                                          for i in range(gateway.MAX_FIELD_LINES - 1)]),
+     b"", "RFC 9110 §5.4 exactly the field-line limit"),
+    pytest.param(
+        b"GET / HTTP/1.2\r\nHost: t\r\n\r\n", BASE_REQUEST, b"",
+        "RFC 9110 §2.5 HTTP-1.2 is handled as 1.1"),
+]
+
+
+def row_id(row, index: int) -> str:
+    """The rule name of a table row, plain tuple or pytest.param."""
+    return getattr(row, "values", row)[index]
+
+
+@pytest.mark.parametrize("how", FEED_WAYS)
+@pytest.mark.parametrize("raw,expected,body,rule", ACCEPTED_HEADS,
+                         ids=[row_id(row, 3) for row in ACCEPTED_HEADS])
+def test_accepted_heads(raw, expected, body, rule, how):
+    events = [expected] + ([body] if body else []) + [END]
+    if how == "pipelined":
+        events += NEXT_EVENTS
+        assert leftover_after_end(raw + NEXT_REQUEST) == NEXT_REQUEST
+    assert parse_pieces(FEED_WAYS[how](raw)) == events
+
+
+# -- rejected heads -------------------------------------------------------------
+
+
+def host_head(*fields: bytes, line: bytes = b"GET / HTTP/1.1") -> bytes:
+    """A head with "Host: t" and the given extra field lines."""
+    return line + b"\r\nHost: t\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+
+
+REJECTED_HEADS = [
+    # raw head,  status,  rule
+    (host_head(b"X : y"), 400, "RFC 9112 §5.1 space before colon"),
+    (host_head(b"X\t: y"), 400, "RFC 9112 §5.1 tab before colon"),
+    (host_head(b"X: a", b" b"), 400, "RFC 9112 §5.2 obs-fold"),
+    (host_head(b"X: a", b"\tb"), 400, "RFC 9112 §5.2 obs-fold with HTAB"),
+    (b"GET / HTTP/1.1\r\n Host: t\r\n\r\n", 400,
+     "RFC 9112 §2.2 whitespace line after request-line"),
+    (host_head(b"Host: u"), 400, "RFC 9112 §3.2 two Host lines"),
+    (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400, "RFC 9112 §3.2 two Host lines on 1.0"),
+    (b"GET / HTTP/1.1\r\n\r\n", 400, "RFC 9112 §3.2 missing Host on 1.1"),
+    (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "RFC 9112 §3.2 Host with space"),
+    (b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400, "RFC 9112 §3.2 Host with slash"),
+    (b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", 400, "RFC 9112 §3.2 Host with userinfo"),
+    (b"GET / HTTP/1.1\r\nHost: a:8x\r\n\r\n", 400, "RFC 9112 §3.2 Host with non-numeric port"),
+    (host_head(line=b"GET / http/1.1"), 400, "RFC 9112 §2.3 lowercase version"),
+    (host_head(line=b"GET / HTTP/1.1x"), 400, "RFC 9112 §2.3 junk after version"),
+    (host_head(line=b"GET / HTTP/2.0"), 505, "RFC 9110 §15.6.6 HTTP-2.0"),
+    (host_head(line=b"GET / HTTP/3.0"), 505, "RFC 9110 §15.6.6 HTTP-3.0"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "RFC 9110 §15.6.6 HTTP-2 connection preface"),
+    (host_head(line=b"GET /"), 400, "RFC 9112 §3 missing version"),
+    (host_head(line=b"GET  / HTTP/1.1"), 400, "RFC 9112 §3 double space"),
+    (host_head(line=b"GET / HTTP/1.1 "), 400, "RFC 9112 §3 trailing space"),
+    (host_head(line=b" GET / HTTP/1.1"), 400, "RFC 9112 §3 leading space"),
+    (host_head(line=b"GET\t/\tHTTP/1.1"), 400, "RFC 9112 §3 tab separators"),
+    (host_head(line=b"G(T / HTTP/1.1"), 400, "RFC 9112 §3.1 method not a token"),
+    (host_head(line=b"GET /a#f HTTP/1.1"), 400, "RFC 9112 §3.2 fragment in target"),
+    (host_head(line=b"GET /a\x00b HTTP/1.1"), 400, "RFC 9112 §3.2 NUL in target"),
+    (host_head(line=b"GET /a\x7fb HTTP/1.1"), 400, "RFC 9112 §3.2 DEL in target"),
+    (host_head(line=b"GET /\xc3\xa9 HTTP/1.1"), 400, "RFC 9112 §3.2 non-ASCII in target"),
+    (host_head(line=b"GET ftp://h/ HTTP/1.1"), 400, "RFC 9112 §3.2.2 non-http scheme"),
+    (host_head(line=b"GET h/p HTTP/1.1"), 400, "RFC 9112 §3.2 target neither origin nor absolute"),
+    (host_head(b"X: a\x00b"), 400, "RFC 9110 §5.5 NUL in value"),
+    (host_head(b"X: a\x01b"), 400, "RFC 9110 §5.5 CTL in value"),
+    (host_head(b"X: a\x7fb"), 400, "RFC 9110 §5.5 DEL in value"),
+    (host_head(b"X: \x0bv"), 400, "RFC 9110 §5.5 VT is a CTL not OWS"),
+    (host_head(b"X: v\x0c"), 400, "RFC 9110 §5.5 FF is a CTL not OWS"),
+    (host_head(b"X: a\rb"), 400, "RFC 9112 §2.2 lone CR in a value"),
+    (host_head(b"X: a\r"), 400, "RFC 9112 §2.2 CR CR LF"),
+    (b"GET / HTTP/1.1\r\nHost: t\rX: y\r\n\r\n", 400, "RFC 9112 §2.2 lone CR as line end"),
+    (host_head(line=b"GET /\r HTTP/1.1"), 400, "RFC 9112 §2.2 lone CR in request-line"),
+    (host_head(line=b"GET * HTTP/1.1"), 400, "RFC 9112 §3.2.4 asterisk with GET"),
+    (host_head(line=b"CONNECT h:443 HTTP/1.1"), 501, "RFC 9112 §3.2.3 CONNECT not supported"),
+    (host_head(line=b"M" * (gateway.MAX_METHOD_BYTES + 1) + b" / HTTP/1.1"), 501,
+     "RFC 9112 §3 method longer than 32 bytes"),
+    (host_head(line=b"GET /" + b"a" * 9000 + b" HTTP/1.1"), 414,
+     "RFC 9112 §3 request-line over 8 KiB"),
+    (host_head(*[b"X-%d: " % i + b"v" * 1000 for i in range(70)]), 431,
+     "RFC 6585 §5 head over 64 KiB"),
+    (host_head(b"X: " + b"v" * 70000), 431, "RFC 6585 §5 one field line over 64 KiB"),
+    (host_head(*[b"X-%d: v" % i for i in range(gateway.MAX_FIELD_LINES)]), 431,
+     "RFC 6585 §5 more than 100 field lines"),
+    (host_head(b"Content-Length: +5"), 400, "RFC 9110 §8.6 Content-Length plus sign"),
+    (host_head(b"Content-Length: -1"), 400, "RFC 9110 §8.6 Content-Length negative"),
+    (host_head(b"Content-Length: 0x10"), 400, "RFC 9110 §8.6 Content-Length hex"),
+    (host_head(b"Content-Length: 1_0"), 400, "RFC 9110 §8.6 Content-Length underscore"),
+    (host_head(b"Content-Length: 5 5"), 400, "RFC 9110 §8.6 Content-Length inner space"),
+    (host_head(b"Content-Length: 5.0"), 400, "RFC 9110 §8.6 Content-Length decimal point"),
+    (host_head(b"Content-Length: \xd9\xa1"), 400, "RFC 9110 §8.6 Content-Length non-ASCII digit"),
+    (host_head(b"Content-Length:"), 400, "RFC 9110 §8.6 Content-Length empty"),
+    (host_head(b"Content-Length: 5, 6"), 400, "RFC 9112 §6.3 differing Content-Length list"),
+    (host_head(b"Content-Length: 5", b"Content-Length: 6"), 400,
+     "RFC 9112 §6.3 differing Content-Length lines"),
+    (host_head(b"Content-Length: 5", b"Content-Length: x"), 400,
+     "RFC 9112 §6.3 one invalid Content-Length line"),
+    (host_head(b"Content-Length: 9999999999999999999"), 413,
+     "RFC 9110 §8.6 Content-Length with 19 digits"),
+    (host_head(b"Content-Length: " + b"9" * 400), 413,
+     "RFC 9110 §8.6 Content-Length with 400 digits"),
+    (host_head(b"Transfer-Encoding: chunked", b"Content-Length: 5"), 400,
+     "RFC 9112 §6.3 Transfer-Encoding and Content-Length"),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400,
+     "RFC 9112 §6.1 Transfer-Encoding on HTTP-1.0"),
+    (host_head(b"Transfer-Encoding: gzip"), 400, "RFC 9112 §6.3 final coding gzip"),
+    (host_head(b"Transfer-Encoding: xchunked"), 400, "RFC 9112 §6.3 final coding xchunked"),
+    (host_head(b"Transfer-Encoding: chunked, identity"), 400,
+     "RFC 9112 §6.3 chunked not the final coding"),
+    (host_head(b"Transfer-Encoding: chunked;q=1"), 400, "RFC 9112 §7.1 chunked with parameters"),
+    (host_head(b"Transfer-Encoding: gzip, chunked"), 501, "RFC 9112 §6.1 gzip before chunked"),
+    (host_head(b"Transfer-Encoding: identity, chunked"), 501,
+     "RFC 9112 §6.1 identity before chunked"),
+    (host_head(b"Transfer-Encoding: chunked, chunked"), 400, "RFC 9112 §7.1 chunked twice"),
+    (host_head(b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"), 400,
+     "RFC 9112 §7.1 chunked twice on two lines"),
+    (host_head(b"X(y): 1"), 400, "RFC 9110 §5.1 field name not a token"),
+    (host_head(b"X y: 1"), 400, "RFC 9110 §5.1 space inside field name"),
+    (host_head(b"X\xe9: 1"), 400, "RFC 9110 §5.1 non-ASCII field name"),
+    (host_head(b": 1"), 400, "RFC 9110 §5.1 empty field name"),
+    (host_head(b"NoColon"), 400, "RFC 9112 §5 field line without colon"),
+    pytest.param(host_head(b"Expect: something-else"), 417,
+                 "RFC 9110 §10.1.1 unknown expectation"),
+    pytest.param(b"\r\n" * 100 + host_head(), 400,
+                 "RFC 9112 §2.2 too many empty lines before the request-line"),
+]
+
+
+@pytest.mark.parametrize("how", FEED_WAYS)
+@pytest.mark.parametrize("raw,status,rule", REJECTED_HEADS,
+                         ids=[row_id(row, 2) for row in REJECTED_HEADS])
+def test_rejected_heads(raw, status, rule, how):
+    assert rejection(FEED_WAYS[how](raw)).status == status
+
+
+# -- limits: the same answer for every split -------------------------------------
+
+CHUNKED_HEAD = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+LONGEST_HEAD = (b"GET / HTTP/1.1\r\nHost: t\r\nX: "
+                + b"v" * (gateway.MAX_HEAD_BYTES - len(b"GET / HTTP/1.1\r\nHost: t\r\nX: ") - 1)
+                + b"\r\n\r\n")
+LONGEST_CHUNK_LINE = b"5;" + b"e" * (gateway.MAX_CHUNK_LINE - 2)
+
+LIMIT_CASES = [
+    # raw request,  events when accepted (None: the status of the HTTPError),  rule
+    pytest.param(
+        LONGEST_LINE + b"\r\nHost: t\r\n\r\n",
+        [head_of(target=LONGEST_LINE[4:-9], path=LONGEST_LINE[4:-9]), END],
+        id="RFC 9112 §3 request-line of exactly 8 KiB"),
+    pytest.param(
+        LONGEST_HEAD,
+        [head_of(headers=[(b"host", b"t"), (b"x", LONGEST_HEAD[28:-4])]), END],
+        id="RFC 6585 §5 head of exactly 64 KiB"),
+    pytest.param(
+        CHUNKED_HEAD + LONGEST_CHUNK_LINE + b"\r\nhello\r\n0\r\n\r\n",
+        [head_of(method="POST", headers=[(b"host", b"t"), (b"transfer-encoding", b"chunked")],
+                 chunked=True), b"hello", END],
+        id="RFC 9112 §7.1.1 chunk line of exactly 4 KiB"),
+    pytest.param(
+        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414,
+        id="RFC 9112 §3 request-line over 64 KiB is 414 too"),
+]
+
+
+@pytest.mark.parametrize("raw,expected", LIMIT_CASES)
+def test_limits_give_the_same_answer_for_every_split(raw, expected):
+    splits = [feed_whole(raw), feed_bytewise(raw), [raw[:-1], raw[-1:]], [raw[:-2], raw[-2:]]]
+    for pieces in splits:
+        if isinstance(expected, int):
+            assert rejection(pieces).status == expected
+        else:
+            assert parse_pieces(pieces) == expected
+
+
+# -- bodies ------------------------------------------------------------------------
+
+
+def post_head(*fields: bytes) -> bytes:
+    return b"POST / HTTP/1.1\r\nHost: t\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+
+
+CHUNKED = post_head(b"Transfer-Encoding: chunked")
+
+ACCEPTED_BODIES = [
+    # raw request,  de-framed body,  rule
+    (post_head(b"Content-Length: 5") + b"hello", b"hello", "RFC 9112 §6.2 Content-Length body"),
+    (post_head(b"Content-Length: 10") + b"a\r\n\r\nb\n\r\x00\xff", b"a\r\n\r\nb\n\r\x00\xff",
+     "RFC 9112 §6.2 Content-Length body is opaque bytes"),
+    (post_head(b"Content-Length: 0"), b"", "RFC 9112 §6.2 zero Content-Length"),
+    (post_head(b"Content-Length: 007") + b"1234567", b"1234567",
+     "RFC 9110 §8.6 Content-Length with leading zeros"),
+    (post_head(), b"", "RFC 9112 §6.3 no framing fields means no body"),
+    (CHUNKED + b"5\r\nhello\r\n0\r\n\r\n", b"hello", "RFC 9112 §7.1 chunked"),
+    (CHUNKED + b"5;name\r\nhello\r\n0\r\n\r\n", b"hello", "RFC 9112 §7.1.1 ext name only"),
+    (CHUNKED + b"5;a=b;c=d\r\nhello\r\n0;z=1\r\n\r\n", b"hello",
+     "RFC 9112 §7.1.1 ext token values"),
+    (CHUNKED + b'5;a="x y\\"z;=";b=""\r\nhello\r\n0\r\n\r\n', b"hello",
+     "RFC 9112 §7.1.1 ext quoted-string values"),
+    (CHUNKED + b"5 ; a = b\t;\tc\r\nhello\r\n0\r\n\r\n", b"hello",
+     "RFC 9112 §7.1.1 BWS around semicolon and equals"),
+    (CHUNKED + b"A\r\n0123456789\r\n1a\r\n" + b"z" * 26 + b"\r\n0\r\n\r\n",
+     b"0123456789" + b"z" * 26, "RFC 9112 §7.1 upper- and lower-case hex"),
+    (CHUNKED + b"005\r\nhello\r\n000\r\n\r\n", b"hello", "RFC 9112 §7.1 leading zeros in sizes"),
+    (CHUNKED + b"1\r\na\r\n2\r\nbc\r\n3\r\ndef\r\n0\r\n\r\n", b"abcdef",
+     "RFC 9112 §7.1 several chunks"),
+    (CHUNKED + b"4\r\n\r\n\r\n\r\n0\r\n\r\n", b"\r\n\r\n",
+     "RFC 9112 §7.1 chunk data holding CRLFs"),
+    (CHUNKED + b"0\r\n\r\n", b"", "RFC 9112 §7.1 only the last chunk"),
+    (CHUNKED + b"5\r\nhello\r\n0\r\nX-Sum: abc\r\nHost: evil\r\n\r\n", b"hello",
+     "RFC 9112 §7.1.2 trailers are read and dropped"),
+]
+
+
+def splits_of(raw: bytes):
+    """Whole, byte by byte, pipelined, and every split into two pieces."""
+    yield "whole", feed_whole(raw), []
+    yield "bytewise", feed_bytewise(raw), []
+    yield "pipelined", feed_pipelined(raw), NEXT_EVENTS
+    for i in range(1, len(raw)):
+        yield f"split at {i}", [raw[:i], raw[i:]], []
+
+
+@pytest.mark.parametrize("raw,body,rule", ACCEPTED_BODIES, ids=[row[2] for row in ACCEPTED_BODIES])
+def test_bodies_arrive_whole_for_every_split(raw, body, rule):
+    head = parse_pieces([raw])[0]
+    assert isinstance(head, Request)
+    assert b"x-sum" not in dict(head.headers)                # trailers are dropped
+    assert [name for name, _ in head.headers].count(b"host") == 1
+    for how, pieces, after in splits_of(raw):
+        assert parse_pieces(pieces) == [head] + ([body] if body else []) + [END] + after, how
+
+
+def test_zero_length_body_ends_right_after_the_head():
+    parser = RequestParser()
+    parser.feed(post_head(b"Content-Length: 0"))
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() is END
+
+
+def test_body_pieces_are_handed_out_as_they_arrive():
+    parser = RequestParser()
+    parser.feed(post_head(b"Content-Length: 5") + b"he")
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() == b"he"
+    assert parser.next_event() is None
+    parser.feed(b"llo" + NEXT_REQUEST)
+    assert parser.next_event() == b"llo"     # never more than Content-Length
+    assert parser.next_event() is END
+    assert parser.next_event() == NEXT_EVENTS[0]
+
+
+def test_the_head_is_an_event_before_any_body_byte():
+    parser = RequestParser()
+    parser.feed(CHUNKED)
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() is None
+
+
+def test_the_next_request_waits_until_asked():
+    parser = RequestParser()
+    parser.feed(post_head(b"Content-Length: 2") + b"hi" + NEXT_REQUEST)
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() == b"hi"
+    assert parser.next_event() is END
+    assert bytes(parser.buffer) == NEXT_REQUEST
+    assert parser.has_partial_request
+
+
+REJECTED_BODIES = [
+    # raw request,  status,  max_body,  rule
+    (CHUNKED + b"g\r\nhello\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1 non-hex chunk size"),
+    (CHUNKED + b"0x5\r\nhello\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1 0x prefix"),
+    (CHUNKED + b"+5\r\nhello\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1 sign"),
+    (CHUNKED + b"1_0\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1 underscore"),
+    (CHUNKED + b" 5\r\nhello\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1 space before size"),
+    (CHUNKED + b"5 \r\nhello\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1 space after size"),
+    (CHUNKED + b"\r\nhello\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1 empty chunk size"),
+    (CHUNKED + b"1" + b"0" * 16 + b"\r\n", 400, None, "RFC 9112 §7.1 chunk size of 17 hex digits"),
+    (CHUNKED + b"5\r\nhelloXX0\r\n\r\n", 400, None, "RFC 9112 §7.1 no CRLF after chunk data"),
+    (CHUNKED + b"5\r\nhello world\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1 data longer than size"),
+    (CHUNKED + b"5\nhello\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1 bare LF after size"),
+    (CHUNKED + b"5\r\nhello\n0\r\n\r\n", 400, None, "RFC 9112 §7.1 bare LF after data"),
+    (CHUNKED + b"0\r\nX: y\n\r\n", 400, None, "RFC 9112 §7.1 bare LF in trailer"),
+    (CHUNKED + b"5;" + b"e" * 5000 + b"\r\nhello\r\n0\r\n\r\n", 400, None,
+     "RFC 9112 §7.1.1 chunk-ext line over 4 KiB"),
+    (CHUNKED + b"5;\r\nhello\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1.1 ext without name"),
+    (CHUNKED + b"5;a=\r\nhello\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1.1 ext without value"),
+    (CHUNKED + b'5;a="x\r\nhello\r\n0\r\n\r\n', 400, None, "RFC 9112 §7.1.1 unterminated quote"),
+    (CHUNKED + b"5;a b\r\nhello\r\n0\r\n\r\n", 400, None, "RFC 9112 §7.1.1 space inside ext"),
+    (CHUNKED + b"0\r\nbad trailer\r\n\r\n", 400, None, "RFC 9112 §7.1.2 trailer without colon"),
+    (CHUNKED + b"0\r\nX : y\r\n\r\n", 400, None, "RFC 9112 §7.1.2 space before colon in trailer"),
+    (CHUNKED + b"0\r\nX: a\r\n b\r\n\r\n", 400, None, "RFC 9112 §7.1.2 obs-fold in trailer"),
+    (CHUNKED + b"0\r\nX: a\x00\r\n\r\n", 400, None, "RFC 9112 §7.1.2 NUL in trailer"),
+    (post_head(b"Content-Length: 11") + b"hello world", 413, 10,
+     "RFC 9110 §15.5.14 Content-Length over max_body"),
+    (CHUNKED + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", 413, 10,
+     "RFC 9110 §15.5.14 chunked body over max_body"),
+    (CHUNKED + b"ffffffff\r\n", 413, 10, "RFC 9110 §15.5.14 one huge chunk over max_body"),
+]
+
+
+@pytest.mark.parametrize("how", FEED_WAYS)
+@pytest.mark.parametrize("raw,status,max_body,rule", REJECTED_BODIES,
+                         ids=[row[3] for row in REJECTED_BODIES])
+def test_rejected_bodies(raw, status, max_body, rule, how):
+    assert rejection(FEED_WAYS[how](raw), max_body).status == status
+
+
+@pytest.mark.parametrize("raw,body", [
+    (post_head(b"Content-Length: 10") + b"0123456789", b"0123456789"),
+    (CHUNKED + b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", b"helloworld"),
+], ids=["Content-Length", "chunked"])
+def test_a_body_of_exactly_max_body_is_accepted(raw, body):
+    for pieces in (feed_whole(raw), feed_bytewise(raw)):
+        assert parse_pieces(pieces, max_body=10)[1:] == [body, END]
+
+
+@pytest.mark.parametrize("raw", [
+    host_head(b"X : y"),
+    CHUNKED + b"g\r\n",
+    post_head(b"Content-Length: 11") + b"hello world",
+], ids=["bad head", "bad chunk size", "body over max_body"])
+def test_after_an_error_the_parser_keeps_raising(raw):
+    parser = RequestParser(max_body=10)
+    parser.feed(raw)
+    with pytest.raises(HTTPError):
+        while parser.next_event() is not None:
+            pass
+    parser.feed(NEXT_REQUEST)
+    for _ in range(3):
+        with pytest.raises(HTTPError):
+            parser.next_event()
+
+
+def test_max_body_counts_each_pipelined_request_alone():
+    raw = (CHUNKED + b"8\r\n12345678\r\n0\r\n\r\n"
+           + post_head(b"Content-Length: 5") + b"abcde")
+    events = parse_pieces([raw], max_body=10)
+    assert events[1:3] == [b"12345678", END]
+    assert events[4:] == [b"abcde", END]
+
+
+def test_trailers_never_reach_the_headers():
+    parser = RequestParser()
+    parser.feed(CHUNKED + b"0\r\nHost: evil\r\nX-Trailer: 1\r\n\r\n")
+    head = parser.next_event()
+    assert parser.next_event() is END
+    assert head.headers == [(b"host", b"t"), (b"transfer-encoding", b"chunked")]
+
+
+# =============================================================================
+# §4  Writing responses - RFC 9112 §4, §6, §7.1, §9
+#
+# Exact bytes with a fixed clock.
+# =============================================================================
+
+FIXED_NOW = 784111777.0
+FIXED_DATE = b"Sun, 06 Nov 1994 08:49:37 GMT"
+SERVER_FIELDS = b"Date: " + FIXED_DATE + b"\r\nServer: gateway\r\n"
+
+
+def test_http_date_is_imf_fixdate():
+    assert http_date(FIXED_NOW) == FIXED_DATE
+    assert http_date(FIXED_NOW + 0.999) == FIXED_DATE
+    assert http_date(FIXED_NOW + 1) == b"Sun, 06 Nov 1994 08:49:38 GMT"
+    assert http_date(0.0) == b"Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+def test_encode_chunk():
+    assert encode_chunk(b"hello") == b"5\r\nhello\r\n"
+    assert encode_chunk(b"z" * 26) == b"1a\r\n" + b"z" * 26 + b"\r\n"
+
+
+def respond(method, version, keep_alive, status, headers, pieces, config=None):
+    """Serialize one whole response; returns (wire bytes, keep_alive afterwards)."""
+    response = Response(method, version, keep_alive, config)
+    wire = response.head(status, headers, FIXED_NOW)
+    for piece in pieces:
+        wire += response.body(piece)
+    return wire + response.end(), response.keep_alive
+
+
+CL5 = [(b"Content-Length", b"5")]
+
+RESPONSES = [
+    # request (method, version, keep_alive), status, app headers, body pieces,
+    # wire bytes, keep_alive afterwards, rule
+    (("GET", "1.1", True), 200, CL5, [b"hel", b"lo"],
+     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n" + SERVER_FIELDS + b"\r\nhello", True,
+     "RFC 9112 §6.3 length framing from the app"),
+    (("GET", "1.1", True), 200, [(b"Content-Type", b"text/plain")], [b"hello", b"", b"world"],
+     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + SERVER_FIELDS
+     + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", True,
+     "RFC 9112 §7.1 chunked for 1.1 without length"),
+    (("GET", "1.1", True), 200, [], [],
+     b"HTTP/1.1 200 OK\r\n" + SERVER_FIELDS + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     True, "RFC 9112 §7.1 empty chunked body"),
+    (("GET", "1.0", False), 200, [], [b"hi"],
+     b"HTTP/1.1 200 OK\r\n" + SERVER_FIELDS + b"Connection: close\r\n\r\nhi", False,
+     "RFC 9112 §6.3 close-delimited for 1.0 without length"),
+    (("GET", "1.0", True), 200, [], [b"hi"],
+     b"HTTP/1.1 200 OK\r\n" + SERVER_FIELDS + b"Connection: close\r\n\r\nhi", False,
+     "RFC 9112 §6.1 no chunked for a 1.0 keep-alive request without length"),
+    (("GET", "1.0", True), 200, CL5, [b"hello"],
+     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n" + SERVER_FIELDS
+     + b"Connection: keep-alive\r\n\r\nhello", True,
+     "RFC 9112 App C.2.2 1.0 keep-alive response"),
+    (("GET", "1.1", False), 200, CL5, [b"hello"],
+     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n" + SERVER_FIELDS
+     + b"Connection: close\r\n\r\nhello", False,
+     "RFC 9112 §9.6 client asked to close"),
+    (("HEAD", "1.1", True), 200, [(b"Content-Length", b"42")], [b"x" * 42],
+     b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n" + SERVER_FIELDS + b"\r\n", True,
+     "RFC 9110 §9.3.2 HEAD keeps the app Content-Length and sends no body"),
+    (("HEAD", "1.1", True), 200, [], [b"ignored"],
+     b"HTTP/1.1 200 OK\r\n" + SERVER_FIELDS + b"\r\n", True,
+     "RFC 9110 §8.6 HEAD gets no invented Content-Length"),
+    (("HEAD", "1.0", True), 200, [], [],
+     b"HTTP/1.1 200 OK\r\n" + SERVER_FIELDS + b"Connection: keep-alive\r\n\r\n", True,
+     "RFC 9112 §6.3 HEAD 1.0 keep-alive needs no close"),
+    (("GET", "1.1", True), 204, [(b"content-length", b"5"), (b"Transfer-Encoding", b"chunked")],
+     [b"hello"],
+     b"HTTP/1.1 204 No Content\r\n" + SERVER_FIELDS + b"\r\n", True,
+     "RFC 9110 §8.6 204 strips Content-Length"),
+    (("GET", "1.1", True), 103, [(b"Link", b"</s.css>"), (b"Content-Length", b"0")], [],
+     b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n" + SERVER_FIELDS + b"\r\n", True,
+     "RFC 9110 §8.6 1xx strips Content-Length"),
+    (("GET", "1.1", True), 304, CL5, [b"hello"],
+     b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n" + SERVER_FIELDS + b"\r\n", True,
+     "RFC 9110 §8.6 304 keeps Content-Length and sends no body"),
+    (("GET", "1.1", True), 200, CL5 + [(b"connection", b"Close")], [b"hello"],
+     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n" + SERVER_FIELDS
+     + b"Connection: close\r\n\r\nhello", False,
+     "RFC 9112 §9.6 app Connection close honoured once"),
+    (("GET", "1.1", True), 200, CL5 + [(b"Transfer-Encoding", b"chunked"),
+                                       (b"Keep-Alive", b"timeout=5")], [b"hello"],
+     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n" + SERVER_FIELDS + b"\r\nhello", True,
+     "RFC 9112 §6.1 app Transfer-Encoding and Keep-Alive dropped"),
+    (("GET", "1.1", True), 200, [(b"Transfer-Encoding", b"gzip")], [b"hi"],
+     b"HTTP/1.1 200 OK\r\n" + SERVER_FIELDS
+     + b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n", True,
+     "RFC 9112 §6.1 only the server's Transfer-Encoding"),
+    (("GET", "1.0", False), 200, [(b"Transfer-Encoding", b"chunked")], [b"hi"],
+     b"HTTP/1.1 200 OK\r\n" + SERVER_FIELDS + b"Connection: close\r\n\r\nhi", False,
+     "RFC 9112 §6.1 never Transfer-Encoding to 1.0"),
+    (("GET", "1.1", True), 200, CL5 + [(b"DATE", b"Mon, 07 Nov 1994 00:00:00 GMT"),
+                                       (b"server", b"app/1")], [b"hello"],
+     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nDATE: Mon, 07 Nov 1994 00:00:00 GMT\r\n"
+     b"server: app/1\r\n\r\nhello", True,
+     "RFC 9110 §6.6.1 app Date and Server not duplicated"),
+    (("GET", "1.1", True), 599, CL5, [b"hello"],
+     b"HTTP/1.1 599 \r\nContent-Length: 5\r\n" + SERVER_FIELDS + b"\r\nhello", True,
+     "RFC 9112 §4 empty reason keeps its SP"),
+]
+
+
+@pytest.mark.parametrize("request_line,status,headers,pieces,wire,keep_alive,rule", RESPONSES,
+                         ids=[row[-1] for row in RESPONSES])
+def test_response_bytes(request_line, status, headers, pieces, wire, keep_alive, rule):
+    assert respond(*request_line, status, headers, pieces) == (wire, keep_alive)
+
+
+def test_config_can_leave_out_date_and_server():
+    config = Config(server_header=False, date_header=False)
+    wire, _ = respond("GET", "1.1", True, 200, CL5, [b"hello"], config)
+    assert wire == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def test_an_empty_piece_is_never_a_last_chunk():
+    response = Response("GET", "1.1", True)
+    response.head(200, [], FIXED_NOW)
+    assert response.body(b"") == b""
+    assert response.body(b"ab") == b"2\r\nab\r\n"
+    assert response.end() == b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("pieces", [[b"hello!"], [b"abc", b"abc"]], ids=["one piece", "two pieces"])
+def test_a_body_longer_than_content_length_raises(pieces):
+    response = Response("GET", "1.1", True)
+    response.head(200, CL5, FIXED_NOW)
+    with pytest.raises(ValueError):
+        for piece in pieces:
+            response.body(piece)
+
+
+def test_a_body_short_of_content_length_closes():
+    response = Response("GET", "1.1", True)
+    response.head(200, CL5, FIXED_NOW)
+    assert response.body(b"hel") == b"hel"
+    assert response.keep_alive
+    assert response.end() == b""
+    assert response.keep_alive is False
+
+
+@pytest.mark.parametrize("name,value", [
+    (b"X", b"a\r\nSet-Cookie: x=1"),
+    (b"X", b"a\rb"),
+    (b"X", b"a\nb"),
+    (b"X", b"a\x00b"),
+    (b"X Y", b"v"),
+    (b"X:Y", b"v"),
+    (b"", b"v"),
+    (b"X\r\nY", b"v"),
+    (b"Content-Length", b"five"),
+    (b"Content-Length", b"-1"),
+], ids=["CRLF in value", "CR in value", "LF in value", "NUL in value", "space in name",
+        "colon in name", "empty name", "CRLF in name", "non-numeric Content-Length",
+        "negative Content-Length"])
+def test_unsafe_response_headers_raise(name, value):
+    with pytest.raises(ValueError):
+        Response("GET", "1.1", True).head(200, [(name, value)], FIXED_NOW)
+
+
+def test_error_response_bytes():
+    body = b"400 Bad Request: malformed request line\n"
+    assert error_response(400, "malformed request line", FIXED_NOW) == (
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\n" % len(body) + SERVER_FIELDS
+        + b"Connection: close\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("status,message", [
+    (413, "request body too large"), (431, "caf\u00e9 \u2603"), (505, ""),
+])
+def test_error_response_length_matches_its_body(status, message):
+    wire = error_response(status, message, FIXED_NOW, Config(server_header=False,
+                                                             date_header=False))
+    head, _, body = wire.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 %d %s" % (status, gateway.REASONS[status])
+    assert b"Content-Length: %d" % len(body) in lines
+    assert lines[-1] == b"Connection: close"
+    assert b"Date" not in head and b"Server" not in head
+    assert body == f"{status} {gateway.REASONS[status].decode()}: {message}\n".encode()
+
+
+# -- server tests (§5-§9): both paths over real loopback sockets ---------------
+#
+# Names here start with srv_ / test_srv_ so that they cannot clash with the
+# helpers and tests around them once this part is pasted into test_gateway.py.
+
+
+
+
+SRV_HERE = os.path.dirname(os.path.abspath(gateway.__file__))
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def srv_post(body: bytes, path: bytes = b"/", extra: bytes = b"") -> bytes:
+    """An HTTP/1.1 POST with a Content-Length body."""
+    return (b"POST %s HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (path, len(body), extra, body))
+
+
+def srv_split_response(data: bytes) -> tuple[bytes, dict, bytes]:
+    """(status line, headers, rest) of the raw bytes of one response."""
+    assert b"\r\n\r\n" in data, f"no complete head in {data!r}"
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return lines[0], headers, rest
+
+
+def srv_read_chunk(reader: ResponseReader) -> bytes:
+    """One chunk of a chunked body (b"" for the last-chunk, trailers not read)."""
+    while b"\r\n" not in reader.buffer:
+        assert reader._fill(), "connection closed mid-chunk"
+    line, reader.buffer = reader.buffer.split(b"\r\n", 1)
+    size = int(line.split(b";")[0], 16)
+    if size == 0:
+        return b""
+    data = reader.read_exact(size)
+    assert reader.read_exact(2) == b"\r\n"
+    return data
+
+
+def srv_hash_chunked(reader: ResponseReader) -> tuple[str, int]:
+    """sha256 and length of a chunked body, decoded without holding it whole."""
+    digest, total = hashlib.sha256(), 0
+    while True:
+        while b"\r\n" not in reader.buffer:
+            assert reader._fill(), "connection closed mid-chunk"
+        line, reader.buffer = reader.buffer.split(b"\r\n", 1)
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            assert reader.read_exact(2) == b"\r\n", "trailers not expected"
+            return digest.hexdigest(), total
+        while size:
+            if not reader.buffer:
+                assert reader._fill(), "connection closed mid-chunk"
+            piece = reader.buffer[:size]
+            reader.buffer = reader.buffer[len(piece):]
+            digest.update(piece)
+            size -= len(piece)
+            total += len(piece)
+        assert reader.read_exact(2) == b"\r\n"
+
+
+def srv_assert_eof(sock: socket.socket) -> None:
+    """The server closes the connection next, sending nothing more."""
+    assert read_until_closed(sock) == b""
+
+
+# -- small apps for both interfaces -------------------------------------------
+#
+# /boom  raises before the response starts
+# /late  sends part of a body, then raises
+# else   echoes the request body with a Content-Length (a known length)
+
+
+def srv_boom_wsgi(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/boom":
+        raise RuntimeError("boom-secret-detail")
+
+    if path == "/late":
+        def late():
+            yield b"partial"
+            raise RuntimeError("late-secret-detail")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return late()
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+
+async def srv_boom_asgi(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/boom":
+        raise RuntimeError("boom-secret-detail")
+    if scope["path"] == "/late":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError("late-secret-detail")
+    body = b""
+    while True:
+        message = await receive()
+        assert message["type"] == "http.request"
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+SRV_BOOM_APPS = {"wsgi": srv_boom_wsgi, "asgi": srv_boom_asgi}
+
+
+def srv_recording_app(interface: str, calls: list):
+    """The echo app, recording (path, what it was given) for every call."""
+    if interface == "wsgi":
+        def app(environ, start_response):
+            calls.append(environ["PATH_INFO"])
+            return echo_wsgi.application(environ, start_response)
+        return app
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        calls.append(scope["path"])
+
+        async def recording_receive():
+            message = await receive()
+            calls.append(message["type"] + (" body" if message.get("body") else ""))
+            return message
+        await echo_asgi.app(scope, recording_receive, send)
+    return app
+
+
+# -- 1. echo, framing and persistence ------------------------------------------
+
+
+def test_srv_echo_content_length(echo_server):
+    body = b"hello, gateway" * 10
+    status, headers, got = request(echo_server, srv_post(body, extra=b"Content-Type: x/y\r\n"))
+    assert status == 200
+    assert got == body
+    assert headers[b"content-type"] == b"x/y"
+    # echo gives no length: an HTTP/1.1 response is chunked, never both
+    assert headers[b"transfer-encoding"] == b"chunked"
+    assert b"content-length" not in headers
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: test\r\n\r\n",
+], ids=["post-cl0", "get"])
+def test_srv_echo_empty_body(echo_server, raw):
+    with connect(echo_server) as sock:
+        sock.sendall(raw)
+        reader = ResponseReader(sock)
+        status, headers, line = reader.read_head()
+        assert line == b"HTTP/1.1 200 OK"
+        assert headers[b"transfer-encoding"] == b"chunked"
+        # the body is exactly the last-chunk: nothing before "0\r\n\r\n"
+        assert reader.read_exact(5) == b"0\r\n\r\n"
+        assert b"connection" not in headers     # 1.1: persistent by default
+
+
+def test_srv_echo_chunked_upload(echo_server):
+    raw = (b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
+    status, headers, body = request(echo_server, raw)
+    assert (status, body) == (200, b"hello world")
+
+
+def test_srv_keep_alive_sequential(echo_server):
+    with connect(echo_server) as sock:
+        reader = ResponseReader(sock)
+        for body in (b"first", b"second request"):
+            sock.sendall(srv_post(body))
+            status, headers, got = reader.read_response()
+            assert (status, got) == (200, body)
+            assert b"connection" not in headers
+        assert reader.buffer == b""
+
+
+def test_srv_pipelined_in_order(echo_server):
+    with connect(echo_server) as sock:
+        sock.sendall(srv_post(b"one") + srv_post(b"two-two") + srv_post(b"3"))
+        reader = ResponseReader(sock)
+        assert [reader.read_response()[2] for _ in range(3)] == [b"one", b"two-two", b"3"]
+        assert reader.buffer == b""
+
+
+def test_srv_head_has_no_body(echo_server):
+    with connect(echo_server) as sock:
+        # the HEAD carries a body, so the echo app does produce body bytes
+        sock.sendall(b"HEAD / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nabcde"
+                     + b"GET / HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\n\r\nxyz")
+        reader = ResponseReader(sock)
+        status, headers, line = reader.read_head()
+        assert line == b"HTTP/1.1 200 OK"
+        # no body bytes at all: the very next bytes are the GET's status line
+        while len(reader.buffer) < 17:
+            assert reader._fill()
+        assert reader.buffer.startswith(b"HTTP/1.1 200 OK\r\n")
+        status, headers, body = reader.read_response()
+        assert (status, body) == (200, b"xyz")
+
+
+def test_srv_http10_close_delimited(echo_server):
+    with connect(echo_server) as sock:
+        sock.sendall(b"POST / HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello")
+        data = read_until_closed(sock)
+    line, headers, rest = srv_split_response(data)
+    assert line == b"HTTP/1.1 200 OK"
+    assert headers[b"connection"] == b"close"
+    assert b"transfer-encoding" not in headers     # a 1.0 client knows no chunked
+    assert b"content-length" not in headers
+    assert rest == b"hello"                        # ended by the close
+
+
+def test_srv_http10_keep_alive_without_length_closes(echo_server):
+    # RFC 9112 §6.3 (8) + §9.3: echo gives no length and a 1.0 client cannot
+    # take chunked, so the body is close-delimited: "Connection: close", EOF.
+    with connect(echo_server) as sock:
+        sock.sendall(b"POST / HTTP/1.0\r\nConnection: keep-alive\r\n"
+                     b"Content-Length: 5\r\n\r\nhello")
+        data = read_until_closed(sock)
+    line, headers, rest = srv_split_response(data)
+    assert line == b"HTTP/1.1 200 OK"
+    assert headers[b"connection"] == b"close"
+    assert b"content-length" not in headers and b"transfer-encoding" not in headers
+    assert rest == b"hello"
+
+
+def test_srv_http10_keep_alive_with_length_stays_open(interface):
+    with running_server(interface, SRV_BOOM_APPS[interface]) as port:
+        with connect(port) as sock:
+            reader = ResponseReader(sock)
+            for body in (b"hello", b"again!"):
+                sock.sendall(b"POST / HTTP/1.0\r\nConnection: keep-alive\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                status, headers, got = reader.read_response()
+                assert (status, got) == (200, body)
+                assert headers[b"connection"] == b"keep-alive"
+                assert headers[b"content-length"] == b"%d" % len(body)
+            # without keep-alive the third closes
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            status, headers, got = reader.read_response()
+            assert (status, got, headers[b"connection"]) == (200, b"", b"close")
+            assert reader.buffer == b""
+            srv_assert_eof(sock)
+
+
+def test_srv_client_connection_close_honoured(echo_server):
+    with connect(echo_server) as sock:
+        sock.sendall(srv_post(b"bye", extra=b"Connection: close\r\n")
+                     + srv_post(b"never answered"))
+        reader = ResponseReader(sock)
+        status, headers, body = reader.read_response()
+        assert (status, body) == (200, b"bye")
+        assert headers[b"connection"] == b"close"
+        assert reader.buffer == b""
+        srv_assert_eof(sock)
+
+
+# -- 2. streaming echo ----------------------------------------------------------
+
+
+def test_srv_streaming_echo(echo_server):
+    body = bytes(range(256)) * 782 + b"tail"      # 200196 bytes
+    first, rest = body[:100000], body[100000:]
+    with connect(echo_server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + first)
+        reader = ResponseReader(sock)
+        status, headers, _ = reader.read_head()
+        assert status == 200 and headers[b"transfer-encoding"] == b"chunked"
+        echoed = srv_read_chunk(reader)      # arrives before the rest is sent
+        assert echoed and first.startswith(echoed)
+        sock.sendall(rest)
+        while True:
+            piece = srv_read_chunk(reader)
+            if not piece:
+                break
+            echoed += piece
+        assert reader.read_exact(2) == b"\r\n"
+        assert echoed == body
+
+
+# -- 3. a big body ----------------------------------------------------------------
+
+
+def test_srv_32mib_echo_intact(echo_server):
+    body = os.urandom(32 * 1024 * 1024)
+    errors = []
+
+    def send_all(sock):
+        try:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n"
+                         % len(body))
+            sock.sendall(memoryview(body))
+        except Exception as error:     # reported by the test thread
+            errors.append(error)
+
+    with connect(echo_server) as sock:
+        sender = threading.Thread(target=send_all, args=(sock,), daemon=True)
+        sender.start()
+        reader = ResponseReader(sock)
+        status, headers, _ = reader.read_head()
+        assert status == 200
+        digest, size = srv_hash_chunked(reader)
+        sender.join(TIMEOUT)
+        assert not sender.is_alive() and errors == []
+    assert size == len(body)
+    assert digest == hashlib.sha256(body).hexdigest()
+
+
+# -- 4. many clients at once -------------------------------------------------
+
+
+def test_srv_50_concurrent_clients(echo_server):
+    count = 50
+    barrier = threading.Barrier(count, timeout=TIMEOUT)
+    results: dict[int, object] = {}
+
+    def client(n):
+        body = (b"client %d; " % n) * (n * 37 + 1)
+        try:
+            with connect(echo_server) as sock:
+                barrier.wait()          # all 50 are connected at the same time
+                sock.sendall(srv_post(body))
+                results[n] = ResponseReader(sock).read_response()[::2] == (200, body)
+        except Exception as error:
+            results[n] = error
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert results == {n: True for n in range(count)}
+
+
+# -- 5. app errors ------------------------------------------------------------
+
+
+def test_srv_app_error_before_start_is_500(interface):
+    with running_server(interface, SRV_BOOM_APPS[interface]) as port:
+        data = exchange(port, b"GET /boom HTTP/1.1\r\nHost: test\r\n\r\n")
+        line, headers, body = srv_split_response(data)
+        assert line == b"HTTP/1.1 500 Internal Server Error"
+        assert headers[b"content-type"].startswith(b"text/plain")
+        assert headers[b"connection"] == b"close"
+        assert int(headers[b"content-length"]) == len(body)   # and nothing after it
+        assert body.startswith(b"500 ") and len(body) < 200
+        assert b"Traceback" not in body and b"secret" not in body
+        # the server lives on: a new connection is served
+        assert request(port, srv_post(b"still here"))[::2] == (200, b"still here")
+
+
+def test_srv_app_error_after_start_cuts_response(interface):
+    with running_server(interface, SRV_BOOM_APPS[interface]) as port:
+        data = exchange(port, b"GET /late HTTP/1.1\r\nHost: test\r\n\r\n")
+        line, headers, rest = srv_split_response(data)
+        assert line == b"HTTP/1.1 200 OK"
+        assert headers[b"transfer-encoding"] == b"chunked"
+        # the chunk that was sent, then EOF: no terminating 0-chunk
+        assert rest == b"7\r\npartial\r\n"
+        assert request(port, srv_post(b"ok"))[::2] == (200, b"ok")
+
+
+# -- 6. malformed requests ----------------------------------------------------
+
+SRV_MALFORMED = {
+    "bad-host": (b"GET / HTTP/1.1\r\nHost: bad host\r\n\r\n",
+                 b"HTTP/1.1 400 Bad Request"),
+    "te-and-cl": (b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+                  b"Content-Length: 5\r\n\r\n0\r\n\r\n",
+                  b"HTTP/1.1 400 Bad Request"),
+    "bad-chunk-size": (b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"zz\r\nhello\r\n0\r\n\r\n",
+                       b"HTTP/1.1 400 Bad Request"),
+    "http-2.0": (b"GET / HTTP/2.0\r\nHost: test\r\n\r\n",
+                 b"HTTP/1.1 505 HTTP Version Not Supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(SRV_MALFORMED))
+def test_srv_malformed_request(interface, case):
+    raw, expected_line = SRV_MALFORMED[case]
+    calls: list = []
+    with running_server(interface, srv_recording_app(interface, calls)) as port:
+        with connect(port) as other:          # a bystander connection, open before
+            data = exchange(port, raw)        # ... reads until EOF
+            line, headers, body = srv_split_response(data)
+            assert line == expected_line
+            assert headers[b"connection"] == b"close"
+            assert headers[b"content-type"].startswith(b"text/plain")
+            assert int(headers[b"content-length"]) == len(body)   # then EOF
+            if case == "bad-chunk-size" and interface == "asgi":
+                # ASGI reads a body only when the app asks, so the app runs
+                # for a good head; it must never see a byte of the bad body.
+                assert calls == ["/", "http.disconnect"]
+            else:
+                assert calls == []
+            other.sendall(srv_post(b"bystander"))
+            assert ResponseReader(other).read_response()[::2] == (200, b"bystander")
+        assert request(port, srv_post(b"new"))[::2] == (200, b"new")
+
+
+# -- 7. WSGI: a blocked app does not block others -----------------------------
+
+
+def test_srv_wsgi_slow_app_does_not_block_others():
+    release, entered, left = threading.Event(), threading.Event(), threading.Event()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/slow":
+            entered.set()
+            release.wait(5)
+            left.set()
+            body = b"slow"
+        else:
+            body = b"fast"
+        start_response("200 OK", [("Content-Type", "text/plain"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    try:
+        with running_server("wsgi", app) as port:
+            with connect(port) as slow:
+                slow.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+                assert entered.wait(TIMEOUT)
+                assert request(port, b"GET /fast HTTP/1.1\r\nHost: test\r\n\r\n")[::2] \
+                    == (200, b"fast")
+                assert not left.is_set()         # the first is still blocked
+                release.set()
+                assert ResponseReader(slow).read_response()[::2] == (200, b"slow")
+    finally:
+        release.set()
+
+
+# -- 8. ASGI receive() after the body; keep-alive idle timeout -----------------
+
+
+def test_srv_asgi_disconnect_waits_for_response_end():
+    events: list = []
+    release, returned = threading.Event(), threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        message = await receive()
+        assert message == {"type": "http.request", "body": b"data", "more_body": False}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+
+        async def probe():
+            got = await receive()
+            events.append(("receive", got["type"]))
+            returned.set()
+        task = asyncio.ensure_future(probe())   # runs while we wait below
+        await send({"type": "http.response.body", "body": b"part1", "more_body": True})
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, TIMEOUT)
+        events.append("final")
+        await send({"type": "http.response.body", "body": b"part2"})
+        await asyncio.wait_for(task, TIMEOUT)
+
+    try:
+        with running_server("asgi", app) as port:
+            with connect(port) as sock:
+                sock.sendall(srv_post(b"data"))
+                reader = ResponseReader(sock)
+                assert reader.read_head()[0] == 200
+                assert srv_read_chunk(reader) == b"part1"
+                assert not returned.is_set()
+                release.set()
+                assert srv_read_chunk(reader) == b"part2"
+                assert srv_read_chunk(reader) == b""
+                assert returned.wait(TIMEOUT)
+                assert events == ["final", ("receive", "http.disconnect")]
+    finally:
+        release.set()
+
+
+def test_srv_asgi_disconnect_when_client_leaves():
+    got: list = []
+    returned = threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part1", "more_body": True})
+        got.append(await receive())       # the response is not complete
+        returned.set()
+
+    with running_server("asgi", app) as port:
+        sock = connect(port)
+        with sock:
+            sock.sendall(srv_post(b"x"))
+            reader = ResponseReader(sock)
+            assert reader.read_head()[0] == 200
+            assert srv_read_chunk(reader) == b"part1"
+            assert not returned.is_set()
+        assert returned.wait(TIMEOUT)
+        assert got == [{"type": "http.disconnect"}]
+
+
+def test_srv_keep_alive_idle_timeout(interface):
+    with running_server(interface, ECHO_APPS[interface], timeout_keep_alive=0.5) as port:
+        with connect(port) as used, connect(port) as silent:
+            start = time.monotonic()         # the idle time starts after this
+            used.sendall(srv_post(b"one"))
+            reader = ResponseReader(used)
+            assert reader.read_response()[::2] == (200, b"one")
+            srv_assert_eof(used)                 # within TIMEOUT (socket timeout)
+            assert time.monotonic() - start >= 0.45   # not before the timeout
+            srv_assert_eof(silent)               # never sent a byte: closed too
+
+
+# -- 9. Expect: 100-continue ---------------------------------------------------
+
+
+def test_srv_expect_100_continue(echo_server):
+    body = b"the body after 100"
+    with connect(echo_server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        reader = ResponseReader(sock)
+        while len(reader.buffer) < len(gateway.CONTINUE):
+            assert reader._fill()
+        assert reader.buffer.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        reader.buffer = reader.buffer[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+        sock.sendall(body)
+        status, headers, got = reader.read_response()
+        assert (status, got) == (200, body)
+
+
+# -- 10. command line -----------------------------------------------------------
+
+
+def srv_run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "gateway.py", *args], cwd=SRV_HERE,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+class SrvCLIProcess:
+    """gateway.py in a subprocess; its stderr read line by line by a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "gateway.py", *args], cwd=SRV_HERE,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def next_line(self) -> str | None:
+        line = self.lines.get(timeout=TIMEOUT)
+        if line is not None:
+            self.seen.append(line)
+        return line
+
+    def rest(self) -> str:
+        """All remaining stderr, up to EOF."""
+        while self.next_line() is not None:
+            pass
+        return "".join(self.seen)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+
+
+def test_srv_cli_help():
+    done = srv_run_cli("--help")
+    assert done.returncode == 0
+    assert "--asgi" in done.stdout and "--wsgi" in done.stdout
+
+
+@pytest.mark.parametrize("spec, names", [
+    ("nosuchmodule:app", "'nosuchmodule'"),
+    ("echo_asgi:nope", "'nope'"),
+])
+def test_srv_cli_bad_app(spec, names):
+    done = srv_run_cli("--asgi", spec, "--port", "0")
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert names in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT to a child needs POSIX")
+@pytest.mark.parametrize("interface, spec", [
+    ("asgi", "echo_asgi:app"), ("wsgi", "echo_wsgi:application")])
+def test_srv_cli_serves_and_stops_on_sigint(interface, spec):
+    cli = SrvCLIProcess(f"--{interface}", spec, "--port", "0")
+    try:
+        line = cli.next_line()
+        prefix = f"gateway: serving {interface.upper()} app {spec} on http://127.0.0.1:"
+        suffix = " (Ctrl+C to quit)\n"
+        assert line is not None and line.startswith(prefix) and line.endswith(suffix), line
+        port = int(line[len(prefix):-len(suffix)])
+        # Ctrl+C while a (keep-alive) client is still connected, as a browser is
+        with connect(port) as held:
+            held.sendall(srv_post(b"via the CLI"))
+            assert ResponseReader(held).read_response()[::2] == (200, b"via the CLI")
+            cli.proc.send_signal(signal.SIGINT)
+            srv_assert_eof(held)          # the server closes it on its way out
+        assert cli.proc.wait(TIMEOUT) == 0
+        stderr = cli.rest()
+        assert stderr.endswith("gateway: stopped\n")
+        assert "Traceback" not in stderr, stderr
+    finally:
+        cli.kill()
+
+
+def test_srv_cli_port_in_use():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = srv_run_cli("--asgi", "echo_asgi:app", "--port", str(port))
+    assert done.returncode == 1
+    assert "address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
