@@ -77,9 +77,16 @@ MAX_LENGTH_DIGITS = 18           # decimal digits in a Content-Length -> 413
 RECV_BYTES = 64 * 1024           # size asked of each recv()
 HIGH_WATER = 256 * 1024          # bytes buffered for one side before we pause it
 LOW_WATER = 64 * 1024            # ... and the level at which we resume it
-KEEP_ALIVE_SECONDS = 5.0         # idle time between requests before we close
-LINGER_SECONDS = 2.0             # read-and-discard time after our last response
+BACKLOG = 2048                   # pending connections the kernel may queue
 WSGI_THREADS = 8                 # worker threads that call WSGI applications
+
+# Timeouts, in seconds. Each one bounds how long one client can hold on to a
+# connection (and, on the WSGI path, a worker thread) without making progress.
+KEEP_ALIVE_SECONDS = 5.0         # idle between requests            -> close
+HEAD_SECONDS = 10.0              # first byte to end of head        -> 408 (slowloris)
+READ_SECONDS = 30.0              # no body bytes while we wait      -> 408, or close
+WRITE_SECONDS = 30.0             # response unread by the client    -> close
+LINGER_SECONDS = 2.0             # read-and-discard after our last response
 
 
 @dataclass
@@ -89,11 +96,22 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int = WSGI_THREADS
-    timeout_keep_alive: float = KEEP_ALIVE_SECONDS
-    limit_request_body: int | None = None   # bytes; None means no limit
     root_path: str = ""
     server_header: bool = True
     date_header: bool = True
+    backlog: int = BACKLOG
+    limit_request_line: int = MAX_REQUEST_LINE
+    limit_request_head: int = MAX_HEAD_BYTES
+    limit_request_fields: int = MAX_FIELD_LINES
+    limit_request_body: int | None = None     # bytes -> 413; None: no limit
+    limit_concurrency: int | None = None      # connections -> 503; None: no limit
+    timeout_keep_alive: float = KEEP_ALIVE_SECONDS
+    timeout_request_head: float = HEAD_SECONDS
+    timeout_read: float = READ_SECONDS
+    timeout_write: float = WRITE_SECONDS
+
+
+DEFAULTS = Config()
 
 
 # =============================================================================
@@ -115,6 +133,17 @@ class HTTPError(Exception):
 
 class ClientDisconnected(ConnectionError):
     """The client went away (ASGI HTTP spec 2.4: an OSError subclass)."""
+
+
+def printable(text: str) -> str:
+    """Escape what the client sent before it goes into a log line.
+
+    A path may hold "%0A" (a newline, once decoded) or terminal escape codes;
+    written raw, they could forge log lines (log injection).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # =============================================================================
@@ -319,17 +348,17 @@ def check_host(version: str, headers: list[tuple[bytes, bytes]]) -> None:
         raise HTTPError(400, "malformed Host header")
 
 
-def parse_head(head: bytes) -> Request:
+def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
     """Parse one request head (without its empty last line) into a Request."""
     # RFC 9112 §2.2: lines end in CRLF. Leniency: a bare LF also ends a line, as
     # the RFC allows; a CR anywhere else fails the patterns below (400).
     lines = head.split(b"\n")
     lines = [line[:-1] if line[-1:] == b"\r" else line for line in lines]
-    if len(lines[0]) > MAX_REQUEST_LINE:
+    if len(lines[0]) > limits.limit_request_line:
         raise HTTPError(414, "request line too long")   # Limit: RFC 9112 §3
     method, target, version = parse_request_line(lines[0])
     path, query = split_target(method, target)
-    if len(lines) - 1 > MAX_FIELD_LINES:
+    if len(lines) - 1 > limits.limit_request_fields:
         raise HTTPError(431, "too many header fields")    # Limit: RFC 6585 §5
     headers = [parse_field_line(line) for line in lines[1:]]
     check_host(version, headers)
@@ -341,7 +370,8 @@ def parse_head(head: bytes) -> Request:
         keep_alive = b"keep-alive" in connection and b"close" not in connection
     # RFC 9110 §10.1.1: 100-continue only means something for HTTP/1.1.
     expect = comma_list(field_values(headers, b"expect"))
-    expect_continue = version == "1.1" and b"100-continue" in expect
+    has_body = chunked or content_length > 0     # no 100 for an empty body
+    expect_continue = version == "1.1" and b"100-continue" in expect and has_body
     if version == "1.1" and any(item != b"100-continue" for item in expect):
         raise HTTPError(417, "only 'Expect: 100-continue' is supported")
     return Request(method, target, path, query, version, headers,
@@ -351,13 +381,13 @@ def parse_head(head: bytes) -> Request:
 class RequestParser:
     """Incremental HTTP/1.1 request parser: feed() bytes, take next_event()s."""
 
-    def __init__(self, max_body: int | None = None) -> None:
+    def __init__(self, limits: Config = DEFAULTS) -> None:
         self.buffer = bytearray()
         self.state = "head"   # head, body, chunk-size, chunk-data, chunk-end,
         #                       trailers, or error
         self.remaining = 0    # body or chunk bytes still to come
         self.body_size = 0    # bytes of this request's body seen so far
-        self.max_body = max_body
+        self.limits = limits
         self.search_from = 0  # where to resume looking for the end of the head
         self.trailer_bytes = 0
         self.empty_lines = 0  # empty lines skipped before this request-line
@@ -404,7 +434,7 @@ class RequestParser:
         del buffer[: end + size]
         self.search_from = 0
         self.empty_lines = 0
-        request = parse_head(head)
+        request = parse_head(head, self.limits)
         self._start_body(request)
         return request
 
@@ -429,16 +459,17 @@ class RequestParser:
         same bytes gets the same answer.
         """
         buffer = self.buffer
-        newline = buffer.find(b"\n", 0, MAX_REQUEST_LINE + 2)
+        max_line = self.limits.limit_request_line
+        newline = buffer.find(b"\n", 0, max_line + 2)
         if newline < 0:           # the request-line is at least this long:
             line_length = len(buffer) - 1 if buffer[-1:] == b"\r" else len(buffer)
         else:
             line_length = newline - 1 if buffer[newline - 1:newline] == b"\r" else newline
-        if line_length > MAX_REQUEST_LINE:
+        if line_length > max_line:
             raise HTTPError(414, "request line too long")     # RFC 9112 §3
         # The head ends at `end`; while incomplete, no earlier than 2 bytes
         # before the end of the buffer (a "\n\r" may have arrived already).
-        if (end if end >= 0 else len(buffer) - 2) > MAX_HEAD_BYTES:
+        if (end if end >= 0 else len(buffer) - 2) > self.limits.limit_request_head:
             raise HTTPError(431, "request header fields too large")   # RFC 6585 §5
 
     def _start_body(self, request: Request) -> None:
@@ -454,7 +485,8 @@ class RequestParser:
     def _count_body(self, size: int) -> None:
         """Limit: the configured maximum body size -> 413 (RFC 9110 §15.5.14)."""
         self.body_size += size
-        if self.max_body is not None and self.body_size > self.max_body:
+        limit = self.limits.limit_request_body
+        if limit is not None and self.body_size > limit:
             raise HTTPError(413, "request body too large")
 
     # -- a Content-Length body (RFC 9112 §6.2) ---------------------------------
@@ -531,7 +563,7 @@ class RequestParser:
         # RFC 9112 §7.1.2: trailer fields are read, checked like header fields,
         # and dropped: RFC 9110 §6.5.1 forbids merging them into the headers.
         while True:
-            line = self._take_crlf_line(MAX_HEAD_BYTES,
+            line = self._take_crlf_line(self.limits.limit_request_head,
                                         HTTPError(431, "trailer field too large"))
             if line is None:
                 return None
@@ -539,7 +571,7 @@ class RequestParser:
                 self.state = "head"
                 return END
             self.trailer_bytes += len(line) + 2
-            if self.trailer_bytes > MAX_HEAD_BYTES:
+            if self.trailer_bytes > self.limits.limit_request_head:
                 raise HTTPError(431, "trailer section too large")   # Limit
             parse_field_line(line)
 
@@ -652,7 +684,12 @@ class Response:
             return encode_chunk(data)
         if self.framing == "length":
             if len(data) > self.length:
-                raise ValueError("response body longer than its Content-Length")
+                # RFC 9112 §6.3: bytes past Content-Length would be read as the
+                # next response. Drop them, and close once this one is done.
+                log.error("response body longer than its Content-Length; "
+                          "%d bytes dropped", len(data) - self.length)
+                data = data[: self.length]
+                self.keep_alive = False
             self.length -= len(data)
         return data
 
@@ -858,6 +895,12 @@ class WSGIResponse:
         if self.status is None:
             raise AssertionError("the app sent a body before calling start_response()")
         self.head_sent = True
+        body = self.conn.body
+        if body is not None and body.send_continue:
+            # RFC 9110 §10.1.1: we answer before asking for the body, so the
+            # client will not send it; say that we close instead of reading.
+            body.send_continue = False
+            self.response.keep_alive = False
         code, _, reason = self.status.partition(" ")
         return self.response.head(int(code), self.headers, time.time(),
                                   reason.encode("latin-1"))
@@ -940,7 +983,7 @@ def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
     if isinstance(error, ClientDisconnected):
         return b""                 # nobody is left to answer
     log.exception("error in WSGI app for %s %s", environ["REQUEST_METHOD"],
-                  environ["PATH_INFO"])
+                  printable(environ["PATH_INFO"]))
     if response.head_sent:
         return b""    # the client sees an incomplete message, then EOF
     return error_response(500, "the application failed", time.time(),
@@ -965,10 +1008,12 @@ class WSGIConnection:
         self.server = server
         self.sock = sock
         self.client = client
-        self.parser = RequestParser(server.config.limit_request_body)
+        self.parser = RequestParser(server.config)
         self.sendbuf = bytearray()
         self.state = "idle"          # idle -> busy -> idle ... -> closing
-        self.since = time.monotonic()
+        self.since = time.monotonic()    # start of this idle or closing phase
+        self.last_read = self.since      # last time body bytes came in
+        self.last_write = self.since     # last time sending made progress
         self.events = 0              # what the selector watches for us
         self.closed = False
         self.peer_eof = False        # the client sent FIN
@@ -1014,6 +1059,7 @@ class WSGIConnection:
         if not data:
             self.on_eof()
             return
+        self.last_read = time.monotonic()
         self.parser.feed(data)
         self.process()
 
@@ -1069,6 +1115,7 @@ class WSGIConnection:
         """Hand the request to a worker thread, with what we have of its body."""
         request = self.request
         self.submitted = True
+        self.last_read = time.monotonic()
         if self.body_complete:
             body = io.BytesIO(b"".join(self.body_parts))   # no waiting needed
         else:
@@ -1107,6 +1154,8 @@ class WSGIConnection:
             if self.worker_done:
                 self.worker_done = False
                 self.done = True
+        if outbox and not self.sendbuf:
+            self.last_write = time.monotonic()
         for data in outbox:
             self.sendbuf += data
         if self.state == "busy" and not self.body_complete:
@@ -1117,6 +1166,7 @@ class WSGIConnection:
 
     def send_now(self, data: bytes) -> None:
         """Send bytes the loop itself produced, as the end of this response."""
+        self.last_write = time.monotonic()
         self.sendbuf += data
         self.done = True
         self.keep_alive = False
@@ -1133,6 +1183,7 @@ class WSGIConnection:
                 self.close()
                 return
             del self.sendbuf[:sent]
+            self.last_write = time.monotonic()
             with self.room:
                 self.unsent -= sent
                 if self.unsent <= LOW_WATER:
@@ -1208,11 +1259,26 @@ class WSGIConnection:
         if self.body is not None:
             self.body.finish(ClientDisconnected("connection closed"))
 
-    def expired(self, now: float) -> bool:
-        """Is this connection idle (or lingering) for longer than allowed?"""
-        if self.state == "idle":
-            return now - self.since > self.server.config.timeout_keep_alive
-        return self.state == "closing" and now - self.since > LINGER_SECONDS
+    def check_timeouts(self, now: float) -> None:
+        """Close (or answer 408) a connection that has waited too long, §1."""
+        config = self.server.config
+        if self.state == "closing":
+            if now - self.since > LINGER_SECONDS:
+                self.close()
+        elif self.sendbuf and now - self.last_write > config.timeout_write:
+            self.close()          # the client does not read what we send
+        elif self.state == "idle":
+            if not self.parser.has_partial_request:
+                if now - self.since > config.timeout_keep_alive:
+                    self.close()      # RFC 9112 §9.5: idle connections may close
+            elif now - self.since > config.timeout_request_head:
+                # RFC 9110 §15.5.9: 408 for a head that takes too long (slowloris).
+                self.on_bad_request(HTTPError(408, "request head not received in time"))
+                self.watch()
+        elif (not self.body_complete and self.events & selectors.EVENT_READ
+              and now - self.last_read > config.timeout_read):
+            self.on_bad_request(HTTPError(408, "request body not received in time"))
+            self.watch()
 
 
 class WorkerPool:
@@ -1271,9 +1337,13 @@ class WSGIServer:
         self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
         self.running = True
         last_sweep = time.monotonic()
+        config = self.config
+        # Look for timeouts every second, or more often when one is shorter.
+        every = min(1.0, config.timeout_keep_alive / 2, config.timeout_request_head / 2,
+                    config.timeout_read / 2, config.timeout_write / 2)
         try:
             while self.running:
-                for key, mask in self.selector.select(timeout=1.0):
+                for key, mask in self.selector.select(timeout=every):
                     if key.data == "accept":
                         self.accept()
                     elif key.data == "wake":
@@ -1281,8 +1351,8 @@ class WSGIServer:
                     else:
                         key.data.on_event(mask)
                 now = time.monotonic()
-                if now - last_sweep >= 1.0:
-                    self.close_expired(now)
+                if now - last_sweep >= every:
+                    self.check_timeouts(now)
                     last_sweep = now
         finally:
             self.close_all()
@@ -1300,7 +1370,14 @@ class WSGIServer:
             set_nodelay(sock)
             conn = WSGIConnection(self, sock, client)
             self.connections.add(conn)
-            conn.watch()
+            limit = self.config.limit_concurrency
+            if limit is not None and len(self.connections) > limit:
+                # Limit: RFC 9110 §15.6.4, 503 while we have too many clients.
+                conn.state = "busy"
+                conn.send_now(error_response(503, "too many connections", time.time(),
+                                             self.config))
+            if not conn.closed:
+                conn.watch()
 
     def wake(self, conn: WSGIConnection) -> None:
         """Runs on: any thread. Have the loop call conn.on_wake() soon."""
@@ -1326,9 +1403,10 @@ class WSGIServer:
             if not conn.closed:
                 conn.on_wake()
 
-    def close_expired(self, now: float) -> None:
-        for conn in [c for c in self.connections if c.expired(now)]:
-            conn.close()
+    def check_timeouts(self, now: float) -> None:
+        for conn in list(self.connections):
+            if not conn.closed:
+                conn.check_timeouts(now)
 
     def shutdown(self) -> None:
         """Runs on: any thread. Make serve_forever() return."""
@@ -1414,7 +1492,8 @@ class HTTPCycle:
             self.disconnected = True
         except Exception:
             # ASGI spec, "Error Handling": log it; the connection ends below.
-            log.exception("error in ASGI app for %s %s", scope["method"], scope["path"])
+            log.exception("error in ASGI app for %s %s", scope["method"],
+                          printable(scope["path"]))
             failure = HTTPError(500, "the application failed")
         else:
             if self.state == "start":
@@ -1484,7 +1563,11 @@ class HTTPCycle:
             if parts:
                 return {"type": "http.request", "body": b"".join(parts),
                         "more_body": True}
-            data = await self.conn.read()
+            try:
+                data = await asyncio.wait_for(self.conn.read(), self.conn.config.timeout_read)
+            except asyncio.TimeoutError:
+                self.conn.error = HTTPError(408, "request body not received in time")
+                data = b""
             if not data:
                 self.disconnected = True     # RFC 9112 §8: incomplete body
                 return {"type": "http.disconnect"}
@@ -1518,9 +1601,8 @@ class HTTPCycle:
         if kind == "http.response.start":
             if self.state != "start":
                 raise RuntimeError(f"ASGI: 'http.response.start' sent twice ({self.state})")
-            self.head = self.response.head(message["status"],
-                                           check_asgi_headers(message.get("headers", [])),
-                                           time.time())
+            self.start = (message["status"], check_asgi_headers(message.get("headers", [])))
+            self.head = self.response.head(*self.start, time.time())
             self.state = "body"
         elif kind == "http.response.body":
             if self.state == "start":
@@ -1534,6 +1616,12 @@ class HTTPCycle:
     async def send_body(self, body: bytes, more_body: bool) -> None:
         if type(body) is not bytes:
             raise TypeError(f"ASGI: body must be bytes, not {type(body).__name__}")
+        if self.send_continue and not self.head_written:
+            # RFC 9110 §10.1.1: we answer before asking for the body, so the
+            # client will not send it; say that we close instead of reading.
+            self.send_continue = False
+            self.response.keep_alive = False
+            self.head = self.response.head(*self.start, time.time())
         data = self.head + self.response.body(body)
         self.head = b""
         self.head_written = True
@@ -1577,13 +1665,16 @@ class ASGIConnection:
         self.server_address = server.address
         self.stopping = server.stopping
         self.client = writer.get_extra_info("peername")[:2]
-        self.parser = RequestParser(self.config.limit_request_body)
+        self.parser = RequestParser(self.config)
         self.pending_read: asyncio.Future | None = None
         self.eof = False
         self.error: HTTPError | None = None
 
-    async def run(self) -> None:
+    async def run(self, refusal: HTTPError | None = None) -> None:
+        """Serve requests until the connection closes; or answer `refusal`."""
         try:
+            if refusal is not None:
+                raise refusal
             while True:
                 request = await self.next_request()
                 if request is None:
@@ -1602,22 +1693,29 @@ class ASGIConnection:
 
     async def next_request(self) -> Request | None:
         """The next request head, or None if the client leaves or stays idle."""
-        timer = None
+        event = self.parser.next_event()
+        if event is not None:
+            return event                  # it was pipelined behind the last one
+        # RFC 9112 §9.5: an idle connection may be closed. A timer costs less
+        # than wait_for() here, and this wait happens once per request.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeout_request_head
+        timer = loop.call_later(self.config.timeout_keep_alive, self.writer.transport.abort)
         try:
-            while True:
-                event = self.parser.next_event()
-                if event is not None:
-                    return event
-                if timer is None:   # keep-alive timeout, from the first wait on
-                    timer = asyncio.get_running_loop().call_later(
-                        self.config.timeout_keep_alive, self.writer.transport.abort)
-                data = await self.read()
-                if not data:
-                    return None    # RFC 9112 §9.5: close quietly, even mid-head
-                self.parser.feed(data)
+            data = await self.read()
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
+        while data:
+            self.parser.feed(data)
+            event = self.parser.next_event()
+            if event is not None:
+                return event
+            try:   # part of a head: it must be complete by the deadline
+                data = await asyncio.wait_for(self.read(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                # RFC 9110 §15.5.9: 408 for a head that takes too long (slowloris).
+                raise HTTPError(408, "request head not received in time") from None
+        return None            # RFC 9112 §9.5: close quietly, even mid-head
 
     def start_read(self) -> asyncio.Future:
         """Start (or return) the one read that may wait on the socket."""
@@ -1637,13 +1735,20 @@ class ASGIConnection:
 
     async def write(self, data: bytes) -> None:
         """Write and wait for the socket to drain (backpressure)."""
-        if self.writer.transport.is_closing():
+        transport = self.writer.transport
+        if transport.is_closing():
             raise ClientDisconnected("the client has disconnected")
         self.writer.write(data)
         try:
-            await self.writer.drain()
+            if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+                await self.writer.drain()        # not paused: returns at once
+                return
+            await asyncio.wait_for(self.writer.drain(), self.config.timeout_write)
         except OSError as error:
             raise ClientDisconnected(str(error)) from error
+        except asyncio.TimeoutError:
+            transport.abort()     # Limit: the client does not read its response
+            raise ClientDisconnected("response not read in time") from None
 
     async def close(self) -> None:
         """RFC 9112 §9.6: send FIN, discard until the client's FIN, then close."""
@@ -1698,8 +1803,13 @@ class ASGIServer:
         set_nodelay(writer.get_extra_info("socket"))
         task = asyncio.current_task()
         self.tasks.add(task)
+        refusal = None
+        limit = self.config.limit_concurrency
+        if limit is not None and len(self.tasks) > limit:
+            # Limit: RFC 9110 §15.6.4, 503 while we have too many clients.
+            refusal = HTTPError(503, "too many connections")
         try:
-            await ASGIConnection(self, reader, writer).run()
+            await ASGIConnection(self, reader, writer).run(refusal)
         except asyncio.CancelledError:
             pass           # shutdown() cancelled us; the connection is closed
         finally:
@@ -1745,7 +1855,7 @@ def import_app(spec: str):
                          f"name it: {module_name}:ATTR")
 
 
-def make_listener(host: str, port: int, backlog: int = 2048) -> socket.socket:
+def make_listener(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     """A listening TCP socket; port 0 picks a free one."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     return socket.create_server((host, port), family=family, backlog=backlog)
@@ -1780,11 +1890,32 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="directory to import the app from (default: current)")
     parser.add_argument("--threads", type=int, default=WSGI_THREADS,
                         help="WSGI worker threads (default: %(default)s)")
-    parser.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_SECONDS,
-                        metavar="SECONDS",
-                        help="close idle connections after this (default: %(default)s)")
     parser.add_argument("--root-path", default="", metavar="PATH",
                         help="mount point of the app (SCRIPT_NAME / root_path)")
+    parser.add_argument("--backlog", type=int, default=BACKLOG,
+                        help="pending connections the kernel may queue (default: %(default)s)")
+    limits = parser.add_argument_group("limits (going over one gets the status shown)")
+    limits.add_argument("--limit-request-line", type=int, default=MAX_REQUEST_LINE,
+                        metavar="BYTES", help="request-line, 414 (default: %(default)s)")
+    limits.add_argument("--limit-request-head", type=int, default=MAX_HEAD_BYTES,
+                        metavar="BYTES", help="request head, 431 (default: %(default)s)")
+    limits.add_argument("--limit-request-fields", type=int, default=MAX_FIELD_LINES,
+                        metavar="N", help="header fields, 431 (default: %(default)s)")
+    limits.add_argument("--limit-request-body", type=int, default=None, metavar="BYTES",
+                        help="request body, 413 (default: no limit)")
+    limits.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
+                        help="open connections, 503 (default: no limit)")
+    timeouts = parser.add_argument_group("timeouts, in seconds")
+    timeouts.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_SECONDS,
+                          metavar="S", help="idle between requests (default: %(default)s)")
+    timeouts.add_argument("--timeout-request-head", type=float, default=HEAD_SECONDS,
+                          metavar="S", help="to receive a whole head, 408 "
+                          "(default: %(default)s)")
+    timeouts.add_argument("--timeout-read", type=float, default=READ_SECONDS, metavar="S",
+                          help="without body bytes while reading a body, 408 "
+                          "(default: %(default)s)")
+    timeouts.add_argument("--timeout-write", type=float, default=WRITE_SECONDS, metavar="S",
+                          help="a response may stay unread (default: %(default)s)")
     return parser
 
 
@@ -1800,7 +1931,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", error)
         return 1
     try:
-        listener = make_listener(args.host, args.port)
+        listener = make_listener(args.host, args.port, args.backlog)
     except OSError as error:
         reason = "address already in use" if error.errno == errno.EADDRINUSE else error
         log.error("cannot listen on %s:%s: %s", args.host, args.port, reason)
@@ -1809,8 +1940,16 @@ def main(argv: list[str] | None = None) -> int:
     shown = f"[{host}]" if ":" in host else host
     log.info("serving %s app %s on http://%s:%d (Ctrl+C to quit)",
              interface.upper(), spec, shown, port)
-    config = Config(host=args.host, port=port, threads=args.threads,
-                    timeout_keep_alive=args.timeout_keep_alive, root_path=args.root_path)
+    config = Config(
+        host=args.host, port=port, threads=args.threads, root_path=args.root_path,
+        backlog=args.backlog, limit_request_line=args.limit_request_line,
+        limit_request_head=args.limit_request_head,
+        limit_request_fields=args.limit_request_fields,
+        limit_request_body=args.limit_request_body,
+        limit_concurrency=args.limit_concurrency,
+        timeout_keep_alive=args.timeout_keep_alive,
+        timeout_request_head=args.timeout_request_head,
+        timeout_read=args.timeout_read, timeout_write=args.timeout_write)
     try:
         serve(app, interface, config=config, listener=listener)
     except KeyboardInterrupt:

@@ -217,7 +217,7 @@ def parse_pieces(pieces: list[bytes], max_body: int | None = None) -> list:
     Adjacent body pieces are joined, so any split of the input can be compared
     with any other. Raises the parser's HTTPError.
     """
-    parser = RequestParser(max_body)
+    parser = RequestParser(Config(limit_request_body=max_body))
     events: list = []
     for piece in pieces:
         parser.feed(piece)
@@ -333,9 +333,14 @@ ACCEPTED_HEADS = [
                                      (b"content-length", b"2")],
              content_length=2, expect_continue=True), b"hi",
      "RFC 9110 §10.1.1 Expect 100-continue"),
-    (b"GET / HTTP/1.1\r\nHost: t\r\nExpect: 100-Continue\r\n\r\n",
-     head_of(headers=[(b"host", b"t"), (b"expect", b"100-Continue")], expect_continue=True),
-     b"", "RFC 9110 §10.1.1 Expect is case-insensitive"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\r\n",
+     head_of(headers=[(b"host", b"t"), (b"expect", b"100-continue")]), b"",
+     "RFC 9110 §10.1.1 no 100 Continue for a request without a body"),
+    (b"POST / HTTP/1.1\r\nHost: t\r\nExpect: 100-Continue\r\nContent-Length: 2\r\n\r\nhi",
+     head_of(method="POST", headers=[(b"host", b"t"), (b"expect", b"100-Continue"),
+                                     (b"content-length", b"2")],
+             content_length=2, expect_continue=True), b"hi",
+     "RFC 9110 §10.1.1 Expect is case-insensitive"),
     (b"GET / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n",
      head_of(version="1.0", headers=[(b"expect", b"100-continue")], keep_alive=False), b"",
      "RFC 9110 §10.1.1 Expect ignored on HTTP-1.0"),
@@ -664,7 +669,7 @@ def test_a_body_of_exactly_max_body_is_accepted(raw, body):
     post_head(b"Content-Length: 11") + b"hello world",
 ], ids=["bad head", "bad chunk size", "body over max_body"])
 def test_after_an_error_the_parser_keeps_raising(raw):
-    parser = RequestParser(max_body=10)
+    parser = RequestParser(Config(limit_request_body=10))
     parser.feed(raw)
     with pytest.raises(HTTPError):
         while parser.next_event() is not None:
@@ -818,12 +823,13 @@ def test_an_empty_piece_is_never_a_last_chunk():
 
 
 @pytest.mark.parametrize("pieces", [[b"hello!"], [b"abc", b"abc"]], ids=["one piece", "two pieces"])
-def test_a_body_longer_than_content_length_raises(pieces):
+def test_bytes_past_content_length_are_dropped_and_the_connection_closes(pieces):
     response = Response("GET", "1.1", True)
     response.head(200, CL5, FIXED_NOW)
-    with pytest.raises(ValueError):
-        for piece in pieces:
-            response.body(piece)
+    sent = b"".join(response.body(piece) for piece in pieces)
+    assert sent == b"".join(pieces)[:5]       # RFC 9112 §6.3: never past the length
+    assert response.end() == b""
+    assert not response.keep_alive
 
 
 def test_a_body_short_of_content_length_closes():
