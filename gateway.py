@@ -39,7 +39,9 @@ import queue
 import re
 import selectors
 import socket
+import stat
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -78,6 +80,10 @@ RECV_BYTES = 64 * 1024           # size asked of each recv()
 HIGH_WATER = 256 * 1024          # bytes buffered for one side before we pause it
 LOW_WATER = 64 * 1024            # ... and the level at which we resume it
 BACKLOG = 2048                   # pending connections the kernel may queue
+SPOOL_BYTES = 1024 * 1024        # a chunked WSGI body past this goes to a temp file
+SENDFILE_BYTES = 1024 * 1024     # most bytes one os.sendfile() call may send
+# Eight threads: enough that a few slow app calls (a database, an upstream API)
+# do not hold up the rest, few enough that GIL hand-offs stay cheap (issue 7).
 WSGI_THREADS = 8                 # worker threads that call WSGI applications
 
 # Timeouts, in seconds. Each one bounds how long one client can hold on to a
@@ -756,6 +762,7 @@ def build_environ(request: Request, body, server: tuple, client: tuple,
         "wsgi.multiprocess":     False,
         "wsgi.run_once":         False,
         "wsgi.input_terminated": True,   # wsgi.input ends where the body ends
+        "wsgi.file_wrapper":     FileWrapper,
     }
     add_header_variables(environ, request.headers)
     return environ
@@ -943,6 +950,9 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
 
 def run_wsgi_app(conn: WSGIConnection, request: Request, environ: dict) -> None:
     """One PEP 3333 application call, start_response() to close(). Runs on: a worker."""
+    if conn.closed or conn.peer_eof:
+        conn.finish(b"", False)   # the client left while the request waited
+        return
     response = WSGIResponse(conn, request)
     final, keep_alive = b"", False
     try:
@@ -960,10 +970,16 @@ def run_wsgi_app(conn: WSGIConnection, request: Request, environ: dict) -> None:
 
 def send_wsgi_result(result, response: WSGIResponse) -> bytes:
     """Iterate the app's result; return the bytes that end the response."""
-    if type(result) in (list, tuple) and len(result) == 1 and not response.head_sent:
+    if type(result) is FileWrapper and result.sendable() and not response.head_sent:
+        return send_file(result, response)
+    try:
+        single = len(result) == 1
+    except TypeError:          # PEP 3333: only len(), iter() and close() are used
+        single = False
+    if single and not response.head_sent:
         # PEP 3333, "Handling the Content-Length Header": a one-item body has
         # a known length, so the client can keep the connection open.
-        body = result[0]
+        body = next(iter(result))
         if response.status is not None and type(body) is bytes and not any(
                 name.lower() == b"content-length" for name, _ in response.headers):
             response.headers.append((b"Content-Length", b"%d" % len(body)))
@@ -972,6 +988,73 @@ def send_wsgi_result(result, response: WSGIResponse) -> bytes:
         if data:      # PEP 3333: empty items send nothing, not even headers
             response.write(data)
     return response.final_bytes()
+
+
+class FileWrapper:
+    """wsgi.file_wrapper (PEP 3333, "Optional Platform-Specific File Handling")."""
+
+    def __init__(self, filelike, block_size: int = 8192) -> None:
+        self.filelike = filelike
+        self.block_size = block_size
+
+    def __iter__(self):
+        """The portable way: read blocks (used when sendfile() cannot be)."""
+        while True:
+            block = self.filelike.read(self.block_size)
+            if not block:
+                return
+            yield block
+
+    def sendable(self) -> bool:
+        """Can the loop hand this file to os.sendfile()? (a real, regular file)"""
+        try:
+            return (hasattr(os, "sendfile")
+                    and stat.S_ISREG(os.fstat(self.filelike.fileno()).st_mode))
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def close(self) -> None:
+        if hasattr(self.filelike, "close"):   # PEP 3333: close() is passed on
+            self.filelike.close()
+
+
+class FileRegion:
+    """Part of a file that the loop sends with os.sendfile(), zero-copy."""
+
+    def __init__(self, fd: int, offset: int, count: int) -> None:
+        self.fd, self.offset, self.count = fd, offset, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def send_to(self, sock: socket.socket) -> int:
+        """Runs on: the loop thread. Send some of it; return the bytes sent."""
+        sent = os.sendfile(sock.fileno(), self.fd, self.offset,
+                           min(self.count, SENDFILE_BYTES))
+        if sent == 0:     # the file is shorter than promised: we cannot go on
+            raise OSError("file ended before its Content-Length")
+        self.offset += sent
+        self.count -= sent
+        return sent
+
+
+def send_file(wrapper: FileWrapper, response: WSGIResponse) -> bytes:
+    """PEP 3333: send a wrapped file from its current position with sendfile()."""
+    filelike = wrapper.filelike
+    fd = filelike.fileno()
+    offset = filelike.tell() if hasattr(filelike, "tell") else 0
+    count = max(0, os.fstat(fd).st_size - offset)
+    if not any(name.lower() == b"content-length" for name, _ in response.headers):
+        response.headers.append((b"Content-Length", b"%d" % count))
+    conn = response.conn
+    conn.put(response._head())
+    if response.response.framing == "length":      # not for HEAD, 204, 304
+        count = min(count, response.response.length)
+        response.response.length -= count
+        if count:
+            conn.put(FileRegion(fd, offset, count))
+    conn.wait_until_sent()     # close() may only close the file after this
+    return response.response.end()
 
 
 def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
@@ -1009,7 +1092,7 @@ class WSGIConnection:
         self.sock = sock
         self.client = client
         self.parser = RequestParser(server.config)
-        self.sendbuf = bytearray()
+        self.sending: collections.deque = collections.deque()  # bytearray, FileRegion
         self.state = "idle"          # idle -> busy -> idle ... -> closing
         self.since = time.monotonic()    # start of this idle or closing phase
         self.last_read = self.since      # last time body bytes came in
@@ -1028,6 +1111,7 @@ class WSGIConnection:
         self.request: Request | None = None
         self.body_parts: list[bytes] = []
         self.body: WSGIInput | None = None
+        self.spool: tempfile.SpooledTemporaryFile | None = None
         self.body_complete = False
         self.submitted = False
         self.error: HTTPError | None = None
@@ -1065,8 +1149,8 @@ class WSGIConnection:
 
     def on_eof(self) -> None:
         self.peer_eof = True
-        if self.state == "idle":
-            self.close()    # idle or mid-head: RFC 9112 §9.5, nothing to answer
+        if self.state == "idle" or not (self.submitted or self.done):
+            self.close()    # idle, mid-head or mid-spool: nothing to answer
         elif not self.body_complete and self.body is not None:
             # RFC 9112 §8: an incomplete body is never reported as complete.
             self.fail_body(ClientDisconnected("client closed mid-body"))
@@ -1082,19 +1166,33 @@ class WSGIConnection:
                 if event is None:
                     break
                 if self.state == "idle":
-                    self.state, self.request = "busy", event
+                    self.start_request(event)
                 elif event is END:
                     self.body_complete = True
                     if self.body is not None:
                         self.body.finish()
                 elif self.body is not None:
                     self.body.feed(event)
+                elif self.spool is not None:
+                    self.spool.write(event)
                 else:
                     self.body_parts.append(event)
         except HTTPError as error:
             self.on_bad_request(error)
-        if self.state == "busy" and not self.submitted and not self.done:
+        if (self.state == "busy" and not self.submitted and not self.done
+                and (self.body_complete or self.spool is None)):
             self.submit()
+
+    def start_request(self, request: Request) -> None:
+        self.state, self.request = "busy", request
+        if request.chunked:
+            # Many frameworks (Django among them) read exactly CONTENT_LENGTH
+            # bytes and see no body without it. So, as waitress does, a chunked
+            # body is collected first (in memory, then on disk) and the app gets
+            # its length. Its size is bounded by --limit-request-body.
+            self.spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+            if request.expect_continue:     # RFC 9110 §10.1.1: we will read it
+                self.queue_own(CONTINUE)
 
     def on_bad_request(self, error: HTTPError) -> None:
         """Answer a request the parser refused, then close (RFC 9112 §9.6)."""
@@ -1116,18 +1214,24 @@ class WSGIConnection:
         request = self.request
         self.submitted = True
         self.last_read = time.monotonic()
-        if self.body_complete:
+        if self.spool is not None:
+            body = self.spool                 # de-chunked, complete, rewound
+            length = body.tell()
+            body.seek(0)
+        elif self.body_complete:
             body = io.BytesIO(b"".join(self.body_parts))   # no waiting needed
         else:
             self.body = body = WSGIInput(self, self.body_parts, request.expect_continue)
         self.body_parts = []
         environ = build_environ(request, body, self.server.address, self.client,
                                 self.server.config)
+        if self.spool is not None:
+            environ["CONTENT_LENGTH"] = str(length)
         self.server.pool.submit(run_wsgi_app, self, request, environ)
 
     # -- writing ---------------------------------------------------------------
 
-    def put(self, data: bytes) -> None:
+    def put(self, data: bytes | FileRegion) -> None:
         """Runs on: a worker. Queue bytes to send; wait while too many are unsent."""
         with self.room:
             while self.unsent > HIGH_WATER and not self.closed:
@@ -1137,6 +1241,14 @@ class WSGIConnection:
             self.outbox.append(data)
             self.unsent += len(data)
         self.server.wake(self)
+
+    def wait_until_sent(self) -> None:
+        """Runs on: a worker. Wait until everything put() so far is sent."""
+        with self.room:
+            while self.unsent > 0 and not self.closed:
+                self.room.wait()
+        if self.closed:
+            raise ClientDisconnected("client went away")
 
     def finish(self, data: bytes, keep_alive: bool) -> None:
         """Runs on: a worker. The last bytes of the response; the worker is done."""
@@ -1154,41 +1266,63 @@ class WSGIConnection:
             if self.worker_done:
                 self.worker_done = False
                 self.done = True
-        if outbox and not self.sendbuf:
-            self.last_write = time.monotonic()
-        for data in outbox:
-            self.sendbuf += data
+        for item in outbox:
+            self.queue_output(item)
         if self.state == "busy" and not self.body_complete:
             self.process()           # the app made room for more body
         self.flush()
         if not self.closed:
             self.watch()
 
+    def queue_output(self, item) -> None:
+        """Add bytes (or a FileRegion) to what the loop will send, in order."""
+        if not self.sending:
+            self.last_write = time.monotonic()
+        if type(item) is FileRegion:
+            self.sending.append(item)
+        elif item:
+            if self.sending and type(self.sending[-1]) is bytearray:
+                self.sending[-1] += item      # one send() for adjacent pieces
+            else:
+                self.sending.append(bytearray(item))
+
+    def queue_own(self, data: bytes) -> None:
+        """Queue bytes the loop itself produced (not put() by a worker)."""
+        with self.room:
+            self.unsent += len(data)
+        self.queue_output(data)
+
     def send_now(self, data: bytes) -> None:
         """Send bytes the loop itself produced, as the end of this response."""
-        self.last_write = time.monotonic()
-        self.sendbuf += data
+        self.queue_own(data)
         self.done = True
         self.keep_alive = False
         self.flush()
 
     def flush(self) -> None:
         """Send what we can without blocking; end the response once all is out."""
-        if self.sendbuf:
+        while self.sending:
+            item = self.sending[0]
             try:
-                sent = self.sock.send(self.sendbuf)
+                if type(item) is FileRegion:
+                    sent = item.send_to(self.sock)
+                else:
+                    sent = self.sock.send(item)
+                    del item[:sent]
             except BlockingIOError:
                 return
             except OSError:
                 self.close()
                 return
-            del self.sendbuf[:sent]
             self.last_write = time.monotonic()
             with self.room:
                 self.unsent -= sent
                 if self.unsent <= LOW_WATER:
-                    self.room.notify()
-        if self.done and not self.sendbuf:
+                    self.room.notify()    # a worker may be waiting in put()
+            if len(item):
+                return                    # the socket is full: wait for EVENT_WRITE
+            self.sending.popleft()
+        if self.done:
             self.end_response()
 
     def end_response(self) -> None:
@@ -1218,7 +1352,7 @@ class WSGIConnection:
         else:                               # pipelined bytes, up to a bound
             reading = len(self.parser.buffer) < MAX_HEAD_BYTES
         events = (selectors.EVENT_READ if reading else 0) | (
-            selectors.EVENT_WRITE if self.sendbuf else 0)
+            selectors.EVENT_WRITE if self.sending else 0)
         if events == self.events:
             return
         if self.events == 0:
@@ -1265,7 +1399,7 @@ class WSGIConnection:
         if self.state == "closing":
             if now - self.since > LINGER_SECONDS:
                 self.close()
-        elif self.sendbuf and now - self.last_write > config.timeout_write:
+        elif self.sending and now - self.last_write > config.timeout_write:
             self.close()          # the client does not read what we send
         elif self.state == "idle":
             if not self.parser.has_partial_request:
