@@ -6,23 +6,24 @@ One file, standard library only. It serves WSGI apps (PEP 3333) from a
 and one response writer.
 
 Read it beside:  RFC 9112 (HTTP/1.1 message syntax)   RFC 9110 (HTTP semantics)
-                 PEP 3333 (WSGI)    ASGI "HTTP & WebSocket" spec
+                 PEP 3333 (WSGI)    ASGI "HTTP & WebSocket" and "Lifespan" specs
 
-    §1 Imports, limits and constants    §5 WSGI adapter   (a worker thread)
-    §2 Errors                           §6 WSGI server    (selectors loop)
-    §3 Reading requests   (pure)        §7 ASGI HTTP adapter
-    §4 Writing responses  (pure)        §8 ASGI server    (asyncio streams)
-                                        §9 Command line
+    §1 Imports, limits and constants    §6 WSGI server    (selectors loop)
+    §2 Errors                           §7 ASGI HTTP adapter
+    §3 Reading requests   (pure)        §8 ASGI server    (asyncio streams)
+    §4 Writing responses  (pure)        §9 Lifespan       (ASGI)
+    §5 WSGI adapter   (a worker thread) §10 Command line
 
 §3 and §4 never touch a socket, a thread, a clock or an event loop: bytes go
 in, values come out. §5-§8 do the I/O and call down into them.
 
 Run:   python gateway.py --wsgi echo_wsgi:application
        python gateway.py --asgi echo_asgi:app
-Grep:  "Policy:" marks a choice where the RFC allows several, "Limit:" a
+Grep:  "Policy:" marks a choice where the RFC allows several, "Leniency:"
+       something accepted that a strict reading would refuse, and "Limit:" a
        refusal that comes from a constant in §1.
 Not here (yet, or on purpose): HTTP/2 and HTTP/3 (put a proxy in front),
-WebSocket, lifespan, TLS, several worker processes.
+WebSocket, TLS, several worker processes.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import asyncio
 import collections
 import errno
 import importlib
+import inspect
 import io
 import logging
 import os
 import queue
 import re
 import selectors
+import signal
 import socket
 import stat
 import sys
@@ -93,6 +96,7 @@ HEAD_SECONDS = 10.0              # first byte to end of head        -> 408 (slow
 READ_SECONDS = 30.0              # no body bytes while we wait      -> 408, or close
 WRITE_SECONDS = 30.0             # response unread by the client    -> close
 LINGER_SECONDS = 2.0             # read-and-discard after our last response
+GRACEFUL_SECONDS = 30.0          # in-flight requests may finish during shutdown
 
 
 @dataclass
@@ -115,6 +119,9 @@ class Config:
     timeout_request_head: float = HEAD_SECONDS
     timeout_read: float = READ_SECONDS
     timeout_write: float = WRITE_SECONDS
+    timeout_graceful_shutdown: float = GRACEFUL_SECONDS
+    lifespan: str = "auto"                     # ASGI: "auto", "on" or "off"
+    interface: str = "auto"                    # ASGI: "auto", "asgi3" or "asgi2"
 
 
 DEFAULTS = Config()
@@ -877,8 +884,10 @@ class WSGIResponse:
 
     def __init__(self, conn: WSGIConnection, request: Request) -> None:
         self.conn = conn
-        self.response = Response(request.method, request.version,
-                                 request.keep_alive, conn.server.config)
+        # While the server shuts down, each response says "Connection: close".
+        keep_alive = request.keep_alive and not conn.server.stopping
+        self.response = Response(request.method, request.version, keep_alive,
+                                 conn.server.config)
         self.status: str | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_sent = False
@@ -1328,7 +1337,7 @@ class WSGIConnection:
     def end_response(self) -> None:
         """RFC 9112 §9.3: keep the connection for the next request, or close."""
         keep = (self.keep_alive and self.body_complete and self.error is None
-                and not self.peer_eof)
+                and not self.peer_eof and not self.server.stopping)
         self._reset()
         self.since = time.monotonic()
         if not keep:
@@ -1463,6 +1472,13 @@ class WSGIServer:
         self.wake_writer.setblocking(False)
         self.woken: collections.deque[WSGIConnection] = collections.deque()
         self.wake_sent = False
+        self.stopping = False        # draining: answer no new request
+        self.forced = False
+        # Look for timeouts every second, or more often when one is shorter.
+        self.tick = min(1.0, self.config.timeout_keep_alive / 2,
+                        self.config.timeout_request_head / 2,
+                        self.config.timeout_read / 2, self.config.timeout_write / 2)
+        self.last_check = time.monotonic()
 
     def serve_forever(self) -> None:
         """Runs on: the loop thread. Accept, read, write until shutdown()."""
@@ -1470,26 +1486,40 @@ class WSGIServer:
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
         self.running = True
-        last_sweep = time.monotonic()
-        config = self.config
-        # Look for timeouts every second, or more often when one is shorter.
-        every = min(1.0, config.timeout_keep_alive / 2, config.timeout_request_head / 2,
-                    config.timeout_read / 2, config.timeout_write / 2)
+        on_signals(self.shutdown)
         try:
             while self.running:
-                for key, mask in self.selector.select(timeout=every):
-                    if key.data == "accept":
-                        self.accept()
-                    elif key.data == "wake":
-                        self.on_wake()
-                    else:
-                        key.data.on_event(mask)
-                now = time.monotonic()
-                if now - last_sweep >= every:
-                    self.check_timeouts(now)
-                    last_sweep = now
+                self.run_once()
+            self.drain()
         finally:
             self.close_all()
+
+    def run_once(self) -> None:
+        """One turn of the loop: wait for sockets, handle them, check the clocks."""
+        for key, mask in self.selector.select(timeout=self.tick):
+            if key.data == "accept":
+                self.accept()
+            elif key.data == "wake":
+                self.on_wake()
+            else:
+                key.data.on_event(mask)
+        now = time.monotonic()
+        if now - self.last_check >= self.tick:
+            self.check_timeouts(now)
+            self.last_check = now
+
+    def drain(self) -> None:
+        """Graceful shutdown: stop accepting, close idle connections, and let
+        requests in progress finish (each response says "Connection: close")."""
+        self.stopping = True
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        for conn in list(self.connections):
+            if conn.state == "idle":
+                conn.close()
+        deadline = time.monotonic() + self.config.timeout_graceful_shutdown
+        while self.connections and time.monotonic() < deadline and not self.forced:
+            self.run_once()
 
     def accept(self) -> None:
         for _ in range(64):     # several per wake-up, but let others run too
@@ -1543,16 +1573,21 @@ class WSGIServer:
                 conn.check_timeouts(now)
 
     def shutdown(self) -> None:
-        """Runs on: any thread. Make serve_forever() return."""
+        """Runs on: any thread. Stop gracefully; a second call stops at once."""
+        self.forced = not self.running
         self.running = False
-        self.wake_writer.send(b"\0")
+        try:
+            self.wake_writer.send(b"\0")
+        except OSError:
+            pass
 
     def close_all(self) -> None:
         for conn in list(self.connections):
             conn.close()
         self.pool.stop()
         self.selector.close()
-        self.listener.close()
+        if self.listener.fileno() >= 0:
+            self.listener.close()
         self.wake_reader.close()
         self.wake_writer.close()
 
@@ -1573,13 +1608,14 @@ def set_nodelay(sock: socket.socket) -> None:
 # =============================================================================
 
 
-def build_scope(request: Request, server: tuple, client: tuple, config: Config) -> dict:
+def build_scope(request: Request, server: tuple, client: tuple, config: Config,
+                state: dict) -> dict:
     """The ASGI http scope for one request ("HTTP Connection Scope")."""
     # Policy: like uvicorn, invalid UTF-8 in the path becomes U+FFFD.
     path = unquote(request.path.decode("ascii"))
     return {
         "type":         "http",
-        "asgi":         {"version": "3.0", "spec_version": "2.3"},
+        "asgi":         {"version": "3.0", "spec_version": "2.4"},
         "http_version": request.version,
         "method":       request.method,
         "scheme":       "http",
@@ -1590,6 +1626,7 @@ def build_scope(request: Request, server: tuple, client: tuple, config: Config) 
         "headers":      [[name, value] for name, value in request.headers],
         "client":       client,
         "server":       server,
+        "state":        dict(state),    # ASGI Lifespan spec: a shallow copy
         "extensions":   {},
     }
 
@@ -1600,7 +1637,9 @@ class HTTPCycle:
     def __init__(self, conn: ASGIConnection, request: Request) -> None:
         self.conn = conn
         self.request = request
-        self.response = Response(request.method, request.version, request.keep_alive,
+        # While the server shuts down, each response says "Connection: close".
+        keep_alive = request.keep_alive and not conn.stopping.is_set()
+        self.response = Response(request.method, request.version, keep_alive,
                                  conn.config)
         self.state = "start"          # response: start -> body -> done
         self.head = b""               # held back until the first body message
@@ -1618,7 +1657,7 @@ class HTTPCycle:
     async def run(self) -> None:
         """Call the app; answer 500 if it fails before its response starts."""
         scope = build_scope(self.request, self.conn.server_address,
-                            self.conn.client, self.conn.config)
+                            self.conn.client, self.conn.config, self.conn.state)
         failure = None
         try:
             await self.conn.app(scope, self.receive, self.send)
@@ -1798,6 +1837,8 @@ class ASGIConnection:
         self.writer = writer
         self.server_address = server.address
         self.stopping = server.stopping
+        self.state = server.lifespan.state
+        self.idle = True             # waiting for a request, not serving one
         self.client = writer.get_extra_info("peername")[:2]
         self.parser = RequestParser(self.config)
         self.pending_read: asyncio.Future | None = None
@@ -1809,10 +1850,12 @@ class ASGIConnection:
         try:
             if refusal is not None:
                 raise refusal
-            while True:
+            while not self.stopping.is_set():
+                self.idle = True
                 request = await self.next_request()
                 if request is None:
                     break
+                self.idle = False
                 cycle = HTTPCycle(self, request)
                 await cycle.run()
                 if not cycle.keep_alive:
@@ -1912,51 +1955,185 @@ class ASGIServer:
     """Serves one ASGI app on a listening socket until shutdown() is called."""
 
     def __init__(self, app, listener: socket.socket, config: Config | None = None):
-        self.app = app
-        self.listener = listener
         self.config = config or Config()
+        self.app = asgi3_app(app, self.config.interface)
+        self.listener = listener
         self.address = listener.getsockname()[:2]
+        self.lifespan = Lifespan(self.app, self.config.lifespan)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping: asyncio.Event | None = None
-        self.tasks: set[asyncio.Task] = set()
+        self.connections: dict[asyncio.Task, ASGIConnection] = {}
+        self.forced = False
 
     async def serve(self) -> None:
-        """Accept and serve connections until shutdown()."""
+        """Start up, accept and serve connections until shutdown(), shut down."""
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
+        # ASGI Lifespan spec: startup completes before any connection is served.
+        await self.lifespan.startup()
         server = await asyncio.start_server(self.handle, sock=self.listener,
                                             limit=RECV_BYTES)
+        on_signals(self.shutdown, self.loop)
         async with server:
             await self.stopping.wait()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.drain()
+        if not self.forced:
+            await self.lifespan.shutdown()
+
+    async def drain(self) -> None:
+        """Graceful shutdown: close idle connections, let busy ones finish."""
+        for task, conn in list(self.connections.items()):
+            if conn.idle:
+                task.cancel()
+        busy = list(self.connections)
+        if busy:
+            await asyncio.wait(busy, timeout=self.config.timeout_graceful_shutdown)
+        for task in list(self.connections):
+            task.cancel()       # out of time: cut them off
+        await asyncio.gather(*self.connections, return_exceptions=True)
 
     async def handle(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
         set_nodelay(writer.get_extra_info("socket"))
         task = asyncio.current_task()
-        self.tasks.add(task)
+        conn = ASGIConnection(self, reader, writer)
+        self.connections[task] = conn
         refusal = None
         limit = self.config.limit_concurrency
-        if limit is not None and len(self.tasks) > limit:
+        if limit is not None and len(self.connections) > limit:
             # Limit: RFC 9110 §15.6.4, 503 while we have too many clients.
             refusal = HTTPError(503, "too many connections")
         try:
-            await ASGIConnection(self, reader, writer).run(refusal)
+            await conn.run(refusal)
         except asyncio.CancelledError:
             pass           # shutdown() cancelled us; the connection is closed
         finally:
-            self.tasks.discard(task)
+            del self.connections[task]
 
     def shutdown(self) -> None:
-        """Runs on: any thread. Make serve() return."""
+        """Runs on: any thread. Stop gracefully; a second call stops at once."""
         if self.loop is not None and self.stopping is not None:
-            self.loop.call_soon_threadsafe(self.stopping.set)
+            self.loop.call_soon_threadsafe(self._stop)
+
+    def _stop(self) -> None:
+        if self.stopping.is_set():
+            self.forced = True
+            for task in self.connections:
+                task.cancel()
+        self.stopping.set()
 
 
 # =============================================================================
-# §9  Command line
+# §9  Lifespan - ASGI Lifespan spec
+#
+# One app call with a "lifespan" scope brackets the server's whole life: the
+# app gets "lifespan.startup" before the first connection is accepted and
+# "lifespan.shutdown" after the last one is done.
+# =============================================================================
+
+
+class LifespanFailure(Exception):
+    """The app reported (or raised) that it could not start or stop."""
+
+
+class Lifespan:
+    """ASGI Lifespan spec: startup() and shutdown() around serving."""
+
+    def __init__(self, app, mode: str = "auto") -> None:
+        self.app = app
+        self.mode = mode             # "auto", "on" or "off" (as uvicorn)
+        self.state: dict = {}        # filled by the app; copied into each scope
+        self.inbox: asyncio.Queue | None = None
+        self.started: asyncio.Event | None = None
+        self.stopped: asyncio.Event | None = None
+        self.sent: set[str] = set()  # the lifespan.* messages the app sent
+        self.failure = ""            # the app's message with a *.failed event
+        self.stopping = False        # lifespan.shutdown has been sent
+        self.supported = mode != "off"
+
+    async def startup(self) -> None:
+        """Send lifespan.startup and wait for the answer; raises LifespanFailure."""
+        if not self.supported:
+            return
+        self.inbox, self.started, self.stopped = asyncio.Queue(), asyncio.Event(), asyncio.Event()
+        asyncio.get_running_loop().create_task(self.run())
+        await self.inbox.put({"type": "lifespan.startup"})
+        await self.started.wait()
+        if "lifespan.startup.failed" in self.sent:
+            raise LifespanFailure(f"application startup failed: {self.failure}")
+        if not self.supported and self.mode == "on":
+            raise LifespanFailure("application startup failed: the app raised, "
+                                  "and --lifespan on requires it")
+
+    async def shutdown(self) -> None:
+        """Send lifespan.shutdown and wait for the answer (bounded)."""
+        if not self.supported or self.stopped.is_set():
+            return
+        self.stopping = True
+        await self.inbox.put({"type": "lifespan.shutdown"})
+        try:
+            await asyncio.wait_for(self.stopped.wait(), GRACEFUL_SECONDS)
+        except asyncio.TimeoutError:
+            log.error("ASGI lifespan shutdown did not complete in time")
+        if "lifespan.shutdown.failed" in self.sent:
+            log.error("application shutdown failed: %s", self.failure)
+
+    async def run(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
+                 "state": self.state}
+        try:
+            await self.app(scope, self.inbox.get, self.send)
+        except Exception as error:
+            if self.started.is_set():
+                log.exception("error in ASGI lifespan")
+            else:
+                # ASGI Lifespan spec: "If an exception is raised ... the server
+                # must continue but not send any lifespan events."
+                self.supported = False
+                if self.mode == "on":
+                    log.error("ASGI lifespan startup raised: %r", error)
+                else:
+                    log.info("ASGI 'lifespan' protocol appears unsupported")
+        finally:
+            self.started.set()
+            self.stopped.set()
+
+    async def send(self, message: dict) -> None:
+        """ASGI Lifespan spec: the four messages, each in its turn."""
+        kind = message["type"]
+        if kind in ("lifespan.startup.complete", "lifespan.startup.failed"):
+            in_turn = not self.started.is_set()
+        elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            in_turn = self.stopping and not self.stopped.is_set()
+        else:
+            in_turn = False
+        if not in_turn:
+            raise RuntimeError(f"ASGI lifespan: unexpected message {kind!r}")
+        self.sent.add(kind)
+        if kind.endswith(".failed"):
+            self.failure = message.get("message", "")
+        if kind.startswith("lifespan.startup"):
+            self.started.set()
+        else:
+            self.stopped.set()
+
+
+def asgi3_app(app, interface: str = "auto"):
+    """ASGI spec, "Legacy Applications": wrap an ASGI 2 (double-callable) app."""
+    call = getattr(app, "__call__", None)
+    single = not inspect.isclass(app) and (inspect.iscoroutinefunction(app)
+                                           or inspect.iscoroutinefunction(call))
+    if interface == "asgi3" or (interface == "auto" and single):
+        return app                          # already ASGI 3: app(scope, receive, send)
+
+    async def asgi3(scope, receive, send):
+        instance = app(scope)
+        await instance(receive, send)
+    return asgi3
+
+
+# =============================================================================
+# §10  Command line
 # =============================================================================
 
 
@@ -1987,6 +2164,24 @@ def import_app(spec: str):
         raise AppImportError(f"module {module_name!r} has no attribute {attr!r}")
     raise AppImportError(f"module {module_name!r} has neither 'app' nor 'application'; "
                          f"name it: {module_name}:ATTR")
+
+
+def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Call stop() on SIGINT and SIGTERM (POSIX, main thread only).
+
+    The first signal starts a graceful shutdown, a second one ends it at once.
+    Elsewhere (Windows, a server in a thread) Ctrl+C raises KeyboardInterrupt.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if loop is not None:
+                loop.add_signal_handler(signum, stop)
+            else:
+                signal.signal(signum, lambda number, frame: stop())
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass       # e.g. Windows has no add_signal_handler: Ctrl+C still works
 
 
 def make_listener(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
@@ -2028,6 +2223,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="mount point of the app (SCRIPT_NAME / root_path)")
     parser.add_argument("--backlog", type=int, default=BACKLOG,
                         help="pending connections the kernel may queue (default: %(default)s)")
+    asgi = parser.add_argument_group("ASGI")
+    asgi.add_argument("--lifespan", choices=["auto", "on", "off"], default="auto",
+                      help="run the app's lifespan startup and shutdown; auto: only if "
+                      "the app supports it (default: %(default)s)")
+    asgi.add_argument("--interface", choices=["auto", "asgi3", "asgi2"], default="auto",
+                      help="ASGI 3 (single callable) or ASGI 2 (double); auto detects "
+                      "(default: %(default)s)")
     limits = parser.add_argument_group("limits (going over one gets the status shown)")
     limits.add_argument("--limit-request-line", type=int, default=MAX_REQUEST_LINE,
                         metavar="BYTES", help="request-line, 414 (default: %(default)s)")
@@ -2047,6 +2249,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
     timeouts.add_argument("--timeout-read", type=float, default=READ_SECONDS, metavar="S",
                           help="without body bytes while reading a body, 408 "
+                          "(default: %(default)s)")
+    timeouts.add_argument("--timeout-graceful-shutdown", type=float,
+                          default=GRACEFUL_SECONDS, metavar="S",
+                          help="requests in progress may finish during shutdown "
                           "(default: %(default)s)")
     timeouts.add_argument("--timeout-write", type=float, default=WRITE_SECONDS, metavar="S",
                           help="a response may stay unread (default: %(default)s)")
@@ -2083,11 +2289,17 @@ def main(argv: list[str] | None = None) -> int:
         limit_concurrency=args.limit_concurrency,
         timeout_keep_alive=args.timeout_keep_alive,
         timeout_request_head=args.timeout_request_head,
-        timeout_read=args.timeout_read, timeout_write=args.timeout_write)
+        timeout_read=args.timeout_read, timeout_write=args.timeout_write,
+        timeout_graceful_shutdown=args.timeout_graceful_shutdown,
+        lifespan=args.lifespan, interface=args.interface)
     try:
         serve(app, interface, config=config, listener=listener)
     except KeyboardInterrupt:
-        log.info("stopped")
+        pass             # where no signal handler could be installed
+    except LifespanFailure as error:
+        log.error("%s", error)
+        return 3         # as uvicorn: the app could not start
+    log.info("stopped")
     return 0
 
 
