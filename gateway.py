@@ -6,16 +6,19 @@ One file, standard library only. It serves WSGI apps (PEP 3333) from a
 and one response writer.
 
 Read it beside:  RFC 9112 (HTTP/1.1 message syntax)   RFC 9110 (HTTP semantics)
+                 RFC 6455 (WebSocket)   RFC 7692 (WebSocket compression)
                  PEP 3333 (WSGI)    ASGI "HTTP & WebSocket" and "Lifespan" specs
 
-    §1 Imports, limits and constants    §6 WSGI server    (selectors loop)
-    §2 Errors                           §7 ASGI HTTP adapter
-    §3 Reading requests   (pure)        §8 ASGI server    (asyncio streams)
-    §4 Writing responses  (pure)        §9 Lifespan       (ASGI)
-    §5 WSGI adapter   (a worker thread) §10 Command line
+    §1 Imports, limits and constants    §7  ASGI HTTP adapter
+    §2 Errors                           §8  ASGI server   (asyncio streams)
+    §3 Reading requests   (pure)        §9  WebSocket     (pure codec, then ASGI)
+    §4 Writing responses  (pure)        §10 Lifespan      (ASGI)
+    §5 WSGI adapter   (a worker thread) §11 Command line
+    §6 WSGI server    (selectors loop)
 
-§3 and §4 never touch a socket, a thread, a clock or an event loop: bytes go
-in, values come out. §5-§8 do the I/O and call down into them.
+§3, §4 and the first half of §9 never touch a socket, a thread, a clock or an
+event loop: bytes go in, values come out. The rest does the I/O and calls
+down into them.
 
 Run:   python gateway.py --wsgi echo_wsgi:application
        python gateway.py --asgi echo_asgi:app
@@ -23,15 +26,18 @@ Grep:  "Policy:" marks a choice where the RFC allows several, "Leniency:"
        something accepted that a strict reading would refuse, and "Limit:" a
        refusal that comes from a constant in §1.
 Not here (yet, or on purpose): HTTP/2 and HTTP/3 (put a proxy in front),
-WebSocket, TLS, several worker processes.
+TLS, several worker processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import codecs
 import collections
 import errno
+import hashlib
 import importlib
 import inspect
 import io
@@ -51,6 +57,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import unquote, unquote_to_bytes
+import zlib
 
 __all__ = [
     "Config", "HTTPError", "Request", "RequestParser", "Response", "END",
@@ -98,6 +105,11 @@ WRITE_SECONDS = 30.0             # response unread by the client    -> close
 LINGER_SECONDS = 2.0             # read-and-discard after our last response
 GRACEFUL_SECONDS = 30.0          # in-flight requests may finish during shutdown
 
+WS_MAX_SIZE = 16 * 1024 * 1024   # bytes in one WebSocket message -> close 1009
+WS_QUEUE = 16                    # messages waiting for the app before we stop reading
+WS_PING_SECONDS = 20.0           # a ping this often, and as long to wait for the pong
+WS_CLOSE_SECONDS = 5.0           # to wait for the peer's Close (RFC 6455 §7.1.1)
+
 
 @dataclass
 class Config:
@@ -122,6 +134,10 @@ class Config:
     timeout_graceful_shutdown: float = GRACEFUL_SECONDS
     lifespan: str = "auto"                     # ASGI: "auto", "on" or "off"
     interface: str = "auto"                    # ASGI: "auto", "asgi3" or "asgi2"
+    ws_max_size: int = WS_MAX_SIZE
+    ws_ping_interval: float | None = WS_PING_SECONDS   # None: no pings
+    ws_ping_timeout: float = WS_PING_SECONDS
+    ws_per_message_deflate: bool = True
 
 
 DEFAULTS = Config()
@@ -1856,6 +1872,10 @@ class ASGIConnection:
                 if request is None:
                     break
                 self.idle = False
+                if is_websocket_request(request):
+                    # RFC 6455 §4.2.1; after it, the connection speaks frames.
+                    await WebSocketCycle(self, request, check_handshake(request)).run()
+                    break
                 cycle = HTTPCycle(self, request)
                 await cycle.run()
                 if not cycle.keep_alive:
@@ -2024,7 +2044,459 @@ class ASGIServer:
 
 
 # =============================================================================
-# §9  Lifespan - ASGI Lifespan spec
+# §9  WebSocket - RFC 6455, RFC 7692, ASGI "HTTP & WebSocket" spec
+#
+# First a pure codec: check_handshake() reads the upgrade request, FrameParser
+# turns bytes into whole messages and raises WebSocketError with the close
+# code to send, encode_frame() writes frames. Then WebSocketCycle runs the
+# ASGI websocket events over one asyncio connection.
+# =============================================================================
+
+# RFC 6455 §4.2.2: Sec-WebSocket-Accept = base64( SHA-1( key + this GUID ) )
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+# RFC 6455 §5.2: byte 0 is FIN RSV1 RSV2 RSV3 opcode(4), byte 1 MASK length(7)
+FIN, RSV1, RSV23, OPCODE, MASKED, LENGTH7 = 0x80, 0x40, 0x30, 0x0F, 0x80, 0x7F
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+
+# RFC 6455 §7.4: the close codes an endpoint may send. 1005, 1006 and 1015
+# only ever describe a close to the app; they never go on the wire.
+SENDABLE_CLOSE_CODES = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
+                        1012, 1013, 1014}
+
+
+class WebSocketError(Exception):
+    """The peer broke RFC 6455; `code` is the close code to answer with."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def websocket_accept(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept value that answers this Sec-WebSocket-Key."""
+    return base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+
+
+def is_websocket_request(request: Request) -> bool:
+    """Does the client ask to switch to WebSocket? (RFC 9110 §7.8 Upgrade)"""
+    return b"websocket" in comma_list(field_values(request.headers, b"upgrade"))
+
+
+def check_handshake(request: Request) -> bytes:
+    """RFC 6455 §4.2.1: validate the opening handshake; return the key."""
+    if request.method != "GET" or request.version != "1.1":
+        raise HTTPError(400, "a WebSocket handshake is a GET over HTTP/1.1")
+    if b"upgrade" not in comma_list(field_values(request.headers, b"connection")):
+        raise HTTPError(400, "a WebSocket handshake needs 'Connection: Upgrade'")
+    versions = field_values(request.headers, b"sec-websocket-version")
+    if versions != [b"13"]:
+        # RFC 6455 §4.2.2: answer 426 with the version we speak
+        raise HTTPError(426, "Sec-WebSocket-Version must be 13")
+    keys = field_values(request.headers, b"sec-websocket-key")
+    try:
+        if len(keys) != 1 or len(base64.b64decode(keys[0], validate=True)) != 16:
+            raise ValueError
+    except ValueError:
+        raise HTTPError(400, "Sec-WebSocket-Key must be 16 bytes in base64") from None
+    return keys[0]
+
+
+def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
+    """RFC 6455 §5.2: one final frame from the server (never masked, §5.1)."""
+    first = FIN | (RSV1 if rsv1 else 0) | opcode
+    size = len(payload)
+    if size < 126:
+        return bytes([first, size]) + payload
+    if size < 1 << 16:
+        return bytes([first, 126]) + size.to_bytes(2, "big") + payload
+    return bytes([first, 127]) + size.to_bytes(8, "big") + payload
+
+
+def encode_close(code: int, reason: str = "") -> bytes:
+    """RFC 6455 §5.5.1: a Close frame; code 1005 means "send no code"."""
+    if code == 1005:
+        return encode_frame(OP_CLOSE, b"")
+    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8"))
+
+
+def unmask(payload: bytes, key: bytes) -> bytes:
+    """RFC 6455 §5.3: XOR with the 4-byte key; as one big integer, it is fast."""
+    size = len(payload)
+    mask = (key * (size // 4 + 1))[:size]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(mask, "little")
+            ).to_bytes(size, "little")
+
+
+class PerMessageDeflate:
+    """RFC 7692: compress each message with zlib's raw DEFLATE."""
+
+    def __init__(self, reset_each_message: bool) -> None:
+        self.reset = reset_each_message        # server_no_context_takeover
+        self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self.decompressor = zlib.decompressobj(-15)
+
+    @staticmethod
+    def negotiate(offers: list[bytes]) -> tuple[PerMessageDeflate | None, bytes]:
+        """RFC 7692 §5: accept the first offer we can honour; (codec, answer)."""
+        for offer in comma_list(offers):
+            name, *params = [p.strip(b" \t") for p in offer.split(b";")]
+            names = [p.split(b"=")[0].strip(b" \t") for p in params]
+            if name != b"permessage-deflate" or len(set(names)) != len(names):
+                continue
+            answer = [b"permessage-deflate"]
+            if b"server_max_window_bits" in names:
+                continue       # Policy: we always use 15 bits; decline a smaller window
+            if b"server_no_context_takeover" in names:
+                answer.append(b"server_no_context_takeover")
+            if b"client_no_context_takeover" in names:
+                answer.append(b"client_no_context_takeover")
+            return PerMessageDeflate(b"server_no_context_takeover" in names), b"; ".join(answer)
+        return None, b""
+
+    def compress(self, data: bytes) -> bytes:
+        if self.reset:
+            self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
+        return data[:-4]       # RFC 7692 §7.2.1: drop the final 00 00 FF FF
+
+    def decompress(self, data: bytes, limit: int, final: bool) -> bytes:
+        if final:
+            data += b"\x00\x00\xff\xff"    # RFC 7692 §7.2.2: put it back
+        out = self.decompressor.decompress(data, limit + 1)
+        if len(out) > limit or self.decompressor.unconsumed_tail:
+            raise WebSocketError(1009, "message too big")   # a deflate bomb, too
+        return out
+
+
+class FrameParser:
+    """Incremental RFC 6455 reader: feed() bytes, take next_message()s.
+
+    Messages are ("text", str), ("bytes", bytes), ("ping", bytes),
+    ("pong", bytes) or ("close", code, reason). Raises WebSocketError.
+    """
+
+    def __init__(self, max_size: int, deflate: PerMessageDeflate | None = None) -> None:
+        self.buffer = bytearray()
+        self.max_size = max_size
+        self.deflate = deflate
+        self.opcode = None          # of the message being reassembled
+        self.compressed = False
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.text = None            # incremental UTF-8 decoder for text
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def next_message(self) -> tuple | None:
+        while True:
+            frame = self._take_frame()
+            if frame is None:
+                return None
+            message = self._on_frame(*frame)
+            if message is not None:
+                return message
+
+    def _take_frame(self) -> tuple[int, int, bytes] | None:
+        """RFC 6455 §5.2: one whole frame -> (first byte, opcode, payload)."""
+        buffer = self.buffer
+        if len(buffer) < 2:
+            return None
+        first, second = buffer[0], buffer[1]
+        if not second & MASKED:      # §5.1: "a client MUST mask all frames"
+            raise WebSocketError(1002, "frames from a client must be masked")
+        size, start = second & LENGTH7, 2
+        if size >= 126:
+            start = 4 if size == 126 else 10
+            if len(buffer) < start:
+                return None
+            size = int.from_bytes(buffer[2:start], "big")
+            if size >> 63:           # §5.2: the most significant bit MUST be 0
+                raise WebSocketError(1002, "invalid frame length")
+        if size > self.max_size:
+            raise WebSocketError(1009, "message too big")
+        if len(buffer) < start + 4 + size:
+            return None
+        key = bytes(buffer[start:start + 4])
+        payload = unmask(bytes(buffer[start + 4:start + 4 + size]), key)
+        del buffer[:start + 4 + size]
+        return first, first & OPCODE, payload
+
+    def _on_frame(self, first: int, opcode: int, payload: bytes) -> tuple | None:
+        rsv1 = bool(first & RSV1)
+        if first & RSV23 or (rsv1 and (self.deflate is None or opcode not in
+                                       (OP_TEXT, OP_BINARY))):
+            # §5.2: RSV bits MUST be 0 unless an extension gives them meaning
+            raise WebSocketError(1002, "reserved bits set")
+        if opcode >= OP_CLOSE:
+            return self._on_control(first, opcode, payload)
+        if opcode == OP_CONTINUATION:
+            if self.opcode is None:  # §5.4: nothing to continue
+                raise WebSocketError(1002, "continuation of nothing")
+        elif opcode in (OP_TEXT, OP_BINARY):
+            if self.opcode is not None:   # §5.4: fragments are not interleaved
+                raise WebSocketError(1002, "new message inside a fragmented one")
+            self.opcode, self.compressed = opcode, rsv1
+            self.text = codecs.getincrementaldecoder("utf-8")() if opcode == OP_TEXT else None
+        else:
+            raise WebSocketError(1002, f"unknown opcode {opcode}")   # §5.2
+        return self._add_fragment(payload, bool(first & FIN))
+
+    def _add_fragment(self, payload: bytes, final: bool) -> tuple | None:
+        if self.compressed:
+            payload = self.deflate.decompress(payload, self.max_size - self.size, final)
+        self.size += len(payload)
+        if self.size > self.max_size:
+            raise WebSocketError(1009, "message too big")
+        if self.text is not None:
+            try:          # §8.1: fail fast on invalid UTF-8, even mid-message
+                self.parts.append(self.text.decode(payload, final))
+            except UnicodeDecodeError:
+                raise WebSocketError(1007, "invalid UTF-8 in a text message") from None
+        else:
+            self.parts.append(payload)
+        if not final:
+            return None
+        kind = "text" if self.text is not None else "bytes"
+        message = (kind, ("" if self.text is not None else b"").join(self.parts))
+        self.opcode, self.parts, self.size, self.text = None, [], 0, None
+        return message
+
+    def _on_control(self, first: int, opcode: int, payload: bytes) -> tuple:
+        if len(payload) > 125 or not first & FIN:   # §5.5
+            raise WebSocketError(1002, "control frames are short and not fragmented")
+        if opcode == OP_PING:
+            return ("ping", payload)
+        if opcode == OP_PONG:
+            return ("pong", payload)
+        if opcode != OP_CLOSE:
+            raise WebSocketError(1002, f"unknown opcode {opcode}")
+        if not payload:
+            return ("close", 1005, "")               # §7.1.5: no status code
+        code = int.from_bytes(payload[:2], "big")
+        if len(payload) == 1 or not (code in SENDABLE_CLOSE_CODES or 3000 <= code < 5000):
+            raise WebSocketError(1002, "invalid close code")   # §7.4.1
+        try:
+            return ("close", code, payload[2:].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise WebSocketError(1007, "invalid UTF-8 in a close reason") from None
+
+
+class WebSocketCycle:
+    """One WebSocket connection on the ASGI path (ASGI websocket scope)."""
+
+    def __init__(self, conn: ASGIConnection, request: Request, key: bytes) -> None:
+        self.conn = conn
+        self.request = request
+        self.key = key
+        self.state = "connecting"     # connecting -> open -> closing -> closed
+        config = conn.config
+        self.deflate, self.deflate_answer = (None, b"")
+        if config.ws_per_message_deflate:
+            self.deflate, self.deflate_answer = PerMessageDeflate.negotiate(
+                field_values(request.headers, b"sec-websocket-extensions"))
+        self.parser = FrameParser(config.ws_max_size, self.deflate)
+        self.inbox: asyncio.Queue = asyncio.Queue(maxsize=WS_QUEUE)
+        self.inbox.put_nowait({"type": "websocket.connect"})
+        self.closed = asyncio.Event()     # the TCP connection is done with
+        self.tasks: list[asyncio.Task] = []
+        self.pong = asyncio.Event()
+        self.denial: Response | None = None
+        self.last_event = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
+
+    def scope(self) -> dict:
+        scope = build_scope(self.request, self.conn.server_address, self.conn.client,
+                            self.conn.config, self.conn.state)
+        scope.update(type="websocket", scheme="ws",
+                     asgi={"version": "3.0", "spec_version": "2.5"},
+                     subprotocols=[p.decode("latin-1") for p in comma_list(
+                         field_values(self.request.headers, b"sec-websocket-protocol"))],
+                     extensions={"websocket.http.response": {}})
+        return scope
+
+    async def run(self) -> None:
+        """Call the app; afterwards, close the way the spec says for how it ended."""
+        try:
+            await self.conn.app(self.scope(), self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except Exception:
+            log.exception("error in ASGI websocket app")
+            await self.end(500, 1011)
+        else:
+            await self.end(403, 1000)
+        finally:
+            for task in self.tasks:
+                task.cancel()
+
+    async def end(self, status: int, code: int) -> None:
+        """The app is gone: refuse the handshake, or close the open socket."""
+        if self.state == "connecting":
+            # ASGI spec: an app that ends before accept gets an HTTP refusal.
+            await self.conn.write(error_response(status, "WebSocket refused", time.time(),
+                                                 self.conn.config))
+            self.state = "closed"
+        elif self.denial is not None and self.state == "denying":
+            await self.conn.write(self.denial.end())
+        elif self.state == "open":
+            await self.close(code, "")
+
+    async def receive(self) -> dict:
+        """ASGI websocket: connect, then receive messages, then disconnect."""
+        if self.state == "closed" and self.inbox.empty():
+            return self.last_event        # the disconnect, again
+        self.last_event = await self.inbox.get()
+        return self.last_event
+
+    async def send(self, message: dict) -> None:
+        kind = message["type"]
+        if self.state in ("closing", "closed"):
+            raise ClientDisconnected("the WebSocket is closed")   # spec 2.4
+        if kind == "websocket.accept" and self.state == "connecting":
+            await self.accept(message)
+        elif kind == "websocket.send" and self.state == "open":
+            await self.send_data(message.get("bytes"), message.get("text"))
+        elif kind == "websocket.close" and self.state in ("connecting", "open"):
+            await self.app_close(message)
+        elif kind.startswith("websocket.http.response.") and self.state in (
+                "connecting", "denying"):
+            await self.deny(message)
+        else:
+            raise RuntimeError(f"ASGI: unexpected {kind!r} while the WebSocket is "
+                               f"{self.state}")
+
+    async def accept(self, message: dict) -> None:
+        """ASGI "Accept - send event": the 101 response (RFC 6455 §4.2.2)."""
+        headers = check_asgi_headers(message.get("headers", []))
+        if any(name.lower() == b"sec-websocket-protocol" for name, _ in headers):
+            raise RuntimeError("ASGI: use 'subprotocol', not a sec-websocket-protocol header")
+        lines = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket",
+                 b"Connection: Upgrade",
+                 b"Sec-WebSocket-Accept: " + websocket_accept(self.key)]
+        subprotocol = message.get("subprotocol")
+        if subprotocol is not None:
+            lines.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("latin-1"))
+        if self.deflate is not None:
+            lines.append(b"Sec-WebSocket-Extensions: " + self.deflate_answer)
+        for name, value in headers:
+            if not FIELD_NAME.fullmatch(name) or UNSAFE_FIELD.search(value):
+                raise ValueError(f"invalid response header: {name!r}: {value!r}")
+            lines.append(name + b": " + value)
+        await self.conn.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        self.state = "open"
+        self.parser.feed(bytes(self.conn.parser.buffer))   # frames sent early
+        self.conn.parser.buffer.clear()
+        self.tasks.append(asyncio.ensure_future(self.read_frames()))
+        if self.conn.config.ws_ping_interval:
+            self.tasks.append(asyncio.ensure_future(self.keep_alive()))
+
+    async def send_data(self, data: bytes | None, text: str | None) -> None:
+        """ASGI "Send - send event": exactly one of bytes and text."""
+        if (data is None) == (text is None):
+            raise RuntimeError("ASGI: websocket.send needs exactly one of bytes and text")
+        opcode, payload = (OP_BINARY, data) if text is None else (OP_TEXT, text.encode())
+        if self.deflate is not None:
+            await self.conn.write(encode_frame(opcode, self.deflate.compress(payload), True))
+        else:
+            await self.conn.write(encode_frame(opcode, payload))
+
+    async def app_close(self, message: dict) -> None:
+        """ASGI "Close - send event": 403 before accept, else a Close frame."""
+        if self.state == "connecting":
+            await self.end(403, 1000)
+            return
+        code = message.get("code", 1000)
+        reason = message.get("reason") or ""
+        if not (code in SENDABLE_CLOSE_CODES or 3000 <= code < 5000) or \
+                len(reason.encode("utf-8")) > 123:
+            raise ValueError(f"invalid WebSocket close: {code} {reason!r}")   # §5.5
+        await self.close(code, reason)
+
+    async def deny(self, message: dict) -> None:
+        """ASGI "websocket.http.response" extension: answer with plain HTTP."""
+        if message["type"] == "websocket.http.response.start" and self.denial is None:
+            self.denial = Response("GET", "1.1", keep_alive=False, config=self.conn.config)
+            self.state = "denying"
+            await self.conn.write(self.denial.head(
+                message["status"], check_asgi_headers(message.get("headers", [])),
+                time.time()))
+        elif message["type"] == "websocket.http.response.body" and self.denial:
+            await self.conn.write(self.denial.body(message.get("body", b"")))
+            if not message.get("more_body", False):
+                await self.conn.write(self.denial.end())
+                self.state = "closed"
+        else:
+            raise RuntimeError(f"ASGI: unexpected {message['type']!r}")
+
+    async def close(self, code: int, reason: str) -> None:
+        """RFC 6455 §7.1.2: send Close, wait (bounded) for the peer's Close."""
+        if self.state != "open":
+            return
+        self.state = "closing"
+        try:
+            await self.conn.write(encode_close(code, reason))
+            await asyncio.wait_for(self.closed.wait(), WS_CLOSE_SECONDS)
+        except (ClientDisconnected, asyncio.TimeoutError):
+            pass
+        await self.disconnected(code, reason)
+
+    async def disconnected(self, code: int, reason: str) -> None:
+        """The connection is over: tell the app once, and drop the socket."""
+        if self.state != "closed":
+            self.state = "closed"
+            self.closed.set()
+            self.conn.writer.transport.close()
+            await self.inbox.put({"type": "websocket.disconnect", "code": code,
+                                  "reason": reason})
+
+    async def read_frames(self) -> None:
+        """Read messages for the app; answer pings and the peer's Close."""
+        try:
+            while self.state in ("open", "closing"):
+                message = self.parser.next_message()
+                if message is None:
+                    data = await self.conn.read()
+                    if not data:
+                        await self.disconnected(1006, "")   # §7.1.5: no Close frame
+                        return
+                    self.parser.feed(data)
+                elif message[0] == "ping":
+                    await self.conn.write(encode_frame(OP_PONG, message[1]))  # §5.5.2
+                elif message[0] == "pong":
+                    self.pong.set()
+                elif message[0] == "close":
+                    if self.state == "open":   # §5.5.1: answer with a Close
+                        await self.conn.write(encode_close(message[1]))
+                    self.closed.set()
+                    await self.disconnected(message[1], message[2])
+                    return
+                elif self.state == "open":
+                    key = "text" if message[0] == "text" else "bytes"
+                    await self.inbox.put({"type": "websocket.receive", key: message[1]})
+        except WebSocketError as error:
+            # §7.1.7: "Fail the WebSocket Connection": Close with the code, then go.
+            await self.conn.write(encode_close(error.code, error.reason))
+            await self.disconnected(error.code, error.reason)
+        except ClientDisconnected:
+            await self.disconnected(1006, "")
+
+    async def keep_alive(self) -> None:
+        """Ping every --ws-ping-interval; no pong within --ws-ping-timeout: close."""
+        config = self.conn.config
+        while self.state == "open":
+            await asyncio.sleep(config.ws_ping_interval)
+            self.pong.clear()
+            await self.conn.write(encode_frame(OP_PING, b""))
+            try:
+                await asyncio.wait_for(self.pong.wait(), config.ws_ping_timeout)
+            except asyncio.TimeoutError:
+                await self.close(1011, "keepalive ping timeout")
+
+
+# =============================================================================
+# §10  Lifespan - ASGI Lifespan spec
 #
 # One app call with a "lifespan" scope brackets the server's whole life: the
 # app gets "lifespan.startup" before the first connection is accepted and
@@ -2133,7 +2605,7 @@ def asgi3_app(app, interface: str = "auto"):
 
 
 # =============================================================================
-# §10  Command line
+# §11  Command line
 # =============================================================================
 
 
@@ -2230,6 +2702,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     asgi.add_argument("--interface", choices=["auto", "asgi3", "asgi2"], default="auto",
                       help="ASGI 3 (single callable) or ASGI 2 (double); auto detects "
                       "(default: %(default)s)")
+    asgi.add_argument("--ws-max-size", type=int, default=WS_MAX_SIZE, metavar="BYTES",
+                      help="largest WebSocket message, else close 1009 (default: %(default)s)")
+    asgi.add_argument("--ws-ping-interval", type=float, default=WS_PING_SECONDS,
+                      metavar="S", help="send a WebSocket ping this often; 0: never "
+                      "(default: %(default)s)")
+    asgi.add_argument("--ws-ping-timeout", type=float, default=WS_PING_SECONDS,
+                      metavar="S", help="close (1011) if no pong comes this soon "
+                      "(default: %(default)s)")
+    asgi.add_argument("--ws-per-message-deflate", choices=["true", "false"],
+                      default="true", help="offer permessage-deflate compression "
+                      "(RFC 7692) to clients that ask (default: %(default)s)")
     limits = parser.add_argument_group("limits (going over one gets the status shown)")
     limits.add_argument("--limit-request-line", type=int, default=MAX_REQUEST_LINE,
                         metavar="BYTES", help="request-line, 414 (default: %(default)s)")
@@ -2291,7 +2774,10 @@ def main(argv: list[str] | None = None) -> int:
         timeout_request_head=args.timeout_request_head,
         timeout_read=args.timeout_read, timeout_write=args.timeout_write,
         timeout_graceful_shutdown=args.timeout_graceful_shutdown,
-        lifespan=args.lifespan, interface=args.interface)
+        lifespan=args.lifespan, interface=args.interface, ws_max_size=args.ws_max_size,
+        ws_ping_interval=args.ws_ping_interval or None,
+        ws_ping_timeout=args.ws_ping_timeout,
+        ws_per_message_deflate=args.ws_per_message_deflate == "true")
     try:
         serve(app, interface, config=config, listener=listener)
     except KeyboardInterrupt:
