@@ -926,7 +926,6 @@ class WSGIResponse:
         """The response head, the first time body bytes are ready for it."""
         if self.status is None:
             raise AssertionError("the app sent a body before calling start_response()")
-        self.head_sent = True
         body = self.conn.body
         if body is not None and body.send_continue:
             # RFC 9110 §10.1.1: we answer before asking for the body, so the
@@ -934,8 +933,10 @@ class WSGIResponse:
             body.send_continue = False
             self.response.keep_alive = False
         code, _, reason = self.status.partition(" ")
-        return self.response.head(int(code), self.headers, time.time(),
+        head = self.response.head(int(code), self.headers, time.time(),
                                   reason.encode("latin-1"))
+        self.head_sent = True
+        return head
 
     def write(self, data: bytes) -> None:
         """PEP 3333, "The write() Callable": queued in order before we return."""
@@ -965,6 +966,10 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
         name, value = item
         if type(name) is not str or type(value) is not str:
             raise TypeError(f"WSGI header name and value must be str: {item!r}")
+        if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name) or any(
+                c in value for c in "\r\n\0"):
+            # RFC 9112 §11.1: a CR or LF from the app would split the response.
+            raise ValueError(f"invalid WSGI response header: {item!r}")
         if name.lower() in ("connection", "keep-alive", "transfer-encoding", "upgrade",
                             "te", "trailer", "proxy-authenticate", "proxy-authorization"):
             # PEP 3333, "Other HTTP Features": hop-by-hop headers are the server's.
@@ -1890,29 +1895,30 @@ class ASGIConnection:
 
     async def next_request(self) -> Request | None:
         """The next request head, or None if the client leaves or stays idle."""
-        event = self.parser.next_event()
-        if event is not None:
-            return event                  # it was pipelined behind the last one
-        # RFC 9112 §9.5: an idle connection may be closed. A timer costs less
-        # than wait_for() here, and this wait happens once per request.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout_request_head
-        timer = loop.call_later(self.config.timeout_keep_alive, self.writer.transport.abort)
-        try:
-            data = await self.read()
-        finally:
-            timer.cancel()
-        while data:
-            self.parser.feed(data)
+        while True:
             event = self.parser.next_event()
             if event is not None:
                 return event
-            try:   # part of a head: it must be complete by the deadline
-                data = await asyncio.wait_for(self.read(), deadline - loop.time())
-            except asyncio.TimeoutError:
-                # RFC 9110 §15.5.9: 408 for a head that takes too long (slowloris).
-                raise HTTPError(408, "request head not received in time") from None
-        return None            # RFC 9112 §9.5: close quietly, even mid-head
+            if not self.parser.buffer:
+                # RFC 9112 §9.5: an idle connection may be closed. A timer costs
+                # less than wait_for(), and this wait happens once per request.
+                timer = loop.call_later(self.config.timeout_keep_alive,
+                                        self.writer.transport.abort)
+                try:
+                    data = await self.read()
+                finally:
+                    timer.cancel()
+            else:
+                try:   # part of a head: it must be complete by the deadline
+                    data = await asyncio.wait_for(self.read(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    # RFC 9110 §15.5.9: 408 for a head that is too slow (slowloris).
+                    raise HTTPError(408, "request head not received in time") from None
+            if not data:
+                return None       # RFC 9112 §9.5: close quietly, even mid-head
+            self.parser.feed(data)
 
     def start_read(self) -> asyncio.Future:
         """Start (or return) the one read that may wait on the socket."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import queue
 import signal
@@ -1525,3 +1526,513 @@ def test_srv_cli_port_in_use():
     assert done.returncode == 1
     assert "address already in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# =============================================================================
+# Limits, timeouts and what the app sends back - both paths, real sockets
+#
+# Names start with limits_ / test_limits_ so that they cannot clash with the
+# rest of test_gateway.py once this part is pasted into it. Every server here
+# runs with date_header=False, so every response has fixed, exact bytes.
+# =============================================================================
+
+LIMITS_GET = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+LIMITS_SHORT = 3.0      # socket timeout where the server must not make us wait
+
+
+@contextlib.contextmanager
+def limits_server(interface: str, app, **options):
+    """running_server() without the Date header; yields the port."""
+    if "timeout_graceful_shutdown" in {f.name for f in dataclasses.fields(gateway.Config)}:
+        options.setdefault("timeout_graceful_shutdown", 1.0)   # a failed test ends fast
+    with running_server(interface, app, date_header=False, **options) as port:
+        yield port
+
+
+def limits_connect(port: int, timeout: float = TIMEOUT, rcvbuf: int | None = None):
+    """A client socket; `rcvbuf` shrinks its receive window before connecting."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def limits_exchange(port: int, raw: bytes, timeout: float = LIMITS_SHORT) -> bytes:
+    """Send raw bytes, read until EOF; a server that waits fails the test."""
+    with limits_connect(port, timeout) as sock:
+        sock.sendall(raw)
+        return read_until_closed(sock)
+
+
+def limits_error(status: int, message: str) -> bytes:
+    """The exact bytes of an error the server writes itself (no Date header)."""
+    reason = gateway.REASONS[status]
+    body = b"%d %s: %s\n" % (status, reason, message.encode())
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nServer: gateway\r\nConnection: close\r\n\r\n"
+            % (status, reason, len(body)) + body)
+
+
+LIMITS_APP_FAILED = limits_error(500, "the application failed")
+
+
+def limits_ok(size: int) -> bytes:
+    """What limits_reader_app answers for a body of `size` bytes (keep-alive)."""
+    body = b"got %d" % size
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Server: gateway\r\n\r\n" % len(body) + body)
+
+
+def limits_reader_app(interface: str, seen: list, entered: threading.Event | None = None):
+    """Reads the whole body, then answers limits_ok(). Records the path it was
+    called for, and how reading failed (an exception name, or http.disconnect)."""
+    if interface == "wsgi":
+        def app(environ, start_response):
+            seen.append(environ["PATH_INFO"])
+            if entered is not None:
+                entered.set()
+            try:
+                body = environ["wsgi.input"].read()
+            except Exception as error:
+                seen.append(type(error).__name__)
+                raise
+            out = b"got %d" % len(body)
+            start_response("200 OK", [("Content-Type", "text/plain"),
+                                      ("Content-Length", str(len(out)))])
+            return [out]
+        return app
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        seen.append(scope["path"])
+        if entered is not None:
+            entered.set()
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                seen.append("http.disconnect")
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        out = b"got %d" % len(body)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"Content-Type", b"text/plain"),
+                                (b"Content-Length", b"%d" % len(out))]})
+        await send({"type": "http.response.body", "body": out})
+    return app
+
+
+def limits_fixed_app(interface: str, status: int, headers: list, body: bytes, calls: list):
+    """Answers with exactly these headers and one body piece, never reading.
+
+    `headers` are (str, str) pairs; the ASGI app sends them as bytes."""
+    if interface == "wsgi":
+        def app(environ, start_response):
+            calls.append(environ["PATH_INFO"])
+            start_response("%d %s" % (status, gateway.REASONS[status].decode()), headers)
+            return [body]
+        return app
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(n.encode("latin-1"), v.encode("latin-1"))
+                                for n, v in headers]})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+# -- 1. configured limits -----------------------------------------------------
+
+
+def limits_line(length: int) -> bytes:
+    """A GET request-line of exactly `length` bytes (without its CRLF)."""
+    prefix, suffix = b"GET /", b" HTTP/1.1"
+    return prefix + b"a" * (length - len(prefix) - len(suffix)) + suffix
+
+
+def test_limits_request_line(interface):
+    seen: list = []
+    with limits_server(interface, limits_reader_app(interface, seen),
+                       limit_request_line=100) as port:
+        long_target = b"GET /" + b"a" * 199 + b" HTTP/1.1\r\nHost: test\r\n\r\n"
+        assert limits_exchange(port, long_target) == limits_error(414, "request line too long")
+        assert seen == []
+        line = limits_line(100)
+        assert len(line) == 100
+        with limits_connect(port) as sock:
+            sock.sendall(line + b"\r\nHost: test\r\n\r\n")
+            assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
+        assert seen == ["/" + "a" * 86]
+        assert limits_exchange(port, limits_line(101) + b"\r\nHost: test\r\n\r\n") \
+            == limits_error(414, "request line too long")
+
+
+def test_limits_request_head(interface):
+    seen: list = []
+    with limits_server(interface, limits_reader_app(interface, seen),
+                       limit_request_head=200) as port:
+        big = b"GET / HTTP/1.1\r\nHost: test\r\nX-Big: " + b"b" * 300 + b"\r\n\r\n"
+        assert limits_exchange(port, big) == limits_error(431, "request header fields too large")
+        assert seen == []
+        small = b"GET / HTTP/1.1\r\nHost: test\r\nX-Big: " + b"b" * 100 + b"\r\n\r\n"
+        with limits_connect(port) as sock:
+            sock.sendall(small)
+            assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
+        assert seen == ["/"]
+
+
+def test_limits_request_fields(interface):
+    seen: list = []
+
+    def head(fields: int) -> bytes:     # Host plus fields - 1 others
+        return (b"GET / HTTP/1.1\r\nHost: test\r\n"
+                + b"".join(b"X-%d: v\r\n" % n for n in range(fields - 1)) + b"\r\n")
+
+    with limits_server(interface, limits_reader_app(interface, seen),
+                       limit_request_fields=5) as port:
+        assert limits_exchange(port, head(6)) == limits_error(431, "too many header fields")
+        assert seen == []
+        with limits_connect(port) as sock:
+            sock.sendall(head(5))
+            assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
+        assert seen == ["/"]
+
+
+def test_limits_body_content_length_refused_before_the_body(interface):
+    seen: list = []
+    with limits_server(interface, limits_reader_app(interface, seen),
+                       limit_request_body=100) as port:
+        # Only the head is sent: the answer must not wait for the 1000 bytes.
+        head = b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\n"
+        with limits_connect(port, LIMITS_SHORT) as sock:
+            sock.sendall(head)
+            assert read_until_closed(sock) == limits_error(413, "request body too large")
+        assert seen == []            # the app was never called
+        with limits_connect(port) as sock:    # exactly the limit is fine
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n"
+                         + b"z" * 100)
+            assert ResponseReader(sock).read_exact(len(limits_ok(100))) == limits_ok(100)
+        assert seen == ["/"]
+
+
+def test_limits_body_chunked_growing_over_the_limit(interface):
+    seen: list = []
+    entered = threading.Event()
+    with limits_server(interface, limits_reader_app(interface, seen, entered),
+                       limit_request_body=10) as port:
+        with limits_connect(port, LIMITS_SHORT) as sock:
+            sock.sendall(b"POST /up HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+                         b"\r\n8\r\n12345678\r\n")            # 8 bytes: under the limit
+            if interface == "asgi":
+                assert entered.wait(TIMEOUT)      # the app is reading the body
+            sock.sendall(b"8\r\n12345678\r\n0\r\n\r\n")      # 16 bytes: over it
+            assert read_until_closed(sock) == limits_error(413, "request body too large")
+        if interface == "wsgi":
+            # WSGI collects a chunked body before the call (to give the app a
+            # CONTENT_LENGTH): the app is never called for a body over the limit.
+            assert seen == []
+        else:
+            assert seen == ["/up", "http.disconnect"]
+
+
+def limits_status(port: int) -> int:
+    """The status of one GET on a new connection."""
+    with limits_connect(port, LIMITS_SHORT) as sock:
+        sock.sendall(LIMITS_GET)
+        return ResponseReader(sock).read_head()[0]
+
+
+def test_limits_concurrency(interface):
+    seen: list = []
+    with limits_server(interface, limits_reader_app(interface, seen),
+                       limit_concurrency=2) as port:
+        with limits_connect(port) as first, limits_connect(port) as second:
+            readers = [ResponseReader(first), ResponseReader(second)]
+            for sock, reader in zip((first, second), readers):   # both are served
+                sock.sendall(LIMITS_GET)
+                assert reader.read_exact(len(limits_ok(0))) == limits_ok(0)
+            # Two are held open: a third is refused, and closed.
+            assert limits_exchange(port, LIMITS_GET) == limits_error(503, "too many connections")
+            assert seen == ["/", "/"]
+            first.sendall(LIMITS_GET)            # the two held ones still work
+            assert readers[0].read_exact(len(limits_ok(0))) == limits_ok(0)
+        # Once the server has seen them close, a new connection is served.
+        # (Retried: the server learns of the close asynchronously.)
+        wait_for(lambda: limits_status(port) == 200)
+
+
+# -- 2. timeouts -------------------------------------------------------------------
+
+
+def test_limits_keep_alive_timeout_closes_quietly(interface):
+    seen: list = []
+    with limits_server(interface, limits_reader_app(interface, seen),
+                       timeout_keep_alive=0.3, timeout_request_head=5.0) as port:
+        with limits_connect(port) as sock:
+            sock.sendall(LIMITS_GET)
+            assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
+            idle_from = time.monotonic()
+            srv_assert_eof(sock)                     # no bytes, just EOF
+            assert time.monotonic() - idle_from >= 0.2
+
+
+def test_limits_request_head_timeout_is_408(interface):
+    seen: list = []
+    with limits_server(interface, limits_reader_app(interface, seen),
+                       timeout_request_head=0.3, timeout_keep_alive=5.0) as port:
+        with limits_connect(port, LIMITS_SHORT) as sock:
+            started = time.monotonic()
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: te")    # then nothing
+            data = read_until_closed(sock)
+            assert data.startswith(b"HTTP/1.1 408 ")
+            assert data == limits_error(408, "request head not received in time")
+            assert time.monotonic() - started >= 0.2
+        assert seen == []
+
+
+def test_limits_read_timeout_fails_the_read_and_answers_408(interface):
+    seen: list = []
+    with limits_server(interface, limits_reader_app(interface, seen),
+                       timeout_read=0.3) as port:
+        with limits_connect(port, LIMITS_SHORT) as sock:
+            sock.sendall(b"POST /slow HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nabc")
+            assert read_until_closed(sock) == limits_error(408, "request body not received in time")
+        failure = "ClientDisconnected" if interface == "wsgi" else "http.disconnect"
+        assert seen == ["/slow", failure]
+
+
+LIMITS_PIECE = b"x" * 65536
+LIMITS_PIECES = 4096        # 256 MiB: far more than any socket buffers hold
+
+
+def test_limits_write_timeout_wsgi_frees_the_worker():
+    big_closed = threading.Event()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/big":
+            def pieces():
+                try:
+                    for _ in range(LIMITS_PIECES):
+                        yield LIMITS_PIECE
+                finally:
+                    big_closed.set()        # run_wsgi_app closed us: the worker is free
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return pieces()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+        return [b"second"]
+
+    with limits_server("wsgi", app, threads=1, timeout_write=0.5) as port:
+        with limits_connect(port, rcvbuf=4096) as stuck:
+            stuck.sendall(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")   # never read
+            with limits_connect(port) as other:
+                # The only worker is busy with /big until timeout_write frees it.
+                other.sendall(b"GET /second HTTP/1.1\r\nHost: test\r\n\r\n")
+                expected = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                            b"Content-Length: 6\r\nServer: gateway\r\n\r\nsecond")
+                assert ResponseReader(other).read_exact(len(expected)) == expected
+                assert big_closed.is_set()
+            data = read_until_closed(stuck)       # what the kernel held, then EOF
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert len(data) < len(LIMITS_PIECE) * LIMITS_PIECES
+
+
+def test_limits_write_timeout_asgi_closes():
+    failed = threading.Event()
+    failures: list = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"Content-Type", b"text/plain")]})
+        try:
+            for _ in range(LIMITS_PIECES):
+                await send({"type": "http.response.body", "body": LIMITS_PIECE,
+                            "more_body": True})
+        except OSError as error:
+            failures.append(type(error).__name__)
+            failed.set()
+            raise
+        await send({"type": "http.response.body", "body": b""})
+
+    with limits_server("asgi", app, timeout_write=0.5) as port:
+        with limits_connect(port, rcvbuf=4096) as stuck:
+            stuck.sendall(LIMITS_GET)                     # never read
+            assert failed.wait(TIMEOUT)
+            assert failures == ["ClientDisconnected"]
+            data = read_until_closed(stuck)                # what the kernel held, then EOF
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert len(data) < len(LIMITS_PIECE) * LIMITS_PIECES
+
+
+# -- 3. Expect: 100-continue and an app that does not read -----------------------
+
+
+def test_limits_expect_continue_app_answers_without_reading(interface):
+    calls: list = []
+    app = limits_fixed_app(interface, 401, [("Content-Type", "text/plain"),
+                                            ("Content-Length", "6")], b"denied", calls)
+    with limits_server(interface, app) as port:
+        raw = (b"POST /upload HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\n"
+               b"Content-Length: 100\r\n\r\n")          # the body is never sent
+        # No "100 Continue", the 401 says it closes, then EOF (no waiting).
+        assert limits_exchange(port, raw) == (
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n"
+            b"Server: gateway\r\nConnection: close\r\n\r\ndenied")
+        assert calls == ["/upload"]
+
+
+# -- 4. what the app sends back is checked ---------------------------------------
+
+
+@pytest.mark.parametrize("value", ["a\r\nInjected: 1", "a\nInjected: 1", "a\rInjected: 1"],
+                         ids=["CRLF", "LF", "CR"])
+def test_limits_header_injection_never_reaches_the_wire(interface, value):
+    calls: list = []
+    app = limits_fixed_app(interface, 200, [("X", value), ("Content-Length", "2")],
+                           b"ok", calls)
+    with limits_server(interface, app) as port:
+        data = limits_exchange(port, LIMITS_GET)
+        assert b"Injected" not in data
+        assert calls == ["/"]
+
+
+@pytest.mark.parametrize("interface", [
+    "wsgi",
+    "asgi"])
+def test_limits_header_injection_is_a_500(interface):
+    calls: list = []
+    app = limits_fixed_app(interface, 200, [("X", "a\r\nInjected: 1"),
+                                            ("Content-Length", "2")], b"ok", calls)
+    with limits_server(interface, app) as port:
+        assert limits_exchange(port, LIMITS_GET) == LIMITS_APP_FAILED
+
+
+@pytest.mark.parametrize("status,headers", [
+    ("200", []),
+    ("OK 200", []),
+    ("200 OK\r\nInjected: 1", []),
+    ("200 OK", [("Connection", "close")]),
+    ("200 OK", [("Transfer-Encoding", "chunked")]),
+    ("200 OK", [("Keep-Alive", "timeout=5")]),
+], ids=["no reason", "reason first", "CRLF in status", "Connection", "Transfer-Encoding",
+        "Keep-Alive"])
+def test_limits_wsgi_bad_status_or_hop_by_hop_header_is_500(status, headers):
+    def app(environ, start_response):
+        start_response(status, headers + [("Content-Length", "2")])
+        return [b"ok"]
+
+    with limits_server("wsgi", app) as port:
+        data = limits_exchange(port, LIMITS_GET)
+        assert data == LIMITS_APP_FAILED
+        assert b"Injected" not in data
+
+
+@pytest.mark.parametrize("headers", [
+    [(b"X", b"a\r\nInjected: 1")],
+    [(b"X", b"a\nInjected: 1")],
+    [(b"X\r\nInjected", b"1")],
+    [("X", b"v")],
+    [(b"X", "v")],
+], ids=["CRLF in value", "LF in value", "CRLF in name", "str name", "str value"])
+def test_limits_asgi_bad_header_is_500(headers):
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": headers + [(b"Content-Length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with limits_server("asgi", app) as port:
+        data = limits_exchange(port, LIMITS_GET)
+        assert data == LIMITS_APP_FAILED
+        assert b"Injected" not in data
+
+
+def test_limits_content_length_over_run_is_cut(interface):
+    calls: list = []
+    app = limits_fixed_app(interface, 200, [("Content-Type", "text/plain"),
+                                            ("Content-Length", "5")], b"hello world", calls)
+    with limits_server(interface, app) as port:
+        # A keep-alive request: the server must still close, after exactly 5 bytes.
+        assert limits_exchange(port, LIMITS_GET) == (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+            b"Server: gateway\r\n\r\nhello")
+
+
+def test_limits_content_length_under_run_closes(interface):
+    calls: list = []
+    app = limits_fixed_app(interface, 200, [("Content-Type", "text/plain"),
+                                            ("Content-Length", "10")], b"hello", calls)
+    with limits_server(interface, app) as port:
+        assert limits_exchange(port, LIMITS_GET) == (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n"
+            b"Server: gateway\r\n\r\nhello")
+
+
+LIMITS_CL_HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServer: gateway\r\n\r\nhello"
+
+
+@pytest.mark.parametrize("headers,expected", [
+    ([(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"5")], LIMITS_CL_HELLO),
+    ([(b"Content-Length", b"5"), (b"transfer-encoding", b"chunked")], LIMITS_CL_HELLO),
+    ([(b"Transfer-Encoding", b"gzip, chunked")],
+     b"HTTP/1.1 200 OK\r\nServer: gateway\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\r\nhello\r\n0\r\n\r\n"),
+], ids=["TE then CL", "CL then TE", "TE only"])
+def test_limits_asgi_transfer_encoding_and_content_length_never_both(headers, expected):
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    with limits_server("asgi", app) as port:
+        with limits_connect(port) as sock:
+            reader = ResponseReader(sock)
+            for _ in range(2):             # and the connection stays usable
+                sock.sendall(LIMITS_GET)
+                assert reader.read_exact(len(expected)) == expected
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            rest = reader.buffer + read_until_closed(sock)
+        head = rest.split(b"\r\n\r\n")[0].lower()
+        assert head.count(b"transfer-encoding") + head.count(b"content-length") == 1
+
+
+# -- 5. log injection ----------------------------------------------------------
+
+
+def limits_raising_app(interface: str):
+    """Raises (with a message free of the path) for every request."""
+    if interface == "wsgi":
+        def app(environ, start_response):
+            raise RuntimeError("limits-boom")
+        return app
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            raise RuntimeError("limits-boom")
+    return app
+
+
+def test_limits_log_injection_is_escaped(interface, caplog):
+    raw = b"GET /a%0d%0aFAKE%20LOG%20LINE%1b[31m HTTP/1.1\r\nHost: test\r\n\r\n"
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        with limits_server(interface, limits_raising_app(interface)) as port:
+            # The record is logged before the 500 is written.
+            assert limits_exchange(port, raw) == LIMITS_APP_FAILED
+    messages = [record.getMessage() for record in caplog.records
+                if record.name == "gateway" and "limits-boom" in str(record.exc_info)]
+    assert len(messages) == 1, caplog.text
+    message = messages[0]
+    assert message.endswith("GET /a\\r\\nFAKE LOG LINE\\x1b[31m"), message
+    assert "\n" not in message and "\r" not in message and "\x1b" not in message
+    assert not any(line.startswith("FAKE") for line in caplog.text.splitlines())
