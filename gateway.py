@@ -36,11 +36,13 @@ import asyncio
 import base64
 import codecs
 import collections
+import dataclasses
 import errno
 import hashlib
 import importlib
 import inspect
 import io
+import ipaddress
 import logging
 import os
 import queue
@@ -49,11 +51,19 @@ import selectors
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+
+try:
+    import ssl
+    WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+except ImportError:     # a Python built without OpenSSL: no TLS, all else works
+    ssl = None
+    WOULD_BLOCK = (BlockingIOError,)
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import unquote, unquote_to_bytes
@@ -138,6 +148,18 @@ class Config:
     ws_ping_interval: float | None = WS_PING_SECONDS   # None: no pings
     ws_ping_timeout: float = WS_PING_SECONDS
     ws_per_message_deflate: bool = True
+    workers: int = 1
+    uds: str | None = None                     # listen on a unix socket
+    fd: int | None = None                      # serve an inherited socket
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_keyfile_password: str | None = None
+    ssl_ca_certs: str | None = None
+    proxy_headers: bool = False
+    forwarded_allow_ips: str = "127.0.0.1"
+    access_log: bool = True
+    access_log_format: str = ""                # "" means ACCESS_LOG_FORMAT (§11)
+    headers: list = field(default_factory=list)   # (name, value) bytes, every response
 
 
 DEFAULTS = Config()
@@ -650,12 +672,15 @@ class Response:
         self.config = config or Config()
         self.framing = ""               # "none", "length", "chunked" or "close"
         self.length = 0                 # Content-Length still owed (if "length")
+        self.status = 0                 # for the access log ...
+        self.sent = 0                   # ... and the body bytes sent
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]],
              now: float, reason: bytes | None = None) -> bytes:
         """The status line and header section for a final (>= 200) response."""
         lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"") if reason is None
                                       else reason)]
+        self.status = status
         length = None
         own = set()     # names of the app's fields that the server also adds
         for name, value in headers:
@@ -697,6 +722,8 @@ class Response:
             lines.append(b"Date: " + http_date(now))    # RFC 9110 §6.6.1
         if self.config.server_header and b"server" not in own:
             lines.append(b"Server: " + SERVER_NAME)     # RFC 9110 §10.2.4
+        lines += [name + b": " + value for name, value in self.config.headers
+                  if name.lower() not in own]           # --header
         if self.framing == "chunked":
             lines.append(b"Transfer-Encoding: chunked")
         if not self.keep_alive:
@@ -709,6 +736,7 @@ class Response:
         """Frame a piece of the body; b"" for nothing to send."""
         if not data or self.framing == "none":
             return b""           # an empty chunk would end a chunked body
+        self.sent += len(data)
         if self.framing == "chunked":
             return encode_chunk(data)
         if self.framing == "length":
@@ -758,8 +786,8 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"   # RFC 9110 §15.2.1
 # =============================================================================
 
 
-def build_environ(request: Request, body, server: tuple, client: tuple,
-                  config: Config) -> dict:
+def build_environ(request: Request, body, server: tuple, client: tuple | None,
+                  config: Config, scheme: str = "http") -> dict:
     """The PEP 3333 environ for one request ("environ Variables")."""
     script_name = config.root_path.rstrip("/")
     # PEP 3333, "Unicode Issues": native strings hold the bytes as latin-1.
@@ -775,18 +803,20 @@ def build_environ(request: Request, body, server: tuple, client: tuple,
         "SERVER_PORT":           str(server[1]),
         "SERVER_PROTOCOL":       "HTTP/" + request.version,
         "SERVER_SOFTWARE":       SERVER_NAME.decode(),
-        "REMOTE_ADDR":           str(client[0]),
-        "REMOTE_PORT":           str(client[1]),
         "wsgi.version":          (1, 0),
-        "wsgi.url_scheme":       "http",
+        "wsgi.url_scheme":       scheme,
         "wsgi.input":            body,
         "wsgi.errors":           sys.stderr,
         "wsgi.multithread":      True,
-        "wsgi.multiprocess":     False,
+        "wsgi.multiprocess":     config.workers > 1,
         "wsgi.run_once":         False,
         "wsgi.input_terminated": True,   # wsgi.input ends where the body ends
         "wsgi.file_wrapper":     FileWrapper,
     }
+    if client is not None:       # PEP 3333 leaves out what does not apply
+        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = str(client[0]), str(client[1])
+    if scheme == "https":
+        environ["HTTPS"] = "on"
     add_header_variables(environ, request.headers)
     return environ
 
@@ -978,7 +1008,8 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
     return encoded
 
 
-def run_wsgi_app(conn: WSGIConnection, request: Request, environ: dict) -> None:
+def run_wsgi_app(conn: WSGIConnection, request: Request, environ: dict,
+                 started: float) -> None:
     """One PEP 3333 application call, start_response() to close(). Runs on: a worker."""
     if conn.closed or conn.peer_eof:
         conn.finish(b"", False)   # the client left while the request waited
@@ -996,11 +1027,16 @@ def run_wsgi_app(conn: WSGIConnection, request: Request, environ: dict) -> None:
     except Exception as error:
         final, keep_alive = wsgi_failure(conn, response, environ, error), False
     conn.finish(final, keep_alive)
+    status = response.response.status if response.head_sent else (
+        conn.error.status if conn.error else 500)
+    log_access(conn.server.config, conn.client, request, status, response.response.sent,
+               started)
 
 
 def send_wsgi_result(result, response: WSGIResponse) -> bytes:
     """Iterate the app's result; return the bytes that end the response."""
-    if type(result) is FileWrapper and result.sendable() and not response.head_sent:
+    if (type(result) is FileWrapper and result.sendable() and not response.conn.tls
+            and not response.head_sent):
         return send_file(result, response)
     try:
         single = len(result) == 1
@@ -1120,7 +1156,10 @@ class WSGIConnection:
     def __init__(self, server: WSGIServer, sock: socket.socket, client: tuple) -> None:
         self.server = server
         self.sock = sock
-        self.client = client
+        self.client = client if isinstance(client, tuple) else None   # None: unix
+        self.tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
+        self.scheme = "https" if self.tls else "http"
+        self.wants = selectors.EVENT_READ    # what the TLS handshake waits for
         self.parser = RequestParser(server.config)
         self.sending: collections.deque = collections.deque()  # bytearray, FileRegion
         self.state = "idle"          # idle -> busy -> idle ... -> closing
@@ -1151,17 +1190,46 @@ class WSGIConnection:
     # -- reading ---------------------------------------------------------------
 
     def on_event(self, mask: int) -> None:
+        if self.state == "handshake":
+            self.handshake()
+            return
         if mask & selectors.EVENT_READ:
             self.on_readable()
         if mask & selectors.EVENT_WRITE and not self.closed:
             self.flush()
         if not self.closed:
             self.watch()
+            self.read_pending()
+
+    def handshake(self) -> None:
+        """TLS: one non-blocking step of the handshake; the loop never waits."""
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.wants = selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            self.wants = selectors.EVENT_WRITE
+        except OSError:            # includes ssl.SSLError: a bad or plain client
+            self.close()
+            return
+        else:
+            self.state = "idle"
+            self.since = time.monotonic()
+        self.watch()
+        self.read_pending()
+
+    def read_pending(self) -> None:
+        """TLS: bytes already decrypted wake no select(); read them now."""
+        while (self.tls and not self.closed and self.events & selectors.EVENT_READ
+               and self.sock.pending()):
+            self.on_readable()
+            if not self.closed:
+                self.watch()
 
     def on_readable(self) -> None:
         try:
             data = self.sock.recv(RECV_BYTES)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return
         except OSError:              # e.g. a reset: nothing can be sent either
             self.close()
@@ -1215,6 +1283,7 @@ class WSGIConnection:
 
     def start_request(self, request: Request) -> None:
         self.state, self.request = "busy", request
+        self.started = time.monotonic()
         if request.chunked:
             # Many frameworks (Django among them) read exactly CONTENT_LENGTH
             # bytes and see no body without it. So, as waitress does, a chunked
@@ -1253,11 +1322,14 @@ class WSGIConnection:
         else:
             self.body = body = WSGIInput(self, self.body_parts, request.expect_continue)
         self.body_parts = []
-        environ = build_environ(request, body, self.server.address, self.client,
-                                self.server.config)
+        config = self.server.config
+        client, scheme, host = behind_proxy(request, self.client, self.scheme, config)
+        environ = build_environ(request, body, self.server.address, client, config, scheme)
+        if host:
+            environ["HTTP_HOST"] = host
         if self.spool is not None:
             environ["CONTENT_LENGTH"] = str(length)
-        self.server.pool.submit(run_wsgi_app, self, request, environ)
+        self.server.pool.submit(run_wsgi_app, self, request, environ, self.started)
 
     # -- writing ---------------------------------------------------------------
 
@@ -1303,6 +1375,7 @@ class WSGIConnection:
         self.flush()
         if not self.closed:
             self.watch()
+            self.read_pending()
 
     def queue_output(self, item) -> None:
         """Add bytes (or a FileRegion) to what the loop will send, in order."""
@@ -1339,7 +1412,7 @@ class WSGIConnection:
                 else:
                     sent = self.sock.send(item)
                     del item[:sent]
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 return
             except OSError:
                 self.close()
@@ -1371,6 +1444,9 @@ class WSGIConnection:
 
     def watch(self) -> None:
         """Tell the selector what this connection is waiting for now."""
+        if self.state == "handshake":
+            self._set_events(self.wants)
+            return
         if self.state == "closing":
             reading = True                  # discard until the client's FIN
         elif self.peer_eof:
@@ -1381,8 +1457,10 @@ class WSGIConnection:
             reading = self.body is None or not self.body.paused
         else:                               # pipelined bytes, up to a bound
             reading = len(self.parser.buffer) < MAX_HEAD_BYTES
-        events = (selectors.EVENT_READ if reading else 0) | (
-            selectors.EVENT_WRITE if self.sending else 0)
+        self._set_events((selectors.EVENT_READ if reading else 0) | (
+            selectors.EVENT_WRITE if self.sending else 0))
+
+    def _set_events(self, events: int) -> None:
         if events == self.events:
             return
         if self.events == 0:
@@ -1429,6 +1507,9 @@ class WSGIConnection:
         if self.state == "closing":
             if now - self.since > LINGER_SECONDS:
                 self.close()
+        elif self.state == "handshake":
+            if now - self.since > config.timeout_request_head:
+                self.close()      # a TLS handshake that never finishes
         elif self.sending and now - self.last_write > config.timeout_write:
             self.close()          # the client does not read what we send
         elif self.state == "idle":
@@ -1482,10 +1563,11 @@ class WSGIServer:
         self.app = app
         self.listener = listener
         self.config = config or Config()
-        self.address = listener.getsockname()[:2]
+        self.address = listen_address(listener)
         self.selector = selectors.DefaultSelector()
         self.connections: set[WSGIConnection] = set()
         self.pool = WorkerPool(self.config.threads)
+        self.ssl_context = make_ssl_context(self.config) if self.config.ssl_certfile else None
         self.running = False
         # The self-pipe: a worker writes a byte to wake the loop's select().
         self.wake_reader, self.wake_writer = socket.socketpair()
@@ -1553,7 +1635,12 @@ class WSGIServer:
                 return
             sock.setblocking(False)
             set_nodelay(sock)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
             conn = WSGIConnection(self, sock, client)
+            if conn.tls:
+                conn.state = "handshake"
             self.connections.add(conn)
             limit = self.config.limit_concurrency
             if limit is not None and len(self.connections) > limit:
@@ -1629,8 +1716,8 @@ def set_nodelay(sock: socket.socket) -> None:
 # =============================================================================
 
 
-def build_scope(request: Request, server: tuple, client: tuple, config: Config,
-                state: dict) -> dict:
+def build_scope(request: Request, server: tuple, client: tuple | None, config: Config,
+                state: dict, scheme: str = "http") -> dict:
     """The ASGI http scope for one request ("HTTP Connection Scope")."""
     # Policy: like uvicorn, invalid UTF-8 in the path becomes U+FFFD.
     path = unquote(request.path.decode("ascii"))
@@ -1639,14 +1726,14 @@ def build_scope(request: Request, server: tuple, client: tuple, config: Config,
         "asgi":         {"version": "3.0", "spec_version": "2.4"},
         "http_version": request.version,
         "method":       request.method,
-        "scheme":       "http",
+        "scheme":       scheme,
         "path":         config.root_path + path,
         "raw_path":     request.path,
         "query_string": request.query,
         "root_path":    config.root_path,
         "headers":      [[name, value] for name, value in request.headers],
-        "client":       client,
-        "server":       server,
+        "client":       list(client) if client else None,
+        "server":       list(server),
         "state":        dict(state),    # ASGI Lifespan spec: a shallow copy
         "extensions":   {},
     }
@@ -1677,8 +1764,8 @@ class HTTPCycle:
 
     async def run(self) -> None:
         """Call the app; answer 500 if it fails before its response starts."""
-        scope = build_scope(self.request, self.conn.server_address,
-                            self.conn.client, self.conn.config, self.conn.state)
+        scope = self.conn.scope_for(self.request)
+        started = time.monotonic()
         failure = None
         try:
             await self.conn.app(scope, self.receive, self.send)
@@ -1700,6 +1787,9 @@ class HTTPCycle:
             await self.fail(failure)
         elif self.state == "done" and not self.disconnected:
             self.skip_unread_body()
+        log_access(self.conn.config, scope["client"], self.request,
+                   self.response.status or (failure.status if failure else 500),
+                   self.response.sent, started)
 
     def skip_unread_body(self) -> None:
         """RFC 9112 §9.3: a body the app did not read must be skipped before the
@@ -1860,7 +1950,9 @@ class ASGIConnection:
         self.stopping = server.stopping
         self.state = server.lifespan.state
         self.idle = True             # waiting for a request, not serving one
-        self.client = writer.get_extra_info("peername")[:2]
+        peer = writer.get_extra_info("peername")
+        self.client = tuple(peer[:2]) if isinstance(peer, tuple) else None  # None: unix
+        self.scheme = "https" if writer.get_extra_info("sslcontext") else "http"
         self.parser = RequestParser(self.config)
         self.pending_read: asyncio.Future | None = None
         self.eof = False
@@ -1919,6 +2011,16 @@ class ASGIConnection:
             if not data:
                 return None       # RFC 9112 §9.5: close quietly, even mid-head
             self.parser.feed(data)
+
+    def scope_for(self, request: Request) -> dict:
+        """The scope for a request on this connection, proxies considered (§11)."""
+        client, scheme, host = behind_proxy(request, self.client, self.scheme, self.config)
+        scope = build_scope(request, self.server_address, client, self.config, self.state,
+                            scheme)
+        if host:
+            scope["headers"] = [[n, host.encode("latin-1") if n == b"host" else v]
+                                for n, v in scope["headers"]]
+        return scope
 
     def start_read(self) -> asyncio.Future:
         """Start (or return) the one read that may wait on the socket."""
@@ -1984,7 +2086,7 @@ class ASGIServer:
         self.config = config or Config()
         self.app = asgi3_app(app, self.config.interface)
         self.listener = listener
-        self.address = listener.getsockname()[:2]
+        self.address = listen_address(listener)
         self.lifespan = Lifespan(self.app, self.config.lifespan)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping: asyncio.Event | None = None
@@ -1997,8 +2099,12 @@ class ASGIServer:
         self.stopping = asyncio.Event()
         # ASGI Lifespan spec: startup completes before any connection is served.
         await self.lifespan.startup()
+        tls = {}
+        if self.config.ssl_certfile:
+            tls = {"ssl": make_ssl_context(self.config),
+                   "ssl_handshake_timeout": self.config.timeout_request_head}
         server = await asyncio.start_server(self.handle, sock=self.listener,
-                                            limit=RECV_BYTES)
+                                            limit=RECV_BYTES, **tls)
         on_signals(self.shutdown, self.loop)
         async with server:
             await self.stopping.wait()
@@ -2033,6 +2139,8 @@ class ASGIServer:
             await conn.run(refusal)
         except asyncio.CancelledError:
             pass           # shutdown() cancelled us; the connection is closed
+        except Exception:  # a bug of ours: log it, keep serving the others
+            log.exception("internal error on a connection")
         finally:
             del self.connections[task]
 
@@ -2313,9 +2421,8 @@ class WebSocketCycle:
         self.last_event = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
 
     def scope(self) -> dict:
-        scope = build_scope(self.request, self.conn.server_address, self.conn.client,
-                            self.conn.config, self.conn.state)
-        scope.update(type="websocket", scheme="ws",
+        scope = self.conn.scope_for(self.request)
+        scope.update(type="websocket", scheme="wss" if scope["scheme"] == "https" else "ws",
                      asgi={"version": "3.0", "spec_version": "2.5"},
                      subprotocols=[p.decode("latin-1") for p in comma_list(
                          field_values(self.request.headers, b"sec-websocket-protocol"))],
@@ -2611,7 +2718,188 @@ def asgi3_app(app, interface: str = "auto"):
 
 
 # =============================================================================
-# §11  Command line
+# §11  Operations - logging, proxies, TLS, sockets and worker processes
+#
+# What running gateway for real needs around the protocol: an access log,
+# trusting a proxy in front, TLS, unix and inherited sockets, and a parent
+# process that keeps N forked workers on one listening socket.
+# =============================================================================
+
+access_log = logging.getLogger("gateway.access")
+
+# The fields an --access-log-format may use, with the default format.
+ACCESS_LOG_FORMAT = '%(client)s - "%(request_line)s" %(status)s %(bytes)s %(duration_ms).1fms'
+
+
+def log_access(config: Config, client, request: Request, status: int, size: int,
+               started: float) -> None:
+    """One access log line per request (client, request line, status, bytes, ms)."""
+    if not config.access_log or not access_log.isEnabledFor(logging.INFO):
+        return     # checked first: building the line costs more than this test
+    fields = {
+        "client": "%s:%s" % tuple(client[:2]) if client else "-",
+        "request_line": printable(f"{request.method} {request.target.decode('latin-1')}"
+                                  f" HTTP/{request.version}"),
+        "status": status, "bytes": size,
+        "duration_ms": (time.monotonic() - started) * 1000.0,
+    }
+    access_log.info(config.access_log_format or ACCESS_LOG_FORMAT, fields)
+
+
+def trusted_proxy(address: str | None, config: Config) -> bool:
+    """Is this peer one of --forwarded-allow-ips? (a unix socket peer always is)"""
+    if address is None or "*" in config.forwarded_allow_ips:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(item.strip(), strict=False)
+               for item in config.forwarded_allow_ips.split(",") if item.strip())
+
+
+def node_address(node: str) -> str:
+    """RFC 7239 §6: node = nodename [ ":" node-port ], an IPv6 name in brackets."""
+    if node.startswith("["):
+        return node[1:].split("]")[0]
+    return node.rsplit(":", 1)[0] if node.count(":") == 1 else node
+
+
+def forwarded_hops(headers: list[tuple[bytes, bytes]]) -> list[dict[str, str]]:
+    """The proxies' record of the request's path, client first: for/proto/host."""
+    hops = []
+    for value in field_values(headers, b"forwarded"):    # RFC 7239 wins
+        for element in value.decode("latin-1").split(","):   # §4: 1#element
+            hop = {}
+            for pair in element.split(";"):                  # §4: pairs by ";"
+                name, _, text = pair.strip().partition("=")
+                hop[name.lower()] = text.strip().strip('"')
+            if "for" in hop:
+                hop["for"] = node_address(hop["for"])
+            hops.append(hop)
+    if hops:
+        return hops
+    extra = {}      # the de-facto X-Forwarded-* headers (last value wins)
+    for name, key in ((b"x-forwarded-proto", "proto"), (b"x-forwarded-host", "host")):
+        values = field_values(headers, name)
+        if values:
+            extra[key] = values[-1].decode("latin-1").strip()
+    addresses = comma_list(field_values(headers, b"x-forwarded-for"))
+    return [dict(extra, **{"for": a.decode("latin-1")}) for a in addresses] or (
+        [extra] if extra else [])
+
+
+def behind_proxy(request: Request, client, scheme: str, config: Config):
+    """--proxy-headers: who the client really is, per a proxy we trust.
+
+    Returns (client, scheme, host or None). Headers from an untrusted peer
+    are ignored. The right-most address that is not itself a trusted proxy is
+    the client: everything left of it could have been forged by that client.
+    """
+    if not config.proxy_headers or not trusted_proxy(client[0] if client else None,
+                                                     config):
+        return client, scheme, None
+    hops = forwarded_hops(request.headers)
+    if not hops:
+        return client, scheme, None
+    for hop in reversed(hops):
+        if not trusted_proxy(hop.get("for"), config):
+            break
+    address = hop.get("for")
+    return ((address, 0) if address else client), hop.get("proto", scheme).lower(), \
+        hop.get("host")
+
+
+def make_ssl_context(config: Config):
+    """A server TLS context from --ssl-certfile/--ssl-keyfile (and client certs)."""
+    if ssl is None:
+        raise ValueError("TLS needs the ssl module, which this Python lacks")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile,
+                            config.ssl_keyfile_password)
+    if config.ssl_ca_certs:
+        # Policy: ask for a client certificate and check it, but let clients
+        # without one in (uvicorn's --ssl-cert-reqs 1); the app sees which.
+        context.load_verify_locations(config.ssl_ca_certs)
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def make_listener(host: str, port: int, backlog: int = BACKLOG, uds: str | None = None,
+                  fd: int | None = None) -> socket.socket:
+    """A listening socket: TCP (port 0 picks a free one), unix, or inherited."""
+    if fd is not None:
+        sock = socket.socket(fileno=fd)        # e.g. from systemd
+        sock.listen(backlog)
+        return sock
+    if uds is not None:
+        if not hasattr(socket, "AF_UNIX"):
+            raise OSError(errno.EAFNOSUPPORT, "unix sockets are not available here")
+        if os.path.exists(uds):
+            os.unlink(uds)                     # a stale socket from a past run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(uds)
+        sock.listen(backlog)
+        return sock
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=backlog)
+
+
+def listen_address(listener: socket.socket) -> tuple:
+    """The ASGI `server` value: [host, port], or [path, None] for a unix socket."""
+    name = listener.getsockname()
+    return (name, None) if isinstance(name, str) else tuple(name[:2])
+
+
+def run_workers(count: int, serve_one) -> int:
+    """Fork `count` workers that share the listening socket; keep them alive.
+
+    The parent forwards SIGINT/SIGTERM (as SIGTERM) and waits for them to
+    drain; a worker that dies unexpectedly is replaced.
+    """
+    children: set[int] = set()
+    stopping = []
+
+    def start() -> None:
+        pid = os.fork()
+        if pid == 0:                      # the child: serve, then leave
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent relays it
+            code = 1
+            try:
+                serve_one()
+                code = 0
+            except LifespanFailure as error:
+                log.error("%s", error)
+                code = 3
+            finally:
+                os._exit(code)
+        children.add(pid)
+
+    def stop(signum, frame) -> None:
+        stopping.append(signum)
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for _ in range(count):
+        start()
+    result = 0
+    while children:
+        pid, status = os.wait()
+        children.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code == 3 and not stopping:    # the app cannot start: stop them all
+            result = 3
+            stop(signal.SIGTERM, None)
+        elif not stopping:
+            log.warning("worker %d died (exit %d); starting another", pid, code)
+            start()
+    return result
+
+
+# =============================================================================
+# §12  Command line
 # =============================================================================
 
 
@@ -2619,7 +2907,7 @@ class AppImportError(Exception):
     """The "module:attr" given on the command line does not name an app."""
 
 
-def import_app(spec: str):
+def import_app(spec: str, factory: bool = False):
     """Import "module:attr" (attr may be dotted; default: app, then application)."""
     module_name, _, attr = spec.partition(":")
     try:
@@ -2637,7 +2925,7 @@ def import_app(spec: str):
         for part in name.split("."):
             found = getattr(found, part, None)
         if found is not None:
-            return found
+            return found() if factory else found    # --factory: call it for the app
     if attr:
         raise AppImportError(f"module {module_name!r} has no attribute {attr!r}")
     raise AppImportError(f"module {module_name!r} has neither 'app' nor 'application'; "
@@ -2653,6 +2941,8 @@ def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None) -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            continue            # a worker: its parent relays SIGINT as SIGTERM
         try:
             if loop is not None:
                 loop.add_signal_handler(signum, stop)
@@ -2662,17 +2952,11 @@ def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None) -> None:
             pass       # e.g. Windows has no add_signal_handler: Ctrl+C still works
 
 
-def make_listener(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
-    """A listening TCP socket; port 0 picks a free one."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    return socket.create_server((host, port), family=family, backlog=backlog)
-
-
 def serve(app, interface: str = "asgi", host: str = "127.0.0.1", port: int = 8000,
           config: Config | None = None, listener: socket.socket | None = None) -> None:
     """Serve `app` ("wsgi" or "asgi") until interrupted. Blocks."""
     config = config or Config(host=host, port=port)
-    listener = listener or make_listener(host, port)
+    listener = listener or make_listener(host, port, config.backlog, config.uds, config.fd)
     if interface == "wsgi":
         WSGIServer(app, listener, config).serve_forever()
     elif interface == "asgi":
@@ -2682,25 +2966,62 @@ def serve(app, interface: str = "asgi", host: str = "127.0.0.1", port: int = 800
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
+    """The options; each `dest` is the name of a Config field (§1)."""
     parser = argparse.ArgumentParser(
         prog="gateway.py",
         description="Serve a WSGI or ASGI app over HTTP/1.1 (standard library only).",
         epilog="example: python gateway.py --asgi echo_asgi:app --port 8000")
+    add = parser.add_argument
     app = parser.add_mutually_exclusive_group(required=True)
     app.add_argument("--asgi", metavar="MODULE:ATTR", help="serve this ASGI 3 app")
     app.add_argument("--wsgi", metavar="MODULE:ATTR", help="serve this WSGI app")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000,
-                        help="port to listen on, 0 for any free one (default: %(default)s)")
-    parser.add_argument("--app-dir", default=".", metavar="DIR",
-                        help="directory to import the app from (default: current)")
-    parser.add_argument("--threads", type=int, default=WSGI_THREADS,
-                        help="WSGI worker threads (default: %(default)s)")
-    parser.add_argument("--root-path", default="", metavar="PATH",
-                        help="mount point of the app (SCRIPT_NAME / root_path)")
-    parser.add_argument("--backlog", type=int, default=BACKLOG,
-                        help="pending connections the kernel may queue (default: %(default)s)")
+    add("--factory", action="store_true", help="ATTR is a callable that returns the app")
+    add("--app-dir", default=".", metavar="DIR",
+        help="directory to import the app from (default: current)")
+    add("--env-file", metavar="PATH", help="read KEY=VALUE lines into the environment")
+    add("--reload", action="store_true",
+        help="restart when a .py file under the current directory changes")
+    sock = parser.add_argument_group("sockets")
+    sock.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default: %(default)s)")
+    sock.add_argument("--port", type=int, default=8000,
+                      help="port to listen on, 0 for any free one (default: %(default)s)")
+    sock.add_argument("--uds", metavar="PATH", help="listen on this unix socket instead")
+    sock.add_argument("--fd", type=int, metavar="N",
+                      help="serve an inherited listening socket (e.g. from systemd)")
+    sock.add_argument("--backlog", type=int, default=BACKLOG,
+                      help="pending connections the kernel may queue (default: %(default)s)")
+    sock.add_argument("--workers", type=int,
+                      default=int(os.environ.get("WEB_CONCURRENCY", 1)),
+                      help="worker processes (default: $WEB_CONCURRENCY or 1)")
+    sock.add_argument("--threads", type=int, default=WSGI_THREADS,
+                      help="WSGI worker threads per process (default: %(default)s)")
+    sock.add_argument("--root-path", default="", metavar="PATH",
+                      help="mount point of the app (SCRIPT_NAME / root_path)")
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--ssl-certfile", metavar="PATH", help="certificate (PEM)")
+    tls.add_argument("--ssl-keyfile", metavar="PATH", help="private key (PEM)")
+    tls.add_argument("--ssl-keyfile-password", metavar="TEXT")
+    tls.add_argument("--ssl-ca-certs", metavar="PATH",
+                     help="CA certificates to check client certificates with")
+    proxy = parser.add_argument_group("behind a proxy")
+    proxy.add_argument("--proxy-headers", action="store_true",
+                       help="trust Forwarded / X-Forwarded-* from --forwarded-allow-ips")
+    proxy.add_argument("--forwarded-allow-ips", default="127.0.0.1", metavar="LIST",
+                       help="comma list of addresses and CIDR ranges, or * "
+                       "(default: %(default)s)")
+    logs = parser.add_argument_group("logging and headers")
+    logs.add_argument("--log-level", default="info",
+                      choices=["critical", "error", "warning", "info", "debug"])
+    logs.add_argument("--no-access-log", dest="access_log", action="store_false",
+                      help="no line per request on the gateway.access logger")
+    logs.add_argument("--access-log-format", default=ACCESS_LOG_FORMAT, metavar="FMT",
+                      help="%%-format over client, request_line, status, bytes, "
+                      "duration_ms (default: %(default)s)")
+    logs.add_argument("--header", dest="headers", action="append", default=[],
+                      metavar="NAME:VALUE", help="add this header to every response")
+    logs.add_argument("--no-server-header", dest="server_header", action="store_false")
+    logs.add_argument("--no-date-header", dest="date_header", action="store_false")
     asgi = parser.add_argument_group("ASGI")
     asgi.add_argument("--lifespan", choices=["auto", "on", "off"], default="auto",
                       help="run the app's lifespan startup and shutdown; auto: only if "
@@ -2739,52 +3060,116 @@ def build_arg_parser() -> argparse.ArgumentParser:
     timeouts.add_argument("--timeout-read", type=float, default=READ_SECONDS, metavar="S",
                           help="without body bytes while reading a body, 408 "
                           "(default: %(default)s)")
+    timeouts.add_argument("--timeout-write", type=float, default=WRITE_SECONDS, metavar="S",
+                          help="a response may stay unread (default: %(default)s)")
     timeouts.add_argument("--timeout-graceful-shutdown", type=float,
                           default=GRACEFUL_SECONDS, metavar="S",
                           help="requests in progress may finish during shutdown "
                           "(default: %(default)s)")
-    timeouts.add_argument("--timeout-write", type=float, default=WRITE_SECONDS, metavar="S",
-                          help="a response may stay unread (default: %(default)s)")
     return parser
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """Turn parsed options into a Config: same names, a few conversions."""
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+               if hasattr(args, f.name)}
+    options["ws_ping_interval"] = args.ws_ping_interval or None
+    options["ws_per_message_deflate"] = args.ws_per_message_deflate == "true"
+    headers = []
+    for item in args.headers:
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise ValueError(f"--header needs NAME:VALUE, not {item!r}")
+        headers.append((name.strip().encode("latin-1"), value.strip().encode("latin-1")))
+    options["headers"] = headers
+    return Config(**options)
+
+
+def load_env_file(path: str) -> None:
+    """--env-file: KEY=VALUE lines; blank lines and # comments are skipped."""
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
+                os.environ[key.strip()] = value
+
+
+def run_reloader(argv: list[str]) -> int:
+    """--reload: run the server in a child process; restart it when a .py file
+    under the current directory changes (by polling modification times)."""
+    command = [sys.executable, os.path.abspath(__file__)] + [a for a in argv
+                                                             if a != "--reload"]
+
+    def snapshot() -> dict:
+        times = {}
+        for folder, dirs, files in os.walk("."):
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    try:
+                        times[path] = os.stat(path).st_mtime
+                    except OSError:
+                        pass
+        return times
+
+    seen = snapshot()
+    child = subprocess.Popen(command)
+    try:
+        while True:
+            time.sleep(1.0)       # polling: the standard library has no file watcher
+            now = snapshot()
+            if now != seen:
+                log.info("a .py file changed; restarting")
+                seen = now
+                child.terminate()
+                child.wait()
+                child = subprocess.Popen(command)
+    except KeyboardInterrupt:
+        child.terminate()
+        child.wait()
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
+    if args.env_file:
+        load_env_file(args.env_file)
+    if args.reload:
+        return run_reloader(argv)
+    if args.workers > 1 and not hasattr(os, "fork"):
+        log.error("--workers needs os.fork(), which this platform does not have")
+        return 1
     sys.path.insert(0, os.path.abspath(args.app_dir))
     interface, spec = ("asgi", args.asgi) if args.asgi else ("wsgi", args.wsgi)
     try:
-        app = import_app(spec)
-    except AppImportError as error:
+        config = config_from(args)
+        app = import_app(spec, args.factory)
+        listener = make_listener(args.host, args.port, args.backlog, args.uds, args.fd)
+    except (AppImportError, ValueError) as error:
         log.error("%s", error)
         return 1
-    try:
-        listener = make_listener(args.host, args.port, args.backlog)
     except OSError as error:
         reason = "address already in use" if error.errno == errno.EADDRINUSE else error
-        log.error("cannot listen on %s:%s: %s", args.host, args.port, reason)
+        log.error("cannot listen on %s: %s", args.uds or f"{args.host}:{args.port}", reason)
         return 1
-    host, port = listener.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    log.info("serving %s app %s on http://%s:%d (Ctrl+C to quit)",
-             interface.upper(), spec, shown, port)
-    config = Config(
-        host=args.host, port=port, threads=args.threads, root_path=args.root_path,
-        backlog=args.backlog, limit_request_line=args.limit_request_line,
-        limit_request_head=args.limit_request_head,
-        limit_request_fields=args.limit_request_fields,
-        limit_request_body=args.limit_request_body,
-        limit_concurrency=args.limit_concurrency,
-        timeout_keep_alive=args.timeout_keep_alive,
-        timeout_request_head=args.timeout_request_head,
-        timeout_read=args.timeout_read, timeout_write=args.timeout_write,
-        timeout_graceful_shutdown=args.timeout_graceful_shutdown,
-        lifespan=args.lifespan, interface=args.interface, ws_max_size=args.ws_max_size,
-        ws_ping_interval=args.ws_ping_interval or None,
-        ws_ping_timeout=args.ws_ping_timeout,
-        ws_per_message_deflate=args.ws_per_message_deflate == "true")
+    host, port = listen_address(listener)
+    scheme = "https" if config.ssl_certfile else "http"
+    where = f"unix:{host}" if port is None else "%s://%s:%d" % (
+        scheme, f"[{host}]" if ":" in host else host, port)
+    log.info("serving %s app %s on %s (Ctrl+C to quit)", interface.upper(), spec, where)
+    config.port = port or 0
     try:
+        if config.workers > 1:
+            return run_workers(config.workers,
+                               lambda: serve(app, interface, config=config, listener=listener))
         serve(app, interface, config=config, listener=listener)
     except KeyboardInterrupt:
         pass             # where no signal handler could be installed
