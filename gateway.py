@@ -113,6 +113,7 @@ HEAD_SECONDS = 10.0              # first byte to end of head        -> 408 (slow
 READ_SECONDS = 30.0              # no body bytes while we wait      -> 408, or close
 WRITE_SECONDS = 30.0             # response unread by the client    -> close
 LINGER_SECONDS = 2.0             # read-and-discard after our last response
+DRAIN_BYTES = 1024 * 1024        # unread body we still skip to keep a connection
 GRACEFUL_SECONDS = 30.0          # in-flight requests may finish during shutdown
 
 WS_MAX_SIZE = 16 * 1024 * 1024   # bytes in one WebSocket message -> close 1009
@@ -461,6 +462,12 @@ class RequestParser:
             self.state = "error"    # nothing after a framing error is trusted
             raise
 
+    def unread_body(self) -> int | None:
+        """Bytes of this request's body not even received yet (None: unknown)."""
+        if self.state == "body":
+            return max(0, self.remaining - len(self.buffer))
+        return 0 if self.state == "head" else None
+
     @property
     def has_partial_request(self) -> bool:
         """True if some bytes of an unfinished request have arrived."""
@@ -654,6 +661,16 @@ def http_date(now: float) -> bytes:
     if _date_cache[0] != second:   # one formatdate() per second, not per request
         _date_cache[:] = [second, formatdate(second, usegmt=True).encode("ascii")]
     return _date_cache[1]
+
+
+def can_drain(unread: int | None) -> bool:
+    """Policy: after a response, is the rest of an unread body cheap to skip?
+
+    RFC 9112 §9.3: the next request starts after this body. Up to DRAIN_BYTES
+    we read and drop it to keep the connection; beyond that (or for a chunked
+    body of unknown size) the response says "Connection: close" instead.
+    """
+    return unread is not None and unread <= DRAIN_BYTES
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -962,6 +979,8 @@ class WSGIResponse:
             # client will not send it; say that we close instead of reading.
             body.send_continue = False
             self.response.keep_alive = False
+        if not self.conn.body_complete and not can_drain(self.conn.parser.unread_body()):
+            self.response.keep_alive = False
         code, _, reason = self.status.partition(" ")
         head = self.response.head(int(code), self.headers, time.time(),
                                   reason.encode("latin-1"))
@@ -1257,13 +1276,17 @@ class WSGIConnection:
     def process(self) -> None:
         """Start the next request, or hand body bytes to the one in progress."""
         try:
-            while self.state == "idle" or (self.state == "busy" and not self.body_complete):
+            while self.state in ("idle", "draining") or (
+                    self.state == "busy" and not self.body_complete):
                 if self.body is not None and self.body.paused:
                     break                         # the app has enough unread
                 event = self.parser.next_event()
                 if event is None:
                     break
-                if self.state == "idle":
+                if self.state == "draining":      # a body the app did not read
+                    if event is END:
+                        self.state, self.since = "idle", time.monotonic()
+                elif self.state == "idle":
                     self.start_request(event)
                 elif event is END:
                     self.body_complete = True
@@ -1430,14 +1453,15 @@ class WSGIConnection:
 
     def end_response(self) -> None:
         """RFC 9112 §9.3: keep the connection for the next request, or close."""
-        keep = (self.keep_alive and self.body_complete and self.error is None
-                and not self.peer_eof and not self.server.stopping)
+        keep = (self.keep_alive and self.error is None and not self.peer_eof
+                and not self.server.stopping)
+        draining = not self.body_complete
         self._reset()
-        self.since = time.monotonic()
+        self.since = self.last_read = time.monotonic()
         if not keep:
             self.close_gracefully()
             return
-        self.state = "idle"
+        self.state = "draining" if draining else "idle"
         self.process()     # a pipelined request may be waiting (RFC 9112 §9.3.2)
 
     # -- the selector and closing ---------------------------------------------
@@ -1451,7 +1475,7 @@ class WSGIConnection:
             reading = True                  # discard until the client's FIN
         elif self.peer_eof:
             reading = False
-        elif self.state == "idle":
+        elif self.state in ("idle", "draining"):
             reading = True
         elif not self.body_complete:
             reading = self.body is None or not self.body.paused
@@ -1520,6 +1544,9 @@ class WSGIConnection:
                 # RFC 9110 §15.5.9: 408 for a head that takes too long (slowloris).
                 self.on_bad_request(HTTPError(408, "request head not received in time"))
                 self.watch()
+        elif self.state == "draining":
+            if now - self.last_read > config.timeout_read:
+                self.close()
         elif (not self.body_complete and self.events & selectors.EVENT_READ
               and now - self.last_read > config.timeout_read):
             self.on_bad_request(HTTPError(408, "request body not received in time"))
@@ -1786,21 +1813,29 @@ class HTTPCycle:
         if failure is not None:
             await self.fail(failure)
         elif self.state == "done" and not self.disconnected:
-            self.skip_unread_body()
+            await self.skip_unread_body()
         log_access(self.conn.config, scope["client"], self.request,
                    self.response.status or (failure.status if failure else 500),
                    self.response.sent, started)
 
-    def skip_unread_body(self) -> None:
-        """RFC 9112 §9.3: a body the app did not read must be skipped before the
-        next request; we do that only if all of it has already arrived."""
-        while not self.body_done:
+    async def skip_unread_body(self) -> None:
+        """RFC 9112 §9.3: read and drop a body the app did not read, so that the
+        next request can be found (only when can_drain(); else we close)."""
+        parser = self.conn.parser
+        while not self.body_done and self.response.keep_alive:
             try:
-                event = self.conn.parser.next_event()
+                event = parser.next_event()
             except HTTPError:
                 return              # the connection closes; the answer is sent
             if event is None:
-                return              # still on its way: close instead of waiting
+                try:
+                    data = await asyncio.wait_for(self.conn.read(),
+                                                  self.conn.config.timeout_read)
+                except asyncio.TimeoutError:
+                    return
+                if not data:
+                    return
+                parser.feed(data)
             self.body_done = event is END
 
     async def fail(self, error: HTTPError) -> None:
@@ -1900,9 +1935,11 @@ class HTTPCycle:
     async def send_body(self, body: bytes, more_body: bool) -> None:
         if type(body) is not bytes:
             raise TypeError(f"ASGI: body must be bytes, not {type(body).__name__}")
-        if self.send_continue and not self.head_written:
-            # RFC 9110 §10.1.1: we answer before asking for the body, so the
-            # client will not send it; say that we close instead of reading.
+        if not self.head_written and not self.body_done and (
+                self.send_continue or not can_drain(self.conn.parser.unread_body())):
+            # RFC 9110 §10.1.1: answering before asking for the body means the
+            # client will not send it; and a large unread body is not worth
+            # skipping. Either way, say that we close.
             self.send_continue = False
             self.response.keep_alive = False
             self.head = self.response.head(*self.start, time.time())
