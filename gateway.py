@@ -310,27 +310,36 @@ def parse_request_line(line: bytes) -> tuple[str, bytes, str]:
     return method.decode("ascii"), target, version[5:].decode("ascii")
 
 
-def split_target(method: str, target: bytes) -> tuple[bytes, bytes]:
-    """RFC 9112 §3.2: the four forms of request-target; returns (path, query)."""
+def split_target(method: str, target: bytes) -> tuple[bytes, bytes, bytes | None]:
+    """RFC 9112 §3.2: the four forms of request-target -> (path, query, authority).
+
+    `authority` is None unless the target is in absolute-form.
+    """
     if method == "CONNECT":
         # Policy: authority-form (§3.2.3) is for proxies; this is not one.
         raise HTTPError(501, "CONNECT is not supported")
     if target == b"*":
         if method != "OPTIONS":      # §3.2.4: asterisk-form is for OPTIONS only
             raise HTTPError(400, "'*' is only allowed with OPTIONS")
-        return b"*", b""
+        return b"*", b"", None
+    authority = None
     if target[:1] != b"/":
         # §3.2.2: absolute-form, "http://host/path?q", MUST be accepted by a
-        # server. The authority in it wins over Host (§3.3); we only need the path.
+        # server, and its authority then stands in for Host (§3.2.2, §3.3).
         scheme, sep, rest = target.partition(b"://")
         if not sep or scheme.lower() not in (b"http", b"https"):
             raise HTTPError(400, "malformed request target")
         slash = min(i for i in (rest.find(b"/"), rest.find(b"?"), len(rest)) if i >= 0)
-        target = rest[slash:]
+        authority, target = rest[:slash], rest[slash:]
+        # RFC 9110 §4.2.1: an empty host MUST be rejected; §4.2.4: userinfo
+        # SHOULD be treated as an error; and the port must be digits (§3.2).
+        if not authority or b"@" in authority or HOST.fullmatch(authority) is None \
+                or authority.startswith(b":"):
+            raise HTTPError(400, "malformed authority in the request target")
         if target[:1] != b"/":
             target = b"/" + target   # an empty path means "/" (RFC 9112 §3.2.2)
     path, _, query = target.partition(b"?")   # §3.2.1: split at the first "?"
-    return path, query
+    return path, query, authority
 
 
 def parse_field_line(line: bytes) -> tuple[bytes, bytes]:
@@ -381,7 +390,7 @@ def body_framing(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[bool
         value = values.pop()
         if not (value.isdigit() and value.isascii()):
             raise HTTPError(400, "malformed Content-Length")
-        if len(value) > MAX_LENGTH_DIGITS:
+        if len(value.lstrip(b"0")) > MAX_LENGTH_DIGITS:
             raise HTTPError(413, "Content-Length too large")   # Limit
         return False, int(value)
     return False, 0      # (7) neither: a request has no body
@@ -409,11 +418,16 @@ def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
     if len(lines[0]) > limits.limit_request_line:
         raise HTTPError(414, "request line too long")   # Limit: RFC 9112 §3
     method, target, version = parse_request_line(lines[0])
-    path, query = split_target(method, target)
+    path, query, authority = split_target(method, target)
     if len(lines) - 1 > limits.limit_request_fields:
         raise HTTPError(431, "too many header fields")    # Limit: RFC 6585 §5
     headers = [parse_field_line(line) for line in lines[1:]]
     check_host(version, headers)
+    if authority is not None:
+        # RFC 9112 §3.2.2: the server "MUST ignore the received Host header
+        # field (if any) and instead use the host information of the target".
+        headers = [(name, value) for name, value in headers if name != b"host"]
+        headers.append((b"host", authority))
     chunked, content_length = body_framing(version, headers)
     connection = comma_list(field_values(headers, b"connection"))
     if version == "1.1":   # RFC 9112 §9.3: persistent unless "close"
@@ -441,7 +455,7 @@ class RequestParser:
         self.body_size = 0    # bytes of this request's body seen so far
         self.limits = limits
         self.search_from = 0  # where to resume looking for the end of the head
-        self.trailer_bytes = 0
+        self.trailer_bytes = self.trailer_lines = 0
         self.empty_lines = 0  # empty lines skipped before this request-line
 
     def feed(self, data: bytes) -> None:
@@ -523,6 +537,9 @@ class RequestParser:
             line_length = len(buffer) - 1 if buffer[-1:] == b"\r" else len(buffer)
         else:
             line_length = newline - 1 if buffer[newline - 1:newline] == b"\r" else newline
+        first_line = buffer[: max(0, min(line_length, MAX_METHOD_BYTES + 1))]
+        if len(first_line) > MAX_METHOD_BYTES and b" " not in first_line:
+            raise HTTPError(501, "method too long")   # Limit: RFC 9112 §3, before 414
         if line_length > max_line:
             raise HTTPError(414, "request line too long")     # RFC 9112 §3
         # The head ends at `end`; while incomplete, no earlier than 2 bytes
@@ -532,7 +549,7 @@ class RequestParser:
 
     def _start_body(self, request: Request) -> None:
         self.body_size = 0
-        self.trailer_bytes = 0
+        self.trailer_bytes = self.trailer_lines = 0
         if request.chunked:
             self.state = "chunk-size"
         else:
@@ -629,6 +646,9 @@ class RequestParser:
                 self.state = "head"
                 return END
             self.trailer_bytes += len(line) + 2
+            self.trailer_lines += 1
+            if self.trailer_lines > self.limits.limit_request_fields:
+                raise HTTPError(431, "too many trailer fields")   # Limit, as for heads
             if self.trailer_bytes > self.limits.limit_request_head:
                 raise HTTPError(431, "trailer section too large")   # Limit
             parse_field_line(line)
@@ -667,10 +687,11 @@ def can_drain(unread: int | None) -> bool:
     """Policy: after a response, is the rest of an unread body cheap to skip?
 
     RFC 9112 §9.3: the next request starts after this body. Up to DRAIN_BYTES
-    we read and drop it to keep the connection; beyond that (or for a chunked
-    body of unknown size) the response says "Connection: close" instead.
+    we read and drop it to keep the connection; beyond that the response says
+    "Connection: close" instead. A chunked body's size is unknown (None): we
+    try, and close if more than DRAIN_BYTES come.
     """
-    return unread is not None and unread <= DRAIN_BYTES
+    return unread is None or unread <= DRAIN_BYTES
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -809,8 +830,9 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
     script_name = config.root_path.rstrip("/")
     # PEP 3333, "Unicode Issues": native strings hold the bytes as latin-1.
     path_info = unquote_to_bytes(request.path).decode("latin-1")
-    if script_name and path_info.startswith(script_name):
-        path_info = path_info[len(script_name):]
+    if script_name and (path_info == script_name
+                        or path_info.startswith(script_name + "/")):
+        path_info = path_info[len(script_name):]    # PEP 3333: the rest, from "/"
     environ = {
         "REQUEST_METHOD":        request.method,
         "SCRIPT_NAME":           script_name,
@@ -987,12 +1009,12 @@ class WSGIResponse:
         self.head_sent = True
         return head
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, wait: bool = True) -> None:
         """PEP 3333, "The write() Callable": queued in order before we return."""
         if type(data) is not bytes:
             raise TypeError(f"WSGI body must be bytes, not {type(data).__name__}")
         head = b"" if self.head_sent else self._head()
-        self.conn.put(head + self.response.body(data))
+        self.conn.put(head + self.response.body(data), wait)
 
     def final_bytes(self, last: bytes = b"") -> bytes:
         """The rest of the response once the app is done: head, `last`, end."""
@@ -1027,52 +1049,80 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
     return encoded
 
 
-def run_wsgi_app(conn: WSGIConnection, request: Request, environ: dict,
+class WSGICall:
+    """One PEP 3333 application call, from start_response() to close().
+
+    Runs on: a worker thread. While the client is slow to read, iteration
+    pauses: run() parks the call with the connection and returns, so a slow
+    client holds no thread; the loop hands the call back to a worker once
+    the client has caught up.
+    """
+
+    def __init__(self, conn: WSGIConnection, request: Request, environ: dict,
                  started: float) -> None:
-    """One PEP 3333 application call, start_response() to close(). Runs on: a worker."""
-    if conn.closed or conn.peer_eof:
-        conn.finish(b"", False)   # the client left while the request waited
-        return
-    response = WSGIResponse(conn, request)
-    final, keep_alive = b"", False
-    try:
-        result = conn.server.app(environ, response.start_response)
+        self.conn = conn
+        self.request = request
+        self.environ = environ
+        self.started = started
+        self.response = WSGIResponse(conn, request)
+        self.result = None
+        self.iterator = None
+
+    def run(self) -> None:
+        conn, response = self.conn, self.response
         try:
-            final = send_wsgi_result(result, response)
-            keep_alive = response.response.keep_alive
-        finally:
-            if hasattr(result, "close"):   # PEP 3333: always, even after errors
-                result.close()
-    except Exception as error:
-        final, keep_alive = wsgi_failure(conn, response, environ, error), False
-    conn.finish(final, keep_alive)
-    status = response.response.status if response.head_sent else (
-        conn.error.status if conn.error else 500)
-    log_access(conn.server.config, conn.client, request, status, response.response.sent,
-               started)
+            if self.iterator is None:
+                if conn.closed or conn.peer_eof:   # the client left while queued
+                    raise ClientDisconnected("client went away")
+                self.result = conn.server.app(self.environ, response.start_response)
+                final = self.first_result()
+                if final is not None:
+                    self.end(final, response.response.keep_alive)
+                    return
+            for data in self.iterator:
+                if data:      # PEP 3333: empty items send nothing, not even headers
+                    response.write(data, wait=False)
+                if conn.park_if_full(self):
+                    return            # resumed by the loop when the client catches up
+            self.end(response.final_bytes(), response.response.keep_alive)
+        except Exception as error:
+            self.end(wsgi_failure(conn, response, self.environ, error), False)
 
+    def first_result(self) -> bytes | None:
+        """Send a one-item or file result whole; else prepare to iterate."""
+        result, response = self.result, self.response
+        if (type(result) is FileWrapper and result.sendable() and not self.conn.tls
+                and not response.head_sent):
+            return send_file(result, response)
+        try:
+            single = len(result) == 1
+        except TypeError:      # PEP 3333: only len(), iter() and close() are used
+            single = False
+        if single and not response.head_sent:
+            # PEP 3333, "Handling the Content-Length Header": a one-item body
+            # has a known length, so the client can keep the connection open.
+            body = next(iter(result))
+            if response.status is not None and type(body) is bytes and not any(
+                    name.lower() == b"content-length" for name, _ in response.headers):
+                response.headers.append((b"Content-Length", b"%d" % len(body)))
+            return response.final_bytes(body)
+        self.iterator = iter(result)
+        return None
 
-def send_wsgi_result(result, response: WSGIResponse) -> bytes:
-    """Iterate the app's result; return the bytes that end the response."""
-    if (type(result) is FileWrapper and result.sendable() and not response.conn.tls
-            and not response.head_sent):
-        return send_file(result, response)
-    try:
-        single = len(result) == 1
-    except TypeError:          # PEP 3333: only len(), iter() and close() are used
-        single = False
-    if single and not response.head_sent:
-        # PEP 3333, "Handling the Content-Length Header": a one-item body has
-        # a known length, so the client can keep the connection open.
-        body = next(iter(result))
-        if response.status is not None and type(body) is bytes and not any(
-                name.lower() == b"content-length" for name, _ in response.headers):
-            response.headers.append((b"Content-Length", b"%d" % len(body)))
-        return response.final_bytes(body)
-    for data in result:
-        if data:      # PEP 3333: empty items send nothing, not even headers
-            response.write(data)
-    return response.final_bytes()
+    def end(self, final: bytes, keep_alive: bool) -> None:
+        """close() the result, hand over the last bytes, log the request."""
+        try:
+            if hasattr(self.result, "close"):  # PEP 3333: always, even after errors
+                self.result.close()
+        except Exception:      # the response itself is whole: send it, then close
+            log.exception("error in the close() of a WSGI result")
+            keep_alive = False
+        conn, response = self.conn, self.response
+        conn.finish(final, keep_alive)
+        status = response.response.status if response.head_sent else (
+            conn.error.status if conn.error else 500)
+        log_access(conn.server.config, conn.client, self.request, status,
+                   response.response.sent, self.started)
 
 
 class FileWrapper:
@@ -1193,6 +1243,7 @@ class WSGIConnection:
         self.room = threading.Condition()
         self.outbox: list[bytes] = []
         self.unsent = 0              # bytes put() but not yet sent
+        self.parked: WSGICall | None = None   # paused while the client reads
         self.worker_done = False
 
     def _reset(self) -> None:
@@ -1352,20 +1403,37 @@ class WSGIConnection:
             environ["HTTP_HOST"] = host
         if self.spool is not None:
             environ["CONTENT_LENGTH"] = str(length)
-        self.server.pool.submit(run_wsgi_app, self, request, environ, self.started)
+        self.server.pool.submit(WSGICall(self, request, environ, self.started).run)
 
     # -- writing ---------------------------------------------------------------
 
-    def put(self, data: bytes | FileRegion) -> None:
+    def put(self, data: bytes | FileRegion, wait: bool = True) -> None:
         """Runs on: a worker. Queue bytes to send; wait while too many are unsent."""
         with self.room:
-            while self.unsent > HIGH_WATER and not self.closed:
+            while wait and self.unsent > HIGH_WATER and not self.closed:
                 self.room.wait()
             if self.closed:
                 raise ClientDisconnected("client went away")
             self.outbox.append(data)
             self.unsent += len(data)
         self.server.wake(self)
+
+    def park_if_full(self, call: WSGICall) -> bool:
+        """Runs on: a worker. Too much unsent? Then leave `call` with us (the
+        loop resubmits it once the client has read enough) and say so."""
+        with self.room:
+            if self.unsent <= HIGH_WATER and not self.closed:
+                return False
+            self.parked = call
+        self.server.wake(self)     # the loop may have drained it meanwhile
+        return True
+
+    def resume_parked(self) -> None:
+        """Runs on: the loop. Give a parked call back to a worker thread."""
+        with self.room:
+            call, self.parked = self.parked, None
+        if call is not None:
+            self.server.pool.submit(call.run)
 
     def wait_until_sent(self) -> None:
         """Runs on: a worker. Wait until everything put() so far is sent."""
@@ -1393,6 +1461,8 @@ class WSGIConnection:
                 self.done = True
         for item in outbox:
             self.queue_output(item)
+        if self.parked is not None and self.unsent <= LOW_WATER:
+            self.resume_parked()      # it parked after the loop had caught up
         if self.state == "busy" and not self.body_complete:
             self.process()           # the app made room for more body
         self.flush()
@@ -1443,8 +1513,11 @@ class WSGIConnection:
             self.last_write = time.monotonic()
             with self.room:
                 self.unsent -= sent
-                if self.unsent <= LOW_WATER:
+                resume = self.unsent <= LOW_WATER
+                if resume:
                     self.room.notify()    # a worker may be waiting in put()
+            if resume and self.parked is not None:
+                self.resume_parked()
             if len(item):
                 return                    # the socket is full: wait for EVENT_WRITE
             self.sending.popleft()
@@ -1522,6 +1595,7 @@ class WSGIConnection:
         self.server.connections.discard(self)
         with self.room:
             self.room.notify_all()   # a worker waiting in put() must see this
+        self.resume_parked()         # a parked call ends (and close()s) on a worker
         if self.body is not None:
             self.body.finish(ClientDisconnected("connection closed"))
 
@@ -1822,11 +1896,14 @@ class HTTPCycle:
         """RFC 9112 §9.3: read and drop a body the app did not read, so that the
         next request can be found (only when can_drain(); else we close)."""
         parser = self.conn.parser
-        while not self.body_done and self.response.keep_alive:
+        dropped = 0
+        while not self.body_done and self.response.keep_alive and dropped <= DRAIN_BYTES:
             try:
                 event = parser.next_event()
             except HTTPError:
                 return              # the connection closes; the answer is sent
+            if type(event) is bytes:
+                dropped += len(event)
             if event is None:
                 try:
                     data = await asyncio.wait_for(self.conn.read(),

@@ -7,18 +7,26 @@ thread, talks raw bytes to it, and waits on conditions with bounded timeouts.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
+import io
+import json
 import logging
 import os
 import queue
+import random
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
+from http import HTTPStatus
+from wsgiref.validate import WSGIWarning, validator
 
 import pytest
 
@@ -264,10 +272,11 @@ ACCEPTED_HEADS = [
      head_of(target=b"/a?", path=b"/a", query=b""), b"",
      "RFC 9112 §3.2.1 empty query"),
     (b"GET http://h:1/p?q HTTP/1.1\r\nHost: t\r\n\r\n",
-     head_of(target=b"http://h:1/p?q", path=b"/p", query=b"q"), b"",
-     "RFC 9112 §3.2.2 absolute-form"),
+     head_of(target=b"http://h:1/p?q", path=b"/p", query=b"q",
+             headers=[(b"host", b"h:1")]), b"",
+     "RFC 9112 §3.2.2 absolute-form: its authority replaces Host"),
     (b"GET http://h HTTP/1.1\r\nHost: t\r\n\r\n",
-     head_of(target=b"http://h", path=b"/"), b"",
+     head_of(target=b"http://h", path=b"/", headers=[(b"host", b"h")]), b"",
      "RFC 9112 §3.2.2 absolute-form empty path is slash"),
     (b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n",
      head_of(method="OPTIONS", target=b"*", path=b"*"), b"",
@@ -1813,7 +1822,7 @@ LIMITS_PIECE = b"x" * 65536
 LIMITS_PIECES = 4096        # 256 MiB: far more than any socket buffers hold
 
 
-def test_limits_write_timeout_wsgi_frees_the_worker():
+def test_limits_slow_reader_holds_no_wsgi_worker_and_times_out():
     big_closed = threading.Event()
 
     def app(environ, start_response):
@@ -1833,12 +1842,14 @@ def test_limits_write_timeout_wsgi_frees_the_worker():
         with limits_connect(port, rcvbuf=4096) as stuck:
             stuck.sendall(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")   # never read
             with limits_connect(port) as other:
-                # The only worker is busy with /big until timeout_write frees it.
+                # /big is parked while its client does not read, so the only
+                # worker is free: the second client is answered at once.
                 other.sendall(b"GET /second HTTP/1.1\r\nHost: test\r\n\r\n")
                 expected = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                             b"Content-Length: 6\r\nServer: gateway\r\n\r\nsecond")
                 assert ResponseReader(other).read_exact(len(expected)) == expected
-                assert big_closed.is_set()
+                # timeout_write then drops the stuck client and close()s its result.
+                wait_for(big_closed.is_set)
             data = read_until_closed(stuck)       # what the kernel held, then EOF
             assert data.startswith(b"HTTP/1.1 200 OK\r\n")
             assert len(data) < len(LIMITS_PIECE) * LIMITS_PIECES
@@ -2036,3 +2047,1840 @@ def test_limits_log_injection_is_escaped(interface, caplog):
     assert message.endswith("GET /a\\r\\nFAKE LOG LINE\\x1b[31m"), message
     assert "\n" not in message and "\r" not in message and "\x1b" not in message
     assert not any(line.startswith("FAKE") for line in caplog.text.splitlines())
+
+
+# =============================================================================
+# HTTP/1.1 under hostile input (issue item 8)
+#
+# 1. A table of malformed requests, each sent over a real socket to both
+#    paths: exact status, a correct error response, Connection: close, EOF,
+#    and the app is never given what came after the error.
+# 2. Request smuggling: one test per framing rule, with a second request
+#    hidden behind the first; the app must never see it.
+# 3. A seeded random-mutation run of the parser alone: HTTPError or events,
+#    never another exception, and the same answer for any split.
+# 4. Slow and non-reading clients do not starve a normal client, and the
+#    server recovers once they leave.
+#
+# Names start with hostile_ / test_hostile_ so that this part can be pasted
+# into test_gateway.py.
+# =============================================================================
+
+HOSTILE_MAX_LINE = 8 * 1024          # SPEC H1-09: request-line limit -> 414
+HOSTILE_MAX_HEAD = 64 * 1024         # SPEC H1-21: head limit -> 431
+HOSTILE_MAX_FIELDS = 100             # SPEC H1-21: field-line limit -> 431
+HOSTILE_MAX_METHOD = 32              # SPEC H1-07: method limit -> 501
+HOSTILE_MAX_CHUNK_LINE = 4 * 1024    # SPEC H1-36: chunk-size line limit -> 400
+
+HOSTILE_EVIL = b"EVIL"               # bytes placed after a framing error
+HOSTILE_SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+HOSTILE_CHUNKED = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def hostile_head(*fields: bytes, line: bytes = b"GET / HTTP/1.1") -> bytes:
+    """A request head: `line`, then the given field lines (no Host added)."""
+    return line + b"\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+
+
+def hostile_host(*fields: bytes, line: bytes = b"GET / HTTP/1.1") -> bytes:
+    """A request head with "Host: x" and the given extra field lines."""
+    return hostile_head(b"Host: x", *fields, line=line)
+
+
+def hostile_post(*fields: bytes, body: bytes = b"") -> bytes:
+    """A POST head with "Host: x", the given field lines, then `body`."""
+    return hostile_host(*fields, line=b"POST / HTTP/1.1") + body
+
+
+def hostile_recording_app(interface: str, calls: list):
+    """An app that records every call and echoes the body with a Content-Length.
+
+    It records ("call", path) when called, ("piece", bytes) for every piece
+    of body it is given, ("body", bytes) once the server has reported the body
+    complete, and ("disconnect",) on the ASGI path when receive() says the
+    body will never be complete. It reads the whole body before it starts its
+    response, so a body error always becomes the server's error response.
+    """
+    if interface == "wsgi":
+        def app(environ, start_response):
+            calls.append(("call", environ["PATH_INFO"]))
+            body = b""
+            while piece := environ["wsgi.input"].read(16):   # wsgi.input_terminated
+                calls.append(("piece", piece))
+                body += piece
+            calls.append(("body", body))
+            start_response("200 OK", [("Content-Type", "text/plain"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        return app
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        calls.append(("call", scope["path"]))
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                calls.append(("disconnect",))
+                return
+            if message.get("body"):
+                calls.append(("piece", message["body"]))
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        calls.append(("body", body))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"),
+                                (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+def hostile_ignoring_app(interface: str, calls: list):
+    """An app that records its path and answers "ok" without reading the body."""
+    if interface == "wsgi":
+        def app(environ, start_response):
+            calls.append(("call", environ["PATH_INFO"]))
+            start_response("200 OK", [("Content-Length", "2")])
+            return [b"ok"]
+        return app
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        calls.append(("call", scope["path"]))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+    return app
+
+
+HOSTILE_APPS = {"reads-body": hostile_recording_app, "ignores-body": hostile_ignoring_app}
+
+
+def hostile_read_error(sock: socket.socket) -> bytes:
+    """Everything the server sends until EOF; but if the first response head
+    does not say "Connection: close", only what has arrived by then (so that
+    a wrong answer fails at once instead of after the keep-alive timeout)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        if not piece:
+            return data
+        data += piece
+    if b"\r\nconnection: close\r\n" not in data.split(b"\r\n\r\n")[0].lower() + b"\r\n":
+        return data
+    return data + read_until_closed(sock)
+
+
+def hostile_send(port: int, raw: bytes, half_close: bool = False) -> bytes:
+    """Send raw bytes (then FIN if asked); what the server sends, see above."""
+    with connect(port) as sock:
+        sock.sendall(raw)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        return hostile_read_error(sock)
+
+
+def hostile_check_error_response(data: bytes, status: int) -> None:
+    """`data` is exactly one server error response for `status`, then EOF."""
+    line = b"HTTP/1.1 %d " % status
+    assert data.startswith(line), f"expected {line!r}, got {data[:80]!r}"
+    assert b"\r\n\r\n" in data, f"no complete head: {data[:200]!r}"
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    assert lines[0] == line + HTTPStatus(status).phrase.encode()
+    fields = [field.partition(b":") for field in lines[1:]]
+    names = [name.lower() for name, _, _ in fields]
+    values = {name.lower(): value.strip(b" ") for name, _, value in fields}
+    assert len(names) == len(set(names)), f"a repeated field: {head!r}"
+    assert b"transfer-encoding" not in values
+    assert values[b"connection"] == b"close"
+    # read_until_closed() returned, so the body below is all that came before
+    # EOF: it must be exactly Content-Length long (one response, nothing after).
+    assert values[b"content-length"] == b"%d" % len(body)
+    assert values[b"content-type"].startswith(b"text/plain")
+    assert body.startswith(b"%d " % status)
+    assert b"Traceback" not in body and b"Error(" not in body
+
+
+def hostile_paths(calls: list) -> list[str]:
+    return [entry[1] for entry in calls if entry[0] == "call"]
+
+
+def hostile_bodies(calls: list) -> list[bytes]:
+    return [entry[1] for entry in calls if entry[0] == "body"]
+
+
+def hostile_check_alive(port: int, echo: bool = True) -> None:
+    """A normal request on a new connection is still answered."""
+    body = b"still alive"
+    raw = b"POST /alive HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body), body)
+    status, _, got = request(port, raw)
+    assert (status, got) == (200, body if echo else b"ok")
+
+
+# =============================================================================
+# 1. The hostile request table
+#
+# kind "head":  the error is in the head; the app is never called.
+# kind "body":  the error is in the chunked body; the app may have been called
+#               (ASGI streams the body; WSGI may start before it all arrived),
+#               but it never gets a complete body, nor a byte after the error.
+# kind "close": EOF (our FIN) before the request is complete: the server
+#               closes without a response, and the app never gets a complete
+#               body.
+# =============================================================================
+
+
+def hostile_row(rule: str, raw: bytes, expected, kind: str = "head", bug: str = ""):
+    marks = [pytest.mark.xfail(strict=True, reason="BUG: " + bug)] if bug else []
+    return pytest.param(raw, expected, kind, id=rule, marks=marks)
+
+
+HOSTILE_TOO_MANY_FIELDS = tuple(b"X-%d: v" % i for i in range(HOSTILE_MAX_FIELDS))
+HOSTILE_LONG_TARGET = b"/" + b"a" * HOSTILE_MAX_LINE
+HOSTILE_BIG_FIELD = b"X-Big: " + b"v" * (HOSTILE_MAX_HEAD + 10)
+HOSTILE_HALF_FIELD = b"v" * (HOSTILE_MAX_HEAD // 2)
+
+
+def hostile_chunked(body: bytes) -> bytes:
+    return HOSTILE_CHUNKED + body
+
+
+HOSTILE_ROWS = [
+    # -- the request-line: RFC 9112 §2.2, §3 ------------------------------------
+    hostile_row("H1-05 two spaces after method", hostile_host(line=b"GET  / HTTP/1.1"), 400),
+    hostile_row("H1-05 leading space", hostile_host(line=b" GET / HTTP/1.1"), 400),
+    hostile_row("H1-05 trailing space", hostile_host(line=b"GET / HTTP/1.1 "), 400),
+    hostile_row("H1-05 HTAB separators", hostile_host(line=b"GET\t/\tHTTP/1.1"), 400),
+    hostile_row("H1-05 VT separator", hostile_host(line=b"GET\x0b/ HTTP/1.1"), 400),
+    hostile_row("H1-05 FF separator", hostile_host(line=b"GET /\x0cHTTP/1.1"), 400),
+    hostile_row("H1-05 missing target", hostile_host(line=b"GET HTTP/1.1"), 400),
+    hostile_row("H1-05 missing method", hostile_host(line=b"/ HTTP/1.1"), 400),
+    hostile_row("H1-05 method only", hostile_host(line=b"GET"), 400),
+    hostile_row("H1-05 empty request-line then fields", b"\r\n\r\nHost: x\r\n\r\n", 400),
+    hostile_row("H1-13 lowercase version", hostile_host(line=b"GET / http/1.1"), 400),
+    hostile_row("H1-13 version without minor", hostile_host(line=b"GET / HTTP/1"), 400),
+    hostile_row("H1-13 two-digit minor", hostile_host(line=b"GET / HTTP/1.10"), 400),
+    hostile_row("H1-13 junk after version", hostile_host(line=b"GET / HTTP/1.1x"), 400),
+    hostile_row("H1-13 HTTP-2.0", hostile_host(line=b"GET / HTTP/2.0"), 505),
+    hostile_row("H1-13 HTTP-0.9 version", hostile_host(line=b"GET / HTTP/0.9"), 505),
+    hostile_row("H1-13 HTTP-0.9 style no version", b"GET /\r\n\r\n", 400),
+    hostile_row("H1-13 HTTP-2 connection preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+    hostile_row("H1-06 method with paren", hostile_host(line=b"G(T / HTTP/1.1"), 400),
+    hostile_row("H1-06 method with at-sign", hostile_host(line=b"GE@T / HTTP/1.1"), 400),
+    hostile_row("H1-06 method with NUL", hostile_host(line=b"G\x00T / HTTP/1.1"), 400),
+    hostile_row("H1-06 method non-ASCII", hostile_host(line=b"G\xc3\x89T / HTTP/1.1"), 400),
+    hostile_row("H1-07 method of 33 bytes",
+                hostile_host(line=b"M" * (HOSTILE_MAX_METHOD + 1) + b" / HTTP/1.1"), 501),
+    hostile_row("H1-07 method of 9000 bytes with a short target",
+                hostile_host(line=b"M" * 9000 + b" / HTTP/1.1"), 501),
+    hostile_row("H1-08 NUL in target", hostile_host(line=b"GET /a\x00b HTTP/1.1"), 400),
+    hostile_row("H1-08 CTL in target", hostile_host(line=b"GET /a\x01b HTTP/1.1"), 400),
+    hostile_row("H1-08 DEL in target", hostile_host(line=b"GET /a\x7fb HTTP/1.1"), 400),
+    hostile_row("H1-08 fragment in target", hostile_host(line=b"GET /a#b HTTP/1.1"), 400),
+    hostile_row("H1-08 space in target", hostile_host(line=b"GET /a b HTTP/1.1"), 400),
+    hostile_row("H1-08 non-ASCII target", hostile_host(line=b"GET /\xc3\xa9 HTTP/1.1"), 400),
+    hostile_row("H1-09 request-line over 8 KiB",
+                hostile_host(line=b"GET " + HOSTILE_LONG_TARGET + b" HTTP/1.1"), 414),
+    hostile_row("H1-12 asterisk with GET", hostile_host(line=b"GET * HTTP/1.1"), 400),
+    hostile_row("H1-12 CONNECT", hostile_host(line=b"CONNECT x:443 HTTP/1.1"), 501),
+    hostile_row("H1-12 authority-form with GET", hostile_host(line=b"GET x:443 HTTP/1.1"), 400),
+    hostile_row("H1-11 non-http scheme", hostile_host(line=b"GET ftp://x/ HTTP/1.1"), 400),
+    hostile_row("H1-11 absolute-form with an empty host",
+                hostile_host(line=b"GET http:///p HTTP/1.1"), 400),
+    hostile_row("H1-11 absolute-form with letters in the port",
+                hostile_host(line=b"GET http://x:8x/ HTTP/1.1"), 400),
+    hostile_row("H1-11 absolute-form with userinfo",
+                hostile_host(line=b"GET http://u@x/ HTTP/1.1"), 400),
+    hostile_row("H1-04 nine empty CRLF lines first", b"\r\n" * 9 + hostile_host(), 400),
+    hostile_row("H1-04 nine empty LF lines first", b"\n" * 9 + hostile_host(), 400),
+    hostile_row("H1-03 lone CR in request-line", hostile_host(line=b"GET /\r HTTP/1.1"), 400),
+    hostile_row("H1-03 lone CR ends request-line", b"GET / HTTP/1.1\rHost: x\r\n\r\n", 400),
+    # -- field lines: RFC 9112 §5, RFC 9110 §5.5 --------------------------------
+    hostile_row("H1-16 space before colon", hostile_host(b"X : y"), 400),
+    hostile_row("H1-16 HTAB before colon", hostile_host(b"X\t: y"), 400),
+    hostile_row("H1-19 obs-fold", hostile_host(b"X: a", b" b"), 400),
+    hostile_row("H1-14 whitespace line after request-line",
+                b"GET / HTTP/1.1\r\n Host: x\r\n\r\n", 400),
+    hostile_row("H1-15 no colon", hostile_host(b"X-Foo bar"), 400),
+    hostile_row("H1-15 empty name", hostile_host(b": v"), 400),
+    hostile_row("H1-15 space inside name", hostile_host(b"X Y: v"), 400),
+    hostile_row("H1-15 paren in name", hostile_host(b"X(y): v"), 400),
+    hostile_row("H1-15 non-ASCII name", hostile_host(b"X\xe9: v"), 400),
+    hostile_row("H1-18 NUL in value", hostile_host(b"X: a\x00b"), 400),
+    hostile_row("H1-18 lone CR in value", hostile_host(b"X: a\rb"), 400),
+    hostile_row("H1-18 VT in value", hostile_host(b"X: a\x0bb"), 400),
+    hostile_row("H1-18 ESC in value", hostile_host(b"X: a\x1bb"), 400),
+    hostile_row("H1-18 DEL in value", hostile_host(b"X: a\x7fb"), 400),
+    hostile_row("H1-21 more than 100 field lines", hostile_host(*HOSTILE_TOO_MANY_FIELDS), 431),
+    hostile_row("H1-21 one field over 64 KiB", hostile_host(HOSTILE_BIG_FIELD), 431),
+    hostile_row("H1-21 head over 64 KiB in two fields",
+                hostile_host(b"A: " + HOSTILE_HALF_FIELD, b"B: " + HOSTILE_HALF_FIELD), 431),
+    hostile_row("H1-23 no Host on HTTP-1.1", hostile_head(), 400),
+    hostile_row("H1-23 two Host lines", hostile_host(b"Host: x"), 400),
+    hostile_row("H1-23 two Host lines differing case", hostile_host(b"hOST: y"), 400),
+    hostile_row("H1-23 two Host lines on HTTP-1.0",
+                hostile_head(b"Host: a", b"Host: b", line=b"GET / HTTP/1.0"), 400),
+    hostile_row("H1-23 Host with space", hostile_head(b"Host: a b"), 400),
+    hostile_row("H1-23 Host with slash", hostile_head(b"Host: a/b"), 400),
+    hostile_row("H1-23 Host with userinfo", hostile_head(b"Host: u@a"), 400),
+    hostile_row("H1-23 Host with letters in port", hostile_head(b"Host: a:8x"), 400),
+    hostile_row("H1-23 Host with two ports", hostile_head(b"Host: a:1:2"), 400),
+    hostile_row("H1-23 Host with unclosed IPv6", hostile_head(b"Host: [::1"), 400),
+    hostile_row("H1-23 Host with obs-text", hostile_head(b"Host: \xe9"), 400),
+    # -- Content-Length: RFC 9110 §8.6, RFC 9112 §6.3 ---------------------------
+    hostile_row("H1-25 CL plus sign", hostile_post(b"Content-Length: +5", body=b"hello"), 400),
+    hostile_row("H1-25 CL negative", hostile_post(b"Content-Length: -1"), 400),
+    hostile_row("H1-25 CL hex", hostile_post(b"Content-Length: 0x10"), 400),
+    hostile_row("H1-25 CL underscore", hostile_post(b"Content-Length: 1_0"), 400),
+    hostile_row("H1-25 CL inner space", hostile_post(b"Content-Length: 5 5"), 400),
+    hostile_row("H1-25 CL empty", hostile_post(b"Content-Length:"), 400),
+    hostile_row("H1-25 CL decimal point", hostile_post(b"Content-Length: 5.0"), 400),
+    hostile_row("H1-25 CL non-ASCII digit", hostile_post(b"Content-Length: \xb2"), 400),
+    hostile_row("H1-26 CL list differs", hostile_post(b"Content-Length: 5, 6"), 400),
+    hostile_row("H1-26 CL list with empty member", hostile_post(b"Content-Length: 5,"), 400),
+    hostile_row("H1-26 CL two differing lines",
+                hostile_post(b"Content-Length: 5", b"Content-Length: 6"), 400),
+    hostile_row("H1-27 CL of 19 digits", hostile_post(b"Content-Length: " + b"9" * 19), 413),
+    hostile_row("H1-27 CL of 100 digits", hostile_post(b"Content-Length: " + b"1" * 100), 413),
+    # -- Transfer-Encoding: RFC 9112 §6.1, §6.3 ---------------------------------
+    hostile_row("H1-32 TE then CL",
+                hostile_post(b"Transfer-Encoding: chunked", b"Content-Length: 5",
+                             body=b"0\r\n\r\n"), 400),
+    hostile_row("H1-32 CL then TE",
+                hostile_post(b"Content-Length: 5", b"Transfer-Encoding: chunked",
+                             body=b"0\r\n\r\n"), 400),
+    hostile_row("H1-33 TE on HTTP-1.0",
+                hostile_head(b"Transfer-Encoding: chunked", line=b"POST / HTTP/1.0")
+                + b"0\r\n\r\n", 400),
+    hostile_row("H1-29 TE gzip", hostile_post(b"Transfer-Encoding: gzip"), 400),
+    hostile_row("H1-29 TE xchunked", hostile_post(b"Transfer-Encoding: xchunked"), 400),
+    hostile_row("H1-29 TE chunked then identity",
+                hostile_post(b"Transfer-Encoding: chunked, identity"), 400),
+    hostile_row("H1-29 TE quoted chunked", hostile_post(b'Transfer-Encoding: "chunked"'), 400),
+    hostile_row("H1-29 TE lines chunked then gzip",
+                hostile_post(b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip"), 400),
+    hostile_row("H1-30 TE gzip then chunked",
+                hostile_post(b"Transfer-Encoding: gzip, chunked", body=b"0\r\n\r\n"), 501),
+    hostile_row("H1-30 TE identity then chunked",
+                hostile_post(b"Transfer-Encoding: identity, chunked", body=b"0\r\n\r\n"), 501),
+    hostile_row("H1-31 TE chunked twice",
+                hostile_post(b"Transfer-Encoding: chunked, chunked", body=b"0\r\n\r\n"), 400),
+    hostile_row("H1-31 TE chunked on two lines",
+                hostile_post(b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked",
+                             body=b"0\r\n\r\n"), 400),
+    hostile_row("H1-31 TE chunked with a parameter",
+                hostile_post(b"Transfer-Encoding: chunked;q=1", body=b"0\r\n\r\n"), 400),
+    hostile_row("H1-28 TE empty", hostile_post(b"Transfer-Encoding:"), 400),
+    hostile_row("H1-28 TE only commas", hostile_post(b"Transfer-Encoding: , ,"), 400),
+    hostile_row("H1-19 TE by obs-fold",
+                hostile_post(b"Transfer-Encoding:", b" chunked", body=b"0\r\n\r\n"), 400),
+    # -- chunked bodies: RFC 9112 §7.1 ------------------------------------------
+    hostile_row("H1-35 chunk size not hex",
+                hostile_chunked(b"zz\r\n" + HOSTILE_EVIL + b"\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 chunk size 0x prefix",
+                hostile_chunked(b"0x4\r\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 chunk size negative",
+                hostile_chunked(b"-4\r\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 chunk size plus sign",
+                hostile_chunked(b"+4\r\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 chunk size underscore",
+                hostile_chunked(b"0_4\r\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 chunk size of 17 hex digits",
+                hostile_chunked(b"1" + b"0" * 15 + b"4\r\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 space inside chunk size",
+                hostile_chunked(b"0 4\r\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 space before chunk size",
+                hostile_chunked(b" 4\r\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 empty chunk size line",
+                hostile_chunked(b"\r\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 no CRLF after chunk data",
+                hostile_chunked(b"5\r\nhelloEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 bare LF after chunk data",
+                hostile_chunked(b"5\r\nhello\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 bare LF ends chunk size line",
+                hostile_chunked(b"4\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-35 bare LF ends last chunk",
+                hostile_chunked(b"0\nEVIL\r\n\r\n"), 400, "body"),
+    hostile_row("H1-36 chunk-ext over 4 KiB",
+                hostile_chunked(b"4;" + b"e" * HOSTILE_MAX_CHUNK_LINE + b"\r\nEVIL\r\n0\r\n\r\n"),
+                400, "body"),
+    hostile_row("H1-36 chunk-ext without a name",
+                hostile_chunked(b"4;=x\r\nEVIL\r\n0\r\n\r\n"), 400, "body"),
+    hostile_row("H1-36 chunk-ext with a bad quoted value",
+                hostile_chunked(b'4;a="x\r\nEVIL\r\n0\r\n\r\n'), 400, "body"),
+    hostile_row("H1-37 trailer with space before colon",
+                hostile_chunked(b"0\r\nX : EVIL\r\n\r\n"), 400, "body"),
+    hostile_row("H1-37 trailer obs-fold",
+                hostile_chunked(b"0\r\nX: a\r\n EVIL\r\n\r\n"), 400, "body"),
+    hostile_row("H1-37 trailer with NUL",
+                hostile_chunked(b"0\r\nX: \x00EVIL\r\n\r\n"), 400, "body"),
+    hostile_row("H1-37 trailer without colon",
+                hostile_chunked(b"0\r\nEVIL\r\n\r\n"), 400, "body"),
+    hostile_row("H1-37 more than 100 trailer fields",
+                hostile_chunked(b"0\r\n" + b"".join(f + b"\r\n" for f in HOSTILE_TOO_MANY_FIELDS)
+                                + b"X-Last: v\r\n\r\n"), 431, "body"),
+    # -- Expect: RFC 9110 §10.1.1 -----------------------------------------------
+    hostile_row("HF-22 Expect other than 100-continue", hostile_host(b"Expect: fly"), 417),
+    hostile_row("HF-22 Expect list with an unknown member",
+                hostile_post(b"Expect: 100-continue, fly", b"Content-Length: 2"), 417),
+    hostile_row("HF-22 Expect 100-continue with a parameter",
+                hostile_post(b"Expect: 100-continue;x=1", b"Content-Length: 2"), 417),
+    # -- EOF before the request is complete: RFC 9112 §8, §9.5 ------------------
+    hostile_row("HF-18 EOF in the request-line", b"GET / HT", "close", "close"),
+    hostile_row("HF-18 EOF in the head", b"GET / HTTP/1.1\r\nHost: x\r\n", "close", "close"),
+    hostile_row("HF-18 EOF after empty lines", b"\r\n\r\n", "close", "close"),
+    hostile_row("H1-39 EOF in a Content-Length body",
+                hostile_post(b"Content-Length: 10", body=b"hello"), "close", "close"),
+    hostile_row("H1-39 EOF in a chunk",
+                hostile_chunked(b"a\r\nhello"), "close", "close"),
+    hostile_row("H1-39 EOF before the end of the trailers",
+                hostile_chunked(b"5\r\nhello\r\n0\r\n"), "close", "close"),
+]
+
+
+@pytest.mark.parametrize("raw,expected,kind", HOSTILE_ROWS)
+def test_hostile_request(interface, raw, expected, kind):
+    calls: list = []
+    with running_server(interface, hostile_recording_app(interface, calls)) as port:
+        data = hostile_send(port, raw, half_close=(kind == "close"))
+        if expected == "close":
+            assert data == b"", "an incomplete request got a response"
+        else:
+            hostile_check_error_response(data, expected)
+        if kind == "head":
+            assert calls == [], "the app was called for a request with a bad head"
+        else:
+            # At most the one request, and never a complete body (H1-39).
+            assert set(hostile_paths(calls)) <= {"/"}, calls
+            assert hostile_bodies(calls) == [], "an invalid body was reported complete"
+        assert not any(HOSTILE_EVIL in repr(entry).encode() for entry in calls)
+        hostile_check_alive(port)
+
+
+def test_hostile_table_is_large_enough():
+    assert len(HOSTILE_ROWS) >= 60
+    ids = [row.id for row in HOSTILE_ROWS]
+    assert len(ids) == len(set(ids))
+
+
+# =============================================================================
+# 2. Request smuggling (RFC 9112 §11.2)
+#
+# Each request hides "GET /smuggled" where a server that framed it another way
+# would read it as the next request. The app must never be called for it, and
+# the connection closes right after the one error response.
+# =============================================================================
+
+HOSTILE_SMUGGLING = {
+    # rule: (raw, status)
+    "H1-32 TE then CL": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(HOSTILE_SMUGGLED), HOSTILE_SMUGGLED), 400),
+    "H1-32 CL then TE": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n%s" % (5 + len(HOSTILE_SMUGGLED), HOSTILE_SMUGGLED), 400),
+    "H1-26 two differing CL": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(HOSTILE_SMUGGLED), HOSTILE_SMUGGLED), 400),
+    "H1-26 CL list differs": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d, 0\r\n\r\n%s"
+        % (len(HOSTILE_SMUGGLED), HOSTILE_SMUGGLED), 400),
+    "H1-29 TE not final chunked": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
+        b"0\r\n\r\n" + HOSTILE_SMUGGLED, 400),
+    "H1-19 TE by obs-fold": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n chunked\r\n\r\n"
+        b"0\r\n\r\n" + HOSTILE_SMUGGLED, 400),
+    "H1-35 chunk size overflows 64 bits": (
+        # 0x1_0000_0000_0000_0005 is 5 in a 64-bit parser: "hello", then the end.
+        HOSTILE_CHUNKED + b"10000000000000005\r\nhello\r\n0\r\n\r\n" + HOSTILE_SMUGGLED, 400),
+    "H1-35 bad chunk terminator": (
+        # A parser that skips two bytes after the data without checking them
+        # reads "0\r\n\r\n" here and then the hidden request.
+        HOSTILE_CHUNKED + b"5\r\nhelloXX0\r\n\r\n" + HOSTILE_SMUGGLED, 400),
+    "H1-33 TE on HTTP-1.0": (
+        b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n" + HOSTILE_SMUGGLED, 400),
+    "H1-25 CL with a sign": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +0\r\n\r\n" + HOSTILE_SMUGGLED, 400),
+}
+
+
+@pytest.mark.parametrize("app_kind", HOSTILE_APPS)
+@pytest.mark.parametrize("rule", HOSTILE_SMUGGLING)
+def test_hostile_smuggling(interface, rule, app_kind):
+    raw, status = HOSTILE_SMUGGLING[rule]
+    calls: list = []
+    with running_server(interface, HOSTILE_APPS[app_kind](interface, calls)) as port:
+        data = hostile_send(port, raw)            # the server closes: EOF
+        if data.startswith(b"HTTP/1.1 200 ") and app_kind == "ignores-body" and \
+                rule.startswith("H1-35"):
+            # The app answered before the body was read, so the framing error
+            # was found afterwards: that one response, then EOF.
+            assert data.endswith(b"\r\n\r\nok") and data.count(b"HTTP/1.1") == 1, data
+        else:
+            hostile_check_error_response(data, status)
+        assert "/smuggled" not in hostile_paths(calls), calls
+        assert set(hostile_paths(calls)) <= {"/"}, calls
+        assert hostile_bodies(calls) == [], "an invalid body was reported complete"
+        hostile_check_alive(port, echo=app_kind == "reads-body")
+
+
+@pytest.mark.parametrize("app_kind", HOSTILE_APPS)
+def test_hostile_smuggling_detector_control(interface, app_kind):
+    """Control: a valid request followed by the same hidden request IS served.
+
+    This shows that the smuggling tests above would see /smuggled if the
+    server read it as a request.
+    """
+    raw = HOSTILE_CHUNKED + b"0\r\n\r\n" + HOSTILE_SMUGGLED
+    calls: list = []
+    with running_server(interface, HOSTILE_APPS[app_kind](interface, calls)) as port:
+        with connect(port) as sock:
+            sock.sendall(raw)
+            reader = ResponseReader(sock)
+            assert reader.read_response()[0] == 200
+            assert reader.read_response()[0] == 200
+        assert hostile_paths(calls) == ["/", "/smuggled"]
+
+
+@pytest.mark.parametrize("app_kind", HOSTILE_APPS)
+def test_hostile_unread_body_is_not_a_request(interface, app_kind):
+    """RFC 9112 §6.3: a Content-Length body that holds a request is still body,
+    also when the app never reads it (the server must skip it itself)."""
+    raw = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+           % (len(HOSTILE_SMUGGLED), HOSTILE_SMUGGLED))
+    after = b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    calls: list = []
+    with running_server(interface, HOSTILE_APPS[app_kind](interface, calls)) as port:
+        with connect(port) as sock:
+            sock.sendall(raw + after)
+            reader = ResponseReader(sock)
+            responses = []
+            while True:
+                status, headers, _ = reader.read_response()
+                responses.append(status)
+                if headers.get(b"connection") == b"close":
+                    break
+            assert reader.buffer + read_until_closed(sock) == b""
+        assert "/smuggled" not in hostile_paths(calls), calls
+        # The body was skipped: either /after was served, or the server chose
+        # to close after the first response (HF-16); never a third request.
+        assert hostile_paths(calls) in (["/"], ["/", "/after"])
+        assert len(responses) == len(hostile_paths(calls))
+
+
+# =============================================================================
+# 3. Random mutations of valid requests, fed to the parser alone
+# =============================================================================
+
+HOSTILE_SEEDS = [
+    b"GET /a/b?c=d&e HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n"
+    b"Connection: keep-alive\r\n\r\n",
+    b"POST /form HTTP/1.1\r\nHost: x:80\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 11\r\n\r\nhello world",
+    b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+    b"5;name=value;q=\"a b\"\r\nhello\r\n3\r\nabc\r\n0;last\r\nX-Trailer: t\r\nX-Sum: 8\r\n\r\n",
+    b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    b"DELETE http://h/p HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+]
+HOSTILE_INSERTS = [b"\r", b"\n", b"\r\n", b"\x00", b" ", b"\t", b":", b";", b",", b"0",
+                   b"\x7f", b"\xff", b"\r\n\r\n", b"Transfer-Encoding: chunked\r\n",
+                   b"Content-Length: 3\r\n", b"99999999999999999999"]
+HOSTILE_ALLOWED_STATUSES = {400, 413, 414, 417, 431, 501, 505}
+HOSTILE_MUTATIONS = 20000
+
+
+def hostile_mutate(rng: random.Random, raw: bytes) -> bytes:
+    data = bytearray(raw)
+    for _ in range(rng.randint(1, 3)):
+        operation = rng.randrange(6)
+        at = rng.randrange(len(data) + 1) if data else 0
+        if operation == 0 and data:                          # flip a byte
+            at = min(at, len(data) - 1)
+            data[at] = rng.choice([data[at] ^ (1 << rng.randrange(8)), rng.randrange(256)])
+        elif operation == 1:                                 # insert
+            data[at:at] = rng.choice(HOSTILE_INSERTS)
+        elif operation == 2 and data:                        # delete a few bytes
+            del data[at:at + rng.randint(1, 4)]
+        elif operation == 3:                                 # duplicate a line
+            lines = bytes(data).split(b"\r\n")
+            index = rng.randrange(len(lines))
+            lines[index:index] = [lines[index]] * rng.choice([1, 1, 1, 120])
+            data = bytearray(b"\r\n".join(lines))
+        elif operation == 4:                                 # truncate
+            del data[at:]
+        else:                                                # swap two bytes
+            if len(data) > 1:
+                i, j = rng.randrange(len(data)), rng.randrange(len(data))
+                data[i], data[j] = data[j], data[i]
+    return bytes(data)
+
+
+def hostile_random_split(rng: random.Random, raw: bytes) -> list[bytes]:
+    if rng.random() < 0.1:
+        return [raw[i:i + 1] for i in range(len(raw))]
+    cuts = sorted(rng.sample(range(1, len(raw)), min(len(raw) - 1, rng.randint(1, 8)))) \
+        if len(raw) > 1 else []
+    edges = [0] + cuts + [len(raw)]
+    return [raw[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def hostile_parse(pieces: list[bytes]) -> tuple[list, int | None]:
+    """(events, error status or None); body pieces are joined."""
+    parser = RequestParser()
+    events: list = []
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+            while (event := parser.next_event()) is not None:
+                if isinstance(event, bytes) and events and isinstance(events[-1], bytes):
+                    events[-1] += event
+                else:
+                    events.append(event)
+    except HTTPError as error:
+        return events, error.status
+    return events, None
+
+
+def hostile_check_events(events: list) -> None:
+    """Request, then body bytes, then END, repeated; the last may be unfinished."""
+    expect_request = True
+    for event in events:
+        if expect_request:
+            assert isinstance(event, Request), events
+            request_event = event
+            expect_request = False
+            body = b""
+            continue
+        if event is END:
+            if not request_event.chunked:
+                assert len(body) == request_event.content_length
+            expect_request = True
+        else:
+            assert type(event) is bytes and event, events
+            body += event
+            if not request_event.chunked:
+                assert len(body) <= request_event.content_length
+
+
+def test_hostile_random_mutations():
+    rng = random.Random(20240806)
+    outcomes = collections.Counter()
+    for round_number in range(HOSTILE_MUTATIONS):
+        seed = HOSTILE_SEEDS[round_number % len(HOSTILE_SEEDS)]
+        raw = hostile_mutate(rng, seed)
+        pieces = hostile_random_split(rng, raw)
+        try:
+            whole = hostile_parse([raw])
+            split = hostile_parse(pieces)
+        except Exception as error:   # anything but HTTPError is a parser bug
+            pytest.fail(f"{type(error).__name__}: {error} for {raw!r} split {pieces!r}")
+        events, status = whole
+        assert status is None or status in HOSTILE_ALLOWED_STATUSES, (status, raw)
+        hostile_check_events(events)
+        assert split == whole, f"whole and split differ for {raw!r} split {pieces!r}"
+        outcomes[status] += 1
+    # The mutations must reach both sides: accepted inputs and several errors.
+    assert outcomes[None] > 100 and outcomes[400] > 100, outcomes
+    assert len(outcomes) >= 3, outcomes
+
+
+# =============================================================================
+# 4. Slow clients and clients that never read
+# =============================================================================
+
+HOSTILE_BIG_PIECE = 64 * 1024
+HOSTILE_BIG_PIECES = 64                 # 4 MiB in all
+HOSTILE_TRICKLE_HEAD = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 40
+
+
+def hostile_big_app(interface: str, state: dict):
+    """/big: a 4 MiB response in 64 KiB pieces; anything else: echo with CL.
+
+    state["started"] and state["ended"] count /big calls begun and finished
+    (finished includes being cut short because the client went away).
+    """
+    lock = threading.Lock()
+
+    def count(key):
+        with lock:
+            state[key] += 1
+
+    if interface == "wsgi":
+        def pieces():
+            try:
+                for _ in range(HOSTILE_BIG_PIECES):
+                    yield b"b" * HOSTILE_BIG_PIECE
+            finally:
+                count("ended")
+
+        def app(environ, start_response):
+            if environ["PATH_INFO"] == "/big":
+                count("started")
+                start_response("200 OK", [
+                    ("Content-Length", str(HOSTILE_BIG_PIECE * HOSTILE_BIG_PIECES))])
+                return pieces()
+            body = environ["wsgi.input"].read()
+            start_response("200 OK", [("Content-Length", str(len(body)))])
+            return [body]
+        return app
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/big":
+            count("started")
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-length", b"%d" % (HOSTILE_BIG_PIECE * HOSTILE_BIG_PIECES))]})
+                for _ in range(HOSTILE_BIG_PIECES):
+                    await send({"type": "http.response.body", "body": b"b" * HOSTILE_BIG_PIECE,
+                                "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            finally:
+                count("ended")
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+def hostile_echo_answered(port: int, body: bytes) -> None:
+    raw = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    assert request(port, raw)[::2] == (200, body)
+
+
+def hostile_nothing_from(socks: list, wait: float) -> None:
+    """Wait up to `wait` seconds: none of the sockets has data or EOF from the server."""
+    readable, _, _ = select.select(socks, [], [], wait)
+    assert readable == [], "the server answered or closed a slow client"
+
+
+def hostile_unread_client(port: int) -> socket.socket:
+    """A client that asks for /big and never reads (a tiny receive buffer)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
+def test_hostile_slow_and_unread_clients(interface):
+    """30 clients trickle a head, 10 never read a 4 MiB response; a normal
+    client is still answered, and the server recovers once they leave.
+
+    The WSGI pool gets more threads than there are non-reading clients, as
+    each of them holds a worker while its response cannot be sent; the next
+    test is about the default pool.
+    """
+    state = {"started": 0, "ended": 0}
+    trickling: list[socket.socket] = []
+    unread: list[socket.socket] = []
+    with running_server(interface, hostile_big_app(interface, state), threads=16) as port:
+        hostile_echo_answered(port, b"warm-up")
+        threads_before = threading.active_count()
+        try:
+            for _ in range(30):
+                sock = connect(port)
+                sock.sendall(HOSTILE_TRICKLE_HEAD[:1])
+                trickling.append(sock)
+            unread = [hostile_unread_client(port) for _ in range(10)]
+            # Every big response is under way (bounded wait), and none is done:
+            # the clients read nothing, so 4 MiB cannot all be sent.
+            wait_for(lambda: state["started"] == 10)
+            assert state["ended"] == 0
+            # Trickle the heads, one byte per socket per round; a short select
+            # both paces the rounds and checks that nobody got an answer.
+            for index in range(1, len(HOSTILE_TRICKLE_HEAD)):
+                for sock in trickling:
+                    sock.sendall(HOSTILE_TRICKLE_HEAD[index:index + 1])
+                hostile_nothing_from(trickling, 0.01)
+                if index % 20 == 0:
+                    hostile_echo_answered(port, b"normal client %d" % index)
+            assert state["ended"] == 0
+        finally:
+            for sock in trickling + unread:
+                sock.close()
+        # Recovery: every big response ends (its app call is released), no
+        # thread is left over, and a new request works.
+        wait_for(lambda: state["ended"] == 10)
+        wait_for(lambda: threading.active_count() <= threads_before)
+        hostile_echo_answered(port, b"after")
+
+
+@pytest.mark.parametrize("interface", [
+    "wsgi",
+    "asgi"])
+def test_hostile_unread_clients_do_not_starve_the_default_pool(interface):
+    state = {"started": 0, "ended": 0}
+    unread: list[socket.socket] = []
+    with running_server(interface, hostile_big_app(interface, state)) as port:
+        hostile_echo_answered(port, b"warm-up")
+        try:
+            unread = [hostile_unread_client(port) for _ in range(10)]
+            wait_for(lambda: state["started"] >= 8)
+            body = b"normal client"
+            with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
+                sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                try:
+                    answer = ResponseReader(sock).read_response()
+                except socket.timeout:
+                    pytest.fail("a normal client got no answer within 2 s")
+            assert answer[::2] == (200, body)
+        finally:
+            for sock in unread:
+                sock.close()
+        wait_for(lambda: state["ended"] == state["started"] == 10)
+        hostile_echo_answered(port, b"after")
+
+
+# =============================================================================
+# WSGI, complete: every PEP 3333 rule - the WSGI path over real sockets
+#
+# 1. wsgiref.validate-wrapped apps, served with no validator error or warning
+# 2. the environ, key by key          5. close() exactly once
+# 3. wsgi.input, every method         6. HEAD and the framing of app bodies
+# 4. start_response and write()       7. wsgi.file_wrapper
+#                                     8. the worker pool and its queue
+#
+# Names start with wsgi_ / test_wsgi_ so that this part can be pasted into
+# test_gateway.py. Every server runs with date_header=False, so most
+# responses are compared byte for byte.
+# =============================================================================
+
+WSGI_TEXT = [("Content-Type", "text/plain")]
+
+# The server's own 500, with date_header=False: status, fields, body, then EOF.
+WSGI_500 = (b"HTTP/1.1 500 Internal Server Error\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: 50\r\n"
+            b"Server: gateway\r\n"
+            b"Connection: close\r\n\r\n"
+            b"500 Internal Server Error: the application failed\n")
+
+
+@contextlib.contextmanager
+def wsgi_serve(app, **options):
+    """Serve a WSGI app on 127.0.0.1 (no Date header); yield (port, server)."""
+    options.setdefault("date_header", False)
+    listener = gateway.make_listener("127.0.0.1", 0)
+    server = gateway.WSGIServer(app, listener, gateway.Config(**options))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], server
+    finally:
+        server.shutdown()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), "server did not stop"
+
+
+def wsgi_get(path: str = "/", version: str = "1.1", method: str = "GET",
+             close: bool = True, extra: bytes = b"") -> bytes:
+    """A request without a body; `close` adds "Connection: close"."""
+    return (b"%s %s HTTP/%s\r\nHost: test\r\n%s%s\r\n"
+            % (method.encode(), path.encode(), version.encode(),
+               b"Connection: close\r\n" if close else b"", extra))
+
+
+def wsgi_chunked(*pieces: bytes) -> bytes:
+    """A chunked body of these pieces, with its last-chunk."""
+    return b"".join(gateway.encode_chunk(piece) for piece in pieces) + b"0\r\n\r\n"
+
+
+def wsgi_split(raw: bytes) -> tuple[bytes, bytes]:
+    """(head up to and including the empty line, the rest) of a raw response."""
+    assert b"\r\n\r\n" in raw, f"no complete head in {raw!r}"
+    head, rest = raw.split(b"\r\n\r\n", 1)
+    return head + b"\r\n\r\n", rest
+
+
+class WsgiTracked:
+    """An app iterable without len(): yields `items` (callables raise), counts close()."""
+
+    def __init__(self, items=(), endless: bytes | None = None) -> None:
+        self.items = list(items)
+        self.endless = endless
+        self.close_calls = 0
+        self.closed = threading.Event()
+        self.yielded = 0
+
+    def __iter__(self):
+        for item in self.items:
+            if callable(item):
+                item()
+            self.yielded += 1
+            yield item
+        while self.endless is not None:
+            self.yielded += 1
+            yield self.endless
+
+    def close(self) -> None:
+        self.close_calls += 1
+        self.closed.set()
+
+
+class WsgiTrackedList(list):
+    """A list (so len() works: the one-item fast path) that counts close()."""
+
+    def __init__(self, items) -> None:
+        super().__init__(items)
+        self.close_calls = 0
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        self.close_calls += 1
+        self.closed.set()
+
+
+def wsgi_fail():
+    raise RuntimeError("app failed mid-iteration")
+
+
+def wsgi_assert_closed_once(tracked) -> None:
+    assert tracked.closed.wait(TIMEOUT), "close() was never called"
+    assert tracked.close_calls == 1
+
+
+# -- 1. wsgiref.validate ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def wsgi_recorded_warnings():
+    """Record every warning, from any thread (3.11: the filters are global)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def wsgi_validator_messages(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, WSGIWarning)]
+
+
+def wsgi_validated_app(file_path, served: list):
+    """One app behind wsgiref.validate.validator; the validator's iterable is
+    wrapped to count close() (the validator itself only complains in __del__)."""
+
+    def app(environ, start_response):
+        path = environ["PATH_INFO"]
+        stream = environ["wsgi.input"]
+        if path == "/hello":
+            start_response("200 OK", WSGI_TEXT)
+            return [b"hello ", b"world"]
+        if path == "/read":          # read(n) only: the validator wants one argument
+            remaining, body = int(environ.get("CONTENT_LENGTH") or 0), b""
+            while remaining:
+                piece = stream.read(min(4, remaining))
+                assert piece, "body ended early"
+                body += piece
+                remaining -= len(piece)
+            assert stream.read(1) == b""
+            start_response("200 OK", WSGI_TEXT + [("Content-Length", str(len(body)))])
+            return [body]
+        if path == "/lines":         # readline() and iteration on the same input
+            first = stream.readline()
+            rest = b"|".join(stream)
+            start_response("200 OK", WSGI_TEXT)
+            return [first, b"+", rest]
+        if path == "/write":
+            write = start_response("200 OK", WSGI_TEXT)
+            write(b"one ")
+            write(b"two")
+            return []
+        if path == "/stream":
+            start_response("200 OK", WSGI_TEXT)
+            return (piece for piece in [b"a", b"", b"bc", b"def"])
+        if path == "/file":
+            start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            return environ["wsgi.file_wrapper"](open(file_path, "rb"), 4096)
+        start_response("404 Not Found", WSGI_TEXT)
+        return [b"no such path"]
+
+    checked = validator(app)
+
+    def outer(environ, start_response):
+        wrapper = WsgiValidatedResult(checked(environ, start_response))
+        served.append(wrapper)
+        return wrapper
+
+    return outer
+
+
+class WsgiValidatedResult:
+    """Forwards iteration and close() to the validator's iterable, counting close()."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.close_calls = 0
+        self.closed = threading.Event()
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def close(self) -> None:
+        self.close_calls += 1
+        self.inner.close()
+        self.closed.set()
+
+
+WSGI_FILE_DATA = bytes(range(256)) * 40 + b"tail"      # 10244 bytes
+
+
+def wsgi_chunked_response(*pieces: bytes, close: bool = True,
+                          content_type: bytes = b"text/plain") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type + b"\r\n"
+            b"Server: gateway\r\nTransfer-Encoding: chunked\r\n"
+            + (b"Connection: close\r\n" if close else b"") + b"\r\n"
+            + wsgi_chunked(*[piece for piece in pieces if piece]))
+
+
+WSGI_VALIDATED_CASES = {
+    "GET": (wsgi_get("/hello"), wsgi_chunked_response(b"hello ", b"world")),
+    "POST Content-Length, read(n)": (
+        b"POST /read HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: 10\r\n\r\n0123456789",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n"
+        b"Server: gateway\r\nConnection: close\r\n\r\n0123456789"),
+    "POST chunked, read(n)": (
+        b"POST /read HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + wsgi_chunked(b"0123", b"456789a"),
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n"
+        b"Server: gateway\r\nConnection: close\r\n\r\n0123456789a"),
+    "POST chunked, readline and iteration": (
+        b"POST /lines HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + wsgi_chunked(b"one\ntw", b"o\nthree"),
+        wsgi_chunked_response(b"one\n", b"+", b"two\n|three")),
+    "write()": (wsgi_get("/write"), wsgi_chunked_response(b"one ", b"two")),
+    "generator": (wsgi_get("/stream"), wsgi_chunked_response(b"a", b"bc", b"def")),
+    "file_wrapper": (wsgi_get("/file"), wsgi_chunked_response(
+        WSGI_FILE_DATA[:4096], WSGI_FILE_DATA[4096:8192], WSGI_FILE_DATA[8192:],
+        content_type=b"application/octet-stream")),
+}
+
+
+@pytest.mark.parametrize("case", list(WSGI_VALIDATED_CASES))
+def test_wsgi_validator_finds_nothing(case, tmp_path):
+    raw, expected = WSGI_VALIDATED_CASES[case]
+    file_path = tmp_path / "data.bin"
+    file_path.write_bytes(WSGI_FILE_DATA)
+    served: list = []
+    with wsgi_recorded_warnings() as caught:
+        with wsgi_serve(wsgi_validated_app(file_path, served)) as (port, _):
+            # an AssertionError of the validator would have made this a 500
+            assert exchange(port, raw) == expected
+            assert len(served) == 1
+            wsgi_assert_closed_once(served[0])
+    assert wsgi_validator_messages(caught) == []
+
+
+def test_wsgi_validator_head_finds_nothing(tmp_path):
+    served: list = []
+    with wsgi_recorded_warnings() as caught:
+        with wsgi_serve(wsgi_validated_app(tmp_path / "none", served)) as (port, _):
+            raw = exchange(port, wsgi_get("/hello", method="HEAD", close=False)
+                           + wsgi_get("/write"))
+            head, rest = wsgi_split(raw)
+            assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n")
+            assert b"\r\nContent-Length:" not in head
+            # no body bytes: the next bytes are the pipelined GET's response
+            assert rest == wsgi_chunked_response(b"one ", b"two")
+            assert len(served) == 2
+            wsgi_assert_closed_once(served[0])
+            wsgi_assert_closed_once(served[1])
+    assert wsgi_validator_messages(caught) == []
+
+
+def test_wsgi_validator_warnings_from_workers_are_recorded(tmp_path):
+    """The control for the tests above: a warning in a worker thread is seen."""
+    served: list = []
+    with wsgi_recorded_warnings() as caught:
+        with wsgi_serve(wsgi_validated_app(tmp_path / "none", served)) as (port, _):
+            raw = exchange(port, wsgi_get("/hello", method="PURGE"))
+            assert raw == wsgi_chunked_response(b"hello ", b"world")
+    assert wsgi_validator_messages(caught) == ["Unknown REQUEST_METHOD: 'PURGE'"]
+
+
+# -- 2. the environ -------------------------------------------------------------
+
+
+def wsgi_environ_app(seen: list):
+    """Records the environ; answers with a JSON object of its CGI keys and body."""
+
+    def app(environ, start_response):
+        seen.append((type(environ), dict(environ)))
+        body = environ["wsgi.input"].read()
+        cgi = {key: value for key, value in environ.items() if "." not in key}
+        data = json.dumps({"cgi": cgi, "body": body.decode("latin-1")}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Content-Length", str(len(data)))])
+        return [data]
+
+    return app
+
+
+def wsgi_environ(raw: bytes, **options) -> tuple[dict, str, dict, int, int]:
+    """Send `raw`; return (CGI keys as the app saw them, body, environ, server
+    port, client port)."""
+    seen: list = []
+    with wsgi_serve(wsgi_environ_app(seen), **options) as (port, _):
+        with connect(port) as sock:
+            sock.sendall(raw)
+            status, _, body = ResponseReader(sock).read_response()
+            client_port = sock.getsockname()[1]
+    assert status == 200, body
+    assert len(seen) == 1
+    kind, environ = seen[0]
+    assert kind is dict                  # PEP 3333: a builtin dict, not a subclass
+    answer = json.loads(body)
+    # PEP 3333 "Unicode Issues": every CGI value is a native str of latin-1 code points
+    for key, value in environ.items():
+        if "." not in key:
+            assert type(value) is str, key
+            assert all(ord(c) <= 0xFF for c in value), (key, value)
+    return answer["cgi"], answer["body"], environ, port, client_port
+
+
+def test_wsgi_environ_get():
+    cgi, body, environ, port, client_port = wsgi_environ(
+        b"GET /caf%C3%A9/a%2Fb?x=%20&y=%2F HTTP/1.1\r\nHost: test:80\r\n\r\n")
+    software = cgi.pop("SERVER_SOFTWARE")
+    assert type(software) is str and software
+    assert cgi == {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": "/caf\xc3\xa9/a/b",      # percent-decoded, bytes as latin-1
+        "QUERY_STRING": "x=%20&y=%2F",        # raw, without "?"
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": str(port),
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "REMOTE_PORT": str(client_port),
+        "HTTP_HOST": "test:80",
+    }
+    assert body == ""
+    assert environ["wsgi.version"] == (1, 0) and type(environ["wsgi.version"]) is tuple
+    assert environ["wsgi.url_scheme"] == "http"
+    assert environ["wsgi.multithread"] is True
+    assert environ["wsgi.multiprocess"] is False
+    assert environ["wsgi.run_once"] is False
+    assert environ["wsgi.input_terminated"] is True
+    assert callable(environ["wsgi.file_wrapper"])
+    for name in ("write", "writelines", "flush"):
+        assert callable(getattr(environ["wsgi.errors"], name))
+    for name in ("read", "readline", "readlines", "__iter__"):
+        assert callable(getattr(environ["wsgi.input"], name))
+
+
+def test_wsgi_environ_http10_without_query():
+    cgi, _, _, _, _ = wsgi_environ(b"GET /plain HTTP/1.0\r\n\r\n")
+    assert cgi["SERVER_PROTOCOL"] == "HTTP/1.0"
+    assert cgi["PATH_INFO"] == "/plain"
+    assert cgi["QUERY_STRING"] == ""
+    assert "HTTP_HOST" not in cgi
+
+
+def test_wsgi_environ_absolute_form_target():
+    cgi, _, _, _, _ = wsgi_environ(
+        b"GET http://example.com/a%20b?q=1 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert (cgi["PATH_INFO"], cgi["QUERY_STRING"]) == ("/a b", "q=1")
+
+
+def test_wsgi_environ_content_headers_only_when_sent():
+    cgi, body, _, _, _ = wsgi_environ(
+        b"POST /p HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain; charset=x\r\n"
+        b"Content-Length: 5\r\n\r\nhello")
+    assert (cgi["CONTENT_TYPE"], cgi["CONTENT_LENGTH"], body) == (
+        "text/plain; charset=x", "5", "hello")
+    assert "HTTP_CONTENT_TYPE" not in cgi and "HTTP_CONTENT_LENGTH" not in cgi
+    cgi, _, _, _, _ = wsgi_environ(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert not {"CONTENT_TYPE", "CONTENT_LENGTH", "HTTP_CONTENT_TYPE",
+                "HTTP_CONTENT_LENGTH"} & set(cgi)
+
+
+def test_wsgi_environ_chunked_has_the_dechunked_length():
+    cgi, body, _, _, _ = wsgi_environ(
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + wsgi_chunked(b"abc", b"defgh", b"i" * 300))
+    assert cgi["CONTENT_LENGTH"] == "308"
+    assert body == "abcdefgh" + "i" * 300
+    assert "HTTP_CONTENT_LENGTH" not in cgi and "CONTENT_TYPE" not in cgi
+
+
+def test_wsgi_environ_repeated_headers_join_in_order():
+    cgi, _, _, _, _ = wsgi_environ(
+        b"GET / HTTP/1.1\r\nHost: t\r\nX-Multi: a\r\nX-Other: z\r\n"
+        b"X-Multi: b, c\r\nx-multi: d\r\n\r\n")
+    assert cgi["HTTP_X_MULTI"] == "a, b, c, d"
+    assert cgi["HTTP_X_OTHER"] == "z"
+
+
+@pytest.mark.parametrize("fields", [
+    b"X_Forwarded_For: evil\r\nX-Forwarded-For: 10.0.0.1\r\n",
+    b"X-Forwarded-For: 10.0.0.1\r\nX_Forwarded_For: evil\r\n",
+], ids=["underscore first", "underscore last"])
+def test_wsgi_environ_underscore_headers_are_dropped(fields):
+    cgi, _, _, _, _ = wsgi_environ(b"GET / HTTP/1.1\r\nHost: t\r\n" + fields + b"\r\n")
+    assert cgi["HTTP_X_FORWARDED_FOR"] == "10.0.0.1"
+    assert "evil" not in json.dumps(cgi)
+
+
+def test_wsgi_environ_underscore_header_alone_never_arrives():
+    cgi, _, _, _, _ = wsgi_environ(b"GET / HTTP/1.1\r\nHost: t\r\nX_Forwarded_For: evil\r\n\r\n")
+    assert "HTTP_X_FORWARDED_FOR" not in cgi
+    assert set(cgi) == {"REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING",
+                        "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL", "SERVER_SOFTWARE",
+                        "REMOTE_ADDR", "REMOTE_PORT", "HTTP_HOST"}
+
+
+def test_wsgi_environ_obs_text_header_is_latin1():
+    cgi, _, _, _, _ = wsgi_environ(b"GET / HTTP/1.1\r\nHost: t\r\nX-Name: caf\xc3\xa9\xff\r\n\r\n")
+    assert cgi["HTTP_X_NAME"] == "caf\xc3\xa9\xff"
+
+
+@pytest.mark.parametrize("target,script_name,path_info", [
+    (b"/app/x/y?q=1", "/app", "/x/y"),
+    (b"/app", "/app", ""),
+    (b"/app/", "/app", "/"),
+])
+@pytest.mark.parametrize("root_path", ["/app", "/app/"])
+def test_wsgi_environ_root_path(root_path, target, script_name, path_info):
+    cgi, _, _, _, _ = wsgi_environ(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target,
+                                   root_path=root_path)
+    assert (cgi["SCRIPT_NAME"], cgi["PATH_INFO"]) == (script_name, path_info)
+
+
+def test_wsgi_environ_root_path_is_a_whole_segment():
+    cgi, _, _, _, _ = wsgi_environ(b"GET /apple HTTP/1.1\r\nHost: t\r\n\r\n",
+                                   root_path="/app")
+    assert cgi["PATH_INFO"] == "" or cgi["PATH_INFO"].startswith("/")
+    assert cgi["PATH_INFO"] != "le"
+
+
+# -- 3. wsgi.input ---------------------------------------------------------------
+
+WSGI_INPUT_BODY = b"first line\nsecond\n\nthird line is longer\nno newline at end"
+
+# name -> operations on wsgi.input, each (method, *args); "iter" is list(input)
+WSGI_INPUT_OPS = {
+    "read": [("read", 5), ("read", 0), ("read", 12), ("read",), ("read", 1), ("read",)],
+    "read-none": [("read", 3), ("read", None), ("read", 4)],
+    "readline": [("readline",), ("readline", 3), ("readline", 0), ("readline", 100),
+                 ("readline",), ("readline",), ("readline",), ("readline",),
+                 ("readline", 5)],
+    "readlines": [("read", 2), ("readlines",), ("readlines",), ("read", 1)],
+    "readlines-hint": [("readlines", 15), ("readlines",), ("readline",)],
+    "iter": [("readline", 4), ("iter",), ("read", 1), ("readline",)],
+}
+
+
+def wsgi_apply(stream, ops) -> list:
+    results = []
+    for name, *args in ops:
+        results.append(list(stream) if name == "iter" else getattr(stream, name)(*args))
+    return results
+
+
+def wsgi_input_app(results: dict, entered: threading.Event):
+    def app(environ, start_response):
+        entered.set()
+        path = environ["PATH_INFO"]
+        ops = WSGI_INPUT_OPS.get(path[1:], [("read",), ("read", 1), ("readline",)])
+        results[path] = wsgi_apply(environ["wsgi.input"], ops)
+        start_response("200 OK", WSGI_TEXT + [("Content-Length", "2")])
+        return [b"ok"]
+    return app
+
+
+@pytest.mark.parametrize("ops", list(WSGI_INPUT_OPS))
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_wsgi_input_methods(framing, ops):
+    body = WSGI_INPUT_BODY
+    expected = wsgi_apply(io.BytesIO(body), WSGI_INPUT_OPS[ops])
+    assert expected[-1] in (b"", [])         # every sequence runs past the end
+    results: dict = {}
+    entered = threading.Event()
+    pipelined = b"POST /next HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nNXT"
+    with wsgi_serve(wsgi_input_app(results, entered)) as (port, _):
+        with connect(port) as sock:
+            if framing == "content-length":
+                sock.sendall(b"POST /%s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                             % (ops.encode(), len(body)))
+                assert entered.wait(TIMEOUT)   # the app reads while the body arrives
+                sock.sendall(body[:7])
+                sock.sendall(body[7:30])
+                sock.sendall(body[30:] + pipelined)
+            else:
+                sock.sendall(b"POST /%s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+                             b"\r\n\r\n" % ops.encode())
+                sock.sendall(b"7\r\n" + body[:7] + b"\r\n1")   # a size line split
+                sock.sendall(b"7\r\n" + body[7:30] + b"\r\n")
+                sock.sendall(wsgi_chunked(body[30:]) + pipelined)
+            reader = ResponseReader(sock)
+            assert reader.read_response()[::2] == (200, b"ok")
+            assert reader.read_response()[::2] == (200, b"ok")
+    assert results["/" + ops] == expected
+    # the second request got exactly its own body, not a byte of the first
+    assert results["/next"] == [b"NXT", b"", b""]
+
+
+def test_wsgi_input_spooled_chunked_body_past_the_memory_limit():
+    size = gateway.SPOOL_BYTES + 300_000
+    body = hashlib.sha256(b"seed").digest() * (size // 32) + b"end"
+    seen: dict = {}
+
+    def app(environ, start_response):
+        stream, digest, total = environ["wsgi.input"], hashlib.sha256(), 0
+        while piece := stream.read(50_000):
+            digest.update(piece)
+            total += len(piece)
+        seen.update(length=environ["CONTENT_LENGTH"], total=total,
+                    digest=digest.hexdigest(), after=stream.read(1))
+        start_response("200 OK", WSGI_TEXT + [("Content-Length", "4")])
+        return [b"done"]
+
+    pieces = [body[i:i + 65536] for i in range(0, len(body), 65536)]
+    with wsgi_serve(app) as (port, _):
+        with connect(port) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + wsgi_chunked(*pieces) + wsgi_get("/x", close=True))
+            reader = ResponseReader(sock)
+            assert reader.read_response()[::2] == (200, b"done")
+    assert seen == {"length": str(len(body)), "total": len(body),
+                    "digest": hashlib.sha256(body).hexdigest(), "after": b""}
+
+
+# -- 4. start_response and write() -------------------------------------------------
+
+
+def wsgi_exc_info_early_list(environ, start_response):
+    start_response("200 OK", WSGI_TEXT + [("X-First", "1")])
+    try:
+        raise ValueError("changed my mind")
+    except ValueError:
+        start_response("500 Oops", WSGI_TEXT + [("X-Second", "2")], sys.exc_info())
+    return [b"oops"]
+
+
+def wsgi_exc_info_early_generator(environ, start_response):
+    start_response("200 OK", WSGI_TEXT + [("X-First", "1")])
+    yield b""                        # an empty item: the head is still unsent
+    try:
+        raise ValueError("changed my mind")
+    except ValueError:
+        start_response("500 Oops", WSGI_TEXT + [("X-Second", "2")], sys.exc_info())
+    yield b"oops"
+
+
+@pytest.mark.parametrize("app,body", [
+    (wsgi_exc_info_early_list,
+     b"Content-Length: 4\r\nServer: gateway\r\nConnection: close\r\n\r\noops"),
+    (wsgi_exc_info_early_generator,
+     b"Server: gateway\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+     b"4\r\noops\r\n0\r\n\r\n"),
+], ids=["list", "generator"])
+def test_wsgi_exc_info_before_the_head_replaces_it(app, body):
+    with wsgi_serve(app) as (port, _):
+        assert exchange(port, wsgi_get()) == (
+            b"HTTP/1.1 500 Oops\r\nContent-Type: text/plain\r\nX-Second: 2\r\n" + body)
+
+
+def wsgi_exc_info_late_generator(environ, start_response):
+    start_response("200 OK", WSGI_TEXT)
+    yield b"part"
+    try:
+        raise ValueError("too late")
+    except ValueError:
+        start_response("500 Oops", WSGI_TEXT, sys.exc_info())   # re-raises
+    yield b"never"
+
+
+def wsgi_exc_info_late_write(environ, start_response):
+    write = start_response("200 OK", WSGI_TEXT)
+    write(b"part")
+    try:
+        raise ValueError("too late")
+    except ValueError:
+        start_response("500 Oops", WSGI_TEXT, sys.exc_info())   # re-raises
+    return [b"never"]
+
+
+@pytest.mark.parametrize("app", [wsgi_exc_info_late_generator, wsgi_exc_info_late_write],
+                         ids=["generator", "write"])
+def test_wsgi_exc_info_after_the_head_reraises_and_cuts(app):
+    reraised = []
+
+    def recording(environ, start_response):
+        def checked_start_response(*args):
+            try:
+                return start_response(*args)
+            except ValueError as error:
+                reraised.append(str(error))
+                raise
+        return app(environ, checked_start_response)
+
+    with wsgi_serve(recording) as (port, _):
+        # keep-alive asked for, but the server must close: no 0-chunk, then EOF
+        assert exchange(port, wsgi_get(close=False)) == (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: gateway\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n4\r\npart\r\n")
+    assert reraised == ["too late"]
+
+
+def wsgi_start_twice(environ, start_response):
+    start_response("200 OK", WSGI_TEXT)
+    start_response("201 Created", WSGI_TEXT)
+    return [b"body"]
+
+
+def wsgi_empty_then_raise(environ, start_response):
+    start_response("200 OK", WSGI_TEXT)
+    yield b""
+    yield b""
+    raise RuntimeError("before any byte")
+
+
+def wsgi_str_in_list(environ, start_response):
+    start_response("200 OK", WSGI_TEXT)
+    return ["text"]
+
+
+def wsgi_str_in_generator(environ, start_response):
+    start_response("200 OK", WSGI_TEXT)
+    yield b""
+    yield "text"
+
+
+def wsgi_str_to_write(environ, start_response):
+    start_response("200 OK", WSGI_TEXT)("text")
+    return []
+
+
+def wsgi_no_start_response(environ, start_response):
+    return [b"body"]
+
+
+def wsgi_bad_status(environ, start_response):
+    start_response("200", WSGI_TEXT)
+    return [b"body"]
+
+
+def wsgi_hop_by_hop(environ, start_response):
+    start_response("200 OK", WSGI_TEXT + [("Connection", "close")])
+    return [b"body"]
+
+
+@pytest.mark.parametrize("app", [
+    wsgi_start_twice, wsgi_empty_then_raise, wsgi_str_in_list, wsgi_str_in_generator,
+    wsgi_str_to_write, wsgi_no_start_response, wsgi_bad_status, wsgi_hop_by_hop,
+])
+def test_wsgi_app_errors_before_any_body_byte_are_a_clean_500(app):
+    with wsgi_serve(app) as (port, _):
+        assert exchange(port, wsgi_get(close=False)) == WSGI_500
+        # the server goes on serving
+        assert exchange(port, wsgi_get()) == WSGI_500
+
+
+def test_wsgi_str_item_after_body_bytes_cuts_the_response():
+    def app(environ, start_response):
+        start_response("200 OK", WSGI_TEXT)
+        yield b"abc"
+        yield "text"
+
+    with wsgi_serve(app) as (port, _):
+        assert exchange(port, wsgi_get(close=False)) == (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: gateway\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+
+
+def test_wsgi_write_comes_before_the_iterable_in_order():
+    def app(environ, start_response):
+        write = start_response("200 OK", WSGI_TEXT)
+        write(b"a")
+        write(b"")
+        write(b"bc")
+        if environ["PATH_INFO"] == "/one":
+            return [b"def"]               # one item, but the head is already sent
+        return WsgiTracked([b"de", b"", b"f"])
+
+    with wsgi_serve(app) as (port, _):
+        for path in ("/one", "/many"):
+            assert exchange(port, wsgi_get(path)) == wsgi_chunked_response(
+                b"a", b"bc", *([b"def"] if path == "/one" else [b"de", b"f"]))
+
+
+def test_wsgi_write_with_content_length():
+    def app(environ, start_response):
+        write = start_response("200 OK", WSGI_TEXT + [("Content-Length", "6")])
+        write(b"abc")
+        return [b"def"]
+
+    with wsgi_serve(app) as (port, _):
+        with connect(port) as sock:
+            sock.sendall(wsgi_get(close=False) + wsgi_get())
+            assert read_until_closed(sock) == (
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n"
+                b"Server: gateway\r\n\r\nabcdef"
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n"
+                b"Server: gateway\r\nConnection: close\r\n\r\nabcdef")
+
+
+# -- 5. close() exactly once ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["one-item list", "iterable", "write", "HEAD"])
+def test_wsgi_close_called_once_after_a_normal_end(kind):
+    made: list = []
+
+    def app(environ, start_response):
+        write = start_response("200 OK", WSGI_TEXT)
+        if kind == "write":
+            write(b"xy")
+            result = WsgiTrackedList([])
+        elif kind == "iterable":
+            result = WsgiTracked([b"x", b"y"])
+        else:
+            result = WsgiTrackedList([b"xy"])
+        made.append(result)
+        return result
+
+    framing = (b"Content-Length: 2\r\n" if kind in ("one-item list", "HEAD")
+               else b"Transfer-Encoding: chunked\r\n")
+    with wsgi_serve(app) as (port, _):
+        with connect(port) as sock:
+            reader = ResponseReader(sock)
+            method = "HEAD" if kind == "HEAD" else "GET"
+            sock.sendall(wsgi_get(method=method, close=False))
+            status, headers, body = reader.read_response(method)
+            assert (status, body) == (200, b"" if method == "HEAD" else b"xy")
+            assert framing.split(b":")[0].lower() in headers
+            # a second request on the same connection: the first call is over
+            sock.sendall(wsgi_get())
+            assert reader.read_response()[::2] == (200, b"xy")
+            assert reader.buffer == b"" and read_until_closed(sock) == b""
+    assert len(made) == 2
+    wsgi_assert_closed_once(made[0])
+    wsgi_assert_closed_once(made[1])
+
+
+def test_wsgi_close_called_once_after_an_error_mid_iteration():
+    made: list = []
+
+    def app(environ, start_response):
+        start_response("200 OK", WSGI_TEXT)
+        made.append(WsgiTracked([b"abc", wsgi_fail]))
+        return made[-1]
+
+    with wsgi_serve(app) as (port, _):
+        assert exchange(port, wsgi_get(close=False)) == (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: gateway\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    assert len(made) == 1
+    wsgi_assert_closed_once(made[0])
+
+
+def test_wsgi_close_called_once_when_the_client_leaves_mid_stream():
+    made: list = []
+
+    def app(environ, start_response):
+        start_response("200 OK", WSGI_TEXT)
+        if environ["PATH_INFO"] != "/":
+            return [b"ok"]
+        made.append(WsgiTracked(endless=b"z" * 4096))
+        return made[-1]
+
+    with wsgi_serve(app) as (port, _):
+        sock = connect(port)
+        reader = ResponseReader(sock)
+        sock.sendall(wsgi_get(close=False))
+        assert reader.read_head()[0] == 200
+        assert reader.read_exact(20_000).count(b"z") > 19_000   # streaming goes on
+        # unread bytes in our buffer: close() sends a reset, the server sees it
+        sock.close()
+        assert len(made) == 1
+        wsgi_assert_closed_once(made[0])
+        yielded = made[0].yielded
+        # and the app is not iterated any more (the server answers others meanwhile)
+        assert exchange(port, wsgi_get("/again", close=True)).startswith(
+            b"HTTP/1.1 200 OK\r\n")
+        assert made[0].yielded == yielded
+        assert len(made) == 1 and made[0].close_calls == 1
+
+
+class WsgiFailingCloseList(list):
+    """A one-item body whose close() raises (an app bug the server must survive)."""
+
+    def close(self) -> None:
+        raise RuntimeError("close() failed")
+
+
+def test_wsgi_close_raising_after_a_one_item_body_still_answers():
+    def app(environ, start_response):
+        start_response("200 OK", WSGI_TEXT)
+        return WsgiFailingCloseList([b"hello"])
+
+    with wsgi_serve(app) as (port, _):
+        raw = exchange(port, wsgi_get())
+    assert raw in (WSGI_500, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                   b"Content-Length: 5\r\nServer: gateway\r\nConnection: close\r\n\r\nhello")
+
+
+# -- 6. HEAD and the framing of app bodies ------------------------------------------
+
+
+def wsgi_framing_app(environ, start_response):
+    start_response("200 OK", WSGI_TEXT)
+    if environ["PATH_INFO"] == "/one":
+        return [b"hello"]
+    return [b"hel", b"lo"]
+
+
+WSGI_ONE_GET = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+                b"Server: gateway\r\nConnection: close\r\n\r\nhello")
+
+
+@pytest.mark.parametrize("path", ["/one", "/two"])
+def test_wsgi_head_sends_no_body_bytes(path):
+    with wsgi_serve(wsgi_framing_app) as (port, _):
+        raw = exchange(port, wsgi_get(path, method="HEAD", close=False) + wsgi_get("/one"))
+    head, rest = wsgi_split(raw)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n")
+    assert (b"\r\nContent-Length: 5\r\n" in head) == (path == "/one")
+    assert b"Connection: close" not in head        # the connection stays open
+    assert rest == WSGI_ONE_GET                    # the next bytes: the GET's answer
+
+
+def test_wsgi_head_one_item_has_the_get_content_length():
+    with wsgi_serve(wsgi_framing_app) as (port, _):
+        raw = exchange(port, wsgi_get("/one", method="HEAD"))
+    assert raw == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+                   b"Server: gateway\r\nConnection: close\r\n\r\n")
+
+
+def test_wsgi_head_http10_ends_with_eof_and_no_body():
+    with wsgi_serve(wsgi_framing_app) as (port, _):
+        raw = exchange(port, b"HEAD /two HTTP/1.0\r\n\r\n")
+    head, rest = wsgi_split(raw)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n")
+    assert rest == b""
+
+
+@pytest.mark.parametrize("path,version,expected", [
+    ("/one", "1.1", WSGI_ONE_GET),
+    ("/two", "1.1", wsgi_chunked_response(b"hel", b"lo")),
+    ("/one", "1.0", WSGI_ONE_GET),
+    ("/two", "1.0", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: gateway\r\n"
+                    b"Connection: close\r\n\r\nhello"),
+])
+def test_wsgi_body_framing(path, version, expected):
+    with wsgi_serve(wsgi_framing_app) as (port, _):
+        assert exchange(port, wsgi_get(path, version=version, close=version == "1.1")) \
+            == expected
+
+
+def test_wsgi_http10_two_items_close_even_with_keep_alive():
+    with wsgi_serve(wsgi_framing_app) as (port, _):
+        raw = exchange(port, b"GET /two HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                             b"GET /one HTTP/1.0\r\n\r\n")
+    assert raw == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: gateway\r\n"
+                   b"Connection: close\r\n\r\nhello")
+
+
+# -- 7. wsgi.file_wrapper ------------------------------------------------------------
+
+
+class WsgiRecordingFile:
+    """A real file (it has a fileno) that records read() and close() calls."""
+
+    def __init__(self, path, skip: int) -> None:
+        self.file = open(path, "rb")
+        self.file.read(skip)              # buffered: the fd is further on than tell()
+        self.reads = 0
+        self.close_calls = 0
+        self.closed = threading.Event()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        return self.file.read(size)
+
+    def close(self) -> None:
+        self.close_calls += 1
+        self.file.close()
+        self.closed.set()
+
+
+def wsgi_file_app(path, made: list):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        if environ["PATH_INFO"] == "/bytesio":
+            filelike = io.BytesIO(WSGI_FILE_DATA)
+            filelike.seek(10)
+            made.append(filelike)
+            return environ["wsgi.file_wrapper"](filelike, 4000)
+        made.append(WsgiRecordingFile(path, skip=100))
+        return environ["wsgi.file_wrapper"](made[-1])
+    return app
+
+
+def test_wsgi_file_wrapper_sends_from_the_current_position(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(WSGI_FILE_DATA)
+    made: list = []
+    rest = WSGI_FILE_DATA[100:]
+    with wsgi_serve(wsgi_file_app(path, made)) as (port, _):
+        raw = exchange(port, wsgi_get("/file", close=False) + wsgi_get("/file"))
+    one = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Length: %d\r\nServer: gateway\r\n" % len(rest))
+    assert raw == one + b"\r\n" + rest + one + b"Connection: close\r\n\r\n" + rest
+    assert len(made) == 2
+    for filelike in made:
+        wsgi_assert_closed_once(filelike)
+        assert filelike.reads == 0       # sent by the loop, not read by a worker
+
+
+def test_wsgi_file_wrapper_head_has_no_body(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(WSGI_FILE_DATA)
+    made: list = []
+    with wsgi_serve(wsgi_file_app(path, made)) as (port, _):
+        raw = exchange(port, wsgi_get("/file", method="HEAD", close=False)
+                       + wsgi_get("/file", method="HEAD"))
+    one = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Length: %d\r\nServer: gateway\r\n" % (len(WSGI_FILE_DATA) - 100))
+    assert raw == one + b"\r\n" + one + b"Connection: close\r\n\r\n"
+    assert len(made) == 2
+    for filelike in made:
+        wsgi_assert_closed_once(filelike)
+
+
+def test_wsgi_file_wrapper_app_content_length_wins(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(WSGI_FILE_DATA)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", "7")])
+        filelike = open(path, "rb")
+        filelike.seek(1000)
+        return environ["wsgi.file_wrapper"](filelike)
+
+    with wsgi_serve(app) as (port, _):
+        raw = exchange(port, wsgi_get(close=False) + wsgi_get())
+    one = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Length: 7\r\nServer: gateway\r\n")
+    data = WSGI_FILE_DATA[1000:1007]
+    assert raw == one + b"\r\n" + data + one + b"Connection: close\r\n\r\n" + data
+
+
+def test_wsgi_file_wrapper_without_fileno_is_iterated(tmp_path):
+    made: list = []
+    with wsgi_serve(wsgi_file_app(tmp_path / "unused", made)) as (port, _):
+        raw = exchange(port, wsgi_get("/bytesio"))
+    rest = WSGI_FILE_DATA[10:]
+    assert raw == wsgi_chunked_response(
+        *[rest[i:i + 4000] for i in range(0, len(rest), 4000)],
+        content_type=b"application/octet-stream")
+    assert len(made) == 1 and made[0].closed     # BytesIO.close() was passed on
+
+
+# -- 8. the worker pool and its queue -----------------------------------------------
+
+
+def wsgi_blocking_app(blocked: dict, calls: list):
+    """Paths in `blocked` ({path: (entered, release)}) wait for their release."""
+
+    def app(environ, start_response):
+        path = environ["PATH_INFO"]
+        calls.append(path)
+        if path in blocked:
+            entered, release = blocked[path]
+            entered.set()
+            assert release.wait(TIMEOUT)
+        body = path.encode()
+        start_response("200 OK", WSGI_TEXT + [("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def test_wsgi_queued_request_is_answered_when_a_worker_frees_up():
+    blocked = {path: (threading.Event(), threading.Event()) for path in ("/a", "/b")}
+    calls: list = []
+    try:
+        with wsgi_serve(wsgi_blocking_app(blocked, calls), threads=2) as (port, server):
+            with connect(port) as a, connect(port) as b, connect(port) as c:
+                a.sendall(wsgi_get("/a", close=False))
+                assert blocked["/a"][0].wait(TIMEOUT)
+                b.sendall(wsgi_get("/b", close=False))
+                assert blocked["/b"][0].wait(TIMEOUT)
+                c.sendall(wsgi_get("/c", close=False))
+                wait_for(lambda: server.pool.jobs.qsize() == 1)   # queued, not refused
+                assert calls == ["/a", "/b"]
+                blocked["/a"][1].set()
+                assert ResponseReader(c).read_response()[::2] == (200, b"/c")
+                assert ResponseReader(a).read_response()[::2] == (200, b"/a")
+                assert calls == ["/a", "/b", "/c"]
+                blocked["/b"][1].set()
+                assert ResponseReader(b).read_response()[::2] == (200, b"/b")
+    finally:
+        for _, release in blocked.values():
+            release.set()
+
+
+def test_wsgi_client_gone_while_queued_is_never_handed_to_the_app():
+    blocked = {path: (threading.Event(), threading.Event()) for path in ("/a", "/b")}
+    calls: list = []
+    try:
+        with wsgi_serve(wsgi_blocking_app(blocked, calls), threads=2) as (port, server):
+            with connect(port) as a, connect(port) as b:
+                a.sendall(wsgi_get("/a", close=False))
+                assert blocked["/a"][0].wait(TIMEOUT)
+                b.sendall(wsgi_get("/b", close=False))
+                assert blocked["/b"][0].wait(TIMEOUT)
+                gone = connect(port)
+                gone_port = gone.getsockname()[1]
+                gone.sendall(wsgi_get("/gone", close=False))
+                wait_for(lambda: server.pool.jobs.qsize() == 1)
+                conn = next(conn for conn in list(server.connections)
+                            if conn.client[1] == gone_port)
+                gone.close()
+                wait_for(lambda: conn.peer_eof or conn.closed)   # the loop saw it
+                blocked["/a"][1].set()
+                assert ResponseReader(a).read_response()[::2] == (200, b"/a")
+                # one worker is free; "/gone" was queued first, so by the time
+                # "/after" is answered the worker is done with "/gone"
+                assert exchange(port, wsgi_get("/after")) == (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n"
+                    b"Server: gateway\r\nConnection: close\r\n\r\n/after")
+                assert calls == ["/a", "/b", "/after"]
+                wait_for(lambda: conn.closed)
+                blocked["/b"][1].set()
+                assert ResponseReader(b).read_response()[::2] == (200, b"/b")
+    finally:
+        for _, release in blocked.values():
+            release.set()
