@@ -177,10 +177,11 @@ DEFAULTS = Config()
 class HTTPError(Exception):
     """The request is unacceptable; `status` is what the client will be told."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, headers: tuple = ()) -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+        self.headers = headers    # extra response fields, e.g. for a 426
 
 
 class ClientDisconnected(ConnectionError):
@@ -802,12 +803,12 @@ class Response:
 
 
 def error_response(status: int, message: str, now: float,
-                   config: Config | None = None) -> bytes:
+                   config: Config | None = None, headers: tuple = ()) -> bytes:
     """A short text/plain response that the server writes itself, then closes."""
     body = f"{status} {REASONS.get(status, b'').decode()}: {message}\n".encode()
     response = Response("GET", "1.1", keep_alive=False, config=config)
     head = response.head(status, [(b"Content-Type", b"text/plain; charset=utf-8"),
-                                  (b"Content-Length", b"%d" % len(body))], now)
+                                  (b"Content-Length", b"%d" % len(body)), *headers], now)
     return head + body
 
 
@@ -2064,6 +2065,7 @@ class ASGIConnection:
         self.stopping = server.stopping
         self.state = server.lifespan.state
         self.idle = True             # waiting for a request, not serving one
+        self.websocket: WebSocketCycle | None = None
         peer = writer.get_extra_info("peername")
         self.client = tuple(peer[:2]) if isinstance(peer, tuple) else None  # None: unix
         self.scheme = "https" if writer.get_extra_info("sslcontext") else "http"
@@ -2085,7 +2087,8 @@ class ASGIConnection:
                 self.idle = False
                 if is_websocket_request(request):
                     # RFC 6455 §4.2.1; after it, the connection speaks frames.
-                    await WebSocketCycle(self, request, check_handshake(request)).run()
+                    self.websocket = WebSocketCycle(self, request, check_handshake(request))
+                    await self.websocket.run()
                     break
                 cycle = HTTPCycle(self, request)
                 await cycle.run()
@@ -2093,7 +2096,7 @@ class ASGIConnection:
                     break       # RFC 9112 §9.3, or the body was not all read
         except HTTPError as error:
             await self.write(error_response(error.status, error.reason, time.time(),
-                                            self.config))
+                                            self.config, error.headers))
         except (ClientDisconnected, OSError):
             pass
         finally:
@@ -2231,6 +2234,8 @@ class ASGIServer:
         for task, conn in list(self.connections.items()):
             if conn.idle:
                 task.cancel()
+            elif conn.websocket is not None:   # RFC 6455 §7.4.1: 1001 "going away"
+                asyncio.ensure_future(conn.websocket.close(1001, "server shutting down"))
         busy = list(self.connections)
         if busy:
             await asyncio.wait(busy, timeout=self.config.timeout_graceful_shutdown)
@@ -2319,9 +2324,13 @@ def check_handshake(request: Request) -> bytes:
     if b"upgrade" not in comma_list(field_values(request.headers, b"connection")):
         raise HTTPError(400, "a WebSocket handshake needs 'Connection: Upgrade'")
     versions = field_values(request.headers, b"sec-websocket-version")
+    if len(versions) != 1:
+        raise HTTPError(400, "exactly one Sec-WebSocket-Version is required")
     if versions != [b"13"]:
-        # RFC 6455 §4.2.2: answer 426 with the version we speak
-        raise HTTPError(426, "Sec-WebSocket-Version must be 13")
+        # RFC 6455 §4.2.2: answer 426 with the version we speak; RFC 9110
+        # §15.5.22: a 426 names the protocol to upgrade to.
+        raise HTTPError(426, "Sec-WebSocket-Version must be 13", (
+            (b"Sec-WebSocket-Version", b"13"), (b"Upgrade", b"websocket")))
     keys = field_values(request.headers, b"sec-websocket-key")
     try:
         if len(keys) != 1 or len(base64.b64decode(keys[0], validate=True)) != 16:
@@ -2370,9 +2379,12 @@ class PerMessageDeflate:
         """RFC 7692 §5: accept the first offer we can honour; (codec, answer)."""
         for offer in comma_list(offers):
             name, *params = [p.strip(b" \t") for p in offer.split(b";")]
-            names = [p.split(b"=")[0].strip(b" \t") for p in params]
+            pairs = [[part.strip(b" \t\"") for part in p.split(b"=", 1)] for p in params]
+            names = [pair[0] for pair in pairs]
             if name != b"permessage-deflate" or len(set(names)) != len(names):
                 continue
+            if not all(PerMessageDeflate.valid_parameter(*pair) for pair in pairs):
+                continue       # RFC 7692 §5.1: decline an offer we cannot read
             answer = [b"permessage-deflate"]
             if b"server_max_window_bits" in names:
                 continue       # Policy: we always use 15 bits; decline a smaller window
@@ -2382,6 +2394,17 @@ class PerMessageDeflate:
                 answer.append(b"client_no_context_takeover")
             return PerMessageDeflate(b"server_no_context_takeover" in names), b"; ".join(answer)
         return None, b""
+
+    @staticmethod
+    def valid_parameter(name: bytes, value: bytes | None = None) -> bool:
+        """RFC 7692 §7.1: the four parameters, and window bits from 8 to 15."""
+        if name in (b"server_no_context_takeover", b"client_no_context_takeover"):
+            return value is None
+        if name == b"client_max_window_bits" and value is None:
+            return True
+        if name in (b"server_max_window_bits", b"client_max_window_bits"):
+            return value is not None and value.isdigit() and 8 <= int(value) <= 15
+        return False
 
     def compress(self, data: bytes) -> bytes:
         if self.reset:
@@ -2443,6 +2466,10 @@ class FrameParser:
             size = int.from_bytes(buffer[2:start], "big")
             if size >> 63:           # §5.2: the most significant bit MUST be 0
                 raise WebSocketError(1002, "invalid frame length")
+            if size < (126 if start == 4 else 1 << 16):
+                # §5.2: "the minimal number of bytes MUST be used to encode the
+                # length"; Policy: we enforce it on what clients send.
+                raise WebSocketError(1002, "frame length not minimally encoded")
         if size > self.max_size:
             raise WebSocketError(1009, "message too big")
         if len(buffer) < start + 4 + size:
@@ -2532,14 +2559,17 @@ class WebSocketCycle:
         self.tasks: list[asyncio.Task] = []
         self.pong = asyncio.Event()
         self.denial: Response | None = None
+        # RFC 6455 §4.2.2: subprotocol names are tokens, matched case-sensitively
+        self.offered = [item.strip(" \t") for value in field_values(
+            request.headers, b"sec-websocket-protocol")
+            for item in value.decode("latin-1").split(",") if item.strip(" \t")]
         self.last_event = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
 
     def scope(self) -> dict:
         scope = self.conn.scope_for(self.request)
         scope.update(type="websocket", scheme="wss" if scope["scheme"] == "https" else "ws",
                      asgi={"version": "3.0", "spec_version": "2.5"},
-                     subprotocols=[p.decode("latin-1") for p in comma_list(
-                         field_values(self.request.headers, b"sec-websocket-protocol"))],
+                     subprotocols=self.offered,
                      extensions={"websocket.http.response": {}})
         return scope
 
@@ -2603,6 +2633,9 @@ class WebSocketCycle:
                  b"Connection: Upgrade",
                  b"Sec-WebSocket-Accept: " + websocket_accept(self.key)]
         subprotocol = message.get("subprotocol")
+        if subprotocol is not None and subprotocol not in self.offered:
+            # Policy (RFC 6455 §4.2.2): the server picks one the client offered.
+            raise RuntimeError(f"ASGI: subprotocol {subprotocol!r} was not offered")
         if subprotocol is not None:
             lines.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("latin-1"))
         if self.deflate is not None:

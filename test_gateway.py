@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import io
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from http import HTTPStatus
 from wsgiref.validate import WSGIWarning, validator
 
@@ -3884,3 +3886,1413 @@ def test_wsgi_client_gone_while_queued_is_never_handed_to_the_app():
     finally:
         for _, release in blocked.values():
             release.set()
+
+
+# =============================================================================
+# ASGI, complete (issue "ASGI, complete", item 5)
+#
+# 1. The http scope, key by key, for tricky request-targets (§7 build_scope).
+# 2. receive() and send() of an HTTPCycle: streaming, disconnects, misuse.
+# 3. Lifespan: ordering, state copies, failures (in-process and CLI), modes.
+# 4. ASGI 2 (double-callable) apps.
+# 5. WebSocket over raw sockets: handshake, echo, fragments, every close rule,
+#    permessage-deflate and keepalive pings.
+# 6. The pure WebSocket codec: FrameParser, encode_frame, unmask.
+#
+# Client frames are built by hand (ws_client_frame) and server frames read by
+# WsClient.read_frame(); no WebSocket library is used. Exact bytes are
+# compared wherever the server's output is deterministic (date_header=False).
+# Names start with asgi_/ws_ so that this part can be pasted into
+# test_gateway.py. SPEC ids refer to /work/shared/SPEC-CHECKLIST.md.
+# =============================================================================
+
+ASGI_NO_DATE = {"date_header": False}      # makes whole responses exact bytes
+
+
+def asgi_error_bytes(status: int, message: str) -> bytes:
+    """The server's own error response (§4 error_response), with no Date."""
+    phrase = {400: "Bad Request", 403: "Forbidden", 426: "Upgrade Required",
+              500: "Internal Server Error"}[status]
+    body = f"{status} {phrase}: {message}\n".encode()
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nServer: gateway\r\nConnection: close\r\n\r\n%s"
+            % (status, phrase.encode(), len(body), body))
+
+
+def asgi_params(rows: list) -> list:
+    """Table rows (id, *values), some wrapped in pytest.param for marks, as params."""
+    params = []
+    for row in rows:
+        marks = ()
+        if hasattr(row, "values"):
+            row, marks = row.values, row.marks
+        params.append(pytest.param(*row[1:], id=row[0], marks=marks))
+    return params
+
+
+def asgi_jsonable(value):
+    """A scope as JSON: bytes become latin-1 str, tuples become lists."""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, dict):
+        return {key: asgi_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [asgi_jsonable(item) for item in value]
+    return value
+
+
+def asgi_scope_app(scopes: list):
+    """Records each http scope and sends it back as a JSON body."""
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        scopes.append(scope)
+        body = json.dumps(asgi_jsonable(scope)).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+@contextlib.contextmanager
+def asgi_serving(app, **options):
+    """Like running_server("asgi", ...), but yields (server, port) so that a
+    test can call server.shutdown() itself (a second call forces the stop)."""
+    listener = gateway.make_listener("127.0.0.1", 0)
+    server = gateway.ASGIServer(app, listener, gateway.Config(**options))
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
+    thread.start()
+    try:
+        yield server, listener.getsockname()[1]
+    finally:
+        wait_for(lambda: server.stopping is not None)
+        server.shutdown()
+        thread.join(TIMEOUT)
+        listener.close()
+        assert not thread.is_alive(), "server did not stop"
+
+
+def asgi_post_chunked_head(path: bytes = b"/") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" % path)
+
+
+# =============================================================================
+# 1. The http scope (SPEC AH-01..AH-09, A-03, A-04, A-11, A-12)
+# =============================================================================
+
+ASGI_SCOPE_KEYS = {"type", "asgi", "http_version", "method", "scheme", "path", "raw_path",
+                   "query_string", "root_path", "headers", "client", "server", "state",
+                   "extensions"}
+
+# (method, request-target, path, raw_path, query_string)
+ASGI_TARGETS = [
+    ("GET", b"/caf%C3%A9", "/café", b"/caf%C3%A9", b""),
+    ("GET", b"/a%2Fb", "/a/b", b"/a%2Fb", b""),
+    ("GET", b"/%E2%82%AC%20x?q=%20x&y", "/€ x", b"/%E2%82%AC%20x", b"q=%20x&y"),
+    ("GET", b"/p?a=1?b=2", "/p", b"/p", b"a=1?b=2"),        # split at the first "?"
+    ("GET", b"/x?", "/x", b"/x", b""),
+    ("GET", b"/sp%25ace", "/sp%ace", b"/sp%25ace", b""),     # decoded once only
+    ("DELETE", b"http://example.com/abs?z=1", "/abs", b"/abs", b"z=1"),  # absolute-form
+    ("OPTIONS", b"*", "*", b"*", b""),
+]
+
+
+@pytest.mark.parametrize("method, target, path, raw_path, query", ASGI_TARGETS,
+                         ids=[row[1].decode() for row in ASGI_TARGETS])
+def test_asgi_scope_for_tricky_targets(method, target, path, raw_path, query):
+    scopes: list = []
+    with running_server("asgi", asgi_scope_app(scopes)) as port:
+        with connect(port) as sock:
+            sock.sendall(b"%s %s HTTP/1.1\r\nHost: t\r\n\r\n" % (method.encode(), target))
+            status, _, body = ResponseReader(sock).read_response()
+            client_port = sock.getsockname()[1]
+    assert status == 200
+    scope = scopes[0]
+    assert set(scope) == ASGI_SCOPE_KEYS
+    assert scope["type"] == "http"
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.4"}
+    assert scope["http_version"] == "1.1"
+    assert scope["method"] == method
+    assert scope["scheme"] == "http"
+    assert scope["path"] == path and type(scope["path"]) is str
+    assert scope["raw_path"] == raw_path and type(scope["raw_path"]) is bytes
+    assert scope["query_string"] == query and type(scope["query_string"]) is bytes
+    assert scope["root_path"] == ""
+    # RFC 9112 §3.2.2: with absolute-form, the target's authority replaces Host.
+    host = b"example.com" if target.startswith(b"http:") else b"t"
+    assert scope["headers"] == [[b"host", host]]
+    assert list(scope["client"]) == ["127.0.0.1", client_port]
+    assert list(scope["server"]) == ["127.0.0.1", port]
+    assert scope["state"] == {} and scope["extensions"] == {}
+    # ... and the same thing went over the wire as JSON (bytes as latin-1).
+    assert json.loads(body) == asgi_jsonable(scope)
+
+
+def test_asgi_scope_headers_are_lower_case_in_order_with_duplicates():
+    scopes: list = []
+    raw = (b"GET / HTTP/1.1\r\nHost: t\r\nX-Dup: 1\r\nAccept: a/b\r\nX-DUP: 2\r\n"
+           b"X-Mixed-Case:  v w  \r\nX-Latin: \xe9\r\n\r\n")
+    with running_server("asgi", asgi_scope_app(scopes)) as port:
+        status, _, body = request(port, raw)
+    assert status == 200
+    expected = [[b"host", b"t"], [b"x-dup", b"1"], [b"accept", b"a/b"], [b"x-dup", b"2"],
+                [b"x-mixed-case", b"v w"], [b"x-latin", b"\xe9"]]
+    assert scopes[0]["headers"] == expected
+    assert all(type(n) is bytes and type(v) is bytes for n, v in scopes[0]["headers"])
+    assert json.loads(body)["headers"] == asgi_jsonable(expected)
+
+
+def test_asgi_scope_http10_and_a_new_scope_per_request():
+    scopes: list = []
+    with running_server("asgi", asgi_scope_app(scopes)) as port:
+        with connect(port) as sock:
+            reader = ResponseReader(sock)
+            sock.sendall(b"GET /one HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert reader.read_response()[0] == 200
+            sock.sendall(b"GET /two HTTP/1.0\r\n\r\n")
+            assert reader.read_response()[0] == 200
+    assert [s["http_version"] for s in scopes] == ["1.1", "1.0"]
+    assert [s["path"] for s in scopes] == ["/one", "/two"]
+    assert scopes[0] is not scopes[1] and scopes[0]["state"] is not scopes[1]["state"]
+
+
+def test_asgi_scope_root_path_prefixes_path():
+    scopes: list = []
+    with running_server("asgi", asgi_scope_app(scopes), root_path="/app") as port:
+        status, _, body = request(port, b"GET /x%20y?q=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert status == 200
+    scope = json.loads(body)
+    assert (scope["root_path"], scope["path"], scope["raw_path"], scope["query_string"]) == \
+        ("/app", "/app/x y", "/x%20y", "q=1")
+    assert scopes[0]["raw_path"] == b"/x%20y"
+
+
+# =============================================================================
+# 2. receive() and send() (SPEC AH-11, AH-13, AH-19..AH-22, A-07, A-10)
+# =============================================================================
+
+
+def test_asgi_streaming_both_ways_last_event_has_more_body_false():
+    events: list = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            event = await receive()
+            events.append(event)
+            await send({"type": "http.response.body", "body": event["body"],
+                        "more_body": event["more_body"]})
+            if not event["more_body"]:
+                return
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        with connect(port) as sock:
+            reader = ResponseReader(sock)
+            sock.sendall(asgi_post_chunked_head())
+            for number, piece in enumerate((b"abc", b"def")):
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                if number == 0:      # SPEC AH-16: the head waits for the first body
+                    assert reader.read_head()[0] == 200
+                echoed = b""
+                while len(echoed) < len(piece):       # comes back before the next
+                    echoed += asgi_read_chunk(reader)
+                assert echoed == piece
+            sock.sendall(b"0\r\n\r\n")
+            assert asgi_read_chunk(reader) == b""       # the last-chunk
+    assert b"".join(e["body"] for e in events) == b"abcdef"
+    assert all(e["type"] == "http.request" for e in events)
+    assert [e["more_body"] for e in events[:-1]] == [True] * (len(events) - 1)
+    assert events[-1] == {"type": "http.request", "body": b"", "more_body": False}
+
+
+def asgi_read_chunk(reader: ResponseReader) -> bytes:
+    """One chunk of a chunked body; b"" for the last-chunk (its CRLF read too)."""
+    while b"\r\n" not in reader.buffer:
+        assert reader._fill(), "connection closed mid-chunk"
+    line, reader.buffer = reader.buffer.split(b"\r\n", 1)
+    size = int(line, 16)
+    data = reader.read_exact(size)
+    assert reader.read_exact(2) == b"\r\n"
+    return data
+
+
+def test_asgi_get_gives_one_empty_request_event_then_disconnect_after_response():
+    events: list = []
+    done = threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        events.append(await receive())
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        events.append(await receive())      # the response is complete
+        events.append(await receive())      # ... and again, at once
+        done.set()
+
+    with running_server("asgi", app) as port:
+        with connect(port) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert ResponseReader(sock).read_response()[::2] == (200, b"ok")
+            assert done.wait(TIMEOUT)
+    assert events == [{"type": "http.request", "body": b"", "more_body": False},
+                      {"type": "http.disconnect"}, {"type": "http.disconnect"}]
+
+
+def test_asgi_client_closing_mid_body_is_disconnect_and_send_raises():
+    events: list = []
+    errors: list = []
+    got_first, done = threading.Event(), threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        try:
+            events.append(await receive())
+            got_first.set()
+            events.append(await receive())      # the client is gone
+            events.append(await receive())
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+            except Exception as error:
+                errors.append(error)
+        finally:
+            done.set()
+
+    with running_server("asgi", app) as port:
+        with connect(port) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabcd")
+            assert got_first.wait(TIMEOUT)
+        assert done.wait(TIMEOUT)
+    assert events == [{"type": "http.request", "body": b"abcd", "more_body": True},
+                      {"type": "http.disconnect"}, {"type": "http.disconnect"}]
+    assert len(errors) == 1 and type(errors[0]) is gateway.ClientDisconnected
+    assert isinstance(errors[0], OSError)           # SPEC AH-20
+
+
+async def asgi_body_first(send):
+    await send({"type": "http.response.body", "body": b"x"})
+
+
+async def asgi_start_twice(send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+
+
+async def asgi_str_header(send):
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [("content-type", "text/plain")]})
+
+
+async def asgi_str_body(send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": "text"})
+
+
+async def asgi_unknown_type(send):
+    await send({"type": "http.response.bogus"})
+
+
+ASGI_MISUSES = [(asgi_body_first, RuntimeError), (asgi_start_twice, RuntimeError),
+                (asgi_str_header, TypeError), (asgi_str_body, TypeError),
+                (asgi_unknown_type, RuntimeError)]
+
+
+@pytest.mark.parametrize("misuse, error", ASGI_MISUSES,
+                         ids=[row[0].__name__[5:] for row in ASGI_MISUSES])
+def test_asgi_send_misuse_raises_in_the_app_and_the_client_gets_500(misuse, error):
+    errors: list = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        try:
+            await misuse(send)
+        except Exception as caught:
+            errors.append(caught)
+            raise
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert [type(e) for e in errors] == [error]
+    assert data == asgi_error_bytes(500, "the application failed")
+
+
+def asgi_request_and_close(port: int, raw: bytes) -> bytes:
+    with connect(port) as sock:
+        sock.sendall(raw)
+        return read_until_closed(sock)
+
+
+def test_asgi_send_after_complete_response_is_a_no_op():
+    errors: list = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        try:
+            await send({"type": "http.response.body", "body": b"EXTRA"})
+            await send({"type": "http.response.body", "body": b"MORE", "more_body": True})
+        except Exception as error:          # pragma: no cover - the failure case
+            errors.append(error)
+
+    one = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nServer: gateway\r\n\r\nok"
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, b"GET /1 HTTP/1.1\r\nHost: t\r\n\r\n"
+                                 b"GET /2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert errors == []
+    assert data == one + one.replace(b"Server: gateway\r\n",
+                                     b"Server: gateway\r\nConnection: close\r\n")
+
+
+def test_asgi_app_returning_without_a_response_is_500():
+    async def app(scope, receive, send):
+        return
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert data == asgi_error_bytes(500, "the application sent no response")
+
+
+ASGI_PARTIAL = (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nServer: gateway\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n7\r\npartial\r\n")
+
+
+@pytest.mark.parametrize("ending", ["raises", "returns"])
+def test_asgi_app_ending_after_start_closes_without_last_chunk(ending):
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        if ending == "raises":
+            raise RuntimeError("late")
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert data == ASGI_PARTIAL          # no "0\r\n\r\n": the client sees it cut
+
+
+# =============================================================================
+# 3. Lifespan (SPEC L-01..L-11, AH-09)
+# =============================================================================
+
+
+def asgi_lifespan_app(record: list, startup=None, held: threading.Event | None = None):
+    """Records lifespan messages; `startup` is what it answers to the startup."""
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            record.append(("scope", copy.deepcopy(scope)))
+            while True:
+                message = await receive()
+                record.append(message["type"])
+                if message["type"] == "lifespan.startup":
+                    if held is not None:
+                        loop = asyncio.get_running_loop()
+                        await loop.run_in_executor(None, held.wait, TIMEOUT)
+                    scope["state"]["ready"] = True
+                    scope["state"]["shared"] = []
+                    await send(startup or {"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        record.append(("request", scope["path"], copy.deepcopy(scope["state"])))
+        scope["state"]["x"] = scope["path"]            # must not leak
+        scope["state"]["shared"].append(scope["path"])   # a shallow copy: shared
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+    return app
+
+
+def test_asgi_lifespan_startup_completes_before_the_first_request():
+    record: list = []
+    held = threading.Event()
+    try:
+        with running_server("asgi", asgi_lifespan_app(record, held=held)) as port:
+            with connect(port) as sock:
+                # Sent while startup is held: the server must not answer it yet
+                # (a bounded wait for something that must not happen).
+                sock.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+                sock.settimeout(0.3)
+                with pytest.raises(socket.timeout):
+                    sock.recv(1)
+                sock.settimeout(TIMEOUT)
+                held.set()
+                assert ResponseReader(sock).read_response()[::2] == (200, b"ok")
+    finally:
+        held.set()
+    assert record[0] == ("scope", {"type": "lifespan", "state": {},
+                                   "asgi": {"version": "3.0", "spec_version": "2.0"}})
+    assert record[1:3] == ["lifespan.startup",
+                           ("request", "/first", {"ready": True, "shared": []})]
+
+
+def test_asgi_lifespan_state_is_a_shallow_copy_per_request():
+    record: list = []
+    with running_server("asgi", asgi_lifespan_app(record)) as port:
+        with connect(port) as sock:
+            reader = ResponseReader(sock)
+            for path in (b"/a", b"/b"):
+                sock.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path)
+                assert reader.read_response()[::2] == (200, b"ok")
+        requests = [r for r in record if r[0] == "request"]
+        # "/a" set state["x"] in its copy; "/b" does not see it. The list is
+        # the same object in every copy (shallow), so "/b" sees "/a" in it.
+        assert requests == [("request", "/a", {"ready": True, "shared": []}),
+                            ("request", "/b", {"ready": True, "shared": ["/a"]})]
+        assert "lifespan.shutdown" not in record       # not before shutdown()
+    assert record[-1] == "lifespan.shutdown"           # SPEC L-07
+
+
+def test_asgi_lifespan_startup_failed_raises_lifespan_failure():
+    record: list = []
+    app = asgi_lifespan_app(record, startup={"type": "lifespan.startup.failed",
+                                             "message": "db down"})
+    listener = gateway.make_listener("127.0.0.1", 0)
+    server = gateway.ASGIServer(app, listener, gateway.Config())
+    caught: list = []
+
+    def run():
+        try:
+            asyncio.run(server.serve())
+        except BaseException as error:     # noqa: B902 - reported to the test
+            caught.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(TIMEOUT)
+    listener.close()
+    assert not thread.is_alive()
+    assert [type(e) for e in caught] == [gateway.LifespanFailure]
+    assert str(caught[0]) == "application startup failed: db down"
+    assert not any(r[0] == "request" for r in record if isinstance(r, tuple))
+
+
+ASGI_CLI_FAILED_APP = '''
+async def app(scope, receive, send):
+    assert scope["type"] == "lifespan"
+    await receive()
+    await send({"type": "lifespan.startup.failed", "message": "db down"})
+'''
+
+ASGI_CLI_RAISING_APP = '''
+async def app(scope, receive, send):
+    raise ValueError("no lifespan here")
+'''
+
+
+def asgi_run_cli(tmp_path, source: str, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "asgi_cli_app.py").write_text(source)
+    here = os.path.dirname(os.path.abspath(gateway.__file__))
+    return subprocess.run([sys.executable, os.path.join(here, "gateway.py"), "--asgi",
+                           "asgi_cli_app:app", "--port", "0", "--app-dir", str(tmp_path),
+                           *args], cwd=here, capture_output=True, text=True,
+                          timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+
+
+def test_asgi_cli_startup_failed_exits_3_with_the_message(tmp_path):
+    result = asgi_run_cli(tmp_path, ASGI_CLI_FAILED_APP)
+    assert result.returncode == 3
+    assert "gateway: application startup failed: db down\n" in result.stderr
+
+
+def test_asgi_cli_lifespan_on_with_a_raising_app_exits_3(tmp_path):
+    result = asgi_run_cli(tmp_path, ASGI_CLI_RAISING_APP, "--lifespan", "on")
+    assert result.returncode == 3
+    assert "application startup failed" in result.stderr
+
+
+def test_asgi_lifespan_auto_with_a_raising_app_keeps_serving(caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+    types: list = []
+
+    async def app(scope, receive, send):
+        types.append(scope["type"])
+        if scope["type"] == "lifespan":
+            raise ValueError("no lifespan here")
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with running_server("asgi", app) as port:
+        assert request(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")[::2] == (200, b"ok")
+    assert types == ["lifespan", "http"]         # and never called for shutdown
+    assert any(r.name == "gateway" and r.levelno == logging.INFO
+               and "unsupported" in r.getMessage() for r in caplog.records)
+
+
+def test_asgi_lifespan_off_never_calls_the_app_with_lifespan():
+    types: list = []
+
+    async def app(scope, receive, send):
+        types.append(scope["type"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body"})
+
+    with running_server("asgi", app, lifespan="off") as port:
+        assert request(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 204
+    assert types == ["http"]
+
+
+def test_asgi_lifespan_out_of_order_message_raises():
+    errors: list = []
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await receive()
+            try:
+                await send({"type": "lifespan.shutdown.complete"})   # not its turn
+            except RuntimeError as error:
+                errors.append(error)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body"})
+
+    with running_server("asgi", app) as port:
+        assert request(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 204
+    assert [type(e) for e in errors] == [RuntimeError]
+
+
+# =============================================================================
+# 4. ASGI 2 apps (SPEC A-02)
+# =============================================================================
+
+
+class AsgiTwoApp:
+    """An ASGI 2 app: instantiated with the scope, then called."""
+
+    def __init__(self, scope):
+        self.scope = scope
+
+    async def __call__(self, receive, send):
+        if self.scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b"asgi2 " + self.scope["path"].encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def asgi_two_factory(scope):
+    """A plain (not async) function returning the instance: also ASGI 2."""
+    return AsgiTwoApp(scope)
+
+
+@pytest.mark.parametrize("app, interface", [(AsgiTwoApp, "auto"), (AsgiTwoApp, "asgi2"),
+                                            (asgi_two_factory, "auto")],
+                         ids=["class-auto", "class-asgi2", "function-auto"])
+def test_asgi2_double_callable_is_served(app, interface):
+    with asgi_serving(app, interface=interface) as (_, port):
+        assert request(port, b"GET /p HTTP/1.1\r\nHost: t\r\n\r\n")[::2] == (200, b"asgi2 /p")
+
+
+def test_asgi3_app_detection():
+    async def single(scope, receive, send):
+        pass
+
+    class Instance:
+        async def __call__(self, scope, receive, send):
+            pass
+
+    instance = Instance()
+    assert gateway.asgi3_app(single) is single
+    assert gateway.asgi3_app(instance) is instance
+    assert gateway.asgi3_app(AsgiTwoApp) is not AsgiTwoApp        # wrapped
+    assert gateway.asgi3_app(asgi_two_factory) is not asgi_two_factory
+    assert gateway.asgi3_app(single, "asgi2") is not single
+
+
+# =============================================================================
+# 5. WebSocket over raw sockets (SPEC AW-*, WS-*, E-08)
+# =============================================================================
+
+WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="              # RFC 6455 §1.3
+WS_ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+WS_MASK = b"\x37\xfa\x21\x3d"                     # RFC 6455 §5.7
+
+
+def ws_client_frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv1: bool = False,
+                    mask: bool = True, rsv23: int = 0, length: bytes | None = None) -> bytes:
+    """One client frame; `length` overrides the length encoding (bytes after byte 1's
+    7 bits are given whole, e.g. b"\\x7e\\x00\\x05" for a non-minimal 5)."""
+    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | rsv23 | opcode
+    size = len(payload)
+    if length is None:
+        if size < 126:
+            length = bytes([size])
+        elif size < 1 << 16:
+            length = b"\x7e" + size.to_bytes(2, "big")
+        else:
+            length = b"\x7f" + size.to_bytes(8, "big")
+    if not mask:
+        return bytes([first]) + length + payload
+    masked = bytes(b ^ WS_MASK[i % 4] for i, b in enumerate(payload))
+    return bytes([first, length[0] | 0x80]) + length[1:] + WS_MASK + masked
+
+
+def ws_close_frame(code: int, reason: bytes = b"") -> bytes:
+    return ws_client_frame(8, code.to_bytes(2, "big") + reason)
+
+
+def ws_handshake(extra: bytes = b"", path: bytes = b"/") -> bytes:
+    return (b"GET %s HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+            % (path, WS_KEY, extra))
+
+
+def ws_101(*lines: bytes) -> bytes:
+    return b"\r\n".join([b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket",
+                         b"Connection: Upgrade", b"Sec-WebSocket-Accept: " + WS_ACCEPT,
+                         *lines]) + b"\r\n\r\n"
+
+
+class WsClient:
+    """The client end of one WebSocket: reads the 101 head and server frames."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _need(self, size: int) -> None:
+        while len(self.buffer) < size:
+            piece = self.sock.recv(65536)
+            assert piece, f"connection closed; have {self.buffer[:80]!r}"
+            self.buffer += piece
+
+    def read_head(self) -> bytes:
+        while b"\r\n\r\n" not in self.buffer:
+            piece = self.sock.recv(65536)
+            assert piece, f"connection closed mid-head: {self.buffer!r}"
+            self.buffer += piece
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        return head + b"\r\n\r\n"
+
+    def read_frame(self) -> tuple[int, int, bytes]:
+        """(byte 0, opcode, payload) of one server frame, checked per WS-11/WS-26."""
+        self._need(2)
+        first, second = self.buffer[0], self.buffer[1]
+        assert not second & 0x80, "a server frame must not be masked"
+        size, start = second & 0x7F, 2
+        if size == 126:
+            self._need(4)
+            size, start = int.from_bytes(self.buffer[2:4], "big"), 4
+            assert size >= 126, "non-minimal 16-bit length"
+        elif size == 127:
+            self._need(10)
+            size, start = int.from_bytes(self.buffer[2:10], "big"), 10
+            assert size >= 1 << 16, "non-minimal 64-bit length"
+        self._need(start + size)
+        payload = self.buffer[start:start + size]
+        self.buffer = self.buffer[start + size:]
+        return first, first & 0x0F, payload
+
+    def read_close(self) -> tuple[int | None, bytes]:
+        """The next frame must be a final Close: (code or None, reason bytes)."""
+        first, opcode, payload = self.read_frame()
+        assert (first, opcode) == (0x88, 8), (hex(first), payload)
+        if not payload:
+            return None, b""
+        reason = payload[2:]
+        reason.decode("utf-8")                   # a valid reason, at most 123 bytes
+        assert len(reason) <= 123
+        return int.from_bytes(payload[:2], "big"), reason
+
+    def assert_eof(self) -> None:
+        assert self.buffer == b"", f"unexpected bytes {self.buffer[:80]!r}"
+        try:
+            assert self.sock.recv(65536) == b""
+        except ConnectionResetError:
+            pass                                  # closed, too
+
+
+@contextlib.contextmanager
+def ws_connection(port: int, extra: bytes = b"", head: bytes | None = None):
+    """Open a socket, send the handshake and check the 101 head (exact, if given)."""
+    with connect(port) as sock:
+        sock.sendall(ws_handshake(extra))
+        client = WsClient(sock)
+        got = client.read_head()
+        if head is not None:
+            assert got == head
+        else:
+            assert got.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"), got
+        yield client
+
+
+class WsRecorder:
+    """An ASGI 3 app (an instance with an async __call__) that accepts with
+    `accept`, echoes every message and records every event it receives."""
+
+    def __init__(self, accept: dict | None = None) -> None:
+        self.accept = accept or {}
+        self.events: list = []
+        self.scopes: list = []
+        self.errors: list = []
+        self.done = threading.Event()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "websocket":
+            return
+        self.scopes.append(scope)
+        try:
+            self.events.append(await receive())
+            await send({"type": "websocket.accept", **self.accept})
+            while True:
+                event = await receive()
+                self.events.append(event)
+                if event["type"] == "websocket.disconnect":
+                    return
+                await send({"type": "websocket.send", "text": event.get("text"),
+                            "bytes": event.get("bytes")})
+        except Exception as error:
+            self.errors.append(error)
+            raise
+        finally:
+            self.done.set()
+
+    def messages(self) -> list:
+        """The websocket.receive events as ("text", str) / ("bytes", bytes)."""
+        out = []
+        for event in self.events:
+            if event["type"] == "websocket.receive":
+                assert set(event) <= {"type", "text", "bytes"}
+                assert (event.get("text") is None) != (event.get("bytes") is None)
+                out.append(("text", event["text"]) if event.get("text") is not None
+                           else ("bytes", event["bytes"]))
+        return out
+
+    def disconnect(self) -> dict:
+        assert self.done.wait(TIMEOUT), "the app did not finish"
+        assert self.errors == []
+        assert self.events[-1]["type"] == "websocket.disconnect"
+        return self.events[-1]
+
+
+# -- handshake ------------------------------------------------------------------
+
+
+def test_ws_handshake_101_is_exact_and_the_scope_is_complete():
+    app = WsRecorder()
+    with running_server("asgi", app) as port:
+        with ws_connection(port, b"Origin: http://example.com\r\n", head=ws_101()) as ws:
+            ws.sock.sendall(ws_close_frame(1000))
+            assert ws.read_close() == (1000, b"")
+            ws.assert_eof()
+        assert app.disconnect() == {"type": "websocket.disconnect", "code": 1000,
+                                    "reason": ""}
+    scope = app.scopes[0]
+    assert set(scope) == ASGI_SCOPE_KEYS | {"subprotocols"}
+    assert (scope["type"], scope["scheme"], scope["http_version"]) == ("websocket", "ws", "1.1")
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.5"}
+    assert scope["subprotocols"] == []
+    assert scope["extensions"] == {"websocket.http.response": {}}
+    assert (scope["path"], scope["raw_path"], scope["query_string"]) == ("/", b"/", b"")
+    assert [b"origin", b"http://example.com"] in scope["headers"]
+    assert app.events[0] == {"type": "websocket.connect"}
+
+
+def test_ws_subprotocol_echoed_only_when_picked_and_extra_headers():
+    offered = b"Sec-WebSocket-Protocol: chat, superchat\r\n"
+    picked = WsRecorder({"subprotocol": "superchat", "headers": [(b"x-extra", b"1")]})
+    with running_server("asgi", picked) as port:
+        head = ws_101(b"Sec-WebSocket-Protocol: superchat", b"x-extra: 1")
+        with ws_connection(port, offered, head=head) as ws:
+            ws.sock.sendall(ws_close_frame(1000))
+            assert ws.read_close() == (1000, b"")
+    assert picked.scopes[0]["subprotocols"] == ["chat", "superchat"]
+    not_picked = WsRecorder()
+    with running_server("asgi", not_picked) as port:
+        with ws_connection(port, offered, head=ws_101()) as ws:
+            ws.sock.sendall(ws_close_frame(1000))
+            assert ws.read_close() == (1000, b"")
+
+
+def test_ws_subprotocols_keep_their_case():
+    app = WsRecorder({"subprotocol": "SuperChat"})
+    with running_server("asgi", app) as port:
+        with ws_connection(port, b"Sec-WebSocket-Protocol: Chat, SuperChat\r\n") as ws:
+            ws.sock.sendall(ws_close_frame(1000))
+            ws.read_close()
+    assert app.scopes[0]["subprotocols"] == ["Chat", "SuperChat"]
+
+
+def test_ws_accepting_an_unoffered_subprotocol_raises():
+    app = WsRecorder({"subprotocol": "other"})
+    with running_server("asgi", app) as port:
+        with connect(port) as sock:
+            sock.sendall(ws_handshake(b"Sec-WebSocket-Protocol: chat\r\n"))
+            assert not WsClient(sock).read_head().startswith(b"HTTP/1.1 101")
+        assert app.done.wait(TIMEOUT)
+    assert [type(e) for e in app.errors] == [RuntimeError]
+
+
+def test_ws_early_frames_after_the_handshake_are_kept():
+    app = WsRecorder()
+    with running_server("asgi", app) as port:
+        with connect(port) as sock:
+            sock.sendall(ws_handshake() + ws_client_frame(1, b"early"))   # SPEC WS-08
+            ws = WsClient(sock)
+            assert ws.read_head() == ws_101()
+            assert ws.read_frame() == (0x81, 1, b"early")
+
+
+WS_H = b"GET / HTTP/1.1\r\nHost: t\r\n"
+WS_UPGRADE = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+WS_KEY_LINE = b"Sec-WebSocket-Key: " + WS_KEY + b"\r\n"
+WS_V13 = b"Sec-WebSocket-Version: 13\r\n"
+
+WS_BAD_HANDSHAKES = [
+    ("no-key", WS_H + WS_UPGRADE + WS_V13 + b"\r\n", 400),
+    ("short-key", WS_H + WS_UPGRADE + WS_V13 + b"Sec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4P\r\n\r\n", 400),
+    ("key-not-base64", WS_H + WS_UPGRADE + WS_V13 + b"Sec-WebSocket-Key: !!!!!!!!!!!!!!!!!!!!!!==\r\n\r\n", 400),
+    ("two-keys", WS_H + WS_UPGRADE + WS_V13 + WS_KEY_LINE + WS_KEY_LINE + b"\r\n", 400),
+    ("post", WS_H.replace(b"GET", b"POST") + WS_UPGRADE + WS_V13 + WS_KEY_LINE
+     + b"Content-Length: 0\r\n\r\n", 400),
+    ("no-connection-upgrade", WS_H + b"Upgrade: websocket\r\n" + WS_V13 + WS_KEY_LINE
+     + b"\r\n", 400),
+    ("connection-keep-alive-only", WS_H + b"Upgrade: websocket\r\nConnection: keep-alive\r\n"
+     + WS_V13 + WS_KEY_LINE + b"\r\n", 400),
+    ("no-host", b"GET / HTTP/1.1\r\n" + WS_UPGRADE + WS_V13 + WS_KEY_LINE + b"\r\n", 400),
+    pytest.param("two-versions", WS_H + WS_UPGRADE + WS_V13 + WS_V13 + WS_KEY_LINE + b"\r\n",
+                 400),
+]
+
+
+@pytest.mark.parametrize("raw, status", asgi_params(WS_BAD_HANDSHAKES))
+def test_ws_bad_handshake_is_an_http_error(raw, status):
+    app = WsRecorder()
+    with running_server("asgi", app) as port:
+        data = asgi_request_and_close(port, raw)
+    assert data.startswith(b"HTTP/1.1 %d " % status), data[:80]
+    assert b"\r\nConnection: close\r\n" in data.split(b"\r\n\r\n")[0] + b"\r\n"
+    assert app.scopes == []                  # the app never saw it
+
+
+def test_ws_version_8_is_426():
+    raw = WS_H + WS_UPGRADE + b"Sec-WebSocket-Version: 8\r\n" + WS_KEY_LINE + b"\r\n"
+    with running_server("asgi", WsRecorder()) as port:
+        data = asgi_request_and_close(port, raw)
+    assert data.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+
+
+def test_ws_version_8_426_names_version_13():
+    raw = WS_H + WS_UPGRADE + b"Sec-WebSocket-Version: 8\r\n" + WS_KEY_LINE + b"\r\n"
+    with running_server("asgi", WsRecorder()) as port:
+        head = asgi_request_and_close(port, raw).split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert b"Sec-WebSocket-Version: 13" in head
+    assert b"Upgrade: websocket" in head
+
+
+def test_ws_connection_list_with_upgrade_member_is_accepted():
+    raw = (WS_H + b"Upgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n" + WS_V13
+           + WS_KEY_LINE + b"\r\n")
+    with running_server("asgi", WsRecorder()) as port:
+        with connect(port) as sock:
+            sock.sendall(raw)
+            assert WsClient(sock).read_head() == ws_101()
+
+
+def ws_refusing_app(how: str, errors: list):
+    async def app(scope, receive, send):
+        if scope["type"] != "websocket":
+            return
+        assert await receive() == {"type": "websocket.connect"}
+        try:
+            await send({"type": "websocket.send", "text": "too early"})    # SPEC AW-08
+        except RuntimeError as error:
+            errors.append(error)
+        if how == "close":
+            await send({"type": "websocket.close", "code": 1000})
+        elif how == "raise":
+            raise ValueError("refused")
+    return app
+
+
+@pytest.mark.parametrize("how, status", [("close", 403), ("return", 403), ("raise", 500)])
+def test_ws_refused_before_accept_is_http(how, status):
+    errors: list = []
+    with running_server("asgi", ws_refusing_app(how, errors), **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, ws_handshake())
+    assert data == asgi_error_bytes(status, "WebSocket refused")
+    assert [type(e) for e in errors] == [RuntimeError]
+
+
+def test_ws_denial_response_is_sent_exactly():
+    errors: list = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "websocket.http.response.body", "body": b"den",
+                    "more_body": True})
+        await send({"type": "websocket.http.response.body", "body": b"ied"})
+        try:
+            await send({"type": "websocket.accept"})
+        except Exception as error:
+            errors.append(error)
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, ws_handshake())
+    assert data == (b"HTTP/1.1 401 Unauthorized\r\ncontent-type: text/plain\r\n"
+                    b"Server: gateway\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+                    b"\r\n3\r\nden\r\n3\r\nied\r\n0\r\n\r\n")
+    assert len(errors) == 1 and isinstance(errors[0], (RuntimeError, OSError))   # SPEC E-08
+
+
+# -- messages -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+@pytest.mark.parametrize("kind", ["text", "bytes"])
+def test_ws_echo_at_length_boundaries(kind, size):
+    app = WsRecorder()
+    payload = bytes(i % 26 + 97 for i in range(size))
+    opcode = 1 if kind == "text" else 2
+    with running_server("asgi", app) as port:
+        with ws_connection(port) as ws:
+            ws.sock.sendall(ws_client_frame(opcode, payload))
+            assert ws.read_frame() == (0x80 | opcode, opcode, payload)
+            ws.sock.sendall(ws_close_frame(1000))
+            assert ws.read_close() == (1000, b"")
+            ws.assert_eof()
+        app.disconnect()
+    value = payload.decode() if kind == "text" else payload
+    assert app.messages() == [(kind, value)]
+
+
+def test_ws_fragments_with_a_ping_between_them():
+    app = WsRecorder()
+    frames = (ws_client_frame(1, b"Hel", fin=False) + ws_client_frame(9, b"p1")
+              + ws_client_frame(0, b"lo, ", fin=False) + ws_client_frame(0, b"World"))
+    with running_server("asgi", app) as port:
+        with ws_connection(port) as ws:
+            ws.sock.sendall(frames)
+            assert ws.read_frame() == (0x8A, 10, b"p1")        # the pong, same payload
+            assert ws.read_frame() == (0x81, 1, b"Hello, World")
+            ws.sock.sendall(ws_client_frame(10, b"unsolicited") + ws_close_frame(1000, b"bye"))
+            assert ws.read_close() == (1000, b"")
+            ws.assert_eof()
+        assert app.disconnect() == {"type": "websocket.disconnect", "code": 1000,
+                                    "reason": "bye"}
+    assert app.messages() == [("text", "Hello, World")]
+
+
+def test_ws_utf8_split_across_fragments_is_delivered():
+    app = WsRecorder()
+    with running_server("asgi", app) as port:
+        with ws_connection(port) as ws:
+            ws.sock.sendall(ws_client_frame(1, b"caf\xc3", fin=False)
+                            + ws_client_frame(0, b"\xa9"))
+            assert ws.read_frame() == (0x81, 1, "café".encode())
+            ws.sock.sendall(ws_close_frame(1000))
+            assert ws.read_close() == (1000, b"")
+    assert app.messages() == [("text", "café")]
+
+
+# -- closing --------------------------------------------------------------------
+
+# (id, frames, the Close payload the server echoes, app's disconnect (code, reason))
+WS_CLIENT_CLOSES = [
+    ("1000-bye", ws_close_frame(1000, b"bye"), b"\x03\xe8", (1000, "bye")),
+    ("empty", ws_client_frame(8, b""), b"", (1005, "")),
+    ("3000", ws_close_frame(3000, b"ok"), b"\x0b\xb8", (3000, "ok")),
+    ("4999", ws_close_frame(4999), b"\x13\x87", (4999, "")),
+    ("1014-utf8", ws_close_frame(1014, "é".encode()), b"\x03\xf6", (1014, "é")),
+]
+
+
+@pytest.mark.parametrize("frames, echoed, disconnect", asgi_params(WS_CLIENT_CLOSES))
+def test_ws_client_close_is_echoed(frames, echoed, disconnect):
+    app = WsRecorder()
+    with running_server("asgi", app) as port:
+        with ws_connection(port) as ws:
+            ws.sock.sendall(frames)
+            assert ws.read_frame() == (0x88, 8, echoed)     # SPEC WS-23
+            ws.assert_eof()
+        assert app.disconnect() == {"type": "websocket.disconnect",
+                                    "code": disconnect[0], "reason": disconnect[1]}
+
+
+# (id, frames, the code the server closes with, Config options)
+WS_FAILURES = [
+    ("close-1-byte", ws_client_frame(8, b"\x03"), 1002, {}),
+    ("close-1005", ws_close_frame(1005), 1002, {}),
+    ("close-1006", ws_close_frame(1006), 1002, {}),
+    ("close-1015", ws_close_frame(1015), 1002, {}),
+    ("close-1004", ws_close_frame(1004), 1002, {}),
+    ("close-999", ws_close_frame(999), 1002, {}),
+    ("close-2000", ws_close_frame(2000), 1002, {}),
+    ("close-5000", ws_close_frame(5000), 1002, {}),
+    ("close-bad-utf8", ws_close_frame(1000, b"\xff"), 1007, {}),
+    ("text-bad-utf8", ws_client_frame(1, b"ok\xff"), 1007, {}),
+    ("text-surrogate", ws_client_frame(1, b"\xed\xa0\x80"), 1007, {}),
+    ("text-overlong", ws_client_frame(1, b"\xc0\x80"), 1007, {}),
+    ("text-bad-utf8-split", ws_client_frame(1, b"caf\xc3", fin=False)
+     + ws_client_frame(0, b"\x28"), 1007, {}),
+    ("unmasked", ws_client_frame(1, b"hi", mask=False), 1002, {}),
+    ("rsv1-without-deflate", ws_client_frame(1, b"hi", rsv1=True), 1002, {}),
+    ("rsv2", ws_client_frame(1, b"hi", rsv23=0x20), 1002, {}),
+    ("rsv3", ws_client_frame(2, b"hi", rsv23=0x10), 1002, {}),
+    ("opcode-3", ws_client_frame(3, b"hi"), 1002, {}),
+    ("opcode-11", ws_client_frame(11, b"hi"), 1002, {}),
+    ("ping-126", ws_client_frame(9, b"p" * 126), 1002, {}),
+    ("close-126", ws_client_frame(8, b"\x03\xe8" + b"r" * 124), 1002, {}),
+    ("fragmented-ping", ws_client_frame(9, b"p", fin=False), 1002, {}),
+    ("continuation-first", ws_client_frame(0, b"hi"), 1002, {}),
+    ("text-inside-fragments", ws_client_frame(1, b"a", fin=False)
+     + ws_client_frame(1, b"b"), 1002, {}),
+    ("length-top-bit", ws_client_frame(2, b"", length=b"\x7f\x80" + bytes(7)), 1002, {}),
+    ("oversize", ws_client_frame(2, b"x" * 1001), 1009, {"ws_max_size": 1000}),
+    ("oversize-fragments", ws_client_frame(2, b"x" * 600, fin=False)
+     + ws_client_frame(0, b"x" * 600), 1009, {"ws_max_size": 1000}),
+    pytest.param("non-minimal-length", ws_client_frame(2, b"hello", length=b"\x7e\x00\x05"),
+                 1002, {}),
+]
+
+
+@pytest.mark.parametrize("frames, code, options", asgi_params(WS_FAILURES))
+def test_ws_protocol_violation_fails_the_connection(frames, code, options):
+    app = WsRecorder()
+    with running_server("asgi", app, **options) as port:
+        with ws_connection(port) as ws:
+            ws.sock.sendall(frames)                  # one send: all of it is read
+            assert ws.read_close()[0] == code        # the first frame: no echo
+            ws.assert_eof()
+        assert app.disconnect()["code"] == code       # SPEC AW-13 (DECIDE)
+    assert app.messages() == []
+
+
+def test_ws_max_size_itself_is_accepted():
+    app = WsRecorder()
+    with running_server("asgi", app, ws_max_size=1000) as port:
+        with ws_connection(port) as ws:
+            ws.sock.sendall(ws_client_frame(2, b"y" * 500, fin=False)
+                            + ws_client_frame(0, b"y" * 500))
+            assert ws.read_frame() == (0x82, 2, b"y" * 1000)
+            ws.sock.sendall(ws_close_frame(1000))
+            assert ws.read_close() == (1000, b"")
+
+
+def ws_closing_app(close: dict | None, errors: list, events: list, done: threading.Event,
+                   end: str = "return"):
+    async def app(scope, receive, send):
+        if scope["type"] != "websocket":
+            return
+        try:
+            await receive()
+            await send({"type": "websocket.accept"})
+            if end == "raise":
+                raise ValueError("app failed")
+            if close is None:
+                return
+            await send(close)
+            try:
+                await send({"type": "websocket.send", "text": "after close"})
+            except Exception as error:
+                errors.append(error)
+            events.append(await receive())
+            events.append(await receive())        # the disconnect, again
+        finally:
+            done.set()
+    return app
+
+
+def test_ws_app_close_sends_that_close_frame_then_send_raises():
+    errors, events, done = [], [], threading.Event()
+    app = ws_closing_app({"type": "websocket.close", "code": 4001, "reason": "x"},
+                         errors, events, done)
+    with running_server("asgi", app) as port:
+        with ws_connection(port) as ws:
+            assert ws.read_frame() == (0x88, 8, b"\x0f\xa1x")
+            ws.sock.sendall(ws_close_frame(4001, b"x"))
+            ws.assert_eof()
+        assert done.wait(TIMEOUT)
+    assert len(errors) == 1 and type(errors[0]) is gateway.ClientDisconnected   # SPEC AW-14
+    assert events == [{"type": "websocket.disconnect", "code": 4001, "reason": "x"}] * 2
+
+
+@pytest.mark.parametrize("end, payload", [("return", b"\x03\xe8"), ("raise", b"\x03\xf3")])
+def test_ws_app_ending_after_accept_closes_1000_or_1011(end, payload):
+    done = threading.Event()
+    with running_server("asgi", ws_closing_app(None, [], [], done, end)) as port:
+        with ws_connection(port) as ws:
+            assert ws.read_frame() == (0x88, 8, payload)         # SPEC AW-16
+            ws.sock.sendall(ws_client_frame(8, payload))
+            ws.assert_eof()
+        assert done.wait(TIMEOUT)
+
+
+def test_ws_client_dropping_tcp_is_1006():
+    app = WsRecorder()
+    with running_server("asgi", app) as port:
+        with ws_connection(port):
+            pass
+        assert app.disconnect() == {"type": "websocket.disconnect", "code": 1006,
+                                    "reason": ""}
+
+
+def test_ws_server_shutdown_closes_with_1001():
+    app = WsRecorder()
+    with asgi_serving(app, timeout_graceful_shutdown=1.0) as (server, port):
+        with ws_connection(port) as ws:
+            ws.sock.sendall(ws_client_frame(1, b"up"))
+            assert ws.read_frame() == (0x81, 1, b"up")
+            server.shutdown()
+            assert ws.read_close()[0] == 1001
+
+
+# -- permessage-deflate (RFC 7692) ------------------------------------------------
+
+WS_DEFLATE_OFFER = b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+
+
+def ws_deflate(compressor, data: bytes) -> bytes:
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+def test_ws_permessage_deflate_both_ways():
+    app = WsRecorder()
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)     # context kept: takeover
+    decompressor = zlib.decompressobj(-15)
+    head = ws_101(b"Sec-WebSocket-Extensions: permessage-deflate")
+    with running_server("asgi", app) as port:
+        with ws_connection(port, WS_DEFLATE_OFFER, head=head) as ws:
+            ws.sock.sendall(ws_client_frame(1, ws_deflate(compressor, b"Hello"), rsv1=True))
+            # RFC 7692 §7.2.3.1: "Hello" compresses to f2 48 cd c9 c9 07 00.
+            assert ws.read_frame() == (0xC1, 1, b"\xf2\x48\xcd\xc9\xc9\x07\x00")
+            assert decompressor.decompress(b"\xf2\x48\xcd\xc9\xc9\x07\x00"
+                                           b"\x00\x00\xff\xff") == b"Hello"
+            big = b"Hello again, " * 500
+            ws.sock.sendall(ws_client_frame(2, ws_deflate(compressor, big), rsv1=True))
+            first, opcode, payload = ws.read_frame()
+            assert (first, opcode) == (0xC2, 2) and len(payload) < 200
+            assert decompressor.decompress(payload + b"\x00\x00\xff\xff") == big
+            ws.sock.sendall(ws_client_frame(1, b"plain"))   # RSV1 clear: not compressed
+            first, opcode, payload = ws.read_frame()
+            assert decompressor.decompress(payload + b"\x00\x00\xff\xff") == b"plain"
+            ws.sock.sendall(ws_close_frame(1000))
+            assert ws.read_close() == (1000, b"")
+    assert app.messages() == [("text", "Hello"), ("bytes", big), ("text", "plain")]
+
+
+def test_ws_deflate_bomb_is_1009():
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = ws_deflate(compressor, bytes(100_000))      # ~100 bytes on the wire
+    app = WsRecorder()
+    with running_server("asgi", app, ws_max_size=1000) as port:
+        with ws_connection(port, WS_DEFLATE_OFFER) as ws:
+            ws.sock.sendall(ws_client_frame(2, bomb, rsv1=True))
+            assert ws.read_close()[0] == 1009
+
+
+def test_ws_rsv1_on_a_continuation_is_1002_even_with_deflate():
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    data = ws_deflate(compressor, b"Hello")
+    with running_server("asgi", WsRecorder()) as port:
+        with ws_connection(port, WS_DEFLATE_OFFER) as ws:
+            ws.sock.sendall(ws_client_frame(1, data[:3], fin=False, rsv1=True)
+                            + ws_client_frame(0, data[3:], rsv1=True))
+            assert ws.read_close()[0] == 1002
+
+
+@pytest.mark.parametrize("extra, options", [(b"", {}), (WS_DEFLATE_OFFER,
+                                                      {"ws_per_message_deflate": False})],
+                         ids=["not-offered", "disabled"])
+def test_ws_no_deflate_when_not_offered_or_disabled(extra, options):
+    app = WsRecorder()
+    with running_server("asgi", app, **options) as port:
+        with ws_connection(port, extra, head=ws_101()) as ws:
+            ws.sock.sendall(ws_client_frame(1, b"Hello"))
+            assert ws.read_frame() == (0x81, 1, b"Hello")      # no RSV1
+            ws.sock.sendall(ws_close_frame(1000))
+            assert ws.read_close() == (1000, b"")
+
+
+# -- keepalive pings (SPEC AW-15, WS-19) --------------------------------------------
+
+
+def test_ws_keepalive_ping_unanswered_closes_1011():
+    app = WsRecorder()
+    with running_server("asgi", app, ws_ping_interval=0.2, ws_ping_timeout=0.2) as port:
+        with ws_connection(port) as ws:
+            assert ws.read_frame() == (0x89, 9, b"")
+            assert ws.read_close()[0] == 1011          # no pong came back
+            ws.sock.sendall(ws_close_frame(1011))
+            ws.assert_eof()
+        app.disconnect()
+
+
+def test_ws_keepalive_ping_answered_keeps_the_connection():
+    app = WsRecorder()
+    # 40 pings 0.02 s apart outlast the 0.4 s timeout many times over: had a
+    # pong not counted, the server would have closed 1011 part way through.
+    with running_server("asgi", app, ws_ping_interval=0.02, ws_ping_timeout=0.4) as port:
+        with ws_connection(port) as ws:
+            for _ in range(40):
+                first, opcode, payload = ws.read_frame()
+                assert (first, opcode) == (0x89, 9)
+                ws.sock.sendall(ws_client_frame(10, payload))
+            ws.sock.sendall(ws_client_frame(1, b"still open"))
+            while True:                               # pings may come in between
+                frame = ws.read_frame()
+                if frame[1] != 9:
+                    break
+            assert frame == (0x81, 1, b"still open")
+
+
+# =============================================================================
+# 6. The WebSocket codec, without sockets (SPEC WS-06, WS-09..WS-22)
+# =============================================================================
+
+
+def test_ws_websocket_accept_sample():
+    assert gateway.websocket_accept(WS_KEY) == WS_ACCEPT     # RFC 6455 §1.3
+
+
+@pytest.mark.parametrize("size, header", [
+    (0, b"\x81\x00"), (125, b"\x81\x7d"), (126, b"\x81\x7e\x00\x7e"),
+    (65535, b"\x81\x7e\xff\xff"), (65536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00")])
+def test_ws_encode_frame_lengths(size, header):
+    payload = b"z" * size
+    assert gateway.encode_frame(1, payload) == header + payload
+
+
+def test_ws_encode_frame_opcodes_and_close():
+    assert gateway.encode_frame(2, b"ab") == b"\x82\x02ab"
+    assert gateway.encode_frame(1, b"ab", rsv1=True) == b"\xc1\x02ab"
+    assert gateway.encode_frame(9, b"") == b"\x89\x00"
+    assert gateway.encode_close(1000, "bye") == b"\x88\x05\x03\xe8bye"
+    assert gateway.encode_close(4001, "é") == b"\x88\x04\x0f\xa1\xc3\xa9"
+    assert gateway.encode_close(1005) == b"\x88\x00"        # 1005 never on the wire
+
+
+def test_ws_unmask():
+    assert gateway.unmask(b"\x7f\x9f\x4d\x51\x58", WS_MASK) == b"Hello"   # RFC 6455 §5.7
+    for size in list(range(10)) + [1000, 65537]:
+        data = bytes((i * 7 + 3) % 256 for i in range(size))
+        masked = bytes(b ^ WS_MASK[i % 4] for i, b in enumerate(data))
+        assert gateway.unmask(masked, WS_MASK) == data
+        assert gateway.unmask(gateway.unmask(data, WS_MASK), WS_MASK) == data
+
+
+# (id, bytes, the messages, or the WebSocketError code)
+WS_PARSER_ROWS = [
+    ("rfc-hello", b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58", [("text", "Hello")]),
+    ("fragments", ws_client_frame(1, b"Hel", fin=False) + ws_client_frame(0, b"lo"),
+     [("text", "Hello")]),
+    ("ping-between", ws_client_frame(2, b"a", fin=False) + ws_client_frame(9, b"p")
+     + ws_client_frame(0, b"b"), [("ping", b"p"), ("bytes", b"ab")]),
+    ("pong", ws_client_frame(10, b"q"), [("pong", b"q")]),
+    ("empty-text", ws_client_frame(1, b""), [("text", "")]),
+    ("len-126", ws_client_frame(2, b"b" * 126), [("bytes", b"b" * 126)]),
+    ("len-65536", ws_client_frame(2, b"c" * 65536), [("bytes", b"c" * 65536)]),
+    ("utf8-split", ws_client_frame(1, b"\xe2\x82", fin=False) + ws_client_frame(0, b"\xac"),
+     [("text", "€")]),
+    ("close-empty", ws_client_frame(8, b""), [("close", 1005, "")]),
+    ("close-1000-bye", ws_close_frame(1000, b"bye"), [("close", 1000, "bye")]),
+    ("close-3000", ws_close_frame(3000), [("close", 3000, "")]),
+    ("two-messages", ws_client_frame(1, b"a") + ws_client_frame(2, b"b"),
+     [("text", "a"), ("bytes", b"b")]),
+    ("unmasked", ws_client_frame(1, b"a", mask=False), 1002),
+    ("rsv1", ws_client_frame(1, b"a", rsv1=True), 1002),
+    ("rsv2", ws_client_frame(1, b"a", rsv23=0x20), 1002),
+    ("opcode-3", ws_client_frame(3, b""), 1002),
+    ("opcode-15", ws_client_frame(15, b""), 1002),
+    ("ping-126", ws_client_frame(9, b"p" * 126), 1002),
+    ("fragmented-close", ws_client_frame(8, b"", fin=False), 1002),
+    ("continuation-first", ws_client_frame(0, b"a"), 1002),
+    ("text-in-text", ws_client_frame(1, b"a", fin=False) + ws_client_frame(1, b"b"), 1002),
+    ("close-1-byte", ws_client_frame(8, b"\x03"), 1002),
+    ("close-1005", ws_close_frame(1005), 1002),
+    ("close-1006", ws_close_frame(1006), 1002),
+    ("close-999", ws_close_frame(999), 1002),
+    ("close-2000", ws_close_frame(2000), 1002),
+    ("close-bad-reason", ws_close_frame(1000, b"\xc3"), 1007),
+    ("bad-utf8", ws_client_frame(1, b"\xff"), 1007),
+    ("bad-utf8-split", ws_client_frame(1, b"\xe2", fin=False) + ws_client_frame(0, b"a"), 1007),
+    ("truncated-utf8-end", ws_client_frame(1, b"\xe2\x82"), 1007),
+    ("length-top-bit", ws_client_frame(2, b"", length=b"\x7f\x80" + bytes(7)), 1002),
+    ("over-max-size", ws_client_frame(2, b"m" * 70000), 1009),
+    ("over-max-size-fragments", ws_client_frame(2, b"m" * 40000, fin=False)
+     + ws_client_frame(0, b"m" * 40000), 1009),
+]
+
+
+def ws_parse(pieces: list[bytes]):
+    """Feed `pieces` to a FrameParser; (messages, the error code or None)."""
+    parser = gateway.FrameParser(65536 + 1000)
+    messages = []
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+            while (message := parser.next_message()) is not None:
+                messages.append(message)
+    except gateway.WebSocketError as error:
+        return messages, error.code
+    return messages, None
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+@pytest.mark.parametrize("raw, expected", asgi_params(WS_PARSER_ROWS))
+def test_ws_frame_parser_table(raw, expected, how):
+    if how == "bytewise" and len(raw) > 5000:
+        pieces = [raw[i:i + 997] for i in range(0, len(raw), 997)]   # still split
+    else:
+        pieces = [raw] if how == "whole" else [raw[i:i + 1] for i in range(len(raw))]
+    messages, code = ws_parse(pieces)
+    if isinstance(expected, int):
+        assert code == expected
+    else:
+        assert (messages, code) == (expected, None)
+
+
+def test_ws_frame_parser_decompresses():
+    codec = gateway.PerMessageDeflate(reset_each_message=False)
+    parser = gateway.FrameParser(1000, codec)
+    parser.feed(ws_client_frame(1, b"\xf2\x48\xcd\xc9\xc9\x07\x00", rsv1=True))
+    assert parser.next_message() == ("text", "Hello")
+    assert codec.compress(b"Hello") == b"\xf2\x48\xcd\xc9\xc9\x07\x00"
+
+
+WS_NEGOTIATIONS = [
+    ([b"permessage-deflate; client_max_window_bits"], b"permessage-deflate"),
+    ([b"permessage-deflate"], b"permessage-deflate"),
+    ([b"x-webkit-deflate-frame, permessage-deflate"], b"permessage-deflate"),
+    ([b"permessage-deflate; server_no_context_takeover"],
+     b"permessage-deflate; server_no_context_takeover"),
+    ([b"permessage-deflate; server_max_window_bits=10", b"permessage-deflate"],
+     b"permessage-deflate"),                          # the first offer is declined
+    ([b"permessage-deflate; client_no_context_takeover; client_no_context_takeover"], None),
+    ([b"x-other"], None),
+    pytest.param([b"permessage-deflate; foo=1"], None),
+    pytest.param([b"permessage-deflate; client_max_window_bits=7"], None),
+]
+
+
+@pytest.mark.parametrize("offers, answer", WS_NEGOTIATIONS)
+def test_ws_deflate_negotiation(offers, answer):
+    codec, got = gateway.PerMessageDeflate.negotiate(offers)
+    if answer is None:
+        assert (codec, got) == (None, b"")
+    else:
+        assert codec is not None and got == answer
