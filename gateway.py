@@ -43,6 +43,7 @@ import importlib
 import inspect
 import io
 import ipaddress
+import itertools
 import logging
 import os
 import queue
@@ -161,6 +162,7 @@ class Config:
     access_log: bool = True
     access_log_format: str = ""                # "" means ACCESS_LOG_FORMAT (§11)
     headers: list = field(default_factory=list)   # (name, value) bytes, every response
+    trace: bool = False                        # log the protocol as it happens (§11)
 
 
 DEFAULTS = Config()
@@ -458,6 +460,7 @@ class RequestParser:
         self.search_from = 0  # where to resume looking for the end of the head
         self.trailer_bytes = self.trailer_lines = 0
         self.empty_lines = 0  # empty lines skipped before this request-line
+        self.last_head = b""
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the client."""
@@ -503,7 +506,7 @@ class RequestParser:
         self._check_head_limits(end)
         if end < 0:
             return None
-        head = bytes(buffer[:end])
+        head = self.last_head = bytes(buffer[:end])   # kept for --trace
         del buffer[: end + size]
         self.search_from = 0
         self.empty_lines = 0
@@ -990,6 +993,8 @@ class WSGIResponse:
             raise AssertionError("start_response() called twice without exc_info")
         self.headers = check_wsgi_headers(status, headers)
         self.status = status
+        if self.conn.trace:
+            self.conn.trace("app", f"start_response({status!r}, {headers!r})")
         return self.write
 
     def _head(self) -> bytes:
@@ -1008,6 +1013,8 @@ class WSGIResponse:
         head = self.response.head(int(code), self.headers, time.time(),
                                   reason.encode("latin-1"))
         self.head_sent = True
+        if self.conn.trace:
+            self.conn.trace.head("<", head)
         return head
 
     def write(self, data: bytes, wait: bool = True) -> None:
@@ -1015,6 +1022,8 @@ class WSGIResponse:
         if type(data) is not bytes:
             raise TypeError(f"WSGI body must be bytes, not {type(data).__name__}")
         head = b"" if self.head_sent else self._head()
+        if self.conn.trace:
+            self.conn.trace("app", "body " + brief(data))
         self.conn.put(head + self.response.body(data), wait)
 
     def final_bytes(self, last: bytes = b"") -> bytes:
@@ -1245,6 +1254,7 @@ class WSGIConnection:
         self.outbox: list[bytes] = []
         self.unsent = 0              # bytes put() but not yet sent
         self.parked: WSGICall | None = None   # paused while the client reads
+        self.trace = Trace() if server.config.trace else None
         self.worker_done = False
 
     def _reset(self) -> None:
@@ -1359,6 +1369,8 @@ class WSGIConnection:
     def start_request(self, request: Request) -> None:
         self.state, self.request = "busy", request
         self.started = time.monotonic()
+        if self.trace:
+            self.trace.head(">", self.parser.last_head)
         if request.chunked:
             # Many frameworks (Django among them) read exactly CONTENT_LENGTH
             # bytes and see no body without it. So, as waitress does, a chunked
@@ -1404,6 +1416,8 @@ class WSGIConnection:
             environ["HTTP_HOST"] = host
         if self.spool is not None:
             environ["CONTENT_LENGTH"] = str(length)
+        if self.trace:
+            self.trace.mapping("environ", environ)
         self.server.pool.submit(WSGICall(self, request, environ, self.started).run)
 
     # -- writing ---------------------------------------------------------------
@@ -1491,6 +1505,8 @@ class WSGIConnection:
 
     def send_now(self, data: bytes) -> None:
         """Send bytes the loop itself produced, as the end of this response."""
+        if self.trace:
+            self.trace.head("!", data)
         self.queue_own(data)
         self.done = True
         self.keep_alive = False
@@ -1870,7 +1886,10 @@ class HTTPCycle:
         started = time.monotonic()
         failure = None
         try:
-            await self.conn.app(scope, self.receive, self.send)
+            receive, send = self.receive, self.send
+            if self.conn.trace:
+                receive, send = traced(self.conn.trace, receive, send)
+            await self.conn.app(scope, receive, send)
         except ClientDisconnected:
             self.disconnected = True
         except Exception:
@@ -1921,8 +1940,10 @@ class HTTPCycle:
         if self.head_written or (self.disconnected and self.conn.error is None):
             return
         self.state = "failed"
-        await self.conn.write(error_response(error.status, error.reason, time.time(),
-                                             self.conn.config))
+        data = error_response(error.status, error.reason, time.time(), self.conn.config)
+        if self.conn.trace:
+            self.conn.trace.head("!", data)
+        await self.conn.write(data)
 
     # -- receive ---------------------------------------------------------------
 
@@ -2021,6 +2042,8 @@ class HTTPCycle:
             self.send_continue = False
             self.response.keep_alive = False
             self.head = self.response.head(*self.start, time.time())
+        if self.conn.trace and self.head:
+            self.conn.trace.head("<", self.head)
         data = self.head + self.response.body(body)
         self.head = b""
         self.head_written = True
@@ -2066,6 +2089,7 @@ class ASGIConnection:
         self.state = server.lifespan.state
         self.idle = True             # waiting for a request, not serving one
         self.websocket: WebSocketCycle | None = None
+        self.trace = Trace() if self.config.trace else None
         peer = writer.get_extra_info("peername")
         self.client = tuple(peer[:2]) if isinstance(peer, tuple) else None  # None: unix
         self.scheme = "https" if writer.get_extra_info("sslcontext") else "http"
@@ -2095,8 +2119,11 @@ class ASGIConnection:
                 if not cycle.keep_alive:
                     break       # RFC 9112 §9.3, or the body was not all read
         except HTTPError as error:
-            await self.write(error_response(error.status, error.reason, time.time(),
-                                            self.config, error.headers))
+            data = error_response(error.status, error.reason, time.time(), self.config,
+                                  error.headers)
+            if self.trace:
+                self.trace.head("!", data)
+            await self.write(data)
         except (ClientDisconnected, OSError):
             pass
         finally:
@@ -2137,6 +2164,9 @@ class ASGIConnection:
         if host:
             scope["headers"] = [[n, host.encode("latin-1") if n == b"host" else v]
                                 for n, v in scope["headers"]]
+        if self.trace:
+            self.trace.head(">", self.parser.last_head)
+            self.trace.mapping("scope", scope)
         return scope
 
     def start_read(self) -> asyncio.Future:
@@ -2576,7 +2606,10 @@ class WebSocketCycle:
     async def run(self) -> None:
         """Call the app; afterwards, close the way the spec says for how it ended."""
         try:
-            await self.conn.app(self.scope(), self.receive, self.send)
+            receive, send = self.receive, self.send
+            if self.conn.trace:
+                receive, send = traced(self.conn.trace, receive, send)
+            await self.conn.app(self.scope(), receive, send)
         except ClientDisconnected:
             pass
         except Exception:
@@ -2893,6 +2926,63 @@ def log_access(config: Config, client, request: Request, status: int, size: int,
     access_log.info(config.access_log_format or ACCESS_LOG_FORMAT, fields)
 
 
+trace_log = logging.getLogger("gateway.trace")
+TRACE_IDS = itertools.count(1)
+# Colour only for a person watching a terminal, and never against NO_COLOR.
+TRACE_COLOURS = {">": "36", "<": "32", "app": "33", "!": "31"}
+
+
+class Trace:
+    """--trace: one connection's protocol, as it happens, on gateway.trace.
+
+    Each line starts with the connection's number and the seconds since it
+    opened. ">" is what the client sent, "<" what the server wrote, "app"
+    what crossed the WSGI or ASGI interface, "!" an error.
+    """
+
+    def __init__(self) -> None:
+        self.id = next(TRACE_IDS)
+        self.start = time.monotonic()
+        self.colour = sys.stderr.isatty() and "NO_COLOR" not in os.environ
+
+    def __call__(self, kind: str, text: str) -> None:
+        elapsed = time.monotonic() - self.start
+        for line in text.split("\n"):    # not splitlines(): it also splits at \x85
+            line = f"#{self.id} +{elapsed:.3f}s {kind} {printable(line)}"
+            if self.colour:
+                line = f"\x1b[{TRACE_COLOURS.get(kind, '0')}m{line}\x1b[0m"
+            trace_log.info("%s", line)
+
+    def head(self, kind: str, head: bytes) -> None:
+        """A request or response head, line by line, as bytes on the wire."""
+        self(kind, head.decode("latin-1").replace("\r\n", "\n").rstrip("\r\n"))
+
+    def mapping(self, name: str, values: dict) -> None:
+        """An environ or scope, one key per line, in a stable order."""
+        self("app", name)
+        for key in sorted(values, key=str):
+            self("app", f"    {key}: {brief(values[key])}")
+
+
+def brief(value, limit: int = 80) -> str:
+    """repr() cut short: body bytes in a trace are shown, not dumped."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def traced(trace: Trace, receive, send):
+    """Wrap ASGI receive() and send() so that every message is traced."""
+    async def traced_receive():
+        message = await receive()
+        trace("app", "receive " + brief(message, 200))
+        return message
+
+    async def traced_send(message):
+        trace("app", "send " + brief(message, 200))
+        await send(message)
+    return traced_receive, traced_send
+
+
 def trusted_proxy(address: str | None, config: Config) -> bool:
     """Is this peer one of --forwarded-allow-ips? (a unix socket peer always is)"""
     if address is None or "*" in config.forwarded_allow_ips:
@@ -3158,6 +3248,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="comma list of addresses and CIDR ranges, or * "
                        "(default: %(default)s)")
     logs = parser.add_argument_group("logging and headers")
+    logs.add_argument("--trace", action="store_true",
+                      help="show the protocol: heads, environ/scope, ASGI messages")
     logs.add_argument("--log-level", default="info",
                       choices=["critical", "error", "warning", "info", "debug"])
     logs.add_argument("--no-access-log", dest="access_log", action="store_false",

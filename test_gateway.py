@@ -5296,3 +5296,41 @@ def test_ws_deflate_negotiation(offers, answer):
         assert (codec, got) == (None, b"")
     else:
         assert codec is not None and got == answer
+
+
+# -- --trace: the protocol, visible (§11) ---------------------------------------
+
+
+def test_trace_shows_head_interface_and_response_in_order(interface, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.trace")
+    with running_server(interface, ECHO_APPS[interface], trace=True) as port:
+        status, _, body = request(port, b"POST /t HTTP/1.1\r\nHost: x\r\n"
+                                        b"Content-Length: 5\r\n\r\nhello")
+    assert (status, body) == (200, b"hello")
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.trace"]
+    assert all(line.startswith("#") and "s " in line for line in lines)
+    kinds = [line.split(" ", 3)[2] for line in lines]
+    first_out = kinds.index("<")
+    assert kinds[0] == ">" and lines[0].endswith("> POST /t HTTP/1.1")
+    assert "app" in kinds[:first_out]             # environ or scope before the answer
+    assert any(line.endswith("< HTTP/1.1 200 OK") for line in lines)
+    name = "environ" if interface == "wsgi" else "scope"
+    assert any(line.endswith(f"app {name}") for line in lines)
+    if interface == "asgi":
+        assert any("receive {'type': 'http.request', 'body': b'hello'" in line
+                   for line in lines)
+    else:
+        assert any("start_response('200 OK'" in line for line in lines)
+
+
+def test_trace_escapes_control_characters_and_is_off_by_default(interface, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.trace")
+    with running_server(interface, ECHO_APPS[interface]) as port:
+        assert request(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+    assert not [r for r in caplog.records if r.name == "gateway.trace"]
+    with running_server(interface, ECHO_APPS[interface], trace=True) as port:
+        # a tab and obs-text (NEL, 0x85) are legal in a value but not printable
+        assert request(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\tb\x85\r\n\r\n")[0] == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.trace"]
+    assert any(line.endswith("X-A: a\\tb\\x85") for line in lines)
+    assert not any("\t" in line or "\x85" in line for line in lines)
