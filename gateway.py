@@ -7,14 +7,15 @@ and one response writer.
 
 Read it beside:  RFC 9112 (HTTP/1.1 message syntax)   RFC 9110 (HTTP semantics)
                  RFC 6455 (WebSocket)   RFC 7692 (WebSocket compression)
+                 RFC 7239 (Forwarded)
                  PEP 3333 (WSGI)    ASGI "HTTP & WebSocket" and "Lifespan" specs
 
     §1 Imports, limits and constants    §7  ASGI HTTP adapter
     §2 Errors                           §8  ASGI server   (asyncio streams)
     §3 Reading requests   (pure)        §9  WebSocket     (pure codec, then ASGI)
     §4 Writing responses  (pure)        §10 Lifespan      (ASGI)
-    §5 WSGI adapter   (a worker thread) §11 Command line
-    §6 WSGI server    (selectors loop)
+    §5 WSGI adapter   (a worker thread) §11 Operations    (logs, --trace, TLS, workers)
+    §6 WSGI server    (selectors loop)  §12 Command line
 
 §3, §4 and the first half of §9 never touch a socket, a thread, a clock or an
 event loop: bytes go in, values come out. The rest does the I/O and calls
@@ -25,8 +26,7 @@ Run:   python gateway.py --wsgi echo_wsgi:application
 Grep:  "Policy:" marks a choice where the RFC allows several, "Leniency:"
        something accepted that a strict reading would refuse, and "Limit:" a
        refusal that comes from a constant in §1.
-Not here (yet, or on purpose): HTTP/2 and HTTP/3 (put a proxy in front),
-TLS, several worker processes.
+Not here, on purpose: HTTP/2 and HTTP/3 (put a proxy such as nginx in front).
 """
 
 from __future__ import annotations
