@@ -27,7 +27,7 @@ $(IVENV)/.installed: interop/requirements.txt
 	$(IPY) -m pip install --quiet --disable-pip-version-check -r interop/requirements.txt
 	touch $@
 
-interop: $(IVENV)/.installed   ## Flask and Django served by gateway.py, driven by real clients
+interop: $(IVENV)/.installed   ## Flask, Django, Starlette, FastAPI served by gateway.py, real clients
 	$(IPY) -m pytest -q interop
 
 size:           ## the line budget of gateway.py
@@ -35,3 +35,21 @@ size:           ## the line budget of gateway.py
 
 clean:
 	rm -rf $(VENV) $(IVENV) .pytest_cache __pycache__ interop/.pytest_cache interop/__pycache__
+
+# Benchmark beside the peers (bench/README.md): uvicorn, hypercorn, gunicorn, waitress,
+# wsgiref, each one process on loopback, driven by wrk. Needs wrk (run.py apt-installs it).
+BVENV := .venv-bench
+BPY := $(BVENV)/bin/python
+
+.PHONY: bench bench-quick
+
+$(BVENV)/.installed: bench/requirements.txt
+	test -x $(BPY) || $(PYTHON) -m venv $(BVENV)
+	$(BPY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $@
+
+bench: $(BVENV)/.installed        ## gateway vs its peers, every workload (< 10 minutes)
+	$(BPY) bench/run.py
+
+bench-quick: $(BVENV)/.installed  ## hello + echo 1 KiB, gateway vs uvicorn/gunicorn/waitress (~35 s)
+	$(BPY) bench/run.py --quick

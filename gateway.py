@@ -2086,6 +2086,7 @@ class ASGIConnection:
         self.writer = writer
         self.server_address = server.address
         self.stopping = server.stopping
+        self.loop = server.loop
         self.state = server.lifespan.state
         self.idle = True             # waiting for a request, not serving one
         self.websocket: WebSocketCycle | None = None
@@ -2131,7 +2132,7 @@ class ASGIConnection:
 
     async def next_request(self) -> Request | None:
         """The next request head, or None if the client leaves or stays idle."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop   # not get_running_loop(): that costs a getpid() call
         deadline = loop.time() + self.config.timeout_request_head
         while True:
             event = self.parser.next_event()

@@ -7,8 +7,9 @@ from the start-up line, read by a thread that keeps draining the server's
 output (an undrained pipe would block the server) into a log, which is
 attached to the report of any failing test.
 
-To add an app (say an ASGI one): put its module in interop/, add a line to
-APPS, and a fixture like `flask_server` below.
+To add an app: put its module in interop/, add a line to APPS, and a fixture
+like `flask_server` below. A test that needs a server of its own (to stop it
+and look at how it ended) makes a `Gateway(...)` itself and stops it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ GATEWAY = HERE.parent / "gateway.py"
 APPS = {
     "flask": ("wsgi", "flask_app:app"),
     "django": ("wsgi", "django_app:application"),
+    "starlette": ("asgi", "starlette_app:app"),
+    "fastapi": ("asgi", "fastapi_app:app"),
+    "django_asgi": ("asgi", "django_app:asgi_application"),
 }
 
 START_SECONDS = 30.0     # longest wait for the start-up line
@@ -42,11 +46,12 @@ STARTUP = re.compile(
 class Gateway:
     """One `python gateway.py` subprocess serving one app on 127.0.0.1."""
 
-    def __init__(self, interface: str, target: str, *options: str) -> None:
+    def __init__(self, interface: str, target: str, *options: str,
+                 env: dict[str, str] | None = None) -> None:
         self.interface, self.target = interface, target
         self.lines: list[str] = []          # everything the server printed
         self.port: int | None = None
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         env.pop("DJANGO_SETTINGS_MODULE", None)
         self.process = subprocess.Popen(
             [sys.executable, str(GATEWAY), f"--{interface}", target,
@@ -149,6 +154,21 @@ def flask_server(gateway) -> Gateway:
 @pytest.fixture(scope="session")
 def django_server(gateway) -> Gateway:
     return gateway("django")
+
+
+@pytest.fixture(scope="session")
+def starlette_server(gateway) -> Gateway:
+    return gateway("starlette")
+
+
+@pytest.fixture(scope="session")
+def fastapi_server(gateway) -> Gateway:
+    return gateway("fastapi")
+
+
+@pytest.fixture(scope="session")
+def django_asgi_server(gateway) -> Gateway:
+    return gateway("django_asgi")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,6 +1,7 @@
 """django_app.py - a whole Django project in one file, for the interop tests.
 
     python gateway.py --wsgi django_app:application --app-dir interop
+    python gateway.py --asgi django_app:asgi_application --app-dir interop
 
 Settings, URLs and views live here; there is no database. The views cover a
 GET with a query string, a POST body read through request.body (also when the
@@ -27,7 +28,8 @@ settings.configure(
     DATA_UPLOAD_MAX_MEMORY_SIZE=8 * 1024 * 1024,
 )
 
-from django.core.wsgi import get_wsgi_application  # noqa: E402  (after configure)
+from django.core.asgi import get_asgi_application  # noqa: E402  (after configure)
+from django.core.wsgi import get_wsgi_application  # noqa: E402
 from django.http import Http404, JsonResponse, StreamingHttpResponse  # noqa: E402
 from django.urls import path  # noqa: E402
 from django.views.decorators.csrf import csrf_exempt  # noqa: E402
@@ -80,3 +82,6 @@ urlpatterns = [
 ]
 
 application = get_wsgi_application()
+
+# The same project over ASGI: python gateway.py --asgi django_app:asgi_application
+asgi_application = get_asgi_application()
