@@ -358,14 +358,15 @@ def parse_field_line(line: bytes) -> tuple[bytes, bytes]:
     return match["name"].lower(), match["value"].rstrip(b" \t")
 
 
-def body_framing(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[bool, int]:
+def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, int]:
     """Where does this request's body end? RFC 9112 §6.3, items (3) to (7).
 
+    `fields` maps the lower-case names of FRAMING_FIELDS to their values.
     Returns (chunked, content_length).
     """
-    te_fields = field_values(headers, b"transfer-encoding")
+    te_fields = fields[b"transfer-encoding"]
     te = comma_list(te_fields)
-    cl = field_values(headers, b"content-length")
+    cl = fields[b"content-length"]
     if te_fields and cl:
         # (3) Policy: the RFC lets Transfer-Encoding win and says the message
         # "ought to be handled as an error". A proxy in front may have used the
@@ -399,17 +400,21 @@ def body_framing(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[bool
     return False, 0      # (7) neither: a request has no body
 
 
-def check_host(version: str, headers: list[tuple[bytes, bytes]]) -> None:
+def check_host(version: str, hosts: list[bytes]) -> None:
     """RFC 9112 §3.2: an HTTP/1.1 request carries exactly one valid Host."""
     # "A server MUST respond with a 400 (Bad Request) status code to any
     # HTTP/1.1 request message that lacks a Host header field and to any
     # request message that contains more than one Host header field line or a
     # Host header field with an invalid field value."
-    hosts = field_values(headers, b"host")
     if len(hosts) > 1 or (version == "1.1" and not hosts):
         raise HTTPError(400, "exactly one Host header is required")
     if hosts and HOST.fullmatch(hosts[0]) is None:
         raise HTTPError(400, "malformed Host header")
+
+
+# The fields that decide how a request is framed and answered (§3.2, §6, §9).
+FRAMING_FIELDS = (b"host", b"content-length", b"transfer-encoding", b"connection",
+                  b"expect")
 
 
 def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
@@ -425,20 +430,24 @@ def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
     if len(lines) - 1 > limits.limit_request_fields:
         raise HTTPError(431, "too many header fields")    # Limit: RFC 6585 §5
     headers = [parse_field_line(line) for line in lines[1:]]
-    check_host(version, headers)
+    fields = {name: [] for name in FRAMING_FIELDS}   # one pass, not one per rule
+    for name, value in headers:
+        if name in fields:
+            fields[name].append(value)
+    check_host(version, fields[b"host"])
     if authority is not None:
         # RFC 9112 §3.2.2: the server "MUST ignore the received Host header
         # field (if any) and instead use the host information of the target".
         headers = [(name, value) for name, value in headers if name != b"host"]
         headers.append((b"host", authority))
-    chunked, content_length = body_framing(version, headers)
-    connection = comma_list(field_values(headers, b"connection"))
+    chunked, content_length = body_framing(version, fields)
+    connection = comma_list(fields[b"connection"])
     if version == "1.1":   # RFC 9112 §9.3: persistent unless "close"
         keep_alive = b"close" not in connection
     else:                  # HTTP/1.0: only with an explicit "keep-alive"
         keep_alive = b"keep-alive" in connection and b"close" not in connection
     # RFC 9110 §10.1.1: 100-continue only means something for HTTP/1.1.
-    expect = comma_list(field_values(headers, b"expect"))
+    expect = comma_list(fields[b"expect"])
     has_body = chunked or content_length > 0     # no 100 for an empty body
     expect_continue = version == "1.1" and b"100-continue" in expect and has_body
     if version == "1.1" and any(item != b"100-continue" for item in expect):
@@ -495,6 +504,8 @@ class RequestParser:
 
     def _read_head(self) -> Request | None:
         buffer = self.buffer
+        if not buffer:
+            return None            # the usual case between requests
         # RFC 9112 §2.2: "a server SHOULD ignore at least one empty line (CRLF)
         # received prior to the request-line". Policy: at most MAX_EMPTY_LINES.
         while buffer[:2] == b"\r\n" or buffer[:1] == b"\n":
@@ -2256,7 +2267,9 @@ class ASGIServer:
         on_signals(self.shutdown, self.loop)
         async with server:
             await self.stopping.wait()
-        await self.drain()
+            server.close()          # stop accepting now ...
+            await self.drain()      # ... and drain before __aexit__: since Python
+            #                         3.12 it waits for every connection to close
         if not self.forced:
             await self.lifespan.shutdown()
 
@@ -2293,6 +2306,8 @@ class ASGIServer:
             log.exception("internal error on a connection")
         finally:
             del self.connections[task]
+            if not writer.transport.is_closing():
+                writer.transport.abort()   # cancelled mid-close: never leave it open
 
     def shutdown(self) -> None:
         """Runs on: any thread. Stop gracefully; a second call stops at once."""
