@@ -2102,6 +2102,7 @@ class ASGIConnection:
         self.idle = True             # waiting for a request, not serving one
         self.websocket: WebSocketCycle | None = None
         self.trace = Trace() if self.config.trace else None
+        self.idle_since: float | None = None   # waiting for a request since
         peer = writer.get_extra_info("peername")
         self.client = tuple(peer[:2]) if isinstance(peer, tuple) else None  # None: unix
         self.scheme = "https" if writer.get_extra_info("sslcontext") else "http"
@@ -2150,14 +2151,13 @@ class ASGIConnection:
             if event is not None:
                 return event
             if not self.parser.buffer:
-                # RFC 9112 §9.5: an idle connection may be closed. A timer costs
-                # less than wait_for(), and this wait happens once per request.
-                timer = loop.call_later(self.config.timeout_keep_alive,
-                                        self.writer.transport.abort)
+                # RFC 9112 §9.5: an idle connection may be closed; the server's
+                # close_idle() does it. (A timer per request cost ~8% in cProfile.)
+                self.idle_since = loop.time()
                 try:
                     data = await self.read()
                 finally:
-                    timer.cancel()
+                    self.idle_since = None
             else:
                 try:   # part of a head: it must be complete by the deadline
                     data = await asyncio.wait_for(self.read(), deadline - loop.time())
@@ -2265,13 +2265,25 @@ class ASGIServer:
         server = await asyncio.start_server(self.handle, sock=self.listener,
                                             limit=RECV_BYTES, **tls)
         on_signals(self.shutdown, self.loop)
+        sweeper = asyncio.ensure_future(self.close_idle())
         async with server:
             await self.stopping.wait()
             server.close()          # stop accepting now ...
             await self.drain()      # ... and drain before __aexit__: since Python
             #                         3.12 it waits for every connection to close
+        sweeper.cancel()
         if not self.forced:
             await self.lifespan.shutdown()
+
+    async def close_idle(self) -> None:
+        """Close connections idle for longer than --timeout-keep-alive, every tick."""
+        timeout = self.config.timeout_keep_alive
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 2))
+            now = self.loop.time()
+            for conn in list(self.connections.values()):
+                if conn.idle_since is not None and now - conn.idle_since > timeout:
+                    conn.writer.transport.abort()    # its read() returns b""
 
     async def drain(self) -> None:
         """Graceful shutdown: close idle connections, let busy ones finish."""
