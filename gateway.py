@@ -803,10 +803,16 @@ class Response:
             self.length -= len(data)
         return data
 
-    def end(self) -> bytes:
+    def end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes:
         """The bytes that end the body; settles whether the connection stays."""
         if self.framing == "chunked":
-            return b"0\r\n\r\n"      # last-chunk, no trailers, CRLF
+            # RFC 9112 §7.1.2: last-chunk, trailer field lines, then CRLF
+            lines = [b"0"]
+            for name, value in trailers:
+                if not FIELD_NAME.fullmatch(name) or UNSAFE_FIELD.search(value):
+                    raise ValueError(f"invalid trailer field: {name!r}: {value!r}")
+                lines.append(name + b": " + value)
+            return b"\r\n".join(lines) + b"\r\n\r\n"
         if self.framing == "length" and self.length:
             # RFC 9112 §8: the client will see an incomplete message; all we
             # can do is close so it does not wait for the missing bytes.
@@ -1852,7 +1858,7 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
     path = unquote(request.path.decode("ascii"))
     return {
         "type":         "http",
-        "asgi":         {"version": "3.0", "spec_version": "2.4"},
+        "asgi":         {"version": "3.0", "spec_version": "2.5"},
         "http_version": request.version,
         "method":       request.method,
         "scheme":       scheme,
@@ -1864,7 +1870,7 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
         "client":       list(client) if client else None,
         "server":       list(server),
         "state":        dict(state),    # ASGI Lifespan spec: a shallow copy
-        "extensions":   {},
+        "extensions":   {"http.response.trailers": {}, "http.response.pathsend": {}},
     }
 
 
@@ -1881,6 +1887,7 @@ class HTTPCycle:
         self.state = "start"          # response: start -> body -> done
         self.head = b""               # held back until the first body message
         self.head_written = False
+        self.trailers: list | None = None   # http.response.trailers expected
         self.body_done = False        # the app has received the whole body
         self.disconnected = False
         self.response_done = asyncio.Event()
@@ -2033,14 +2040,21 @@ class HTTPCycle:
             self.start = (message["status"], check_asgi_headers(message.get("headers", [])))
             self.head = self.response.head(*self.start, time.time())
             self.state = "body"
+            self.trailers = [] if message.get("trailers", False) else None
         elif kind == "http.response.body":
             if self.state == "start":
                 raise RuntimeError("ASGI: 'http.response.body' before 'http.response.start'")
             if self.state != "body":
                 return          # ASGI HTTP spec: ignored once the response is done
             await self.send_body(message.get("body", b""), message.get("more_body", False))
+        elif kind == "http.response.trailers" and self.state == "trailers":
+            await self.send_trailers(check_asgi_headers(message.get("headers", [])),
+                                     message.get("more_trailers", False))
+        elif kind == "http.response.pathsend" and self.state == "body":
+            await self.send_path(message["path"])
         else:
-            raise RuntimeError(f"ASGI: unexpected message type {kind!r} for http")
+            raise RuntimeError(f"ASGI: unexpected message type {kind!r} for http "
+                               f"(response {self.state})")
 
     async def send_body(self, body: bytes, more_body: bool) -> None:
         if type(body) is not bytes:
@@ -2058,13 +2072,54 @@ class HTTPCycle:
         data = self.head + self.response.body(body)
         self.head = b""
         self.head_written = True
-        if not more_body:
+        if not more_body and self.trailers is not None:
+            self.state = "trailers"          # the end waits for the trailers
+        elif not more_body:
             data += self.response.end()
             self.state = "done"
         if data:
             await self.conn.write(data)
-        if not more_body:
+        if self.state == "done":
             self.response_done.set()
+
+    async def send_trailers(self, headers: list, more_trailers: bool) -> None:
+        """ASGI "HTTP Trailers" extension: fields after the last body bytes.
+
+        RFC 9110 §6.5.1 and §10.1.4: they go on the wire only in a chunked
+        response to a client that said "TE: trailers"; otherwise, dropped.
+        """
+        self.trailers += headers
+        if more_trailers:
+            return
+        wanted = b"trailers" in comma_list(field_values(self.request.headers, b"te"))
+        self.state = "done"
+        await self.conn.write(self.response.end(self.trailers if wanted else []))
+        self.response_done.set()
+
+    async def send_path(self, path: str) -> None:
+        """ASGI "Path Send" extension: the server sends a file by its path."""
+        with open(path, "rb") as file:
+            data, self.head = self.head, b""
+            if self.conn.trace and data:
+                self.conn.trace.head("<", data)
+            self.head_written = True
+            response = self.response
+            transport = self.conn.writer.transport
+            if (response.framing == "length" and response.length and hasattr(os, "sendfile")
+                    and self.conn.scheme == "http"):
+                await self.conn.write(data)     # then zero-copy, like §6's FileRegion
+                count = response.length
+                await self.conn.loop.sendfile(transport, file, 0, count)
+                response.length -= count
+                response.sent += count
+                data = b""
+            else:
+                for block in iter(lambda: file.read(RECV_BYTES), b""):
+                    await self.conn.write(data + response.body(block))
+                    data = b""
+        self.state = "done"
+        await self.conn.write(data + response.end())
+        self.response_done.set()
 
 
 def check_asgi_headers(headers) -> list[tuple[bytes, bytes]]:

@@ -4011,7 +4011,7 @@ def test_asgi_scope_for_tricky_targets(method, target, path, raw_path, query):
     scope = scopes[0]
     assert set(scope) == ASGI_SCOPE_KEYS
     assert scope["type"] == "http"
-    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.4"}
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.5"}
     assert scope["http_version"] == "1.1"
     assert scope["method"] == method
     assert scope["scheme"] == "http"
@@ -4024,7 +4024,7 @@ def test_asgi_scope_for_tricky_targets(method, target, path, raw_path, query):
     assert scope["headers"] == [[b"host", host]]
     assert list(scope["client"]) == ["127.0.0.1", client_port]
     assert list(scope["server"]) == ["127.0.0.1", port]
-    assert scope["state"] == {} and scope["extensions"] == {}
+    assert scope["state"] == {} and scope["extensions"] == {"http.response.trailers": {}, "http.response.pathsend": {}}
     # ... and the same thing went over the wire as JSON (bytes as latin-1).
     assert json.loads(body) == asgi_jsonable(scope)
 
@@ -5334,3 +5334,66 @@ def test_trace_escapes_control_characters_and_is_off_by_default(interface, caplo
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.trace"]
     assert any(line.endswith("X-A: a\\tb\\x85") for line in lines)
     assert not any("\t" in line or "\x85" in line for line in lines)
+
+
+# -- ASGI extensions: http.response.trailers and http.response.pathsend ----------
+
+
+def trailers_app(trailer_pieces):
+    """An ASGI app that sends a chunked body, then its trailers in pieces."""
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        assert "http.response.trailers" in scope["extensions"]
+        await send({"type": "http.response.start", "status": 200, "trailers": True,
+                    "headers": [(b"trailer", b"x-sum")]})
+        await send({"type": "http.response.body", "body": b"abc", "more_body": False})
+        for index, piece in enumerate(trailer_pieces):
+            await send({"type": "http.response.trailers", "headers": piece,
+                        "more_trailers": index < len(trailer_pieces) - 1})
+    return app
+
+
+@pytest.mark.parametrize("te,expected_end", [
+    (b"TE: trailers\r\n", b"3\r\nabc\r\n0\r\nx-sum: 3\r\nx-more: 1\r\n\r\n"),
+    (b"", b"3\r\nabc\r\n0\r\n\r\n"),
+], ids=["client accepts trailers", "client did not ask: dropped"])
+def test_asgi_trailers_extension(te, expected_end):
+    app = trailers_app([[(b"x-sum", b"3")], [(b"x-more", b"1")]])
+    with running_server("asgi", app, date_header=False) as port:
+        with connect(port) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + te + b"\r\n"
+                         b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = read_until_closed(sock)
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"Transfer-Encoding: chunked" in first
+    assert rest.startswith(expected_end)          # the response ends where it should
+    assert rest[len(expected_end):].startswith(b"HTTP/1.1 200 OK\r\n")   # keep-alive
+
+
+def test_asgi_pathsend_extension(tmp_path):
+    payload = bytes(range(256)) * 4096 + b"tail"           # 1 MiB and a bit
+    path = tmp_path / "file.bin"
+    path.write_bytes(payload)
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        assert "http.response.pathsend" in scope["extensions"]
+        headers = [(b"content-length", b"%d" % len(payload))] if scope["path"] == "/cl" else []
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.pathsend", "path": str(path)})
+
+    with running_server("asgi", app) as port:
+        with connect(port) as sock:
+            sock.sendall(b"GET /cl HTTP/1.1\r\nHost: x\r\n\r\n"     # sendfile()
+                         b"HEAD /cl HTTP/1.1\r\nHost: x\r\n\r\n"    # no body at all
+                         b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n")  # read and framed
+            reader = ResponseReader(sock)
+            status, headers, body = reader.read_response()
+            assert (status, headers[b"content-length"], body) == (
+                200, b"%d" % len(payload), payload)
+            status, headers, body = reader.read_response("HEAD")
+            assert (status, headers[b"content-length"], body) == (200, b"%d" % len(payload), b"")
+            status, headers, body = reader.read_response()
+            assert (status, headers[b"transfer-encoding"], body) == (200, b"chunked", payload)
