@@ -3334,7 +3334,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     logs.add_argument("--trace", action="store_true",
                       help="show the protocol: heads, environ/scope, ASGI messages")
     logs.add_argument("--log-level", default="info",
-                      choices=["critical", "error", "warning", "info", "debug"])
+                      choices=["critical", "error", "warning", "info", "debug", "trace"],
+                      help="trace: debug, and --trace too (default: %(default)s)")
     logs.add_argument("--no-access-log", dest="access_log", action="store_false",
                       help="no line per request on the gateway.access logger")
     logs.add_argument("--access-log-format", default=ACCESS_LOG_FORMAT, metavar="FMT",
@@ -3461,6 +3462,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_arg_parser().parse_args(argv)
+    if args.log_level == "trace":     # as uvicorn: the most detailed level
+        args.log_level, args.trace = "debug", True
     logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
     if args.env_file:
         load_env_file(args.env_file)
