@@ -860,7 +860,7 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
         "PATH_INFO":             path_info,
         "QUERY_STRING":          request.query.decode("latin-1"),
         "SERVER_NAME":           str(server[0]),
-        "SERVER_PORT":           str(server[1]),
+        "SERVER_PORT":           str(server[1] or 0),   # 0: a unix socket
         "SERVER_PROTOCOL":       "HTTP/" + request.version,
         "SERVER_SOFTWARE":       SERVER_NAME.decode(),
         "wsgi.version":          (1, 0),
@@ -913,6 +913,7 @@ class WSGIInput:
         self.complete = False
         self.error: Exception | None = None
         self.paused = False        # the loop stopped reading: we are full
+        self.waiting = False       # the app waits in read() for more than we hold
         # RFC 9110 §10.1.1: the client waits for "100 Continue" before it sends
         # the body. We send it when the app first reads, so an app that answers
         # without reading (say, 401) spares the client the upload.
@@ -922,7 +923,7 @@ class WSGIInput:
     def feed(self, data: bytes) -> None:
         with self.ready:
             self.buffer += data
-            self.paused = len(self.buffer) > HIGH_WATER
+            self.paused = len(self.buffer) > HIGH_WATER and not self.waiting
             self.ready.notify()
 
     def finish(self, error: Exception | None = None) -> None:
@@ -939,7 +940,14 @@ class WSGIInput:
             self.conn.put(CONTINUE)
         with self.ready:
             while not (enough(self.buffer) or self.complete):
+                if self.paused:
+                    # The app asks for more than we hold back for it (say,
+                    # read(CONTENT_LENGTH) of a large body): let the loop read on.
+                    self.paused = False
+                    self.conn.server.wake(self.conn)
+                self.waiting = True
                 self.ready.wait()
+            self.waiting = False
             if self.error is not None and not enough(self.buffer):
                 raise self.error
 
@@ -1026,6 +1034,8 @@ class WSGIResponse:
             self.response.keep_alive = False
         if not self.conn.body_complete and not can_drain(self.conn.parser.unread_body()):
             self.response.keep_alive = False
+        if self.conn.server.stopping:
+            self.response.keep_alive = False    # draining: this is the last one
         code, _, reason = self.status.partition(" ")
         head = self.response.head(int(code), self.headers, time.time(),
                                   reason.encode("latin-1"))
@@ -1086,8 +1096,9 @@ class WSGICall:
     """
 
     def __init__(self, conn: WSGIConnection, request: Request, environ: dict,
-                 started: float) -> None:
+                 started: float, client: tuple | None = None) -> None:
         self.conn = conn
+        self.client = client             # as the app sees it (proxies considered)
         self.request = request
         self.environ = environ
         self.started = started
@@ -1145,11 +1156,11 @@ class WSGICall:
             log.exception("error in the close() of a WSGI result")
             keep_alive = False
         conn, response = self.conn, self.response
-        conn.finish(final, keep_alive)
         status = response.response.status if response.head_sent else (
             conn.error.status if conn.error else 500)
-        log_access(conn.server.config, conn.client, self.request, status,
+        log_access(conn.server.config, self.client, self.request, status,
                    response.response.sent, self.started)
+        conn.finish(final, keep_alive)     # last: the loop may then end the server
 
 
 class FileWrapper:
@@ -1435,7 +1446,7 @@ class WSGIConnection:
             environ["CONTENT_LENGTH"] = str(length)
         if self.trace:
             self.trace.mapping("environ", environ)
-        self.server.pool.submit(WSGICall(self, request, environ, self.started).run)
+        self.server.pool.submit(WSGICall(self, request, environ, self.started, client).run)
 
     # -- writing ---------------------------------------------------------------
 
@@ -1703,7 +1714,7 @@ class WSGIServer:
         self.connections: set[WSGIConnection] = set()
         self.pool = WorkerPool(self.config.threads)
         self.ssl_context = make_ssl_context(self.config) if self.config.ssl_certfile else None
-        self.running = False
+        self.running = True          # shutdown() may come before serve_forever()
         # The self-pipe: a worker writes a byte to wake the loop's select().
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
@@ -1723,7 +1734,6 @@ class WSGIServer:
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
-        self.running = True
         on_signals(self.shutdown)
         try:
             while self.running:
@@ -2059,11 +2069,11 @@ class HTTPCycle:
     async def send_body(self, body: bytes, more_body: bool) -> None:
         if type(body) is not bytes:
             raise TypeError(f"ASGI: body must be bytes, not {type(body).__name__}")
-        if not self.head_written and not self.body_done and (
-                self.send_continue or not can_drain(self.conn.parser.unread_body())):
+        if not self.head_written and (self.conn.stopping.is_set() or not self.body_done and (
+                self.send_continue or not can_drain(self.conn.parser.unread_body()))):
             # RFC 9110 §10.1.1: answering before asking for the body means the
-            # client will not send it; and a large unread body is not worth
-            # skipping. Either way, say that we close.
+            # client will not send it; a large unread body is not worth
+            # skipping; and a draining server answers no more. So: we close.
             self.send_continue = False
             self.response.keep_alive = False
             self.head = self.response.head(*self.start, time.time())
@@ -2259,7 +2269,10 @@ class ASGIConnection:
             raise ClientDisconnected("the client has disconnected")
         self.writer.write(data)
         try:
-            if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+            buffered = transport.get_write_buffer_size()
+            if buffered == 0:
+                return          # all went to the socket (the usual case): no drain()
+            if buffered <= transport.get_write_buffer_limits()[1]:
                 await self.writer.drain()        # not paused: returns at once
                 return
             await asyncio.wait_for(self.writer.drain(), self.config.timeout_write)
@@ -2306,11 +2319,14 @@ class ASGIServer:
         self.stopping: asyncio.Event | None = None
         self.connections: dict[asyncio.Task, ASGIConnection] = {}
         self.forced = False
+        self.stop_early = False
 
     async def serve(self) -> None:
         """Start up, accept and serve connections until shutdown(), shut down."""
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
+        if self.stop_early:
+            self.stopping.set()      # shutdown() came before serve()
         # ASGI Lifespan spec: startup completes before any connection is served.
         await self.lifespan.startup()
         tls = {}
@@ -2380,6 +2396,8 @@ class ASGIServer:
         """Runs on: any thread. Stop gracefully; a second call stops at once."""
         if self.loop is not None and self.stopping is not None:
             self.loop.call_soon_threadsafe(self._stop)
+        else:
+            self.stop_early = True
 
     def _stop(self) -> None:
         if self.stopping.is_set():
@@ -3155,7 +3173,7 @@ def make_listener(host: str, port: int, backlog: int = BACKLOG, uds: str | None 
     if uds is not None:
         if not hasattr(socket, "AF_UNIX"):
             raise OSError(errno.EAFNOSUPPORT, "unix sockets are not available here")
-        if os.path.exists(uds):
+        if os.path.exists(uds) and stat.S_ISSOCK(os.stat(uds).st_mode):
             os.unlink(uds)                     # a stale socket from a past run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(uds)
@@ -3184,6 +3202,7 @@ def run_workers(count: int, serve_one) -> int:
         pid = os.fork()
         if pid == 0:                      # the child: serve, then leave
             signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent relays it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until the server's own
             code = 1
             try:
                 serve_one()
@@ -3197,8 +3216,11 @@ def run_workers(count: int, serve_one) -> int:
 
     def stop(signum, frame) -> None:
         stopping.append(signum)
-        for pid in children:
-            os.kill(pid, signal.SIGTERM)
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass               # it has just exited; os.wait() will say so
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

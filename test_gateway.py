@@ -18,7 +18,9 @@ import logging
 import os
 import queue
 import random
+import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -5397,3 +5399,1367 @@ def test_asgi_pathsend_extension(tmp_path):
             assert (status, headers[b"content-length"], body) == (200, b"%d" % len(payload), b"")
             status, headers, body = reader.read_response()
             assert (status, headers[b"transfer-encoding"], body) == (200, b"chunked", payload)
+
+
+try:
+    import ssl
+except ImportError:          # a Python built without OpenSSL
+    ssl = None
+
+
+# =============================================================================
+# Operations - running it for real (§11 and §12, issue "Running it for real")
+#
+# Names start with ops_ / Ops / test_ops_ so that they cannot clash with the
+# rest of test_gateway.py once this part is pasted into it. Processes started
+# here run in their own session and are killed by process group id at the end.
+# =============================================================================
+
+OPS_GATEWAY = os.path.abspath(gateway.__file__)
+OPS_POSIX = pytest.mark.skipif(os.name != "posix", reason="signals to a child need POSIX")
+OPS_FORK = pytest.mark.skipif(not hasattr(os, "fork"), reason="--workers needs os.fork()")
+OPS_UNIX = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no AF_UNIX sockets")
+OPS_SERVING = re.compile(r"gateway: serving (?:WSGI|ASGI) app \S+ on "
+                         r"(?:https?://127\.0\.0\.1:(\d+)|unix:(.+)) \(Ctrl\+C to quit\)\n")
+OPS_GET = b"GET /ops?x=1 HTTP/1.1\r\nHost: test\r\n\r\n"
+OPS_CLOSE = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+OPS_SLOW = b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n"
+OPS_FAST = b"GET /fast HTTP/1.1\r\nHost: test\r\n\r\n"
+# The whole answer to OPS_SLOW while the server shuts down (no Date header),
+# and the same without its "Connection: close".
+OPS_SLOW_CLOSING = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n"
+                    b"Server: gateway\r\nConnection: close\r\n\r\nslow done")
+OPS_SLOW_ANSWER = OPS_SLOW_CLOSING.replace(b"Connection: close\r\n", b"")
+
+
+# -- apps for the command line (written into tmp_path as ops_apps.py) ----------
+
+OPS_APPS_SOURCE = r'''
+import asyncio, json, os, select, signal, sys, time
+
+
+def _say(*words):
+    os.write(2, (" ".join(map(str, words)) + "\n").encode())   # one write: one line
+
+
+def _gate_fd():
+    return int(os.environ["OPS_GATE_FD"])
+
+
+def _reply(start_response, body, ctype="text/plain"):
+    start_response("200 OK", [("Content-Type", ctype), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+async def _asgi_reply(send, body, ctype=b"text/plain"):
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"Content-Type", ctype),
+                            (b"Content-Length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive, send):
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        else:
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def gate_wsgi(environ, start_response):
+    """/slow waits until the test closes the write end of a pipe."""
+    if environ["PATH_INFO"] == "/slow":
+        _say("ops-entered")
+        select.select([_gate_fd()], [], [], 30)
+        return _reply(start_response, b"slow done")
+    return _reply(start_response, b"fast")
+
+
+_opened = None
+
+
+async def gate_asgi(scope, receive, send):
+    global _opened
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    if scope["path"] == "/slow":
+        _say("ops-entered")
+        loop = asyncio.get_running_loop()
+        if _opened is None:
+            _opened = loop.create_future()
+
+            def readable():
+                loop.remove_reader(_gate_fd())
+                if not _opened.done():
+                    _opened.set_result(None)
+            loop.add_reader(_gate_fd(), readable)
+        await asyncio.wait_for(asyncio.shield(_opened), 30)
+        await _asgi_reply(send, b"slow done")
+    else:
+        await _asgi_reply(send, b"fast")
+
+
+def hello_wsgi(environ, start_response):
+    return _reply(start_response, b"hello")
+
+
+async def hello_asgi(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    await _asgi_reply(send, b"hello")
+
+
+def pid_wsgi(environ, start_response):
+    body = json.dumps({"pid": os.getpid(), "ppid": os.getppid(),
+                       "multiprocess": environ["wsgi.multiprocess"]}).encode()
+    return _reply(start_response, body, "application/json")
+
+
+async def pid_asgi(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    body = json.dumps({"pid": os.getpid(), "ppid": os.getppid()}).encode()
+    await _asgi_reply(send, body, b"application/json")
+
+
+def scope_wsgi(environ, start_response):
+    body = json.dumps({"remote_addr": environ.get("REMOTE_ADDR", "absent"),
+                       "server_name": environ["SERVER_NAME"]}).encode()
+    return _reply(start_response, body, "application/json")
+
+
+async def scope_asgi(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    body = json.dumps({"server": scope["server"], "client": scope["client"]}).encode()
+    await _asgi_reply(send, body, b"application/json")
+
+
+def env_wsgi(environ, start_response):
+    names = ["OPS_PLAIN", "OPS_DOUBLE", "OPS_SINGLE", "OPS_SPACED", "OPS_COMMENTED",
+             "OPS_EMPTY", "OPS_EQUALS"]
+    body = json.dumps({name: os.environ.get(name) for name in names}).encode()
+    return _reply(start_response, body, "application/json")
+
+
+def make_wsgi():
+    """--factory: called with no arguments, returns the app."""
+    def made(environ, start_response):
+        return _reply(start_response, b"made by the factory")
+    return made
+
+
+def make_asgi():
+    async def made(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        await _asgi_reply(send, b"made by the factory")
+    return made
+
+
+async def failing_asgi(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "ops-no-database"})
+        return
+    await _asgi_reply(send, b"should not be served")
+
+
+async def slow_start_asgi(scope, receive, send):
+    """Its startup is running when the worker gets SIGTERM (held pending
+    with a signal mask, so that the order of events is certain)."""
+    if scope["type"] == "lifespan":
+        await receive()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        _say("ops-starting", os.getpid())
+        deadline = time.monotonic() + 10
+        while signal.SIGTERM not in signal.sigpending() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # delivered now
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await _asgi_reply(send, b"served")
+'''
+
+
+def ops_write_apps(folder) -> None:
+    (folder / "ops_apps.py").write_text(OPS_APPS_SOURCE)
+
+
+class OpsCLIProcess:
+    """gateway.py in a subprocess of its own session; stderr read line by line."""
+
+    def __init__(self, *args: str, cwd, pass_fds=(), env: dict | None = None) -> None:
+        environ = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
+        environ.pop("WEB_CONCURRENCY", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, OPS_GATEWAY, *args], cwd=str(cwd), env=environ,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, pass_fds=tuple(pass_fds), start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def next_line(self, deadline: float) -> str | None:
+        try:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no stderr line in time; so far: {self.seen}") from None
+        if line is not None:
+            self.seen.append(line)
+        return line
+
+    def wait_line(self, predicate, timeout: float = TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.next_line(deadline)
+            assert line is not None, f"stderr ended; it said: {''.join(self.seen)}"
+            if predicate(line):
+                return line
+
+    def serving(self) -> re.Match:
+        line = self.wait_line(lambda text: text.startswith("gateway: serving"))
+        match = OPS_SERVING.fullmatch(line)
+        assert match, line
+        return match
+
+    def port(self) -> int:
+        return int(self.serving().group(1))
+
+    def rest(self) -> str:
+        """All of stderr, up to EOF."""
+        deadline = time.monotonic() + TIMEOUT
+        while self.next_line(deadline) is not None:
+            pass
+        return "".join(self.seen)
+
+    def close(self) -> None:
+        """Kill whatever is left of this process group (the workers too)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(TIMEOUT)
+
+
+def ops_last_line(stderr: str) -> str:
+    """The last line that is not an access line. A WSGI worker thread logs its
+    access line after the response is sent, so one may come after "stopped"
+    (or, racing the exit of the process, never)."""
+    others = [line for line in stderr.splitlines() if not line.startswith("gateway.access: ")]
+    return others[-1] if others else ""
+
+
+@contextlib.contextmanager
+def ops_cli(*args: str, cwd, pass_fds=(), env: dict | None = None):
+    cli = OpsCLIProcess(*args, cwd=cwd, pass_fds=pass_fds, env=env)
+    try:
+        yield cli
+    finally:
+        cli.close()
+
+
+# -- in-process servers, clients and apps -------------------------------------
+
+
+@contextlib.contextmanager
+def ops_serving(interface: str, app, listener: socket.socket | None = None, **options):
+    """running_server() that also yields the server and its thread: (server,
+    thread, port) - port is the unix socket path for a unix listener."""
+    options.setdefault("timeout_graceful_shutdown", 5.0)
+    config = gateway.Config(**options)
+    listener = listener if listener is not None else gateway.make_listener("127.0.0.1", 0)
+    name = listener.getsockname()
+    port = name if isinstance(name, str) else name[1]
+    if interface == "wsgi":
+        server = gateway.WSGIServer(app, listener, config)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+    else:
+        server = gateway.ASGIServer(app, listener, config)
+        thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
+    thread.start()
+    try:
+        if interface == "wsgi":
+            wait_for(lambda: server.running or not thread.is_alive())
+        else:
+            wait_for(lambda: server.stopping is not None or not thread.is_alive())
+        yield server, thread, port
+    finally:
+        if thread.is_alive():
+            server.shutdown()
+            thread.join(TIMEOUT)
+        assert not thread.is_alive(), "server did not stop"
+
+
+def ops_read_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes; a reset counts as closed."""
+    data = b""
+    while True:
+        try:
+            piece = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not piece:
+            return data
+        data += piece
+
+
+def ops_assert_refused(port: int) -> None:
+    """A new connection is refused, or closed without an answer."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    except ConnectionRefusedError:
+        return
+    with sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(OPS_FAST)
+        assert ops_read_all(sock) == b"", "a new connection was served during shutdown"
+
+
+class OpsGate:
+    """Holds app calls (threads or coroutines) until release(); counts them."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.entered = 0
+        self.opened = False
+        self.waiters: list = []
+
+    def enter(self) -> None:
+        with self.cond:
+            self.entered += 1
+            self.cond.notify_all()
+
+    def wait_entered(self, count: int) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.entered >= count, TIMEOUT), \
+                f"only {self.entered} of {count} requests reached the app"
+
+    def release(self) -> None:
+        with self.cond:
+            self.opened = True
+            waiters, self.waiters = self.waiters, []
+            self.cond.notify_all()
+        for loop, future in waiters:
+            with contextlib.suppress(RuntimeError):     # that loop has ended
+                loop.call_soon_threadsafe(
+                    lambda f=future: f.done() or f.set_result(None))
+
+    def wait_sync(self) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.opened, TIMEOUT)
+
+    async def wait_async(self) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self.cond:
+            if self.opened:
+                return
+            self.waiters.append((loop, future))
+        await asyncio.wait_for(future, TIMEOUT)
+
+
+def ops_fixed_wsgi(body: bytes, extra: list | None = None):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"),
+                                  ("Content-Length", str(len(body))), *(extra or [])])
+        return [body]
+    return app
+
+
+def ops_fixed_asgi(body: bytes, extra: list | None = None):
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        headers = [(b"Content-Type", b"text/plain"), (b"Content-Length", b"%d" % len(body))]
+        headers += [(n.encode(), v.encode()) for n, v in (extra or [])]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+def ops_fixed_app(interface: str, body: bytes, extra: list | None = None):
+    return (ops_fixed_wsgi if interface == "wsgi" else ops_fixed_asgi)(body, extra)
+
+
+def ops_json_app(interface: str, describe_wsgi, describe_asgi):
+    """An app that answers JSON: describe_wsgi(environ) / describe_asgi(scope)."""
+    if interface == "wsgi":
+        def app(environ, start_response):
+            body = json.dumps(describe_wsgi(environ)).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        return app
+
+    async def asgi_app(scope, receive, send):
+        if scope["type"] == "http":
+            body = json.dumps(describe_asgi(scope)).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body", "body": body})
+        elif scope["type"] == "websocket":
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.send", "text": json.dumps(describe_asgi(scope))})
+            await send({"type": "websocket.close", "code": 1000})
+    return asgi_app
+
+
+def ops_gate_app(interface: str, gate: OpsGate):
+    """/slow waits at the gate and answers "slow done"; anything else "fast"."""
+    if interface == "wsgi":
+        def app(environ, start_response):
+            body = b"fast"
+            if environ["PATH_INFO"] == "/slow":
+                gate.enter()
+                gate.wait_sync()
+                body = b"slow done"
+            start_response("200 OK", [("Content-Type", "text/plain"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        return app
+
+    async def asgi_app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = b"fast"
+        if scope["path"] == "/slow":
+            gate.enter()
+            await gate.wait_async()
+            body = b"slow done"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"Content-Type", b"text/plain"),
+                                (b"Content-Length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+    return asgi_app
+
+
+def ops_buffered_echo(interface: str):
+    """Reads the whole body, then sends it back with a Content-Length."""
+    if interface == "wsgi":
+        def app(environ, start_response):
+            stream, remaining, pieces = environ["wsgi.input"], int(environ["CONTENT_LENGTH"]), []
+            while remaining:          # in pieces: see test_ops_wsgi_read_of_a_large_body
+                piece = stream.read(min(remaining, 65536))
+                assert piece, "body ended early"
+                pieces.append(piece)
+                remaining -= len(piece)
+            body = b"".join(pieces)
+            start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        return app
+
+    async def asgi_app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream"),
+                                (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+    return asgi_app
+
+
+def ops_post(body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (len(body), extra, body))
+
+
+# =============================================================================
+# 1. Graceful shutdown
+# =============================================================================
+
+
+def ops_check_graceful(port: int, stop, release) -> list[bytes]:
+    """Ten requests held in the app, one idle keep-alive connection; stop()
+    must close the idle one at once, refuse new ones, and, after release(),
+    answer all ten in full. Returns the ten answers, as sent."""
+    with connect(port) as idle:
+        idle.sendall(OPS_FAST)
+        status, headers, body = ResponseReader(idle).read_response()
+        assert (status, body, headers.get(b"connection")) == (200, b"fast", None)
+        slow = [connect(port) for _ in range(10)]
+        try:
+            for sock in slow:
+                sock.sendall(OPS_SLOW)
+            stop()
+            assert ops_read_all(idle) == b"", "the idle connection was not closed"
+            ops_assert_refused(port)
+            release()
+            answers = [read_until_closed(sock) for sock in slow]
+        finally:
+            for sock in slow:
+                sock.close()
+    # Whole, then closed (read_until_closed); "Connection: close" is checked
+    # on its own in test_ops_shutdown_responses_say_connection_close.
+    assert [a.replace(b"Connection: close\r\n", b"") for a in answers] == \
+        [OPS_SLOW_ANSWER] * 10
+    return answers
+
+
+def test_ops_shutdown_in_process_finishes_accepted_requests(interface):
+    gate = OpsGate()
+    try:
+        with ops_serving(interface, ops_gate_app(interface, gate), threads=16,
+                         date_header=False) as (server, thread, port):
+            def stop():
+                gate.wait_entered(10)      # all ten are in the app
+                server.shutdown()
+            ops_check_graceful(port, stop, gate.release)
+            thread.join(TIMEOUT)
+            assert not thread.is_alive(), "the server did not stop after draining"
+    finally:
+        gate.release()
+
+
+def test_ops_shutdown_lets_a_large_response_finish(interface):
+    """4 MiB, written in 64 KiB pieces after the shutdown began, arrive whole."""
+    big = random.Random(9).randbytes(4 * 1024 * 1024)
+    pieces = [big[i:i + 65536] for i in range(0, len(big), 65536)]
+    gate = OpsGate()
+    if interface == "wsgi":
+        def app(environ, start_response):
+            gate.enter()
+            gate.wait_sync()
+            start_response("200 OK", [("Content-Length", str(len(big)))])
+            return pieces
+    else:
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            gate.enter()
+            await gate.wait_async()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"Content-Length", b"%d" % len(big))]})
+            for piece in pieces:
+                await send({"type": "http.response.body", "body": piece,
+                            "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+    try:
+        with ops_serving(interface, app) as (server, thread, port):
+            with connect(port) as sock:
+                sock.sendall(OPS_SLOW)
+                gate.wait_entered(1)
+                server.shutdown()
+                gate.release()
+                data = ops_read_all(sock)
+            thread.join(TIMEOUT)
+            assert not thread.is_alive()
+    finally:
+        gate.release()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert (len(body), hashlib.sha256(body).digest()) == (len(big), hashlib.sha256(big).digest())
+
+
+def test_ops_shutdown_responses_say_connection_close(interface):
+    gate = OpsGate()
+    try:
+        with ops_serving(interface, ops_gate_app(interface, gate), threads=16,
+                         date_header=False) as (server, thread, port):
+            def stop():
+                gate.wait_entered(10)
+                server.shutdown()
+            answers = ops_check_graceful(port, stop, gate.release)
+    finally:
+        gate.release()
+    assert answers == [OPS_SLOW_CLOSING] * 10
+
+
+def test_ops_second_shutdown_in_process_stops_at_once(interface):
+    gate = OpsGate()
+    try:
+        with ops_serving(interface, ops_gate_app(interface, gate),
+                         timeout_graceful_shutdown=30.0) as (server, thread, port):
+            with connect(port) as idle, connect(port) as held:
+                idle.sendall(OPS_FAST)
+                assert ResponseReader(idle).read_response()[::2] == (200, b"fast")
+                held.sendall(OPS_SLOW)
+                gate.wait_entered(1)
+                server.shutdown()
+                assert ops_read_all(idle) == b""       # the drain has begun
+                started = time.monotonic()
+                server.shutdown()                        # the second one: at once
+                thread.join(5.0)
+                assert not thread.is_alive(), "a second shutdown() did not stop it"
+                assert time.monotonic() - started < 5.0
+                assert ops_read_all(held) == b""        # cut off, no answer
+    finally:
+        gate.release()
+
+
+def test_ops_graceful_shutdown_times_out(interface):
+    """timeout_graceful_shutdown bounds the drain: a request still in the app
+    after it is cut off without an answer."""
+    gate = OpsGate()
+    try:
+        with ops_serving(interface, ops_gate_app(interface, gate),
+                         timeout_graceful_shutdown=0.5) as (server, thread, port):
+            with connect(port) as held:
+                held.sendall(OPS_SLOW)
+                gate.wait_entered(1)
+                started = time.monotonic()
+                server.shutdown()
+                thread.join(5.0)
+                assert not thread.is_alive()
+                assert 0.45 <= time.monotonic() - started < 5.0
+                assert ops_read_all(held) == b""
+    finally:
+        gate.release()
+
+
+def test_ops_shutdown_before_the_server_runs_is_not_lost(interface):
+    listener = gateway.make_listener("127.0.0.1", 0)
+    app = ops_fixed_app(interface, b"x")
+    if interface == "wsgi":
+        server = gateway.WSGIServer(app, listener, gateway.Config())
+        target, args = server.serve_forever, ()
+    else:
+        server = gateway.ASGIServer(app, listener, gateway.Config())
+        target, args = asyncio.run, (server.serve(),)
+    server.shutdown()                    # e.g. a signal that came early
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    try:
+        thread.join(1.0)
+        assert not thread.is_alive(), "the early shutdown() was lost"
+    finally:
+        if thread.is_alive():
+            wait_for(lambda: getattr(server, "running", None) is True
+                     or getattr(server, "stopping", None) is not None)
+            server.shutdown()
+            thread.join(TIMEOUT)
+
+
+@OPS_POSIX
+def test_ops_cli_sigterm_finishes_accepted_requests(interface, tmp_path):
+    ops_write_apps(tmp_path)
+    gate_read, gate_write = os.pipe()
+    try:
+        with ops_cli(f"--{interface}", f"ops_apps:gate_{interface}", "--port", "0",
+                     "--threads", "16", "--no-date-header", "--app-dir", str(tmp_path),
+                     cwd=tmp_path, pass_fds=[gate_read],
+                     env={"OPS_GATE_FD": str(gate_read)}) as cli:
+            os.close(gate_read)
+            gate_read = None
+            port = cli.port()
+
+            def stop():
+                for _ in range(10):
+                    cli.wait_line(lambda line: line == "ops-entered\n")
+                cli.proc.send_signal(signal.SIGTERM)
+
+            def release():
+                nonlocal gate_write
+                os.close(gate_write)        # EOF on the pipe wakes every /slow
+                gate_write = None
+
+            ops_check_graceful(port, stop, release)
+            assert cli.proc.wait(TIMEOUT) == 0
+            stderr = cli.rest()
+            assert ops_last_line(stderr) == "gateway: stopped", stderr
+            assert "Traceback" not in stderr, stderr
+    finally:
+        for fd in (gate_read, gate_write):
+            if fd is not None:
+                os.close(fd)
+
+
+@OPS_POSIX
+def test_ops_cli_second_sigterm_stops_at_once(interface, tmp_path):
+    ops_write_apps(tmp_path)
+    gate_read, gate_write = os.pipe()
+    try:
+        with ops_cli(f"--{interface}", f"ops_apps:gate_{interface}", "--port", "0",
+                     "--app-dir", str(tmp_path), cwd=tmp_path, pass_fds=[gate_read],
+                     env={"OPS_GATE_FD": str(gate_read)}) as cli:
+            port = cli.port()
+            with connect(port) as idle, connect(port) as held:
+                idle.sendall(OPS_FAST)
+                assert ResponseReader(idle).read_response()[::2] == (200, b"fast")
+                held.sendall(OPS_SLOW)
+                cli.wait_line(lambda line: line == "ops-entered\n")
+                cli.proc.send_signal(signal.SIGTERM)
+                assert ops_read_all(idle) == b""       # the first one was handled
+                started = time.monotonic()
+                cli.proc.send_signal(signal.SIGTERM)
+                assert cli.proc.wait(5.0) == 0
+                assert time.monotonic() - started < 5.0
+                assert ops_read_all(held) == b""
+            stderr = cli.rest()
+            assert ops_last_line(stderr) == "gateway: stopped", stderr
+    finally:
+        os.close(gate_read)
+        os.close(gate_write)
+
+
+# =============================================================================
+# 2. Worker processes
+# =============================================================================
+
+
+def ops_ask_pid(port: int) -> dict:
+    status, headers, body = request(port, OPS_CLOSE)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def ops_pid_from_another_worker(port: int, busy: int) -> dict:
+    """Stop worker `busy` (SIGSTOP) so that another one must accept; ask."""
+    os.kill(busy, signal.SIGSTOP)
+    try:
+        return ops_ask_pid(port)
+    finally:
+        os.kill(busy, signal.SIGCONT)
+
+
+def ops_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@OPS_POSIX
+@OPS_FORK
+def test_ops_workers_share_the_socket_and_are_replaced(interface, tmp_path):
+    ops_write_apps(tmp_path)
+    with ops_cli(f"--{interface}", f"ops_apps:pid_{interface}", "--workers", "2",
+                 "--port", "0", "--no-access-log", "--app-dir", str(tmp_path),
+                 cwd=tmp_path) as cli:
+        parent = cli.proc.pid
+        port = cli.port()
+        first = ops_ask_pid(port)
+        a = first["pid"]
+        assert first["ppid"] == parent and a != parent
+        if interface == "wsgi":
+            assert first["multiprocess"] is True
+        second = ops_pid_from_another_worker(port, a)
+        b = second["pid"]
+        assert second["ppid"] == parent and b not in (a, parent)
+
+        os.kill(a, signal.SIGKILL)
+        died = f"gateway: worker {a} died (exit -{int(signal.SIGKILL)}); starting another\n"
+        cli.wait_line(lambda line: line == died)
+        third = ops_pid_from_another_worker(port, b)
+        c = third["pid"]
+        assert third["ppid"] == parent and c not in (a, b, parent)
+        assert ops_ask_pid(port)["pid"] in (b, c)
+
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(TIMEOUT) == 0
+        assert ops_gone(b) and ops_gone(c), "a worker outlived the parent"
+        stderr = cli.rest()
+        assert "Traceback" not in stderr, stderr
+
+
+@OPS_POSIX
+@OPS_FORK
+def test_ops_workers_lifespan_startup_failure_exits_3(tmp_path):
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:failing_asgi", "--workers", "2", "--port", "0",
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        assert cli.proc.wait(TIMEOUT) == 3
+        stderr = cli.rest()
+    assert "gateway: application startup failed: ops-no-database\n" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+@OPS_POSIX
+@OPS_FORK
+def test_ops_workers_sigterm_during_lifespan_startup_stops_them(tmp_path):
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:slow_start_asgi", "--workers", "2", "--port", "0",
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        cli.port()
+        workers = {int(cli.wait_line(lambda line: line.startswith("ops-starting ")).split()[1])
+                   for _ in range(2)}
+        assert len(workers) == 2
+        cli.proc.send_signal(signal.SIGTERM)       # both are in their startup
+        try:
+            code = cli.proc.wait(3.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, "the parent did not exit: its workers ignored SIGTERM"
+        assert all(ops_gone(pid) for pid in workers)
+
+
+def test_ops_workers_refused_without_fork(monkeypatch, caplog):
+    monkeypatch.delattr(os, "fork", raising=False)
+    caplog.set_level(logging.ERROR, logger="gateway")
+    code = gateway.main(["--wsgi", "echo_wsgi:application", "--workers", "2",
+                         "--port", "0"])
+    assert code == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway"] == [
+        "--workers needs os.fork(), which this platform does not have"]
+
+
+# =============================================================================
+# 3. TLS
+# =============================================================================
+
+
+@pytest.fixture(scope="session")
+def ops_cert(tmp_path_factory):
+    """(certfile, keyfile) of a throwaway self-signed certificate for localhost."""
+    if ssl is None:
+        pytest.skip("this Python has no ssl module")
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl binary to make a test certificate with")
+    folder = tmp_path_factory.mktemp("ops_tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-subj", "/CN=localhost", "-days", "1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def ops_tls_connect(port: int, cert: str):
+    context = ssl.create_default_context(cafile=cert)
+    context.check_hostname = False            # CN only, no subjectAltName
+    context.verify_mode = ssl.CERT_REQUIRED   # still: it must be this certificate
+    return context.wrap_socket(connect(port), server_hostname="localhost")
+
+
+def ops_tls_server(interface: str, app, cert, **options):
+    return running_server(interface, app, ssl_certfile=cert[0], ssl_keyfile=cert[1],
+                          **options)
+
+
+def test_ops_tls_echo_keep_alive(interface, ops_cert):
+    with ops_tls_server(interface, ECHO_APPS[interface], ops_cert) as port:
+        with ops_tls_connect(port, ops_cert[0]) as sock:
+            reader = ResponseReader(sock)
+            for body in (b"first over TLS", b"second, same connection"):
+                sock.sendall(ops_post(body))
+                status, headers, got = reader.read_response()
+                assert (status, got, headers.get(b"connection")) == (200, body, None)
+
+
+def test_ops_tls_3_mib_intact(interface, ops_cert):
+    body = random.Random(7).randbytes(3 * 1024 * 1024)
+    with ops_tls_server(interface, ops_buffered_echo(interface), ops_cert) as port:
+        with ops_tls_connect(port, ops_cert[0]) as sock:
+            sock.sendall(ops_post(body))
+            status, headers, got = ResponseReader(sock).read_response()
+    assert status == 200 and headers[b"content-length"] == b"%d" % len(body)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["read()", "read(CONTENT_LENGTH)"])
+def test_ops_wsgi_read_of_a_large_body(how):
+    def app(environ, start_response):
+        stream = environ["wsgi.input"]
+        body = stream.read() if how == "read()" else stream.read(
+            int(environ["CONTENT_LENGTH"]))
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+    body = random.Random(8).randbytes(1_000_000)
+    with running_server("wsgi", app, timeout_graceful_shutdown=0.5) as port:
+        with connect(port) as sock:
+            sock.settimeout(1.5)
+            try:
+                sock.sendall(ops_post(body))
+                status, _, got = ResponseReader(sock).read_response()
+            except socket.timeout:
+                status, got = None, b""
+    assert (status, len(got), got == body) == (200, len(body), True)
+
+
+def test_ops_tls_scheme(interface, ops_cert):
+    app = ops_json_app(interface,
+                       lambda env: {"scheme": env["wsgi.url_scheme"],
+                                    "https": env.get("HTTPS")},
+                       lambda scope: {"scheme": scope["scheme"], "type": scope["type"]})
+    with ops_tls_server(interface, app, ops_cert) as port:
+        with ops_tls_connect(port, ops_cert[0]) as sock:
+            sock.sendall(OPS_GET)
+            status, _, body = ResponseReader(sock).read_response()
+        assert status == 200
+        if interface == "wsgi":
+            assert json.loads(body) == {"scheme": "https", "https": "on"}
+            return
+        assert json.loads(body) == {"scheme": "https", "type": "http"}
+        with ops_tls_connect(port, ops_cert[0]) as sock:    # a WebSocket: wss
+            sock.sendall(b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            reader = ResponseReader(sock)
+            status, headers, _ = reader.read_head()
+            assert status == 101
+            text = json.dumps({"scheme": "wss", "type": "websocket"}).encode()
+            assert reader.read_exact(2 + len(text)) == bytes([0x81, len(text)]) + text
+
+
+def test_ops_tls_plain_client_is_dropped(interface, ops_cert):
+    with ops_tls_server(interface, ECHO_APPS[interface], ops_cert) as port:
+        with connect(port) as plain:
+            plain.settimeout(5.0)
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            data = ops_read_all(plain)      # socket.timeout here would be a hang
+        # Nothing but, at most, a TLS alert record (content type 21).
+        assert data == b"" or data.startswith(b"\x15\x03"), data
+        with ops_tls_connect(port, ops_cert[0]) as sock:
+            sock.sendall(ops_post(b"still serving"))
+            assert ResponseReader(sock).read_response()[::2] == (200, b"still serving")
+
+
+def test_ops_tls_silent_client_dropped_without_stalling_others(interface, ops_cert):
+    with ops_tls_server(interface, ECHO_APPS[interface], ops_cert,
+                        timeout_request_head=0.5) as port:
+        with connect(port) as silent:
+            started = time.monotonic()
+            with ops_tls_connect(port, ops_cert[0]) as sock:   # served meanwhile
+                sock.sendall(ops_post(b"not stalled"))
+                assert ResponseReader(sock).read_response()[::2] == (200, b"not stalled")
+            assert select.select([silent], [], [], 0)[0] == [], \
+                "the silent client was dropped before the other one was served"
+            assert ops_read_all(silent) == b""
+            elapsed = time.monotonic() - started
+        assert 0.45 <= elapsed < 5.0, elapsed
+
+
+# =============================================================================
+# 4. Sockets: unix, inherited, backlog
+# =============================================================================
+
+
+@OPS_UNIX
+def test_ops_unix_socket_in_process(interface, tmp_path):
+    path = str(tmp_path / "ops.sock")
+    listener = gateway.make_listener("127.0.0.1", 0, uds=path)
+    app = ops_json_app(interface,
+                       lambda env: {"remote_addr": env.get("REMOTE_ADDR", "absent"),
+                                    "server_name": env["SERVER_NAME"]},
+                       lambda scope: {"server": scope["server"], "client": scope["client"]})
+    with ops_serving(interface, app, listener=listener):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(path)
+            sock.sendall(OPS_GET)
+            status, _, body = ResponseReader(sock).read_response()
+    assert status == 200
+    if interface == "wsgi":
+        assert json.loads(body) == {"remote_addr": "absent", "server_name": path}
+    else:
+        assert json.loads(body) == {"server": [path, None], "client": None}
+
+
+@OPS_UNIX
+def test_ops_unix_socket_replaces_a_stale_socket(tmp_path):
+    path = str(tmp_path / "stale.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as old:
+        old.bind(path)                  # left behind by a past run
+    with gateway.make_listener("127.0.0.1", 0, uds=path) as listener:
+        assert listener.getsockname() == path
+
+
+@OPS_UNIX
+def test_ops_unix_socket_never_deletes_a_regular_file(tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_bytes(b"keep me")
+    try:
+        gateway.make_listener("127.0.0.1", 0, uds=str(precious)).close()
+    except OSError:
+        pass                            # refusing is fine
+    assert precious.read_bytes() == b"keep me"
+
+
+@OPS_POSIX
+@OPS_UNIX
+def test_ops_cli_unix_socket(interface, tmp_path):
+    ops_write_apps(tmp_path)
+    path = str(tmp_path / "cli.sock")
+    with ops_cli(f"--{interface}", f"ops_apps:scope_{interface}", "--uds", path,
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        assert cli.serving().group(2) == path
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(path)
+            sock.sendall(OPS_GET)
+            status, _, body = ResponseReader(sock).read_response()
+        assert status == 200
+        if interface == "wsgi":
+            assert json.loads(body) == {"remote_addr": "absent", "server_name": path}
+        else:
+            assert json.loads(body) == {"server": [path, None], "client": None}
+        line = cli.wait_line(lambda text: text.startswith("gateway.access: "))
+        assert re.fullmatch(r'gateway\.access: - - "GET /ops\?x=1 HTTP/1\.1" 200 \d+ '
+                            r'\d+\.\dms\n', line), line
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(TIMEOUT) == 0
+
+
+@OPS_POSIX
+def test_ops_cli_inherited_socket(interface, tmp_path):
+    ops_write_apps(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        fd = listener.fileno()
+        with ops_cli(f"--{interface}", f"ops_apps:hello_{interface}", "--fd", str(fd),
+                     "--app-dir", str(tmp_path), cwd=tmp_path, pass_fds=[fd]) as cli:
+            listener.close()                 # only the server holds it now
+            assert cli.port() == port
+            assert request(port, OPS_CLOSE)[::2] == (200, b"hello")
+            cli.proc.send_signal(signal.SIGTERM)
+            assert cli.proc.wait(TIMEOUT) == 0
+
+
+@OPS_POSIX
+def test_ops_cli_backlog(tmp_path):
+    args = ["--wsgi", "ops_apps:hello_wsgi", "--port", "0", "--backlog", "7"]
+    assert gateway.config_from(gateway.build_arg_parser().parse_args(args)).backlog == 7
+    ops_write_apps(tmp_path)
+    with ops_cli(*args, "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        assert request(cli.port(), OPS_CLOSE)[::2] == (200, b"hello")
+
+
+# =============================================================================
+# 5. Proxy headers
+# =============================================================================
+
+
+def ops_proxy_app(interface: str):
+    return ops_json_app(
+        interface,
+        lambda env: {"client": env["REMOTE_ADDR"], "port": env["REMOTE_PORT"],
+                     "scheme": env["wsgi.url_scheme"], "host": env["HTTP_HOST"]},
+        lambda scope: {"client": scope["client"][0], "port": str(scope["client"][1]),
+                       "scheme": scope["scheme"],
+                       "host": dict(scope["headers"])[b"host"].decode("latin-1")})
+
+
+OPS_ALL_FORWARDED = (b'Forwarded: for="[2001:db8::1]:4711";proto=https;host=example.com\r\n'
+                     b"X-Forwarded-For: 5.6.7.8\r\nX-Forwarded-Proto: http\r\n"
+                     b"X-Forwarded-Host: other.example\r\n")
+
+OPS_PROXY_CASES = {
+    # name: (options, extra request fields, (client or None for the peer, scheme, host))
+    "off": ({}, b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\n"
+                b"X-Forwarded-Host: evil.example\r\n", (None, "http", "test")),
+    "right-most-untrusted": (
+        {"proxy_headers": True, "forwarded_allow_ips": "127.0.0.1,10.0.0.0/8"},
+        b"X-Forwarded-For: 1.2.3.4, 10.0.0.1\r\n", ("1.2.3.4", "http", "test")),
+    "only-the-peer-trusted": (
+        {"proxy_headers": True, "forwarded_allow_ips": "127.0.0.1"},
+        b"X-Forwarded-For: 1.2.3.4, 10.0.0.1\r\n", ("10.0.0.1", "http", "test")),
+    "proto-and-host": (
+        {"proxy_headers": True, "forwarded_allow_ips": "127.0.0.1"},
+        b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: example.org\r\n", ("1.2.3.4", "https", "example.org")),
+    "forwarded-wins": ({"proxy_headers": True, "forwarded_allow_ips": "127.0.0.1"},
+                       OPS_ALL_FORWARDED, ("2001:db8::1", "https", "example.com")),
+    "untrusted-peer": ({"proxy_headers": True, "forwarded_allow_ips": "10.9.9.9"},
+                       OPS_ALL_FORWARDED, (None, "http", "test")),
+    "star-trusts-all": ({"proxy_headers": True, "forwarded_allow_ips": "*"},
+                        b"X-Forwarded-For: 1.2.3.4, 10.0.0.1\r\nX-Forwarded-Proto: https\r\n",
+                        ("1.2.3.4", "https", "test")),
+}
+
+
+@pytest.mark.parametrize("case", list(OPS_PROXY_CASES))
+def test_ops_proxy_headers(interface, case):
+    options, fields, (client, scheme, host) = OPS_PROXY_CASES[case]
+    with ops_serving(interface, ops_proxy_app(interface), **options) as (_, _, port):
+        with connect(port) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n" + fields + b"\r\n")
+            status, _, body = ResponseReader(sock).read_response()
+            peer_port = str(sock.getsockname()[1])
+    assert status == 200
+    expected = {"client": client or "127.0.0.1", "port": "0" if client else peer_port,
+                "scheme": scheme, "host": host}
+    assert json.loads(body) == expected
+
+
+@pytest.mark.parametrize("address, allow, trusted", [
+    (None, "127.0.0.1", True),               # a unix socket peer
+    ("127.0.0.1", "127.0.0.1", True),
+    ("127.0.0.2", "127.0.0.1", False),
+    ("10.1.2.3", "127.0.0.1, 10.0.0.0/8", True),
+    ("11.0.0.1", "127.0.0.1,10.0.0.0/8", False),
+    ("2001:db8::5", "2001:db8::/32", True),
+    ("2001:db9::5", "2001:db8::/32", False),
+    ("1.2.3.4", "*", True),
+    ("unknown", "127.0.0.1", False),
+    ("_hidden", "*", True),
+])
+def test_ops_trusted_proxy(address, allow, trusted):
+    assert gateway.trusted_proxy(address, Config(forwarded_allow_ips=allow)) is trusted
+
+
+@pytest.mark.parametrize("headers, hops", [
+    ([], []),
+    ([(b"x-forwarded-for", b"1.2.3.4, 10.0.0.1")],
+     [{"for": "1.2.3.4"}, {"for": "10.0.0.1"}]),
+    ([(b"x-forwarded-for", b"1.2.3.4"), (b"x-forwarded-for", b"10.0.0.1")],
+     [{"for": "1.2.3.4"}, {"for": "10.0.0.1"}]),
+    ([(b"x-forwarded-for", b"1.2.3.4"), (b"x-forwarded-proto", b"https"),
+      (b"x-forwarded-host", b"example.org")],
+     [{"for": "1.2.3.4", "proto": "https", "host": "example.org"}]),
+    ([(b"x-forwarded-proto", b"https")], [{"proto": "https"}]),
+    ([(b"forwarded", b'for="[2001:db8::1]:4711";proto=https;host=example.com, '
+                     b"for=10.0.0.1")],
+     [{"for": "2001:db8::1", "proto": "https", "host": "example.com"},
+      {"for": "10.0.0.1"}]),
+    ([(b"forwarded", b"For=192.0.2.60:8080;Proto=http;by=203.0.113.43")],
+     [{"for": "192.0.2.60", "proto": "http", "by": "203.0.113.43"}]),
+    ([(b"forwarded", b"for=1.2.3.4"), (b"forwarded", b"for=10.0.0.1")],
+     [{"for": "1.2.3.4"}, {"for": "10.0.0.1"}]),
+    ([(b"x-forwarded-for", b"5.6.7.8"), (b"forwarded", b"for=1.2.3.4")],
+     [{"for": "1.2.3.4"}]),
+])
+def test_ops_forwarded_hops(headers, hops):
+    assert gateway.forwarded_hops(headers) == hops
+
+
+def test_ops_behind_proxy():
+    request_ = Request(method="GET", target=b"/", path=b"/", query=b"", version="1.1",
+                       headers=[(b"host", b"t"), (b"x-forwarded-for", b"1.2.3.4, 10.0.0.1"),
+                                (b"x-forwarded-proto", b"HTTPS"),
+                                (b"x-forwarded-host", b"example.org")],
+                       chunked=False, content_length=0, keep_alive=True,
+                       expect_continue=False)
+    peer = ("127.0.0.1", 5555)
+    on = Config(proxy_headers=True, forwarded_allow_ips="127.0.0.1,10.0.0.0/8")
+    assert gateway.behind_proxy(request_, peer, "http", Config()) == (peer, "http", None)
+    assert gateway.behind_proxy(request_, peer, "http", on) == (
+        ("1.2.3.4", 0), "https", "example.org")
+    assert gateway.behind_proxy(request_, None, "http", on) == (   # unix peer: trusted
+        ("1.2.3.4", 0), "https", "example.org")
+    untrusted = ("192.0.2.1", 5555)
+    assert gateway.behind_proxy(request_, untrusted, "http", on) == (untrusted, "http", None)
+    bare = dataclasses.replace(request_, headers=[(b"host", b"t")])
+    assert gateway.behind_proxy(bare, peer, "https", on) == (peer, "https", None)
+
+
+# =============================================================================
+# 6. Access log and response headers
+# =============================================================================
+
+
+def ops_access_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+
+
+def test_ops_access_log_one_line_per_request(interface, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with running_server(interface, ops_fixed_app(interface, b"hello"), threads=1) as port:
+        with connect(port) as sock:
+            reader = ResponseReader(sock)
+            for _ in range(2):
+                sock.sendall(OPS_GET)
+                assert reader.read_response()[::2] == (200, b"hello")
+            client = "127.0.0.1:%d" % sock.getsockname()[1]
+        wait_for(lambda: len(ops_access_lines(caplog)) >= 2)
+    lines = ops_access_lines(caplog)
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert re.fullmatch(re.escape(f'{client} - "GET /ops?x=1 HTTP/1.1" 200 5 ')
+                            + r"\d+\.\dms", line), line
+
+
+def test_ops_access_log_off(interface, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with running_server(interface, ops_fixed_app(interface, b"hello"), threads=1,
+                        access_log=False) as port:
+        with connect(port) as sock:
+            reader = ResponseReader(sock)
+            for _ in range(2):    # one thread, one connection: the first is logged by now
+                sock.sendall(OPS_GET)
+                assert reader.read_response()[::2] == (200, b"hello")
+            assert ops_access_lines(caplog) == []
+
+
+def test_ops_access_log_format_and_escaping(interface, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with running_server(interface, ops_fixed_app(interface, b"hello"),
+                        access_log_format="%(status)s %(request_line)s") as port:
+        raw = b"GET /a%0d%0aFAKE%1b[31m HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        assert request(port, raw)[::2] == (200, b"hello")
+        wait_for(lambda: ops_access_lines(caplog))
+    assert ops_access_lines(caplog) == ["200 GET /a%0d%0aFAKE%1b[31m HTTP/1.1"]
+
+
+def test_ops_log_access_escapes_control_characters(caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    request_ = Request(method="GET", target=b"/a\x1b[31m\r\nB\x85\x00", path=b"/",
+                       query=b"", version="1.1", headers=[], chunked=False,
+                       content_length=0, keep_alive=True, expect_continue=False)
+    gateway.log_access(Config(), ("127.0.0.1", 5), request_, 404, 12, time.monotonic())
+    gateway.log_access(Config(), None, request_, 200, 0, time.monotonic())
+    lines = ops_access_lines(caplog)
+    assert len(lines) == 2
+    assert re.fullmatch(re.escape('127.0.0.1:5 - "GET /a\\x1b[31m\\r\\nB\\x85\\x00 '
+                                  'HTTP/1.1" 404 12 ') + r"\d+\.\dms", lines[0]), lines[0]
+    assert lines[1].startswith('- - "GET /a\\x1b[31m')
+    for line in lines:
+        assert not any(ch in line for ch in "\r\n\x1b\x85\x00")
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_ops_access_log_names_the_forwarded_client(interface, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with running_server(interface, ops_fixed_app(interface, b"hello"), proxy_headers=True,
+                        access_log_format="%(client)s") as port:
+        raw = (b"GET / HTTP/1.1\r\nHost: test\r\nX-Forwarded-For: 1.2.3.4\r\n"
+               b"Connection: close\r\n\r\n")
+        assert request(port, raw)[::2] == (200, b"hello")
+        wait_for(lambda: ops_access_lines(caplog))
+    assert ops_access_lines(caplog) == ["1.2.3.4:0"]
+
+
+OPS_HELLO_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+
+
+def test_ops_extra_headers_on_every_response(interface):
+    app = ops_fixed_app(interface, b"hello")
+    with running_server(interface, app, date_header=False,
+                        headers=[(b"X-Test", b"1")]) as port:
+        assert exchange(port, OPS_CLOSE) == (
+            OPS_HELLO_HEAD + b"Server: gateway\r\nX-Test: 1\r\nConnection: close\r\n\r\nhello")
+        refused = exchange(port, b"GET / HTTP/1.1\r\n\r\n")     # no Host: 400
+        head = refused.split(b"\r\n\r\n")[0].split(b"\r\n")
+        assert head[0] == b"HTTP/1.1 400 Bad Request"
+        assert head.count(b"X-Test: 1") == 1
+    own_app = ops_fixed_app(interface, b"hello", [("X-Test", "app")])
+    with running_server(interface, own_app, date_header=False,
+                        headers=[(b"X-Test", b"1")]) as port:
+        assert exchange(port, OPS_CLOSE) == (
+            OPS_HELLO_HEAD + b"X-Test: app\r\nServer: gateway\r\nConnection: close\r\n\r\n"
+            b"hello")
+
+
+def test_ops_no_server_and_no_date_header(interface):
+    app = ops_fixed_app(interface, b"hello")
+    with running_server(interface, app, server_header=False, date_header=False) as port:
+        assert exchange(port, OPS_CLOSE) == (
+            OPS_HELLO_HEAD + b"Connection: close\r\n\r\nhello")
+    with running_server(interface, app) as port:
+        status, headers, _ = request(port, OPS_CLOSE)
+        assert headers[b"server"] == b"gateway"
+        assert re.fullmatch(rb"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT",
+                            headers[b"date"])
+
+
+@OPS_POSIX
+def test_ops_cli_headers(interface, tmp_path):
+    ops_write_apps(tmp_path)
+    with ops_cli(f"--{interface}", f"ops_apps:hello_{interface}", "--port", "0",
+                 "--header", "X-A:1", "--header", "X-B: two words",
+                 "--no-server-header", "--no-date-header", "--app-dir", str(tmp_path),
+                 cwd=tmp_path) as cli:
+        assert exchange(cli.port(), OPS_CLOSE) == (
+            OPS_HELLO_HEAD + b"X-A: 1\r\nX-B: two words\r\nConnection: close\r\n\r\nhello")
+
+
+@OPS_POSIX
+def test_ops_cli_log_level_warning_is_quiet(tmp_path):
+    ops_write_apps(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port, fd = listener.getsockname()[1], listener.fileno()
+        with ops_cli("--wsgi", "ops_apps:hello_wsgi", "--fd", str(fd), "--log-level",
+                     "warning", "--app-dir", str(tmp_path), cwd=tmp_path,
+                     pass_fds=[fd]) as cli:
+            listener.close()
+            assert request(port, OPS_CLOSE)[::2] == (200, b"hello")
+            cli.proc.send_signal(signal.SIGTERM)
+            assert cli.proc.wait(TIMEOUT) == 0
+            assert cli.rest() == ""     # no start-up line, access line or "stopped"
+
+
+# =============================================================================
+# 7. Command-line comfort: --factory, --env-file, --reload
+# =============================================================================
+
+
+@OPS_POSIX
+def test_ops_cli_factory(interface, tmp_path):
+    ops_write_apps(tmp_path)
+    with ops_cli(f"--{interface}", f"ops_apps:make_{interface}", "--factory", "--port",
+                 "0", "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        assert request(cli.port(), OPS_CLOSE)[::2] == (200, b"made by the factory")
+
+
+OPS_ENV_FILE = """\
+# a comment line, then a blank one
+
+OPS_PLAIN=plain value
+OPS_DOUBLE="double # quoted"
+OPS_SINGLE='single quoted'
+  OPS_SPACED  =  spaced out
+# OPS_COMMENTED=never
+OPS_EMPTY=
+OPS_EQUALS=a=b=c
+"""
+OPS_ENV_VALUES = {"OPS_PLAIN": "plain value", "OPS_DOUBLE": "double # quoted",
+                  "OPS_SINGLE": "single quoted", "OPS_SPACED": "spaced out",
+                  "OPS_COMMENTED": None, "OPS_EMPTY": "", "OPS_EQUALS": "a=b=c"}
+
+
+@OPS_POSIX
+def test_ops_cli_env_file(tmp_path):
+    ops_write_apps(tmp_path)
+    (tmp_path / "ops.env").write_text(OPS_ENV_FILE)
+    with ops_cli("--wsgi", "ops_apps:env_wsgi", "--env-file", str(tmp_path / "ops.env"),
+                 "--port", "0", "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        status, _, body = request(cli.port(), OPS_CLOSE)
+    assert status == 200
+    assert json.loads(body) == OPS_ENV_VALUES
+
+
+def test_ops_load_env_file(tmp_path, monkeypatch):
+    for name in OPS_ENV_VALUES:
+        monkeypatch.setenv(name, "before")       # restored after the test
+    monkeypatch.delenv("OPS_COMMENTED")
+    (tmp_path / "ops.env").write_text(OPS_ENV_FILE)
+    gateway.load_env_file(str(tmp_path / "ops.env"))
+    assert {name: os.environ.get(name) for name in OPS_ENV_VALUES} == OPS_ENV_VALUES
+
+
+OPS_RELOAD_APP = '''
+def application(environ, start_response):
+    body = %r
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+@OPS_POSIX
+def test_ops_cli_reload(tmp_path):
+    source = tmp_path / "ops_reload_app.py"
+    source.write_text(OPS_RELOAD_APP % b"first version")
+    with ops_cli("--wsgi", "ops_reload_app:application", "--reload", "--port", "0",
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        port = cli.port()
+        assert request(port, OPS_CLOSE)[::2] == (200, b"first version")
+        source.write_text(OPS_RELOAD_APP % b"the second, longer version")
+        later = os.stat(source).st_mtime + 5       # a change even on coarse clocks
+        os.utime(source, (later, later))
+        cli.wait_line(lambda line: line == "gateway: a .py file changed; restarting\n")
+        new_port = cli.port()                      # the restarted child's line
+        assert request(new_port, OPS_CLOSE)[::2] == (200, b"the second, longer version")
+        cli.proc.send_signal(signal.SIGINT)
+        assert cli.proc.wait(TIMEOUT) == 0
+        stderr = cli.rest()
+        assert ops_last_line(stderr) == "gateway: stopped", stderr   # the child's
