@@ -1934,7 +1934,7 @@ class HTTPCycle:
         failure = self.conn.error or failure   # a malformed body is the real cause
         if failure is not None:
             await self.fail(failure)
-        elif self.state == "done" and not self.disconnected:
+        elif self.state == "done" and not self.disconnected and not self.body_done:
             await self.skip_unread_body()
         log_access(self.conn.config, scope["client"], self.request,
                    self.response.status or (failure.status if failure else 500),
