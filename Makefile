@@ -34,7 +34,7 @@ size:           ## the line budget of gateway.py
 	wc -l gateway.py
 
 clean:
-	rm -rf $(VENV) $(IVENV) .pytest_cache __pycache__ interop/.pytest_cache interop/__pycache__
+	rm -rf $(VENV) $(IVENV) $(AVENV) .pytest_cache __pycache__ interop/.pytest_cache interop/__pycache__ interop/reports
 
 # Benchmark beside the peers (bench/README.md): uvicorn, hypercorn, gunicorn, waitress,
 # wsgiref, each one process on loopback, driven by wrk. Needs wrk (run.py apt-installs it).
@@ -53,3 +53,26 @@ bench: $(BVENV)/.installed        ## gateway vs its peers, every workload (< 10 
 
 bench-quick: $(BVENV)/.installed  ## hello + echo 1 KiB, gateway vs uvicorn/gunicorn/waitress (~35 s)
 	$(BPY) bench/run.py --quick
+
+# The Autobahn|Testsuite fuzzing client against gateway (interop/README.md): opt-in, not in
+# .ci/run, as the whole suite takes ~10 minutes. wstest is Python 2.7 only, so
+# .venv-autobahn is a Python 3 venv holding virtualenv (the last release that makes 2.7
+# environments), and .venv-autobahn/py27 the 2.7 one holding wstest. PYTHON2 defaults to a
+# pyenv 2.7; AUTOBAHN_CASES="'1.*' '12.1.*'" runs a subset.
+AVENV := .venv-autobahn
+PYENV_ROOT ?= $(HOME)/.pyenv
+PYTHON2 ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/2.7*/bin/python2.7) python2.7)
+
+.PHONY: autobahn
+
+$(AVENV)/.installed: interop/autobahn-requirements.txt
+	@$(PYTHON2) -c 'import sys; assert sys.version_info[:2] == (2, 7)' 2>/dev/null || \
+	  { echo "make autobahn needs Python 2.7 (wstest is Python 2 only): PYTHON2=/path/to/python2.7"; exit 1; }
+	test -x $(AVENV)/bin/python || $(PYTHON) -m venv $(AVENV)
+	$(AVENV)/bin/python -m pip install --quiet --disable-pip-version-check virtualenv==20.21.1
+	test -x $(AVENV)/py27/bin/python || $(AVENV)/bin/virtualenv --quiet -p $(PYTHON2) $(AVENV)/py27
+	$(AVENV)/py27/bin/pip install --quiet --disable-pip-version-check --no-python-version-warning -r interop/autobahn-requirements.txt
+	touch $@
+
+autobahn: $(AVENV)/.installed   ## Autobahn|Testsuite, every case, against gateway (~10 minutes)
+	$(PYTHON) interop/autobahn.py --wstest $(AVENV)/py27/bin/wstest $(if $(AUTOBAHN_CASES),--cases $(AUTOBAHN_CASES))

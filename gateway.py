@@ -2500,10 +2500,11 @@ def unmask(payload: bytes, key: bytes) -> bytes:
 class PerMessageDeflate:
     """RFC 7692: compress each message with zlib's raw DEFLATE."""
 
-    def __init__(self, reset_each_message: bool) -> None:
+    def __init__(self, reset_each_message: bool, window_bits: int = 15) -> None:
         self.reset = reset_each_message        # server_no_context_takeover
-        self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
-        self.decompressor = zlib.decompressobj(-15)
+        self.window_bits = window_bits         # server_max_window_bits
+        self.compressor = zlib.compressobj(6, zlib.DEFLATED, -window_bits)
+        self.decompressor = zlib.decompressobj(-15)   # takes any smaller window
 
     @staticmethod
     def negotiate(offers: list[bytes]) -> tuple[PerMessageDeflate | None, bytes]:
@@ -2517,13 +2518,18 @@ class PerMessageDeflate:
             if not all(PerMessageDeflate.valid_parameter(*pair) for pair in pairs):
                 continue       # RFC 7692 §5.1: decline an offer we cannot read
             answer = [b"permessage-deflate"]
-            if b"server_max_window_bits" in names:
-                continue       # Policy: we always use 15 bits; decline a smaller window
+            values = {pair[0]: pair[1] if len(pair) > 1 else None for pair in pairs}
+            window = int(values.get(b"server_max_window_bits") or 15)
+            if window < 9:
+                continue       # zlib cannot make an 8-bit window (it uses 9): decline
+            if b"server_max_window_bits" in names:     # RFC 7692 §7.1.2.1
+                answer.append(b"server_max_window_bits=%d" % window)
             if b"server_no_context_takeover" in names:
                 answer.append(b"server_no_context_takeover")
             if b"client_no_context_takeover" in names:
                 answer.append(b"client_no_context_takeover")
-            return PerMessageDeflate(b"server_no_context_takeover" in names), b"; ".join(answer)
+            reset = b"server_no_context_takeover" in names
+            return PerMessageDeflate(reset, window), b"; ".join(answer)
         return None, b""
 
     @staticmethod
@@ -2539,7 +2545,7 @@ class PerMessageDeflate:
 
     def compress(self, data: bytes) -> bytes:
         if self.reset:
-            self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+            self.compressor = zlib.compressobj(6, zlib.DEFLATED, -self.window_bits)
         data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
         return data[:-4]       # RFC 7692 §7.2.1: drop the final 00 00 FF FF
 

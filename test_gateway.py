@@ -5282,8 +5282,10 @@ WS_NEGOTIATIONS = [
     ([b"x-webkit-deflate-frame, permessage-deflate"], b"permessage-deflate"),
     ([b"permessage-deflate; server_no_context_takeover"],
      b"permessage-deflate; server_no_context_takeover"),
-    ([b"permessage-deflate; server_max_window_bits=10", b"permessage-deflate"],
-     b"permessage-deflate"),                          # the first offer is declined
+    ([b"permessage-deflate; server_max_window_bits=10"],
+     b"permessage-deflate; server_max_window_bits=10"),   # RFC 7692 §7.1.2.1
+    ([b"permessage-deflate; server_max_window_bits=8", b"permessage-deflate"],
+     b"permessage-deflate"),     # zlib has no 8-bit window: the first offer is declined
     ([b"permessage-deflate; client_no_context_takeover; client_no_context_takeover"], None),
     ([b"x-other"], None),
     pytest.param([b"permessage-deflate; foo=1"], None),
@@ -6763,3 +6765,14 @@ def test_ops_cli_reload(tmp_path):
         assert cli.proc.wait(TIMEOUT) == 0
         stderr = cli.rest()
         assert ops_last_line(stderr) == "gateway: stopped", stderr   # the child's
+
+
+def test_ws_deflate_with_a_smaller_server_window_round_trips():
+    codec, answer = gateway.PerMessageDeflate.negotiate(
+        [b"permessage-deflate; server_max_window_bits=9; server_no_context_takeover"])
+    assert answer == (b"permessage-deflate; server_max_window_bits=9; "
+                      b"server_no_context_takeover")
+    text = b"abcdefgh" * 2000
+    for _ in range(2):                      # no context kept between messages
+        wire = codec.compress(text)
+        assert zlib.decompressobj(-9).decompress(wire + b"\x00\x00\xff\xff") == text
