@@ -74,5 +74,5 @@ $(AVENV)/.installed: interop/autobahn-requirements.txt
 	$(AVENV)/py27/bin/pip install --quiet --disable-pip-version-check --no-python-version-warning -r interop/autobahn-requirements.txt
 	touch $@
 
-autobahn: $(AVENV)/.installed   ## Autobahn|Testsuite, every case, against gateway (~10 minutes)
+autobahn: $(AVENV)/.installed   ## Autobahn|Testsuite, every case, against gateway (~14 minutes)
 	$(PYTHON) interop/autobahn.py --wstest $(AVENV)/py27/bin/wstest $(if $(AUTOBAHN_CASES),--cases $(AUTOBAHN_CASES))
