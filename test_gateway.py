@@ -6347,6 +6347,24 @@ def test_ops_tls_silent_client_dropped_without_stalling_others(interface, ops_ce
 # =============================================================================
 
 
+def ops_unix_request(path: str) -> tuple[int, bytes]:
+    """One GET over the unix socket at `path`: (status, body)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(path)
+        sock.sendall(OPS_GET)
+        status, _, body = ResponseReader(sock).read_response()
+    return status, body
+
+
+def ops_assert_unix_view(interface: str, path: str, body: bytes) -> None:
+    """What the app saw of a unix-socket peer: no client address, the path."""
+    if interface == "wsgi":
+        assert json.loads(body) == {"remote_addr": "absent", "server_name": path}
+    else:
+        assert json.loads(body) == {"server": [path, None], "client": None}
+
+
 @OPS_UNIX
 def test_ops_unix_socket_in_process(interface, tmp_path):
     path = str(tmp_path / "ops.sock")
@@ -6356,16 +6374,9 @@ def test_ops_unix_socket_in_process(interface, tmp_path):
                                     "server_name": env["SERVER_NAME"]},
                        lambda scope: {"server": scope["server"], "client": scope["client"]})
     with ops_serving(interface, app, listener=listener):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(TIMEOUT)
-            sock.connect(path)
-            sock.sendall(OPS_GET)
-            status, _, body = ResponseReader(sock).read_response()
+        status, body = ops_unix_request(path)
     assert status == 200
-    if interface == "wsgi":
-        assert json.loads(body) == {"remote_addr": "absent", "server_name": path}
-    else:
-        assert json.loads(body) == {"server": [path, None], "client": None}
+    ops_assert_unix_view(interface, path, body)
 
 
 @OPS_UNIX
@@ -6396,16 +6407,9 @@ def test_ops_cli_unix_socket(interface, tmp_path):
     with ops_cli(f"--{interface}", f"ops_apps:scope_{interface}", "--uds", path,
                  "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
         assert cli.serving().group(2) == path
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(TIMEOUT)
-            sock.connect(path)
-            sock.sendall(OPS_GET)
-            status, _, body = ResponseReader(sock).read_response()
+        status, body = ops_unix_request(path)
         assert status == 200
-        if interface == "wsgi":
-            assert json.loads(body) == {"remote_addr": "absent", "server_name": path}
-        else:
-            assert json.loads(body) == {"server": [path, None], "client": None}
+        ops_assert_unix_view(interface, path, body)
         line = cli.wait_line(lambda text: text.startswith("gateway.access: "))
         assert re.fullmatch(r'gateway\.access: - - "GET /ops\?x=1 HTTP/1\.1" 200 \d+ '
                             r'\d+\.\dms\n', line), line
