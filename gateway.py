@@ -1465,8 +1465,8 @@ class WSGIConnection:
         """Runs on: a worker. Too much unsent? Then leave `call` with us (the
         loop resubmits it once the client has read enough) and say so."""
         with self.room:
-            if self.unsent <= HIGH_WATER and not self.closed:
-                return False
+            if self.unsent <= HIGH_WATER or self.closed:
+                return False          # closed: the next put() raises instead
             self.parked = call
         self.server.wake(self)     # the loop may have drained it meanwhile
         return True
