@@ -2340,13 +2340,15 @@ class ASGIServer:
         self.connections: dict[asyncio.Task, ASGIConnection] = {}
         self.forced = False
         self.stop_early = False
+        self.starting = threading.Lock()
 
     async def serve(self) -> None:
         """Start up, accept and serve connections until shutdown(), shut down."""
-        self.loop = asyncio.get_running_loop()
-        self.stopping = asyncio.Event()
-        if self.stop_early:
-            self.stopping.set()      # shutdown() came before serve()
+        with self.starting:          # shutdown() from another thread may race us
+            self.stopping = asyncio.Event()
+            self.loop = asyncio.get_running_loop()
+            if self.stop_early:
+                self.stopping.set()  # shutdown() came before serve()
         # ASGI Lifespan spec: startup completes before any connection is served.
         await self.lifespan.startup()
         tls = {}
@@ -2414,10 +2416,11 @@ class ASGIServer:
 
     def shutdown(self) -> None:
         """Runs on: any thread. Stop gracefully; a second call stops at once."""
-        if self.loop is not None and self.stopping is not None:
-            self.loop.call_soon_threadsafe(self._stop)
-        else:
-            self.stop_early = True
+        with self.starting:
+            if self.loop is None:
+                self.stop_early = True
+                return
+        self.loop.call_soon_threadsafe(self._stop)
 
     def _stop(self) -> None:
         if self.stopping.is_set():

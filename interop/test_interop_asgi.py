@@ -15,7 +15,6 @@ import http.client
 import json
 import random
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -467,33 +466,7 @@ def test_django_asgi_multipart_big(django_asgi_server):
     conn.close()
 
 
-def test_django_asgi_streaming_response(django_asgi_server):
-    conn = connect(django_asgi_server)
-    response, data = fetch(conn, "GET", "/stream")
-    assert response.status == 200
-    assert response.getheader("Content-Type") == "text/plain"
-    assert response.getheader("Transfer-Encoding") == "chunked"
-    assert response.getheader("Content-Length") is None
-    assert data == b"".join(DJANGO_CHUNKS)
-    conn.close()
-
-
-@pytest.mark.parametrize("path", ["/nope", "/missing", "/hello/"])
-def test_django_asgi_404(django_asgi_server, path):
-    conn = connect(django_asgi_server)
-    response, data = fetch(conn, "GET", path)
-    assert response.status == 404
-    assert response.getheader("Content-Type") == "text/html; charset=utf-8"
-    assert b"<h1>Not Found</h1>" in data
-    conn.close()
-
-
-def test_django_asgi_method_not_allowed(django_asgi_server):
-    conn = connect(django_asgi_server)
-    response, data = fetch(conn, "GET", "/body")
-    assert response.status == 405
-    assert response.getheader("Allow") == "POST"
-    conn.close()
+# Streaming, 404 and 405 run on both interfaces in test_interop_wsgi.py.
 
 
 def test_django_asgi_keep_alive(django_asgi_server):

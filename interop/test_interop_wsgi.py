@@ -311,19 +311,26 @@ def test_django_chunked_upload(django_server, size, piece):
     conn.close()
 
 
-def test_django_streaming_response(django_server):
-    conn = connect(django_server)
+# The same Django project behind both interfaces: gateway must answer alike.
+DJANGO_SERVERS = ["django_server", "django_asgi_server"]
+
+
+@pytest.mark.parametrize("django", DJANGO_SERVERS)
+def test_django_streaming_response(request, django):
+    conn = connect(request.getfixturevalue(django))
     response, data = fetch(conn, "GET", "/stream")
     assert response.status == 200
     assert response.getheader("Content-Type") == "text/plain"
     assert response.getheader("Transfer-Encoding") == "chunked"
+    assert response.getheader("Content-Length") is None
     assert data == b"".join(DJANGO_CHUNKS)
     conn.close()
 
 
+@pytest.mark.parametrize("django", DJANGO_SERVERS)
 @pytest.mark.parametrize("path", ["/nope", "/missing", "/hello/"])
-def test_django_404(django_server, path):
-    conn = connect(django_server)
+def test_django_404(request, django, path):
+    conn = connect(request.getfixturevalue(django))
     response, data = fetch(conn, "GET", path)
     assert response.status == 404
     assert response.getheader("Content-Type") == "text/html; charset=utf-8"
@@ -331,8 +338,9 @@ def test_django_404(django_server, path):
     conn.close()
 
 
-def test_django_method_not_allowed(django_server):
-    conn = connect(django_server)
+@pytest.mark.parametrize("django", DJANGO_SERVERS)
+def test_django_method_not_allowed(request, django):
+    conn = connect(request.getfixturevalue(django))
     response, data = fetch(conn, "GET", "/body")
     assert response.status == 405
     assert response.getheader("Allow") == "POST"
