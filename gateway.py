@@ -1089,8 +1089,10 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
 class WSGICall:
     """One PEP 3333 application call, from start_response() to close().
 
-    Runs on: a worker thread. While the client is slow to read, iteration
-    pauses: run() parks the call with the connection and returns, so a slow
+    Runs on: a worker thread. PEP 3333, "Buffering and Streaming": each item
+    is handed on before the next is asked for. While the client is slow to
+    read, iteration pauses: run() parks the call with the connection and
+    returns, so a slow
     client holds no thread; the loop hands the call back to a worker once
     the client has caught up.
     """
