@@ -1092,9 +1092,8 @@ class WSGICall:
     Runs on: a worker thread. PEP 3333, "Buffering and Streaming": each item
     is handed on before the next is asked for. While the client is slow to
     read, iteration pauses: run() parks the call with the connection and
-    returns, so a slow
-    client holds no thread; the loop hands the call back to a worker once
-    the client has caught up.
+    returns, so a slow client holds no thread; the loop hands the call back
+    to a worker once the client has caught up.
     """
 
     def __init__(self, conn: WSGIConnection, request: Request, environ: dict,
