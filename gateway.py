@@ -65,7 +65,6 @@ except ImportError:     # a Python built without OpenSSL: no TLS, all else works
     ssl = None
     WOULD_BLOCK = (BlockingIOError,)
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import unquote, unquote_to_bytes
 import zlib
@@ -714,14 +713,22 @@ def field_line(name: bytes, value: bytes) -> bytes:
         raise ValueError(f"invalid header field: {name!r}: {value!r}")
     return line
 
+
+# RFC 9110 §5.6.7: the names are English whatever the locale, so not strftime().
+DAY_NAMES = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")  # tm_wday 0..6
+MONTH_NAMES = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
+               b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
 _date_cache = [0, b""]
 
 
 def http_date(now: float) -> bytes:
     """RFC 9110 §5.6.7: IMF-fixdate, e.g. b"Sun, 06 Nov 1994 08:49:37 GMT"."""
     second = int(now)
-    if _date_cache[0] != second:   # one formatdate() per second, not per request
-        _date_cache[:] = [second, formatdate(second, usegmt=True).encode("ascii")]
+    if _date_cache[0] != second:   # formatted once a second, not per request
+        t = time.gmtime(second)
+        _date_cache[:] = [second, b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+            DAY_NAMES[t.tm_wday], t.tm_mday, MONTH_NAMES[t.tm_mon - 1], t.tm_year,
+            t.tm_hour, t.tm_min, t.tm_sec)]
     return _date_cache[1]
 
 

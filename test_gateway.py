@@ -725,6 +725,14 @@ def test_http_date_is_imf_fixdate():
     assert http_date(FIXED_NOW) == FIXED_DATE
     assert http_date(FIXED_NOW + 0.999) == FIXED_DATE
     assert http_date(FIXED_NOW + 1) == b"Sun, 06 Nov 1994 08:49:38 GMT"
+
+
+def test_http_date_agrees_with_email_utils():
+    # gateway formats the date itself (English names whatever the locale).
+    import email.utils
+    for day in range(0, 366 * 4, 5):       # every weekday and month, and a leap year
+        now = 946684800 + day * 86400 + day * 3571 % 86400   # from 2000-01-01
+        assert http_date(now) == email.utils.formatdate(now, usegmt=True).encode(), now
     assert http_date(0.0) == b"Thu, 01 Jan 1970 00:00:00 GMT"
 
 
