@@ -3851,7 +3851,7 @@ def test_wsgi_queued_request_is_answered_when_a_worker_frees_up():
                 b.sendall(wsgi_get("/b", close=False))
                 assert blocked["/b"][0].wait(TIMEOUT)
                 c.sendall(wsgi_get("/c", close=False))
-                wait_for(lambda: server.pool.jobs.qsize() == 1)   # queued, not refused
+                wait_for(lambda: len(server.pool.jobs) == 1)   # queued, not refused
                 assert calls == ["/a", "/b"]
                 blocked["/a"][1].set()
                 assert ResponseReader(c).read_response()[::2] == (200, b"/c")
@@ -3877,7 +3877,7 @@ def test_wsgi_client_gone_while_queued_is_never_handed_to_the_app():
                 gone = connect(port)
                 gone_port = gone.getsockname()[1]
                 gone.sendall(wsgi_get("/gone", close=False))
-                wait_for(lambda: server.pool.jobs.qsize() == 1)
+                wait_for(lambda: len(server.pool.jobs) == 1)
                 conn = next(conn for conn in list(server.connections)
                             if conn.client[1] == gone_port)
                 gone.close()
