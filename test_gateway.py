@@ -1463,8 +1463,8 @@ def srv_run_cli(*args: str) -> subprocess.CompletedProcess:
 class SrvCLIProcess:
     """gateway.py in a subprocess; its stderr read line by line by a thread."""
 
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "gateway.py", *args], cwd=SRV_HERE,
+    def __init__(self, *args: str, launch: tuple = ("gateway.py",)) -> None:
+        self.proc = subprocess.Popen([sys.executable, *launch, *args], cwd=SRV_HERE,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue = queue.Queue()
@@ -1534,6 +1534,22 @@ def test_srv_cli_serves_and_stops_on_sigint(interface, spec):
         stderr = cli.rest()
         assert stderr.endswith("gateway: stopped\n")
         assert "Traceback" not in stderr, stderr
+    finally:
+        cli.kill()
+
+
+def test_srv_cli_runs_as_module():
+    # README: "python -m gateway" loads cached bytecode (a lower peak RSS).
+    cli = SrvCLIProcess("--wsgi", "echo_wsgi:application", "--port", "0",
+                        launch=("-m", "gateway"))
+    try:
+        line = cli.next_line()
+        prefix = "gateway: serving WSGI app echo_wsgi:application on http://127.0.0.1:"
+        assert line is not None and line.startswith(prefix), line
+        port = int(line[len(prefix):].split()[0])
+        with connect(port) as sock:
+            sock.sendall(srv_post(b"as a module"))
+            assert ResponseReader(sock).read_response()[::2] == (200, b"as a module")
     finally:
         cli.kill()
 
