@@ -1970,29 +1970,46 @@ def set_nodelay(sock: socket.socket) -> None:
 
 def build_scope(request: Request, server: tuple, client: tuple | None, config: Config,
                 state: dict, scheme: str = "http") -> dict:
-    """The ASGI http scope for one request ("HTTP Connection Scope")."""
-    # Policy: like uvicorn, invalid UTF-8 in the path becomes U+FFFD.
+    """The ASGI http scope for one request ("HTTP Connection Scope").
+
+    A scope lives for one request, not for the connection: each request on a
+    keep-alive connection gets a new one (and a new call of the app).
+    """
+    # "path" is percent-decoded and then UTF-8 decoded; "raw_path" and
+    # "query_string" stay the bytes the client sent. Policy: like uvicorn,
+    # invalid UTF-8 in the path becomes U+FFFD.
     path = unquote(request.path.decode("ascii"))
     return {
         "type":         "http",
         "asgi":         {"version": "3.0", "spec_version": "2.5"},
-        "http_version": request.version,
-        "method":       request.method,
+        "http_version": request.version,              # "1.0" or "1.1"
+        "method":       request.method,               # as sent (RFC 9110 §9.1)
         "scheme":       scheme,
         "path":         config.root_path + path,
         "raw_path":     request.path,
-        "query_string": request.query,
-        "root_path":    config.root_path,
+        "query_string": request.query,                # after "?", still encoded
+        "root_path":    config.root_path,             # WSGI's SCRIPT_NAME
+        # Lower-case names, in the order received, repeated fields kept apart.
         "headers":      [[name, value] for name, value in request.headers],
         "client":       list(client) if client else None,
         "server":       list(server),
         "state":        dict(state),    # ASGI Lifespan spec: a shallow copy
+        # ASGI "Extensions": what send() takes beyond the core messages.
         "extensions":   {"http.response.trailers": {}, "http.response.pathsend": {}},
     }
 
 
 class HTTPCycle:
-    """One request and its response on the ASGI path."""
+    """One request and its response on the ASGI path.
+
+    The response moves through these states as the app calls send():
+
+        start --http.response.start--> body --body, more_body=False--> done
+                                       body --last body, trailers=True--> trailers
+                                   trailers --more_trailers=False------> done
+
+    and "failed" when the server answered with an error of its own instead.
+    """
 
     def __init__(self, conn: ASGIConnection, request: Request) -> None:
         self.conn = conn
@@ -2001,8 +2018,10 @@ class HTTPCycle:
         keep_alive = request.keep_alive and not conn.stopping.is_set()
         self.response = Response(request.method, request.version, keep_alive,
                                  conn.config)
-        self.state = "start"          # response: start -> body -> done
-        self.head = b""               # held back until the first body message
+        self.state = "start"          # see the class docstring
+        # ASGI "Response Start": nothing may be sent before the first body
+        # message, so the head waits here and goes out with it, in one write.
+        self.head = b""
         self.head_written = False
         self.trailers: list | None = None   # http.response.trailers expected
         self.body_done = False        # the app has received the whole body
@@ -2370,7 +2389,12 @@ class ASGIConnection:
         return data
 
     async def write(self, data: bytes) -> None:
-        """Write and wait for the socket to drain (backpressure)."""
+        """Write and wait for the socket to drain (backpressure).
+
+        ASGI "Response Body": the server hands the data to the send buffer
+        before send() returns; waiting while the buffer is full is what keeps
+        a fast app from piling up a slow client's response in memory.
+        """
         transport = self.writer.transport
         if transport.is_closing():
             raise ClientDisconnected("the client has disconnected")
