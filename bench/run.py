@@ -729,28 +729,43 @@ def main():
 
         # 2. pinned to one CPU: the GIL hand-off between threads costs more there
         if shutil.which("taskset") and "hello" in workloads and not quick:
-            pinned_names = [n for n in ("gateway-wsgi", "waitress", "gateway-asgi", REFERENCE)
-                            if n in names]
-            pinned = {}
-            for name in pinned_names:
-                def one():
-                    with Server(name, "hello", pin=0) as srv:
-                        return measured_wrk(srv, args.connections, duration, "GET", 0, tmpdir,
-                                            wrk_pin=1 if (os.cpu_count() or 1) > 1 else None)
-                r = attempt(f"pinned {name}", one)
-                if r:
-                    pinned[name] = r
-                    print(f"  [pinned] {name:26} {r['rps']:>10,.0f} req/s", flush=True)
-            results["extras"]["pinned_hello"] = pinned
-            hello = results["summary"]["hello"]
-            ref = pinned.get(REFERENCE, {}).get("rps")
-            rows = [[n, fmt(hello.get(n, {}).get("rps_median")), fmt(r["rps"]),
-                     ratio(r["rps"], hello.get(n, {}).get("rps_median")), ratio(r["rps"], ref),
-                     fmt(r["cpu_us_per_req"], "{:.0f}")]
-                    for n, r in pinned.items()]
-            tables.append(table("hello, server pinned with `taskset -c 0`, wrk with `taskset -c 1`",
-                                ["server", "req/s free", "req/s pinned", "pinned/free",
-                                 "vs h11 pinned", "CPU µs/req pinned"], rows))
+            # Pinned, the server and wrk no longer share CPUs: the steadiest ratios on a
+            # noisy 2-CPU machine. Same reps, interleaved, as the free runs.
+            pinned_names = [n for n in ("gateway-asgi", "gateway-wsgi", REFERENCE,
+                                        "uvicorn-httptools", "waitress") if n in names]
+            pinned_loads = [w for w in ("hello", "echo-1k") if w in workloads]
+            pinned_runs = {(w, n): [] for w in pinned_loads for n in pinned_names}
+            for rep_no in range(reps):
+                for workload in pinned_loads:
+                    app, method, size, _ = WORKLOADS[workload]
+                    for name in pinned_names:
+                        def one():
+                            with Server(name, app, pin=0) as srv:
+                                return measured_wrk(
+                                    srv, args.connections, duration, method, size, tmpdir,
+                                    wrk_pin=1 if (os.cpu_count() or 1) > 1 else None)
+                        r = attempt(f"pinned {workload} {name}", one)
+                        if r:
+                            pinned_runs[(workload, name)].append(r)
+                            print(f"  [pinned {workload} {rep_no + 1}/{reps}] {name:26} "
+                                  f"{r['rps']:>10,.0f} req/s", flush=True)
+            pinned = {w: {n: summarize(pinned_runs[(w, n)]) for n in pinned_names
+                          if pinned_runs[(w, n)]} for w in pinned_loads}
+            results["extras"]["pinned"] = pinned
+            rows = []
+            for workload in pinned_loads:
+                free = results["summary"].get(workload, {})
+                ref = pinned[workload].get(REFERENCE, {}).get("rps_median")
+                for n, s in pinned[workload].items():
+                    rows.append([workload, n, fmt(free.get(n, {}).get("rps_median")),
+                                 fmt(s["rps_median"]),
+                                 ratio(s["rps_median"], free.get(n, {}).get("rps_median")),
+                                 ratio(s["rps_median"], ref),
+                                 fmt(s["cpu_us_per_req"], "{:.0f}")])
+            tables.append(table("server pinned with `taskset -c 0`, wrk with `taskset -c 1` "
+                                f"(median of {reps})",
+                                ["workload", "server", "req/s free", "req/s pinned",
+                                 "pinned/free", "vs h11 pinned", "CPU µs/req pinned"], rows))
 
         if not quick:
             # 3. one connection: latency
