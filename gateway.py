@@ -730,7 +730,9 @@ SAFE_FIELD_LINE = re.compile(TOKEN + rb": [^\x00\r\n]*")
 def field_line(name: bytes, value: bytes) -> bytes:
     """b"Name: value" for a field from the app; ValueError if it is unsafe."""
     line = name + b": " + value
-    if SAFE_FIELD_LINE.fullmatch(line) is None:
+    # A ":" in the name is checked apart: the pattern alone would take the
+    # name b"X: Y" as the token X and a value "Y: ...".
+    if b":" in name or SAFE_FIELD_LINE.fullmatch(line) is None:
         raise ValueError(f"invalid header field: {name!r}: {value!r}")
     return line
 

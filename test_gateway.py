@@ -870,12 +870,13 @@ def test_a_body_short_of_content_length_closes():
     (b"X", b"a\x00b"),
     (b"X Y", b"v"),
     (b"X:Y", b"v"),
+    (b"X: Y", b"v"),
     (b"", b"v"),
     (b"X\r\nY", b"v"),
     (b"Content-Length", b"five"),
     (b"Content-Length", b"-1"),
 ], ids=["CRLF in value", "CR in value", "LF in value", "NUL in value", "space in name",
-        "colon in name", "empty name", "CRLF in name", "non-numeric Content-Length",
+        "colon in name", "colon-space in name", "empty name", "CRLF in name", "non-numeric Content-Length",
         "negative Content-Length"])
 def test_unsafe_response_headers_raise(name, value):
     with pytest.raises(ValueError):
