@@ -1461,10 +1461,19 @@ def srv_run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
+def children_get_sigint() -> None:
+    """A test run started in the background ignores SIGINT, and a child inherits
+    that (gateway then keeps ignoring it, on purpose, as its workers must).
+    Let the children get the default, as from a terminal."""
+    if os.name == "posix" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class SrvCLIProcess:
     """gateway.py in a subprocess; its stderr read line by line by a thread."""
 
     def __init__(self, *args: str, launch: tuple = ("gateway.py",)) -> None:
+        children_get_sigint()
         self.proc = subprocess.Popen([sys.executable, *launch, *args], cwd=SRV_HERE,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
@@ -5628,6 +5637,7 @@ class OpsCLIProcess:
     def __init__(self, *args: str, cwd, pass_fds=(), env: dict | None = None) -> None:
         environ = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
         environ.pop("WEB_CONCURRENCY", None)
+        children_get_sigint()
         self.proc = subprocess.Popen(
             [sys.executable, OPS_GATEWAY, *args], cwd=str(cwd), env=environ,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
