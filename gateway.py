@@ -1319,11 +1319,20 @@ def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
 # bytes back with put()/finish() and wake the loop through a socketpair (the
 # self-pipe trick). Both directions are bounded: the loop stops reading a body
 # the app has not consumed, and a worker waits while its output is unsent.
+# Every hand-off between threads costs system calls and a pass of the GIL, so
+# the pool wakes as few workers as it can (WorkerPool).
 # =============================================================================
 
 
 class WSGIConnection:
-    """One client socket. Runs on: the loop thread, unless a method says so."""
+    """One client socket. Runs on: the loop thread, unless a method says so.
+
+    One request's way through the two threads, in order:
+
+        loop     on_readable -> process -> start_request -> submit (to the pool)
+        worker   WSGICall.run: the app, then put() / finish() -> server.wake()
+        loop     server.on_wake -> on_wake -> queue_output -> flush -> end_response
+    """
 
     def __init__(self, server: WSGIServer, sock: socket.socket, client: tuple) -> None:
         self.server = server
