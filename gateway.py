@@ -1087,7 +1087,13 @@ class WSGIResponse:
         return self.write
 
     def _head(self) -> bytes:
-        """The response head, the first time body bytes are ready for it."""
+        """The response head, the first time body bytes are ready for it.
+
+        PEP 3333, "The start_response() Callable": start_response() only
+        stores the status and headers; they go out with the first non-empty
+        body bytes (or when the app is done), so an app can still replace
+        them with an error page until then.
+        """
         if self.status is None:
             raise AssertionError("the app sent a body before calling start_response()")
         body = self.conn.body
