@@ -1144,15 +1144,16 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
         name, value = item
         if type(name) is not str or type(value) is not str:
             raise TypeError(f"WSGI header name and value must be str: {item!r}")
-        if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name) or any(
-                c in value for c in "\r\n\0"):
-            # RFC 9112 §11.1: a CR or LF from the app would split the response.
-            raise ValueError(f"invalid WSGI response header: {item!r}")
+        # PEP 3333: "servers should check for errors in the headers at the time
+        # start_response is called", so field_line() (§4, RFC 9112 §11.1) runs
+        # here, while the app can still catch the error, as well as in head().
+        pair = name.encode("latin-1"), value.encode("latin-1")
+        field_line(*pair)
         if name.lower() in ("connection", "keep-alive", "transfer-encoding", "upgrade",
                             "te", "trailer", "proxy-authenticate", "proxy-authorization"):
             # PEP 3333, "Other HTTP Features": hop-by-hop headers are the server's.
             raise ValueError(f"hop-by-hop header not allowed in a WSGI app: {name!r}")
-        encoded.append((name.encode("latin-1"), value.encode("latin-1")))
+        encoded.append(pair)
     return encoded
 
 

@@ -1985,6 +1985,28 @@ def test_limits_wsgi_bad_status_or_hop_by_hop_header_is_500(status, headers):
         assert b"Injected" not in data
 
 
+@pytest.mark.parametrize("name,value", [("X", "a\r\nInjected: 1"), ("X: Y", "v"), ("X Y", "v")],
+                         ids=["CRLF in value", "colon-space in name", "space in name"])
+def test_limits_wsgi_bad_header_raises_in_start_response(name, value):
+    # PEP 3333: headers are checked when start_response() is called, so the app
+    # can still catch the error and answer otherwise.
+    caught: list = []
+
+    def app(environ, start_response):
+        try:
+            start_response("200 OK", [(name, value)])
+        except ValueError as error:
+            caught.append(error)
+            start_response("400 Bad Request", [("Content-Length", "9")])
+            return [b"recovered"]
+        return [b"not reached"]
+
+    with limits_server("wsgi", app) as port:
+        data = limits_exchange(port, b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n") and data.endswith(b"recovered")
+    assert len(caught) == 1 and b"Injected" not in data
+
+
 @pytest.mark.parametrize("headers", [
     [(b"X", b"a\r\nInjected: 1")],
     [(b"X", b"a\nInjected: 1")],
