@@ -1667,6 +1667,8 @@ class WSGIConnection:
 
     def watch(self) -> None:
         """Tell the selector what this connection is waiting for now."""
+        if self.closed:
+            return          # e.g. a 408 that could not be written closed it
         if self.state == "handshake":
             self._set_events(self.wants)
             return
@@ -1711,12 +1713,16 @@ class WSGIConnection:
             self.close()
 
     def close(self) -> None:
+        """Close the socket now; a worker still busy with it learns from put()."""
         if self.closed:
             return
         self.closed = True
         if self.events:
-            self.server.selector.unregister(self.sock)
             self.events = 0
+            try:
+                self.server.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass         # never registered, or the selector lost it
         self.sock.close()
         self.server.connections.discard(self)
         with self.room:
@@ -1901,7 +1907,7 @@ class WSGIServer:
             elif key.data == "wake":
                 self.on_wake()
             else:
-                key.data.on_event(mask)
+                self.guarded(key.data, key.data.on_event, mask)
         now = time.monotonic()
         if now - self.last_check >= self.tick:
             self.check_timeouts(now)
@@ -1969,12 +1975,25 @@ class WSGIServer:
         while self.woken:
             conn = self.woken.popleft()
             if not conn.closed:
-                conn.on_wake()
+                self.guarded(conn, conn.on_wake)
 
     def check_timeouts(self, now: float) -> None:
         for conn in list(self.connections):
             if not conn.closed:
-                conn.check_timeouts(now)
+                self.guarded(conn, conn.check_timeouts, now)
+
+    def guarded(self, conn: WSGIConnection, handler, *args) -> None:
+        """Run one connection's handler. Nothing that happens on one connection
+        may end the loop: an error of ours is logged and closes only it."""
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("internal error on a connection from %s; closing it",
+                          conn.client[0] if conn.client else "a unix socket")
+            try:
+                conn.close()
+            except Exception:
+                self.connections.discard(conn)    # at least forget it
 
     def shutdown(self) -> None:
         """Runs on: any thread. Stop gracefully; a second call stops at once."""

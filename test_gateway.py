@@ -11,6 +11,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -3944,6 +3946,84 @@ def test_wsgi_client_gone_while_queued_is_never_handed_to_the_app():
     finally:
         for _, release in blocked.values():
             release.set()
+
+
+# -- WSGI under faults: nothing one client or app does ends or stalls the loop --
+
+
+def wsgi_hello(environ, start_response):
+    start_response("200 OK", WSGI_TEXT + [("Content-Length", "5")])
+    return [b"hello"]
+
+
+WSGI_HELLO_CLOSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+                    b"Server: gateway\r\nConnection: close\r\n\r\nhello")
+
+
+@contextlib.contextmanager
+def wsgi_sends_fail_to(monkeypatch, client_port_of):
+    """Make the server's send() to one client fail as if that client had just
+    reset: `client_port_of()` names the client's port once it is known."""
+    real_send = socket.socket.send
+
+    def send(sock, data, *flags):
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = None
+        if isinstance(peer, tuple) and peer[1] == client_port_of():
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        return real_send(sock, data, *flags)
+
+    monkeypatch.setattr(socket.socket, "send", send)
+    yield
+
+
+@pytest.mark.parametrize("sent, timeout", [
+    (b"GET / HTTP/1.1\r\nHost: te", "timeout_request_head"),            # 408 for the head
+    (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhe",
+     "timeout_read"),                                                    # 408 for the body
+], ids=["head", "chunked-body"])
+def test_wsgi_a_408_that_cannot_be_written_closes_only_that_connection(
+        monkeypatch, sent, timeout):
+    # RFC 9110 §15.5.9: the 408 goes to a client that has just reset, so the
+    # write fails; the loop must close that connection and serve the rest.
+    bad = {}
+    with wsgi_sends_fail_to(monkeypatch, lambda: bad.get("port")), \
+            wsgi_serve(wsgi_hello, **{timeout: 0.2}) as (port, server):
+        with connect(port) as sock:
+            bad["port"] = sock.getsockname()[1]
+            sock.sendall(sent)
+            assert sock.recv(100) == b""      # closed, no 408: it could not be sent
+        wait_for(lambda: not server.connections)
+        assert exchange(port, wsgi_get()) == WSGI_HELLO_CLOSE
+
+
+def test_wsgi_an_error_of_ours_on_one_connection_closes_only_it(monkeypatch, caplog):
+    real = gateway.WSGIConnection.on_readable
+    bad = {}
+
+    def on_readable(conn):
+        if conn.client and conn.client[1] == bad.get("port"):
+            raise RuntimeError("a bug in the loop")
+        return real(conn)
+
+    monkeypatch.setattr(gateway.WSGIConnection, "on_readable", on_readable)
+    with wsgi_serve(wsgi_hello) as (port, server), connect(port) as good:
+        good.sendall(wsgi_get(close=False))
+        assert ResponseReader(good).read_response()[::2] == (200, b"hello")
+        with connect(port) as sock:
+            bad["port"] = sock.getsockname()[1]
+            sock.sendall(wsgi_get())
+            try:
+                assert sock.recv(100) == b""
+            except ConnectionResetError:
+                pass              # closed with the request unread: a reset
+        good.sendall(wsgi_get(close=False))    # the same keep-alive connection
+        assert ResponseReader(good).read_response()[::2] == (200, b"hello")
+        assert exchange(port, wsgi_get()) == WSGI_HELLO_CLOSE
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "a bug in the loop" in errors[0].exc_text
 
 
 # =============================================================================
