@@ -1195,7 +1195,10 @@ class WSGICall:
                 if conn.park_if_full(self):
                     return            # resumed by the loop when the client catches up
             self.end(response.final_bytes(), response.response.keep_alive)
-        except Exception as error:
+        except BaseException as error:
+            # PEP 3333, "Error Handling". BaseException too: sys.exit() or a
+            # KeyboardInterrupt raised by an app ends that request, not a
+            # worker thread (the pool would shrink, and the client would wait).
             self.end(wsgi_failure(conn, response, self.environ, error), False)
 
     def first_result(self) -> bytes | None:
@@ -1224,7 +1227,7 @@ class WSGICall:
         try:
             if hasattr(self.result, "close"):  # PEP 3333: always, even after errors
                 self.result.close()
-        except Exception:      # the response itself is whole: send it, then close
+        except BaseException:  # the response itself is whole: send it, then close
             log.exception("error in the close() of a WSGI result")
             keep_alive = False
         conn, response = self.conn, self.response
@@ -1303,7 +1306,7 @@ def send_file(wrapper: FileWrapper, response: WSGIResponse) -> bytes:
 
 
 def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
-                 error: Exception) -> bytes:
+                 error: BaseException) -> bytes:
     """PEP 3333, "Error Handling": a 500 if nothing was sent, else cut it short."""
     if conn.error is not None:     # the body was malformed: that is the answer
         return b"" if response.head_sent else error_response(
@@ -1846,7 +1849,7 @@ class WorkerPool:
                 continue
             try:
                 job()
-            except Exception:     # WSGICall.run catches the app's; this is ours
+            except BaseException:   # WSGICall.run catches the app's; this is ours
                 log.exception("internal error in a worker thread")
 
     def stop(self) -> None:

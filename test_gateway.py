@@ -4026,6 +4026,42 @@ def test_wsgi_an_error_of_ours_on_one_connection_closes_only_it(monkeypatch, cap
     assert len(errors) == 1 and "a bug in the loop" in errors[0].exc_text
 
 
+WSGI_APP_EXITS = [SystemExit(1), KeyboardInterrupt(), GeneratorExit()]
+
+
+@pytest.mark.parametrize("exit_", WSGI_APP_EXITS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("where", ["before-start", "mid-body"])
+def test_wsgi_an_app_raising_a_base_exception_gets_a_500_and_the_pool_keeps_its_size(
+        exit_, where, caplog):
+    # PEP 3333, "Error Handling": the server answers for an app that fails.
+    # sys.exit() or Ctrl+C in an app are failures of that request, not of the
+    # server: every worker thread must live on to serve the next ones.
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/ok":
+            return wsgi_hello(environ, start_response)
+        if where == "before-start":
+            raise exit_
+        start_response("200 OK", WSGI_TEXT)
+
+        def body():
+            yield b"first"
+            raise exit_
+        return body()
+
+    with wsgi_serve(app, threads=2) as (port, server):
+        for _ in range(3):             # more failures than threads
+            raw = exchange(port, wsgi_get("/fail"))
+            if where == "before-start":
+                assert raw.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+            else:                      # the head is out: cut short, no last chunk
+                assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
+                assert raw.endswith(b"5\r\nfirst\r\n")
+        assert exchange(port, wsgi_get("/ok")) == WSGI_HELLO_CLOSE
+        assert all(thread.is_alive() for thread in server.pool.threads)
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 3 and all(r.exc_info[0] is type(exit_) for r in failures)
+
+
 # =============================================================================
 # ASGI, complete (issue "ASGI, complete", item 5)
 #
