@@ -101,6 +101,9 @@ HIGH_WATER = 256 * 1024          # bytes buffered for one side before we pause i
 LOW_WATER = 64 * 1024            # ... and the level at which we resume it
 BACKLOG = 2048                   # pending connections the kernel may queue
 SPOOL_BYTES = 1024 * 1024        # a chunked WSGI body past this goes to a temp file
+MAX_SPOOL_BYTES = 1024 ** 3      # bytes, a chunked WSGI body on disk -> 413
+# The errors of a full disk or file table: a spool that fails so -> 503.
+STORAGE_FULL = {errno.ENOSPC, errno.EMFILE, errno.ENFILE, getattr(errno, "EDQUOT", 0)}
 SENDFILE_BYTES = 1024 * 1024     # most bytes one os.sendfile() call may send
 # Eight threads: enough that a few slow app calls (a database, an upstream API)
 # do not hold up the rest, few enough that GIL hand-offs stay cheap (issue 7).
@@ -142,6 +145,7 @@ class Config:
     limit_request_head: int = MAX_HEAD_BYTES
     limit_request_fields: int = MAX_FIELD_LINES
     limit_request_body: int | None = None     # bytes -> 413; None: no limit
+    limit_spool: int = MAX_SPOOL_BYTES        # bytes of a chunked WSGI body -> 413
     limit_concurrency: int | None = None      # connections -> 503; None: no limit
     timeout_keep_alive: float = KEEP_ALIVE_SECONDS
     timeout_request_head: float = HEAD_SECONDS
@@ -967,15 +971,20 @@ class WSGIInput:
 
     The loop thread feed()s bytes in; the app's worker thread reads them out,
     waiting when none are there yet. read() returns b"" at the end of the
-    body and never reads into the next request.
+    body and never reads into the next request. Everything here is shared by
+    the two threads and guarded by `ready`, except send_continue (the
+    worker's alone).
     """
 
-    def __init__(self, conn: WSGIConnection, parts: list[bytes], expect_continue: bool):
+    def __init__(self, conn: WSGIConnection, parts: list[bytes], expect_continue: bool,
+                 unread: int | None) -> None:
         self.conn = conn
         self.ready = threading.Condition()
         self.buffer = bytearray(b"".join(parts))
         self.complete = False
         self.error: Exception | None = None
+        self.refusal: HTTPError | None = None   # the client broke HTTP mid-body
+        self.unread = unread       # bytes the loop has not received yet
         self.paused = False        # the loop stopped reading: we are full
         self.waiting = False       # the app waits in read() for more than we hold
         # RFC 9110 §10.1.1: the client waits for "100 Continue" before it sends
@@ -984,17 +993,31 @@ class WSGIInput:
         self.send_continue = expect_continue and not parts
 
     # Runs on: the loop thread.
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes, unread: int | None) -> None:
         with self.ready:
             self.buffer += data
+            self.unread = unread
             self.paused = len(self.buffer) > HIGH_WATER and not self.waiting
             self.ready.notify()
 
-    def finish(self, error: Exception | None = None) -> None:
+    def finish(self, error: Exception | None = None,
+               refusal: HTTPError | None = None) -> None:
         with self.ready:
             self.complete = True
             self.error = error
+            self.refusal = refusal
             self.ready.notify()
+
+    # Runs on: a worker thread.
+    def drainable(self) -> bool:
+        """Could the loop skip what the app leaves unread? (§4 can_drain)"""
+        with self.ready:
+            return self.complete or can_drain(self.unread)
+
+    def refused(self) -> HTTPError | None:
+        """The client's framing error that ended this body early, if any."""
+        with self.ready:
+            return self.refusal
 
     # Runs on: a worker thread.
     def _wait(self, enough) -> None:
@@ -1060,8 +1083,10 @@ class WSGIInput:
 class WSGIResponse:
     """start_response() and write() for one request. Runs on: a worker thread."""
 
-    def __init__(self, conn: WSGIConnection, request: Request) -> None:
+    def __init__(self, conn: WSGIConnection, request: Request,
+                 body: WSGIInput | None) -> None:
         self.conn = conn
+        self.body = body         # None: the body was whole before the app ran
         # While the server shuts down, each response says "Connection: close".
         keep_alive = request.keep_alive and not conn.server.stopping
         self.response = Response(request.method, request.version, keep_alive,
@@ -1096,14 +1121,16 @@ class WSGIResponse:
         """
         if self.status is None:
             raise AssertionError("the app sent a body before calling start_response()")
-        body = self.conn.body
+        body = self.body
         if body is not None and body.send_continue:
             # RFC 9110 §10.1.1: we answer before asking for the body, so the
             # client will not send it; say that we close instead of reading.
             body.send_continue = False
             self.response.keep_alive = False
-        if not self.conn.body_complete and not can_drain(self.conn.parser.unread_body()):
+        if body is not None and not body.drainable():
             self.response.keep_alive = False
+        # A flag the loop sets once, read without a lock: if this read is
+        # stale, the head says keep-alive and the loop closes all the same.
         if self.conn.server.stopping:
             self.response.keep_alive = False    # draining: this is the last one
         code, _, reason = self.status.partition(" ")
@@ -1168,13 +1195,14 @@ class WSGICall:
     """
 
     def __init__(self, conn: WSGIConnection, request: Request, environ: dict,
-                 started: float, client: tuple | None = None) -> None:
+                 started: float, client: tuple | None = None,
+                 body: WSGIInput | None = None) -> None:
         self.conn = conn
         self.client = client             # as the app sees it (proxies considered)
         self.request = request
         self.environ = environ
         self.started = started
-        self.response = WSGIResponse(conn, request)
+        self.response = WSGIResponse(conn, request, body)
         self.result = None
         self.iterator = None
 
@@ -1182,7 +1210,10 @@ class WSGICall:
         conn, response = self.conn, self.response
         try:
             if self.iterator is None:
-                if conn.closed or conn.peer_eof:   # the client left while queued
+                # The client reset while this call was queued: skip the app.
+                # (An unlocked read: if it is stale, put() raises instead.) A
+                # FIN alone is no reason: a half-closed client still reads.
+                if conn.closed:
                     raise ClientDisconnected("client went away")
                 self.result = conn.server.app(self.environ, response.start_response)
                 final = self.first_result()
@@ -1231,8 +1262,9 @@ class WSGICall:
             log.exception("error in the close() of a WSGI result")
             keep_alive = False
         conn, response = self.conn, self.response
+        refusal = response.body.refused() if response.body is not None else None
         status = response.response.status if response.head_sent else (
-            conn.error.status if conn.error else 500)
+            refusal.status if refusal else 500)
         log_access(conn.server.config, self.client, self.request, status,
                    response.response.sent, self.started)
         conn.finish(final, keep_alive)     # last: the loop may then end the server
@@ -1308,9 +1340,10 @@ def send_file(wrapper: FileWrapper, response: WSGIResponse) -> bytes:
 def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
                  error: BaseException) -> bytes:
     """PEP 3333, "Error Handling": a 500 if nothing was sent, else cut it short."""
-    if conn.error is not None:     # the body was malformed: that is the answer
+    refusal = response.body.refused() if response.body is not None else None
+    if refusal is not None:        # the body was malformed: that is the answer
         return b"" if response.head_sent else error_response(
-            conn.error.status, conn.error.reason, time.time(), conn.server.config)
+            refusal.status, refusal.reason, time.time(), conn.server.config)
     if isinstance(error, ClientDisconnected):
         return b""                 # nobody is left to answer
     log.exception("error in WSGI app for %s %s", environ["REQUEST_METHOD"],
@@ -1467,9 +1500,9 @@ class WSGIConnection:
                     if self.body is not None:
                         self.body.finish()
                 elif self.body is not None:
-                    self.body.feed(event)
+                    self.body.feed(event, self.parser.unread_body())
                 elif self.spool is not None:
-                    self.spool.write(event)
+                    self.write_spool(event)
                 else:
                     self.body_parts.append(event)
         except HTTPError as error:
@@ -1487,10 +1520,28 @@ class WSGIConnection:
             # Many frameworks (Django among them) read exactly CONTENT_LENGTH
             # bytes and see no body without it. So, as waitress does, a chunked
             # body is collected first (in memory, then on disk) and the app gets
-            # its length. Its size is bounded by --limit-request-body.
+            # its length. Its size is bounded by --limit-spool (write_spool).
             self.spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
             if request.expect_continue:     # RFC 9110 §10.1.1: we will read it
                 self.queue_own(CONTINUE)
+
+    def write_spool(self, data: bytes) -> None:
+        """Add de-chunked body bytes to the spool; what cannot be kept is refused."""
+        if self.spool.tell() + len(data) > self.server.config.limit_spool:
+            # Limit: one client must not fill the temporary directory.
+            raise HTTPError(413, "chunked request body too large")  # RFC 9110 §15.5.14
+        try:
+            self.spool.write(data)
+        except OSError as error:
+            # The disk is full, or the file too large for it, or we are out of
+            # file descriptors: that request fails, the server goes on.
+            log.warning("cannot store a chunked request body: %s", error)
+            if error.errno == errno.EFBIG:
+                raise HTTPError(413, "request body too large to store") from None
+            if error.errno in STORAGE_FULL:
+                # RFC 9110 §15.6.4: 503, a condition that is likely temporary.
+                raise HTTPError(503, "no room to store the request body") from None
+            raise HTTPError(500, "cannot store the request body") from None
 
     def on_bad_request(self, error: HTTPError) -> None:
         """Answer a request the parser refused, then close (RFC 9112 §9.6)."""
@@ -1500,12 +1551,13 @@ class WSGIConnection:
                                          self.server.config))
         else:                      # the app is reading the body: stop it there
             self.error = error
-            self.fail_body(ClientDisconnected("malformed request body"))
+            self.fail_body(ClientDisconnected("malformed request body"), error)
 
-    def fail_body(self, error: Exception) -> None:
+    def fail_body(self, error: Exception, refusal: HTTPError | None = None) -> None:
         """The body will never be complete: wake the app's read() with `error`."""
         self.body_complete = True
-        self.body.finish(error)
+        if self.body is not None:
+            self.body.finish(error, refusal)
 
     def submit(self) -> None:
         """Hand the request to a worker thread, with what we have of its body."""
@@ -1519,7 +1571,8 @@ class WSGIConnection:
         elif self.body_complete:
             body = io.BytesIO(b"".join(self.body_parts))   # no waiting needed
         else:
-            self.body = body = WSGIInput(self, self.body_parts, request.expect_continue)
+            self.body = body = WSGIInput(self, self.body_parts, request.expect_continue,
+                                         self.parser.unread_body())
         self.body_parts = []
         config = self.server.config
         client, scheme, host = behind_proxy(request, self.client, self.scheme, config)
@@ -1530,7 +1583,8 @@ class WSGIConnection:
             environ["CONTENT_LENGTH"] = str(length)
         if self.trace:
             self.trace.mapping("environ", environ)
-        self.server.pool.submit(WSGICall(self, request, environ, self.started, client).run)
+        call = WSGICall(self, request, environ, self.started, client, self.body)
+        self.server.pool.submit(call.run)
 
     # -- writing ---------------------------------------------------------------
 
@@ -1586,10 +1640,12 @@ class WSGIConnection:
             if self.worker_done:
                 self.worker_done = False
                 self.done = True
+            # It parked after the loop had caught up: resume it.
+            resume = self.parked is not None and self.unsent <= LOW_WATER
         for item in outbox:
             self.queue_output(item)
-        if self.parked is not None and self.unsent <= LOW_WATER:
-            self.resume_parked()      # it parked after the loop had caught up
+        if resume:
+            self.resume_parked()
         if self.state == "busy" and not self.body_complete:
             self.process()           # the app made room for more body
         self.flush()
@@ -1645,7 +1701,8 @@ class WSGIConnection:
                 resume = self.unsent <= LOW_WATER
                 if resume:
                     self.room.notify()    # a worker may be waiting in put()
-            if resume and self.parked is not None:
+                resume = resume and self.parked is not None
+            if resume:
                 self.resume_parked()
             if len(item):
                 return                    # the socket is full: wait for EVENT_WRITE
@@ -1655,9 +1712,12 @@ class WSGIConnection:
 
     def end_response(self) -> None:
         """RFC 9112 §9.3: keep the connection for the next request, or close."""
-        keep = (self.keep_alive and self.error is None and not self.peer_eof
-                and not self.server.stopping)
+        # After the client's FIN, only requests it sent before it remain.
+        more = not self.peer_eof or bool(self.parser.buffer)
+        keep = self.keep_alive and self.error is None and more and not self.server.stopping
         draining = not self.body_complete
+        if self.spool is not None:
+            self.spool.close()       # the app is done with it: free the disk now
         self._reset()
         self.since = self.last_read = time.monotonic()
         if not keep:
@@ -1665,6 +1725,8 @@ class WSGIConnection:
             return
         self.state = "draining" if draining else "idle"
         self.process()     # a pipelined request may be waiting (RFC 9112 §9.3.2)
+        if self.peer_eof and self.state in ("idle", "draining"):
+            self.close()   # what is left can never become a request
 
     # -- the selector and closing ---------------------------------------------
 
@@ -1727,6 +1789,8 @@ class WSGIConnection:
             except (KeyError, ValueError):
                 pass         # never registered, or the selector lost it
         self.sock.close()
+        if self.spool is not None and not self.submitted:
+            self.spool.close()       # an upload cut short: the app never got it
         self.server.connections.discard(self)
         with self.room:
             self.room.notify_all()   # a worker waiting in put() must see this
@@ -2597,7 +2661,10 @@ class ASGIServer:
             if self.loop is None:
                 self.stop_early = True
                 return
-        self.loop.call_soon_threadsafe(self._stop)
+        try:
+            self.loop.call_soon_threadsafe(self._stop)
+        except RuntimeError:
+            pass            # the loop has already ended: nothing is left to stop
 
     def _stop(self) -> None:
         if self.stopping.is_set():
@@ -3598,6 +3665,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         metavar="N", help="header fields, 431 (default: %(default)s)")
     limits.add_argument("--limit-request-body", type=int, default=None, metavar="BYTES",
                         help="request body, 413 (default: no limit)")
+    limits.add_argument("--limit-spool", type=int, default=MAX_SPOOL_BYTES, metavar="BYTES",
+                        help="a chunked body the WSGI path stores before calling the "
+                        "app, 413 (default: %(default)s)")
     limits.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
                         help="open connections, 503 (default: no limit)")
     timeouts = parser.add_argument_group("timeouts, in seconds")

@@ -27,6 +27,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -3914,7 +3915,7 @@ def test_wsgi_queued_request_is_answered_when_a_worker_frees_up():
             release.set()
 
 
-def test_wsgi_client_gone_while_queued_is_never_handed_to_the_app():
+def test_wsgi_client_reset_while_queued_is_never_handed_to_the_app():
     blocked = {path: (threading.Event(), threading.Event()) for path in ("/a", "/b")}
     calls: list = []
     try:
@@ -3930,8 +3931,10 @@ def test_wsgi_client_gone_while_queued_is_never_handed_to_the_app():
                 wait_for(lambda: len(server.pool.jobs) == 1)
                 conn = next(conn for conn in list(server.connections)
                             if conn.client[1] == gone_port)
+                # A reset: a FIN alone would be a half-close, still answered.
+                gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 gone.close()
-                wait_for(lambda: conn.peer_eof or conn.closed)   # the loop saw it
+                wait_for(lambda: conn.closed)   # the loop saw it
                 blocked["/a"][1].set()
                 assert ResponseReader(a).read_response()[::2] == (200, b"/a")
                 # one worker is free; "/gone" was queued first, so by the time
@@ -4060,6 +4063,117 @@ def test_wsgi_an_app_raising_a_base_exception_gets_a_500_and_the_pool_keeps_its_
         assert all(thread.is_alive() for thread in server.pool.threads)
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(failures) == 3 and all(r.exc_info[0] is type(exit_) for r in failures)
+
+
+def test_wsgi_a_half_closed_client_still_gets_its_response():
+    # RFC 9112 §9.6: a client that has finished sending (shutdown(SHUT_WR), as
+    # netcat does) still reads its response. Here the FIN arrives while the
+    # request waits for the only worker, the case that lost the response.
+    blocked = {"/a": (threading.Event(), threading.Event())}
+    calls: list = []
+    try:
+        with wsgi_serve(wsgi_blocking_app(blocked, calls), threads=1) as (port, server):
+            with connect(port) as a, connect(port) as b:
+                a.sendall(wsgi_get("/a"))
+                assert blocked["/a"][0].wait(TIMEOUT)
+                b_port = b.getsockname()[1]
+                b.sendall(wsgi_get("/b", close=False))
+                b.shutdown(socket.SHUT_WR)
+                wait_for(lambda: any(conn.peer_eof for conn in list(server.connections)
+                                     if conn.client and conn.client[1] == b_port))
+                blocked["/a"][1].set()
+                assert ResponseReader(a).read_response()[::2] == (200, b"/a")
+                # It asked for keep-alive; the close comes after the response.
+                assert read_until_closed(b) == (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+                    b"Server: gateway\r\n\r\n/b")
+                assert calls == ["/a", "/b"]
+    finally:
+        blocked["/a"][1].set()
+
+
+def test_srv_half_close_after_pipelined_requests_answers_them_all(echo_server):
+    # RFC 9112 §9.3.2: every request sent before the client's FIN is answered.
+    for _ in range(10):       # the FIN may be read with, before or after them
+        with connect(echo_server) as sock:
+            sock.sendall(srv_post(b"one") + srv_post(b"two"))
+            sock.shutdown(socket.SHUT_WR)
+            reader = ResponseReader(sock)
+            assert reader.read_response()[::2] == (200, b"one")
+            assert reader.read_response()[::2] == (200, b"two")
+            srv_assert_eof(sock)
+
+
+def wsgi_chunked_upload(port: int, size: int, piece: int = 64 * 1024) -> bytes:
+    """POST `size` bytes in chunks from a thread; the whole response."""
+    head = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with connect(port) as sock:
+        def upload():
+            with contextlib.suppress(OSError):     # the server may stop reading
+                sock.sendall(head)
+                for _ in range(size // piece):
+                    sock.sendall(gateway.encode_chunk(b"x" * piece))
+                sock.sendall(b"0\r\n\r\n")
+        sender = threading.Thread(target=upload, daemon=True)
+        sender.start()
+        try:
+            return read_until_closed(sock)
+        except ConnectionResetError:
+            return b""
+        finally:
+            sender.join(TIMEOUT)
+
+
+def test_wsgi_a_chunked_body_over_the_spool_limit_is_413():
+    # Limit: a chunked body is stored before the app runs; --limit-spool keeps
+    # one client from filling the temporary directory (RFC 9110 §15.5.14).
+    with wsgi_serve(echo_wsgi.application, limit_spool=2 * 1024 * 1024) as (port, server):
+        raw = wsgi_chunked_upload(port, 3 * 1024 * 1024)
+        assert raw.startswith(b"HTTP/1.1 413 "), raw[:100]
+        assert b"Connection: close\r\n" in raw
+        status, _, body = request(port, srv_post(b"after"), "POST")
+        assert (status, body) == (200, b"after")
+
+
+@pytest.mark.parametrize("code, status", [(errno.ENOSPC, 503), (errno.EMFILE, 503),
+                                          (errno.EIO, 500)])
+def test_wsgi_a_spool_that_cannot_be_written_fails_only_that_request(
+        monkeypatch, caplog, code, status):
+    # A full disk (or file table) while a chunked body is stored: that request
+    # gets its answer, the server keeps serving.
+    class FailingSpool(tempfile.SpooledTemporaryFile):
+        def write(self, data):
+            if self.tell() + len(data) > gateway.SPOOL_BYTES:    # once on disk
+                raise OSError(code, os.strerror(code))
+            return super().write(data)
+
+    monkeypatch.setattr(gateway.tempfile, "SpooledTemporaryFile", FailingSpool)
+    with wsgi_serve(echo_wsgi.application) as (port, server):
+        raw = wsgi_chunked_upload(port, 2 * 1024 * 1024)
+        assert raw.startswith(b"HTTP/1.1 %d " % status), raw[:100]
+        status_after, _, body = request(port, srv_post(b"after"), "POST")
+        assert (status_after, body) == (200, b"after")
+    assert [r.levelname for r in caplog.records if r.name == "gateway"] == ["WARNING"]
+
+
+@pytest.mark.skipif(os.name != "posix",
+                    reason="RLIMIT_FSIZE is POSIX")
+def test_wsgi_cli_a_spool_past_the_file_size_limit_is_413(tmp_path):
+    # The operating system's own refusal: RLIMIT_FSIZE makes the spool's write
+    # fail with EFBIG (Python ignores SIGXFSZ), as a full quota would.
+    import resource
+    limit = 2 * 1024 * 1024
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    with ops_cli("--wsgi", "echo_wsgi:application", "--port", "0", "--no-access-log",
+                 cwd=SRV_HERE, preexec_fn=small_files) as cli:
+        port = cli.port()
+        raw = wsgi_chunked_upload(port, 3 * 1024 * 1024)
+        assert raw.startswith(b"HTTP/1.1 413 "), raw[:100]
+        assert request(port, srv_post(b"after"), "POST")[::2] == (200, b"after")
+        assert cli.proc.poll() is None
 
 
 # =============================================================================
@@ -5772,14 +5886,16 @@ def ops_write_apps(folder) -> None:
 class OpsCLIProcess:
     """gateway.py in a subprocess of its own session; stderr read line by line."""
 
-    def __init__(self, *args: str, cwd, pass_fds=(), env: dict | None = None) -> None:
+    def __init__(self, *args: str, cwd, pass_fds=(), env: dict | None = None,
+                 preexec_fn=None) -> None:
         environ = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
         environ.pop("WEB_CONCURRENCY", None)
         children_get_sigint()
         self.proc = subprocess.Popen(
             [sys.executable, OPS_GATEWAY, *args], cwd=str(cwd), env=environ,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, pass_fds=tuple(pass_fds), start_new_session=True)
+            text=True, pass_fds=tuple(pass_fds), start_new_session=True,
+            preexec_fn=preexec_fn)
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -5838,8 +5954,8 @@ def ops_last_line(stderr: str) -> str:
 
 
 @contextlib.contextmanager
-def ops_cli(*args: str, cwd, pass_fds=(), env: dict | None = None):
-    cli = OpsCLIProcess(*args, cwd=cwd, pass_fds=pass_fds, env=env)
+def ops_cli(*args: str, cwd, pass_fds=(), env: dict | None = None, preexec_fn=None):
+    cli = OpsCLIProcess(*args, cwd=cwd, pass_fds=pass_fds, env=env, preexec_fn=preexec_fn)
     try:
         yield cli
     finally:
