@@ -1375,6 +1375,16 @@ class WSGIConnection:
         loop     on_readable -> process -> start_request -> submit (to the pool)
         worker   WSGICall.run: the app, then put() / finish() -> server.wake()
         loop     server.on_wake -> on_wake -> queue_output -> flush -> end_response
+
+    Who owns what. The loop alone touches the socket, the parser, `state`,
+    `body_complete`, `error`, `peer_eof` and `sending`, and only the loop
+    closes the connection. Shared with the worker under the `room` lock:
+    `outbox`, `unsent`, `parked`, `worker_done` and `keep_alive`. What the
+    worker must know of the body (its bytes, how much is still unread, a
+    framing error) goes through WSGIInput, under that object's own lock. The
+    worker reads two loop flags without a lock, where a stale value is
+    harmless: `closed` (put() raises on the next try) and `server.stopping`
+    (the loop closes after the response anyway).
     """
 
     def __init__(self, server: WSGIServer, sock: socket.socket, client: tuple) -> None:
