@@ -1262,9 +1262,9 @@ class WSGICall:
             log.exception("error in the close() of a WSGI result")
             keep_alive = False
         conn, response = self.conn, self.response
-        refusal = response.body.refused() if response.body is not None else None
-        status = response.response.status if response.head_sent else (
-            refusal.status if refusal else 500)
+        # Policy: the access line shows what the client was sent: the app's
+        # status, or our error answer's; "-" when it left before either.
+        status = response.response.status if response.head_sent or final else "-"
         log_access(conn.server.config, self.client, self.request, status,
                    response.response.sent, self.started)
         conn.finish(final, keep_alive)     # last: the loop may then end the server
@@ -1341,17 +1341,18 @@ def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
                  error: BaseException) -> bytes:
     """PEP 3333, "Error Handling": a 500 if nothing was sent, else cut it short."""
     refusal = response.body.refused() if response.body is not None else None
-    if refusal is not None:        # the body was malformed: that is the answer
-        return b"" if response.head_sent else error_response(
-            refusal.status, refusal.reason, time.time(), conn.server.config)
-    if isinstance(error, ClientDisconnected):
-        return b""                 # nobody is left to answer
-    log.exception("error in WSGI app for %s %s", environ["REQUEST_METHOD"],
-                  printable(environ["PATH_INFO"]))
+    if refusal is None and isinstance(error, ClientDisconnected):
+        return b""                 # nobody is left to answer: not an error
+    if refusal is None:
+        log.exception("error in WSGI app for %s %s", environ["REQUEST_METHOD"],
+                      printable(environ["PATH_INFO"]))
     if response.head_sent:
         return b""    # the client sees an incomplete message, then EOF
-    return error_response(500, "the application failed", time.time(),
-                          conn.server.config)
+    # The body was malformed (then that is the answer), or the app failed.
+    status, reason = (refusal.status, refusal.reason) if refusal else (
+        500, "the application failed")
+    response.response.status = status          # for the access log
+    return error_response(status, reason, time.time(), conn.server.config)
 
 
 # =============================================================================

@@ -4176,6 +4176,32 @@ def test_wsgi_cli_a_spool_past_the_file_size_limit_is_413(tmp_path):
         assert cli.proc.poll() is None
 
 
+def wsgi_reading_app(environ, start_response):
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", WSGI_TEXT + [("Content-Length", str(len(body)))])
+    return [body]
+
+
+@pytest.mark.parametrize("leave", ["fin", "reset"])
+def test_wsgi_a_client_leaving_mid_body_is_not_an_error(caplog, leave):
+    # A client leaving is not a server error: nothing above DEBUG, and the
+    # access line says it was sent nothing ("-", 0 bytes).
+    caplog.set_level(logging.DEBUG)
+    with wsgi_serve(wsgi_reading_app) as (port, server):
+        sock = connect(port)
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nhalf")
+        wait_for(lambda: any(conn.body is not None for conn in list(server.connections)))
+        if leave == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        wait_for(lambda: any(r.name == "gateway.access" for r in caplog.records))
+        assert exchange(port, wsgi_get()).startswith(b"HTTP/1.1 200 OK\r\n")
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == []
+    access = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert ' "POST /up HTTP/1.1" - 0 ' in access[0], access
+
+
 # =============================================================================
 # ASGI, complete (issue "ASGI, complete", item 5)
 #
