@@ -2090,8 +2090,14 @@ class HTTPCycle:
             await self.conn.app(scope, receive, send)
         except ClientDisconnected:
             self.disconnected = True
-        except Exception:
-            # ASGI spec, "Error Handling": log it; the connection ends below.
+        except BaseException as error:
+            if self.conn.cancelled_by_server(error):
+                raise                 # the server is shutting down: not the app's fault
+            # ASGI spec, "Error Handling": an exception from the app is logged and
+            # answered as an internal error; the connection ends below. Policy (as
+            # uvicorn): SystemExit, KeyboardInterrupt, GeneratorExit and a
+            # CancelledError the app raises itself count as app errors too, so no
+            # app can stop the server or leave its client without an answer.
             log.exception("error in ASGI app for %s %s", scope["method"],
                           printable(scope["path"]))
             failure = HTTPError(500, "the application failed")
@@ -2345,6 +2351,20 @@ class ASGIConnection:
         self.pending_read: asyncio.Future | None = None
         self.eof = False
         self.error: HTTPError | None = None
+        self.cancelled = False       # the server has cancelled this connection's task
+
+    def cancelled_by_server(self, error: BaseException) -> bool:
+        """Whether `error`, raised out of the app, is a cancellation of this
+        connection's task (shutdown) rather than a CancelledError of the app's own.
+
+        The server marks the connections it cancels; on Python 3.11+ the task's
+        cancelling() count also catches a cancel from outside the server (e.g.
+        asyncio.run() on Ctrl+C, where no signal handler could be installed).
+        """
+        if not isinstance(error, asyncio.CancelledError):
+            return False
+        cancelling = getattr(asyncio.current_task(), "cancelling", None)   # 3.11+
+        return self.cancelled or (cancelling is not None and cancelling() > 0)
 
     async def run(self, refusal: HTTPError | None = None) -> None:
         """Serve requests until the connection closes; or answer `refusal`."""
@@ -2537,14 +2557,14 @@ class ASGIServer:
         """Graceful shutdown: close idle connections, let busy ones finish."""
         for task, conn in list(self.connections.items()):
             if conn.idle:
-                task.cancel()
+                self.cancel(task)
             elif conn.websocket is not None:   # RFC 6455 §7.4.1: 1001 "going away"
                 asyncio.ensure_future(conn.websocket.close(1001, "server shutting down"))
         busy = list(self.connections)
         if busy:
             await asyncio.wait(busy, timeout=self.config.timeout_graceful_shutdown)
         for task in list(self.connections):
-            task.cancel()       # out of time: cut them off
+            self.cancel(task)   # out of time: cut them off
         await asyncio.gather(*self.connections, return_exceptions=True)
 
     async def handle(self, reader: asyncio.StreamReader,
@@ -2578,11 +2598,18 @@ class ASGIServer:
         self.loop.call_soon_threadsafe(self._stop)
 
     def _stop(self) -> None:
+        """Runs on: the loop. Start the drain; if it has begun, cut off every connection."""
         if self.stopping.is_set():
             self.forced = True
             for task in self.connections:
-                task.cancel()
+                self.cancel(task)
         self.stopping.set()
+
+    def cancel(self, task: asyncio.Task) -> None:
+        """Cancel a connection's task, marked so that the CancelledError it gets is
+        not taken for one the app raised (ASGIConnection.cancelled_by_server)."""
+        self.connections[task].cancelled = True
+        task.cancel()
 
 
 # =============================================================================
@@ -2898,7 +2925,10 @@ class WebSocketCycle:
             await self.conn.app(self.scope(), receive, send)
         except ClientDisconnected:
             pass
-        except Exception:
+        except BaseException as error:
+            if self.conn.cancelled_by_server(error):
+                raise
+            # ASGI spec "Error Handling", and the same policy as HTTPCycle.run.
             log.exception("error in ASGI websocket app")
             await self.end(500, 1011)
         else:

@@ -4339,6 +4339,49 @@ def test_asgi_app_ending_after_start_closes_without_last_chunk(ending):
     assert data == ASGI_PARTIAL          # no "0\r\n\r\n": the client sees it cut
 
 
+# What an app may raise that is not an Exception; uvicorn answers all of them with a 500.
+APP_BASE_EXCEPTIONS = [SystemExit, KeyboardInterrupt, GeneratorExit, asyncio.CancelledError]
+
+
+async def asgi_answer_ok(send):
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def app_error_records(caplog) -> list:
+    """(logger, message, exception type) of every record at ERROR or above."""
+    return [(r.name, r.getMessage(), r.exc_info and r.exc_info[0])
+            for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before-start", "after-start"])
+@pytest.mark.parametrize("kind", APP_BASE_EXCEPTIONS, ids=lambda kind: kind.__name__)
+def test_asgi_app_raising_a_base_exception_is_an_app_error_and_serving_goes_on(
+        kind, started, caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/next":
+            await asgi_answer_ok(send)
+            return
+        if started:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"partial",
+                        "more_body": True})
+        raise kind()
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert request(port, b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")[::2] == (200, b"ok")
+    assert data == (ASGI_PARTIAL if started else
+                    asgi_error_bytes(500, "the application failed"))
+    assert app_error_records(caplog) == [("gateway", "error in ASGI app for GET /", kind)]
+
+
 # =============================================================================
 # 3. Lifespan (SPEC L-01..L-11, AH-09)
 # =============================================================================
@@ -5096,6 +5139,36 @@ def test_ws_app_ending_after_accept_closes_1000_or_1011(end, payload):
             ws.sock.sendall(ws_client_frame(8, payload))
             ws.assert_eof()
         assert done.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("accepted", [False, True], ids=["before-accept", "after-accept"])
+@pytest.mark.parametrize("kind", APP_BASE_EXCEPTIONS, ids=lambda kind: kind.__name__)
+def test_ws_app_raising_a_base_exception_is_500_or_1011_and_serving_goes_on(
+        kind, accepted, caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await asgi_answer_ok(send)
+            return
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        if accepted:
+            await send({"type": "websocket.accept"})
+        raise kind()
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        if accepted:
+            with ws_connection(port) as ws:
+                assert ws.read_frame() == (0x88, 8, b"\x03\xf3")        # 1011
+                ws.sock.sendall(ws_close_frame(1011))
+                ws.assert_eof()
+        else:
+            data = asgi_request_and_close(port, ws_handshake())
+            assert data == asgi_error_bytes(500, "WebSocket refused")
+        assert request(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")[::2] == (200, b"ok")
+    assert app_error_records(caplog) == [("gateway", "error in ASGI websocket app", kind)]
 
 
 def test_ws_client_dropping_tcp_is_1006():
