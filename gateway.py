@@ -2102,19 +2102,32 @@ class HTTPCycle:
                           printable(scope["path"]))
             failure = HTTPError(500, "the application failed")
         else:
-            if self.state == "start":
+            # A send() that found the connection closed raised ClientDisconnected
+            # (ASGI HTTP "Disconnected Client - send exception"); the app may have
+            # caught it and returned.
+            self.disconnected = self.disconnected or self.conn.writer.transport.is_closing()
+            if self.state in ("start", "body") and self.disconnected:
+                # Policy: a client that leaves (or sends a malformed body) before
+                # its response is complete is no server error: DEBUG only.
+                log.debug("no complete response to %s %s: %s", scope["method"],
+                          printable(scope["path"]),
+                          self.conn.error.reason if self.conn.error else "the client left")
+            elif self.state == "start":
                 log.error("ASGI app returned without sending a response")
                 failure = HTTPError(500, "the application sent no response")
-            elif self.state == "body" and not self.disconnected:
+            elif self.state == "body":
                 log.error("ASGI app returned before its response was complete")
         failure = self.conn.error or failure   # a malformed body is the real cause
         if failure is not None:
             await self.fail(failure)
         elif self.state == "done" and not self.disconnected and not self.body_done:
             await self.skip_unread_body()
+        # Policy: the access line shows what the client was sent: the app's status
+        # once its head went out, or the server's own error answer; "-" (and 0
+        # bytes) when it was sent nothing because it left first.
+        answered = self.head_written or self.state == "failed"
         log_access(self.conn.config, scope["client"], self.request,
-                   self.response.status or (failure.status if failure else 500),
-                   self.response.sent, started)
+                   self.response.status if answered else "-", self.response.sent, started)
 
     async def skip_unread_body(self) -> None:
         """RFC 9112 §9.3: read and drop a body the app did not read, so that the
@@ -2143,11 +2156,17 @@ class HTTPCycle:
         """Send an error response if no part of the response went out yet."""
         if self.head_written or (self.disconnected and self.conn.error is None):
             return
-        self.state = "failed"
         data = error_response(error.status, error.reason, time.time(), self.conn.config)
         if self.conn.trace:
             self.conn.trace.head("!", data)
-        await self.conn.write(data)
+        try:
+            await self.conn.write(data)
+        except ClientDisconnected:
+            self.disconnected = True      # no one is left to answer: not an error
+            log.debug("client left before its %d answer", error.status)
+            return
+        self.state = "failed"
+        self.response.status = error.status      # for the access log
 
     # -- receive ---------------------------------------------------------------
 
@@ -3224,9 +3243,10 @@ access_log = logging.getLogger("gateway.access")
 ACCESS_LOG_FORMAT = '%(client)s - "%(request_line)s" %(status)s %(bytes)s %(duration_ms).1fms'
 
 
-def log_access(config: Config, client, request: Request, status: int, size: int,
+def log_access(config: Config, client, request: Request, status: int | str, size: int,
                started: float) -> None:
-    """One access log line per request (client, request line, status, bytes, ms)."""
+    """One access log line per request (client, request line, status, bytes, ms);
+    status "-" for a request that got no response."""
     if not config.access_log or not access_log.isEnabledFor(logging.INFO):
         return     # checked first: building the line costs more than this test
     fields = {

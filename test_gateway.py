@@ -23,6 +23,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -4232,6 +4233,83 @@ def test_asgi_client_closing_mid_body_is_disconnect_and_send_raises():
     assert isinstance(errors[0], OSError)           # SPEC AH-20
 
 
+def leave(sock: socket.socket, how: str) -> None:
+    """The client goes away: "close" sends a FIN, "reset" an RST (SO_LINGER 0)."""
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def asgi_leaving_client_app(plan: str, events: list, got_first: threading.Event,
+                            gone: threading.Event):
+    """An app for a client that leaves mid-body. It answers only after the whole
+    body ("reads-first"), sends its start first ("starts-first"), echoes the first
+    piece ("echoes"), or keeps sending until send() raises, and returns ("sends")."""
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        if plan == "starts-first":
+            await send(start)
+        while True:
+            events.append(await receive())
+            if events[-1]["type"] == "http.disconnect":
+                return
+            if plan in ("echoes", "sends"):
+                await send(start)
+                await send({"type": "http.response.body", "body": events[-1]["body"],
+                            "more_body": True})
+            got_first.set()
+            if plan == "sends":
+                await asyncio.get_running_loop().run_in_executor(None, gone.wait, TIMEOUT)
+                for _ in range(3):      # the first may still reach the socket
+                    try:
+                        await send({"type": "http.response.body", "body": b"more",
+                                    "more_body": True})
+                    except gateway.ClientDisconnected as error:
+                        events.append(error)
+                        return
+                return
+    return app
+
+
+# Policy (gateway.py HTTPCycle.run): "-" when nothing was sent; the app's status
+# (and its body bytes) once its head went out. "sends" sends a varying amount.
+ASGI_LEAVING = [("reads-first", "close", "- 0"), ("reads-first", "reset", "- 0"),
+                ("starts-first", "close", "- 0"), ("starts-first", "reset", "- 0"),
+                ("echoes", "close", "200 4"), ("echoes", "reset", "200 4"),
+                ("sends", "reset", r"200 \d+")]
+
+
+@pytest.mark.parametrize("plan, how, access", ASGI_LEAVING,
+                         ids=[f"{plan}-{how}" for plan, how, _ in ASGI_LEAVING])
+def test_asgi_client_leaving_mid_body_is_no_error_and_logged_as_sent(plan, how, access,
+                                                                     caplog):
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    events: list = []
+    got_first, gone = threading.Event(), threading.Event()
+    app = asgi_leaving_client_app(plan, events, got_first, gone)
+    with asgi_serving(app, access_log_format="%(status)s %(bytes)s") as (server, port):
+        sock = connect(port)
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabcd")
+        assert got_first.wait(TIMEOUT)
+        if plan in ("echoes", "sends"):
+            reader = ResponseReader(sock)
+            assert reader.read_head()[0] == 200
+            assert reader.read_exact(len(b"4\r\nabcd\r\n")) == b"4\r\nabcd\r\n"
+        leave(sock, how)
+        gone.set()
+        wait_for(lambda: ops_access_lines(caplog) and not server.connections)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert len(ops_access_lines(caplog)) == 1
+    assert re.fullmatch(access, ops_access_lines(caplog)[0])
+    assert events[0] == {"type": "http.request", "body": b"abcd", "more_body": True}
+    if plan == "sends":
+        assert type(events[-1]) is gateway.ClientDisconnected
+    else:
+        assert events[1:] == [{"type": "http.disconnect"}]
+
+
 async def asgi_body_first(send):
     await send({"type": "http.response.body", "body": b"x"})
 
@@ -4374,12 +4452,14 @@ def test_asgi_app_raising_a_base_exception_is_an_app_error_and_serving_goes_on(
                         "more_body": True})
         raise kind()
 
-    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+    with running_server("asgi", app, access_log_format="%(status)s %(bytes)s",
+                        **ASGI_NO_DATE) as port:
         data = asgi_request_and_close(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         assert request(port, b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")[::2] == (200, b"ok")
     assert data == (ASGI_PARTIAL if started else
                     asgi_error_bytes(500, "the application failed"))
     assert app_error_records(caplog) == [("gateway", "error in ASGI app for GET /", kind)]
+    assert ops_access_lines(caplog)[0] == ("200 7" if started else "500 0")
 
 
 # =============================================================================
