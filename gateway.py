@@ -2410,7 +2410,12 @@ class ASGIConnection:
                                   error.headers)
             if self.trace:
                 self.trace.head("!", data)
-            await self.write(data)
+            try:
+                await self.write(data)
+            except OSError:     # ClientDisconnected, too
+                # Policy: a client that is gone before its error answer (e.g. one
+                # that reset as its 408 fired) is no server error: DEBUG only.
+                log.debug("client left before its %d answer", error.status)
         except (ClientDisconnected, OSError):
             pass
         finally:

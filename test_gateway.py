@@ -4310,6 +4310,56 @@ def test_asgi_client_leaving_mid_body_is_no_error_and_logged_as_sent(plan, how, 
         assert events[1:] == [{"type": "http.disconnect"}]
 
 
+@pytest.mark.parametrize("when", ["as-it-fires", "after-it-came"])
+def test_asgi_client_resetting_around_its_408_is_no_error(when, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    timed_out = threading.Event()
+    next_request = gateway.ASGIConnection.next_request
+
+    async def reset_as_408_fires(self):
+        """The real next_request(), but its 408 waits until the client's reset has
+        closed the transport: the reset comes just as the 408 is to be written."""
+        try:
+            return await next_request(self)
+        except HTTPError as error:
+            if error.status == 408:
+                timed_out.set()
+                deadline = time.monotonic() + TIMEOUT
+                while not self.writer.transport.is_closing() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
+            raise
+
+    if when == "as-it-fires":
+        monkeypatch.setattr(gateway.ASGIConnection, "next_request", reset_as_408_fires)
+    with asgi_serving(echo_asgi.app, timeout_request_head=0.3) as (server, port):
+        sock = connect(port)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")          # half a head
+        if when == "as-it-fires":
+            assert timed_out.wait(TIMEOUT)
+        else:
+            assert ResponseReader(sock).read_head()[0] == 408
+        leave(sock, "reset")
+        wait_for(lambda: not server.connections)
+        assert request(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    if when == "as-it-fires":
+        assert "client left before its 408 answer" in [r.getMessage() for r in caplog.records]
+
+
+def test_asgi_a_bug_in_the_server_is_still_logged_as_an_internal_error(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+
+    async def broken(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gateway.ASGIConnection, "next_request", broken)
+    with asgi_serving(echo_asgi.app) as (server, port):
+        assert exchange(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n") == b""
+        wait_for(lambda: app_error_records(caplog))
+    assert app_error_records(caplog) == [
+        ("gateway", "internal error on a connection", RuntimeError)]
+
+
 async def asgi_body_first(send):
     await send({"type": "http.response.body", "body": b"x"})
 
