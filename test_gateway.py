@@ -4472,6 +4472,7 @@ APP_BASE_EXCEPTIONS = [SystemExit, KeyboardInterrupt, GeneratorExit, asyncio.Can
 
 
 async def asgi_answer_ok(send):
+    """A whole 200 response with the body "ok"."""
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
