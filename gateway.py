@@ -2187,25 +2187,44 @@ class HTTPCycle:
             await self.conn.app(scope, receive, send)
         except ClientDisconnected:
             self.disconnected = True
-        except Exception:
-            # ASGI spec, "Error Handling": log it; the connection ends below.
+        except BaseException as error:
+            if self.conn.cancelled_by_server(error):
+                raise                 # the server is shutting down: not the app's fault
+            # ASGI spec, "Error Handling": an exception from the app is logged and
+            # answered as an internal error; the connection ends below. Policy (as
+            # uvicorn): SystemExit, KeyboardInterrupt, GeneratorExit and a
+            # CancelledError the app raises itself count as app errors too, so no
+            # app can stop the server or leave its client without an answer.
             log.exception("error in ASGI app for %s %s", scope["method"],
                           printable(scope["path"]))
             failure = HTTPError(500, "the application failed")
         else:
-            if self.state == "start":
+            # A send() that found the connection closed raised ClientDisconnected
+            # (ASGI HTTP "Disconnected Client - send exception"); the app may have
+            # caught it and returned.
+            self.disconnected = self.disconnected or self.conn.writer.transport.is_closing()
+            if self.state in ("start", "body") and self.disconnected:
+                # Policy: a client that leaves (or sends a malformed body) before
+                # its response is complete is no server error: DEBUG only.
+                log.debug("no complete response to %s %s: %s", scope["method"],
+                          printable(scope["path"]),
+                          self.conn.error.reason if self.conn.error else "the client left")
+            elif self.state == "start":
                 log.error("ASGI app returned without sending a response")
                 failure = HTTPError(500, "the application sent no response")
-            elif self.state == "body" and not self.disconnected:
+            elif self.state == "body":
                 log.error("ASGI app returned before its response was complete")
         failure = self.conn.error or failure   # a malformed body is the real cause
         if failure is not None:
             await self.fail(failure)
         elif self.state == "done" and not self.disconnected and not self.body_done:
             await self.skip_unread_body()
+        # Policy: the access line shows what the client was sent: the app's status
+        # once its head went out, or the server's own error answer; "-" (and 0
+        # bytes) when it was sent nothing because it left first.
+        answered = self.head_written or self.state == "failed"
         log_access(self.conn.config, scope["client"], self.request,
-                   self.response.status or (failure.status if failure else 500),
-                   self.response.sent, started)
+                   self.response.status if answered else "-", self.response.sent, started)
 
     async def skip_unread_body(self) -> None:
         """RFC 9112 §9.3: read and drop a body the app did not read, so that the
@@ -2234,11 +2253,17 @@ class HTTPCycle:
         """Send an error response if no part of the response went out yet."""
         if self.head_written or (self.disconnected and self.conn.error is None):
             return
-        self.state = "failed"
         data = error_response(error.status, error.reason, time.time(), self.conn.config)
         if self.conn.trace:
             self.conn.trace.head("!", data)
-        await self.conn.write(data)
+        try:
+            await self.conn.write(data)
+        except ClientDisconnected:
+            self.disconnected = True      # no one is left to answer: not an error
+            log.debug("client left before its %d answer", error.status)
+            return
+        self.state = "failed"
+        self.response.status = error.status      # for the access log
 
     # -- receive ---------------------------------------------------------------
 
@@ -2442,6 +2467,20 @@ class ASGIConnection:
         self.pending_read: asyncio.Future | None = None
         self.eof = False
         self.error: HTTPError | None = None
+        self.cancelled = False       # the server has cancelled this connection's task
+
+    def cancelled_by_server(self, error: BaseException) -> bool:
+        """Whether `error`, raised out of the app, is a cancellation of this
+        connection's task (shutdown) rather than a CancelledError of the app's own.
+
+        The server marks the connections it cancels; on Python 3.11+ the task's
+        cancelling() count also catches a cancel from outside the server (e.g.
+        asyncio.run() on Ctrl+C, where no signal handler could be installed).
+        """
+        if not isinstance(error, asyncio.CancelledError):
+            return False
+        cancelling = getattr(asyncio.current_task(), "cancelling", None)   # 3.11+
+        return self.cancelled or (cancelling is not None and cancelling() > 0)
 
     async def run(self, refusal: HTTPError | None = None) -> None:
         """Serve requests until the connection closes; or answer `refusal`."""
@@ -2468,7 +2507,12 @@ class ASGIConnection:
                                   error.headers)
             if self.trace:
                 self.trace.head("!", data)
-            await self.write(data)
+            try:
+                await self.write(data)
+            except OSError:     # ClientDisconnected, too
+                # Policy: a client that is gone before its error answer (e.g. one
+                # that reset as its 408 fired) is no server error: DEBUG only.
+                log.debug("client left before its %d answer", error.status)
         except (ClientDisconnected, OSError):
             pass
         finally:
@@ -2634,14 +2678,14 @@ class ASGIServer:
         """Graceful shutdown: close idle connections, let busy ones finish."""
         for task, conn in list(self.connections.items()):
             if conn.idle:
-                task.cancel()
+                self.cancel(task)
             elif conn.websocket is not None:   # RFC 6455 §7.4.1: 1001 "going away"
                 asyncio.ensure_future(conn.websocket.close(1001, "server shutting down"))
         busy = list(self.connections)
         if busy:
             await asyncio.wait(busy, timeout=self.config.timeout_graceful_shutdown)
         for task in list(self.connections):
-            task.cancel()       # out of time: cut them off
+            self.cancel(task)   # out of time: cut them off
         await asyncio.gather(*self.connections, return_exceptions=True)
 
     async def handle(self, reader: asyncio.StreamReader,
@@ -2678,11 +2722,18 @@ class ASGIServer:
             pass            # the loop has already ended: nothing is left to stop
 
     def _stop(self) -> None:
+        """Runs on: the loop. Start the drain; if it has begun, cut off every connection."""
         if self.stopping.is_set():
             self.forced = True
             for task in self.connections:
-                task.cancel()
+                self.cancel(task)
         self.stopping.set()
+
+    def cancel(self, task: asyncio.Task) -> None:
+        """Cancel a connection's task, marked so that the CancelledError it gets is
+        not taken for one the app raised (ASGIConnection.cancelled_by_server)."""
+        self.connections[task].cancelled = True
+        task.cancel()
 
 
 # =============================================================================
@@ -2998,7 +3049,10 @@ class WebSocketCycle:
             await self.conn.app(self.scope(), receive, send)
         except ClientDisconnected:
             pass
-        except Exception:
+        except BaseException as error:
+            if self.conn.cancelled_by_server(error):
+                raise
+            # ASGI spec "Error Handling", and the same policy as HTTPCycle.run.
             log.exception("error in ASGI websocket app")
             await self.end(500, 1011)
         else:
@@ -3294,9 +3348,10 @@ access_log = logging.getLogger("gateway.access")
 ACCESS_LOG_FORMAT = '%(client)s - "%(request_line)s" %(status)s %(bytes)s %(duration_ms).1fms'
 
 
-def log_access(config: Config, client, request: Request, status: int, size: int,
+def log_access(config: Config, client, request: Request, status: int | str, size: int,
                started: float) -> None:
-    """One access log line per request (client, request line, status, bytes, ms)."""
+    """One access log line per request (client, request line, status, bytes, ms);
+    status "-" for a request that got no response."""
     if not config.access_log or not access_log.isEnabledFor(logging.INFO):
         return     # checked first: building the line costs more than this test
     fields = {

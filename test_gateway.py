@@ -4488,6 +4488,133 @@ def test_asgi_client_closing_mid_body_is_disconnect_and_send_raises():
     assert isinstance(errors[0], OSError)           # SPEC AH-20
 
 
+def leave(sock: socket.socket, how: str) -> None:
+    """The client goes away: "close" sends a FIN, "reset" an RST (SO_LINGER 0)."""
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def asgi_leaving_client_app(plan: str, events: list, got_first: threading.Event,
+                            gone: threading.Event):
+    """An app for a client that leaves mid-body. It answers only after the whole
+    body ("reads-first"), sends its start first ("starts-first"), echoes the first
+    piece ("echoes"), or keeps sending until send() raises, and returns ("sends")."""
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        if plan == "starts-first":
+            await send(start)
+        while True:
+            events.append(await receive())
+            if events[-1]["type"] == "http.disconnect":
+                return
+            if plan in ("echoes", "sends"):
+                await send(start)
+                await send({"type": "http.response.body", "body": events[-1]["body"],
+                            "more_body": True})
+            got_first.set()
+            if plan == "sends":
+                await asyncio.get_running_loop().run_in_executor(None, gone.wait, TIMEOUT)
+                for _ in range(3):      # the first may still reach the socket
+                    try:
+                        await send({"type": "http.response.body", "body": b"more",
+                                    "more_body": True})
+                    except gateway.ClientDisconnected as error:
+                        events.append(error)
+                        return
+                return
+    return app
+
+
+# Policy (gateway.py HTTPCycle.run): "-" when nothing was sent; the app's status
+# (and its body bytes) once its head went out. "sends" sends a varying amount.
+ASGI_LEAVING = [("reads-first", "close", "- 0"), ("reads-first", "reset", "- 0"),
+                ("starts-first", "close", "- 0"), ("starts-first", "reset", "- 0"),
+                ("echoes", "close", "200 4"), ("echoes", "reset", "200 4"),
+                ("sends", "reset", r"200 \d+")]
+
+
+@pytest.mark.parametrize("plan, how, access", ASGI_LEAVING,
+                         ids=[f"{plan}-{how}" for plan, how, _ in ASGI_LEAVING])
+def test_asgi_client_leaving_mid_body_is_no_error_and_logged_as_sent(plan, how, access,
+                                                                     caplog):
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    events: list = []
+    got_first, gone = threading.Event(), threading.Event()
+    app = asgi_leaving_client_app(plan, events, got_first, gone)
+    with asgi_serving(app, access_log_format="%(status)s %(bytes)s") as (server, port):
+        sock = connect(port)
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabcd")
+        assert got_first.wait(TIMEOUT)
+        if plan in ("echoes", "sends"):
+            reader = ResponseReader(sock)
+            assert reader.read_head()[0] == 200
+            assert reader.read_exact(len(b"4\r\nabcd\r\n")) == b"4\r\nabcd\r\n"
+        leave(sock, how)
+        gone.set()
+        wait_for(lambda: ops_access_lines(caplog) and not server.connections)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert len(ops_access_lines(caplog)) == 1
+    assert re.fullmatch(access, ops_access_lines(caplog)[0])
+    assert events[0] == {"type": "http.request", "body": b"abcd", "more_body": True}
+    if plan == "sends":
+        assert type(events[-1]) is gateway.ClientDisconnected
+    else:
+        assert events[1:] == [{"type": "http.disconnect"}]
+
+
+@pytest.mark.parametrize("when", ["as-it-fires", "after-it-came"])
+def test_asgi_client_resetting_around_its_408_is_no_error(when, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    timed_out = threading.Event()
+    next_request = gateway.ASGIConnection.next_request
+
+    async def reset_as_408_fires(self):
+        """The real next_request(), but its 408 waits until the client's reset has
+        closed the transport: the reset comes just as the 408 is to be written."""
+        try:
+            return await next_request(self)
+        except HTTPError as error:
+            if error.status == 408:
+                timed_out.set()
+                deadline = time.monotonic() + TIMEOUT
+                while not self.writer.transport.is_closing() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
+            raise
+
+    if when == "as-it-fires":
+        monkeypatch.setattr(gateway.ASGIConnection, "next_request", reset_as_408_fires)
+    with asgi_serving(echo_asgi.app, timeout_request_head=0.3) as (server, port):
+        sock = connect(port)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")          # half a head
+        if when == "as-it-fires":
+            assert timed_out.wait(TIMEOUT)
+        else:
+            assert ResponseReader(sock).read_head()[0] == 408
+        leave(sock, "reset")
+        wait_for(lambda: not server.connections)
+        assert request(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    if when == "as-it-fires":
+        assert "client left before its 408 answer" in [r.getMessage() for r in caplog.records]
+
+
+def test_asgi_a_bug_in_the_server_is_still_logged_as_an_internal_error(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+
+    async def broken(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gateway.ASGIConnection, "next_request", broken)
+    with asgi_serving(echo_asgi.app) as (server, port):
+        assert exchange(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n") == b""
+        wait_for(lambda: app_error_records(caplog))
+    assert app_error_records(caplog) == [
+        ("gateway", "internal error on a connection", RuntimeError)]
+
+
 async def asgi_body_first(send):
     await send({"type": "http.response.body", "body": b"x"})
 
@@ -4593,6 +4720,52 @@ def test_asgi_app_ending_after_start_closes_without_last_chunk(ending):
     with running_server("asgi", app, **ASGI_NO_DATE) as port:
         data = asgi_request_and_close(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     assert data == ASGI_PARTIAL          # no "0\r\n\r\n": the client sees it cut
+
+
+# What an app may raise that is not an Exception; uvicorn answers all of them with a 500.
+APP_BASE_EXCEPTIONS = [SystemExit, KeyboardInterrupt, GeneratorExit, asyncio.CancelledError]
+
+
+async def asgi_answer_ok(send):
+    """A whole 200 response with the body "ok"."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def app_error_records(caplog) -> list:
+    """(logger, message, exception type) of every record at ERROR or above."""
+    return [(r.name, r.getMessage(), r.exc_info and r.exc_info[0])
+            for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before-start", "after-start"])
+@pytest.mark.parametrize("kind", APP_BASE_EXCEPTIONS, ids=lambda kind: kind.__name__)
+def test_asgi_app_raising_a_base_exception_is_an_app_error_and_serving_goes_on(
+        kind, started, caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/next":
+            await asgi_answer_ok(send)
+            return
+        if started:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"partial",
+                        "more_body": True})
+        raise kind()
+
+    with running_server("asgi", app, access_log_format="%(status)s %(bytes)s",
+                        **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert request(port, b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")[::2] == (200, b"ok")
+    assert data == (ASGI_PARTIAL if started else
+                    asgi_error_bytes(500, "the application failed"))
+    assert app_error_records(caplog) == [("gateway", "error in ASGI app for GET /", kind)]
+    assert ops_access_lines(caplog)[0] == ("200 7" if started else "500 0")
 
 
 # =============================================================================
@@ -5352,6 +5525,36 @@ def test_ws_app_ending_after_accept_closes_1000_or_1011(end, payload):
             ws.sock.sendall(ws_client_frame(8, payload))
             ws.assert_eof()
         assert done.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("accepted", [False, True], ids=["before-accept", "after-accept"])
+@pytest.mark.parametrize("kind", APP_BASE_EXCEPTIONS, ids=lambda kind: kind.__name__)
+def test_ws_app_raising_a_base_exception_is_500_or_1011_and_serving_goes_on(
+        kind, accepted, caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await asgi_answer_ok(send)
+            return
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        if accepted:
+            await send({"type": "websocket.accept"})
+        raise kind()
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        if accepted:
+            with ws_connection(port) as ws:
+                assert ws.read_frame() == (0x88, 8, b"\x03\xf3")        # 1011
+                ws.sock.sendall(ws_close_frame(1011))
+                ws.assert_eof()
+        else:
+            data = asgi_request_and_close(port, ws_handshake())
+            assert data == asgi_error_bytes(500, "WebSocket refused")
+        assert request(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")[::2] == (200, b"ok")
+    assert app_error_records(caplog) == [("gateway", "error in ASGI websocket app", kind)]
 
 
 def test_ws_client_dropping_tcp_is_1006():
