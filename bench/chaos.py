@@ -945,7 +945,7 @@ class Misbehaving(Client):
                 outcome = "no answer"
             took = time.monotonic() - started
             complete = b"\r\n\r\n" in data
-            slow = variant == "spaces" and took > self.args.slow
+            slow = variant.startswith("spaces") and took > self.args.slow
             # 501 (unknown method or transfer coding) and 505 (version) are right answers
             good = (outcome != "no answer" and not outcome.startswith("garbage")
                     and outcome not in ("500", "502", "504") and not slow)
@@ -964,7 +964,8 @@ class Misbehaving(Client):
         variant = rng.choices(("mutate", "chunked", "spaces"), (5, 3, 1))[0]
         body = os.urandom(rng.randint(0, 2000))
         if variant == "spaces":
-            run = " " * rng.choice((1000, 10_000, 30_000, 60_000))
+            n = rng.choice((1000, 10_000, 30_000, 60_000))
+            run, variant = " " * n, f"spaces {n}"
             ws = rng.choice(("{}", "\t{}"))
             field = "X-Pad: " + ws.format(run) + "\x01" + rng.choice(("", "a", " ")) + "\r\n"
             return variant, get_request("/spaces", field.encode("latin-1"))
@@ -1300,8 +1301,7 @@ class Run:
                 self.death = (round(time.monotonic() - self.started, 1), self.proc.poll())
                 break
             self.end = now
-            if (now[1] <= self.baseline[1] + a.fd_tolerance
-                    and now[2] <= self.baseline[2] + a.thread_tolerance):
+            if now[1] <= self.baseline[1] and now[2] <= self.baseline[2]:
                 self.idle_seconds = time.monotonic() - started
                 break
             time.sleep(0.5)
@@ -1337,9 +1337,15 @@ class Run:
         benign = re.compile(r"^gateway: (serving \w+ app|stopped$|ASGI 'lifespan' protocol "
                             r"appears unsupported)|^gateway\.access: ")
         tracebacks, errors, other = [], [], []
+        chained = False
         i = 0
         while i < len(lines):
             line = lines[i]
+            if line.startswith(("During handling of the above exception",
+                                "The above exception was the direct cause")):
+                chained = bool(tracebacks)
+                i += 1
+                continue
             if line.startswith("Traceback (most recent call last)"):
                 j = i + 1
                 while j < len(lines) and (lines[j].startswith((" ", "\t")) or not lines[j]
@@ -1349,7 +1355,12 @@ class Run:
                 where = [re.sub(r'^File ".*/', "", l.strip()) for l in lines[i + 1:j]
                          if l.strip().startswith("File ")]
                 ours = [w for w in where if w.startswith("gateway.py")]
-                tracebacks.append(f"{last}  [{' <- '.join(where[-1:] + ours[-1:])}]")
+                summary = f"{last}  [{' <- '.join(where[-1:] + ours[-1:])}]"
+                if chained:        # one error: "A, then while handling it, B"
+                    tracebacks[-1] += " ... then " + summary
+                else:
+                    tracebacks.append(summary)
+                chained = False
                 i = j + 1
                 continue
             if benign.search(line):
@@ -1412,7 +1423,8 @@ class Run:
                                       / max(1e-9, samples[-1][0] - base[0]), 1),
                     "max_pct_1s": round(max(cpu_pct), 1) if cpu_pct else None},
             "latency_s": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0),
-                          "answered": len(latency)},
+                          "answered": len(latency),
+                          "slower_than_slow": sum(x > a.slow for x in latency)},
             "slowest": [{"s": round(s, 2), "kind": k, "request": w} for s, k, w in
                         sorted(self.stats.slowest, reverse=True)[:5]],
         }
@@ -1477,20 +1489,24 @@ class Run:
             f" while the server was up, {sum(self.stats.after_death.values())} more after it "
             f"died ({', '.join(f'{k} {n}' for k, n in self.stats.after_death.most_common(4))})"
             if self.stats.after_death else ""))
+        dying = self.death[0] - 1.5 if self.death else None
         for f in failures[:a.show]:
-            p(f"  {f['t']:7.1f} s  {f['kind']}: {f['request']}: {f['reason']} - {f['detail']}")
+            p(f"  {f['t']:7.1f} s  {f['kind']}: {f['request']}: {f['reason']} - {f['detail']}"
+              + (" (as it died)" if dying is not None and f["t"] >= dying else ""))
         if len(failures) > a.show:
             p(f"  ... {len(failures) - a.show} more (--json has them all)")
         if self.stats.unexpected:
             p(f"misbehaving clients not treated as expected: {len(self.stats.unexpected)} "
-              f"(first of each kind of outcome)")
-            seen = set()
+              f"(the first of each outcome, and how many)")
+            seen = collections.Counter((u["kind"], u["outcome"]) for u in self.stats.unexpected)
+            shown = set()
             for u in self.stats.unexpected:
-                if (u["kind"], u["outcome"]) in seen:
+                key = (u["kind"], u["outcome"])
+                if key in shown:
                     continue
-                seen.add((u["kind"], u["outcome"]))
-                p(f"  {u['t']:7.1f} s  {u['kind']}: {u['detail']}")
-                if len(seen) >= a.show:
+                shown.add(key)
+                p(f"  {u['t']:7.1f} s  {seen[key]:4d} x  {u['kind']}: {u['detail']}")
+                if len(shown) >= a.show:
                     break
         p("")
         f, t, r, c, l = fig["fds"], fig["threads"], fig["rss_mib"], fig["cpu"], fig["latency_s"]
@@ -1498,7 +1514,7 @@ class Run:
           f"{f['end_of_load']}, end {f['end']}"
           + (" (the last sample before it died)" if self.death is not None else
              f" (idle {self.idle_seconds:.1f} s after the load)" if self.idle_seconds
-             is not None else f" (not back to idle within {a.idle_wait:g} s)"))
+             is not None else f" (not back to {f['start']} within {a.idle_wait:g} s)"))
         p(f"server threads  start {t['start']}, max {t['max']}, end {t['end']}")
         p(f"server RSS MiB  start {r['start']}, after {r['warmup_s']:g} s warm-up "
           f"{r['after_warmup']}, max {r['max']}, end {r['end']} (VmHWM {r['peak_vmhwm']}); "
@@ -1506,7 +1522,8 @@ class Run:
         p(f"server CPU      {c['seconds']} s, {c['mean_pct']} % of one core on average, "
           f"{c['max_pct_1s']} % at most over one second")
         p(f"well-behaved latency  p50 {l['p50']} s, p99 {l['p99']} s, max {l['max']} s over "
-          f"{l['answered']} answers; slowest: " + "; ".join(
+          f"{l['answered']} answers, {l['slower_than_slow']} slower than {a.slow:g} s; "
+          "slowest: " + "; ".join(
               f"{s['s']} s {s['kind']} ({s['request']})" for s in fig["slowest"][:3]))
         if self.death is not None:
             p(f"server          DIED at {self.death[0]} s, exit status {self.death[1]}")
@@ -1521,7 +1538,7 @@ class Run:
             if logs[key]:
                 p(f"  distinct {title}:")
                 for text, n in logs[key][:5]:
-                    p(f"    {n:5d} x {text[:200]}")
+                    p(f"    {n:5d} x {text[:320]}")
         if self.stuck:
             p(f"client threads still running: {', '.join(self.stuck[:10])}")
         p("")
@@ -1575,9 +1592,9 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, help="random seed (default: a random one)")
     parser.add_argument("--warmup", type=float, default=60,
                         help="RSS warm-up (default 60 s, at most 30%% of the run)")
-    parser.add_argument("--request-timeout", type=float, default=10,
+    parser.add_argument("--request-timeout", type=float, default=5,
                         help="a well-behaved request with no full answer by then fails "
-                             "(default 10 s)")
+                             "(default 5 s)")
     parser.add_argument("--slow", type=float, default=1.0,
                         help="a long-spaces header answered later than this is flagged "
                              "(default 1 s)")
@@ -1590,7 +1607,7 @@ def parse_args(argv):
                         help="keep the server's access log (default: --no-access-log)")
     parser.add_argument("--idle-wait", type=float, default=30,
                         help="longest wait for fds/threads to come back (default 30 s)")
-    parser.add_argument("--fd-tolerance", type=int, default=3)
+    parser.add_argument("--fd-tolerance", type=int, default=2)
     parser.add_argument("--thread-tolerance", type=int, default=1)
     parser.add_argument("--term-wait", type=float, default=15,
                         help="longest wait for the exit after SIGTERM (default 15 s)")
