@@ -662,8 +662,13 @@ class Client:
 
     def probe(self):
         """The heartbeat: one GET on a new connection every half second."""
+        started = time.monotonic()
+        before = self.stats.kinds.get("probe GET", {}).get("ok", 0)
         self.requests("probe GET", [("probe", get_request("/probe", b"Connection: close\r\n"),
                                      "GET", b"")])
+        answered = self.stats.kinds["probe GET"]["ok"] > before
+        self.run.probes.append((started - self.run.started, time.monotonic() - started,
+                                answered))
         self.run.stop.wait(0.5)
 
 
@@ -1139,6 +1144,7 @@ class Run:
         self.stop = threading.Event()
         self.samples = []         # (t, fds, threads, rss KiB, hwm KiB, cpu s)
         self.death = None         # (t, exit status) if the server died during the load
+        self.probes = []          # (t, seconds, answered) of each probe GET
         self.port = None
 
     # server
@@ -1429,6 +1435,19 @@ class Run:
                         sorted(self.stats.slowest, reverse=True)[:5]],
         }
 
+    def stalls(self):
+        """Windows in which the probe GET took longer than --slow or got no answer."""
+        windows = []
+        for t, took, answered in self.probes:
+            if took <= self.args.slow and answered:
+                continue
+            if windows and t <= windows[-1][1] + 0.6:
+                windows[-1][1] = max(windows[-1][1], t + took)
+                windows[-1][2] = windows[-1][2] and answered
+            else:
+                windows.append([t, t + took, answered])
+        return [(round(a, 1), round(b - a, 1), ok) for a, b, ok in windows]
+
     def verdict(self, fig):
         a = self.args
         problems = []
@@ -1525,6 +1544,10 @@ class Run:
           f"{l['answered']} answers, {l['slower_than_slow']} slower than {a.slow:g} s; "
           "slowest: " + "; ".join(
               f"{s['s']} s {s['kind']} ({s['request']})" for s in fig["slowest"][:3]))
+        stalls = self.stalls()
+        p(f"probe stalls    {len(stalls)} (the probe GET slower than {a.slow:g} s or unanswered)"
+          + "".join(f"; at {t} s for {d} s{'' if ok else ' (no answer)'}"
+                    for t, d, ok in stalls[:8]) + (" ..." if len(stalls) > 8 else ""))
         if self.death is not None:
             p(f"server          DIED at {self.death[0]} s, exit status {self.death[1]}")
         else:
@@ -1559,6 +1582,7 @@ class Run:
                                      for k, e in self.stats.kinds.items()},
                            "failures": failures, "unexpected": self.stats.unexpected,
                            "failures_after_death": dict(self.stats.after_death),
+                           "probe_stalls": self.stalls(), "probes": self.probes,
                            "figures": fig, "death": self.death,
                            "idle_seconds": self.idle_seconds,
                            "exit_status": self.exit_status, "exit_seconds": self.exit_seconds,
