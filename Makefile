@@ -76,3 +76,18 @@ $(AVENV)/.installed: interop/autobahn-requirements.txt
 
 autobahn: $(AVENV)/.installed   ## Autobahn|Testsuite, every case, against gateway (~14 minutes)
 	$(PYTHON) interop/autobahn.py --wstest $(AVENV)/py27/bin/wstest $(if $(AUTOBAHN_CASES),--cases $(AUTOBAHN_CASES))
+
+# Fault run (bench/README.md "chaos"): well-behaved and misbehaving clients at once against
+# each interface for CHAOS_SECONDS (default 300); fails if the server dies, a well-behaved
+# request goes unanswered, fds/threads leak or SIGTERM does not end it cleanly. Standard
+# library only, so the system python3; not part of `make test` nor .ci/run.
+CHAOS_SECONDS ?= 300
+CHAOS_ARGS ?=
+
+.PHONY: chaos
+
+chaos:          ## fault run, WSGI then ASGI (2 x ~5.5 minutes); CHAOS_SECONDS=60 for a short one
+	status=0; \
+	for interface in wsgi asgi; do \
+	  python3 bench/chaos.py --interface $$interface --seconds $(CHAOS_SECONDS) $(CHAOS_ARGS) || status=1; \
+	done; exit $$status
