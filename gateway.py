@@ -2729,9 +2729,16 @@ class PerMessageDeflate:
         return data[:-4]       # RFC 7692 §7.2.1: drop the final 00 00 FF FF
 
     def decompress(self, data: bytes, limit: int, final: bool) -> bytes:
+        """RFC 7692 §7.2.2: one frame's payload, inflated; at most `limit` bytes."""
         if final:
             data += b"\x00\x00\xff\xff"    # RFC 7692 §7.2.2: put it back
-        out = self.decompressor.decompress(data, limit + 1)
+        try:
+            out = self.decompressor.decompress(data, limit + 1)
+        except zlib.error:
+            # RFC 7692 §6.2, §7.2.2: a compressed message is DEFLATE data; bytes
+            # that are not cannot be read. RFC 6455 §7.1.7: Fail the WebSocket
+            # Connection, with 1007 (§7.4.1: data not consistent with the message).
+            raise WebSocketError(1007, "invalid compressed data") from None
         if len(out) > limit or self.decompressor.unconsumed_tail:
             raise WebSocketError(1009, "message too big")   # a deflate bomb, too
         return out

@@ -5163,6 +5163,19 @@ def test_ws_deflate_bomb_is_1009():
             assert ws.read_close()[0] == 1009
 
 
+def test_ws_corrupt_deflate_data_is_1007_then_eof():
+    """RSV1 set on bytes that are not DEFLATE data (07: a final block of the
+    reserved type 3): the server fails the connection with 1007 and closes."""
+    app = WsRecorder()
+    with running_server("asgi", app) as port:
+        with ws_connection(port, WS_DEFLATE_OFFER) as ws:
+            ws.sock.sendall(ws_client_frame(2, b"\x07\xff\xff\xff\xff", rsv1=True))
+            assert ws.read_close() == (1007, b"invalid compressed data")
+            ws.assert_eof()
+        assert app.disconnect()["code"] == 1007
+
+
+
 def test_ws_rsv1_on_a_continuation_is_1002_even_with_deflate():
     compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
     data = ws_deflate(compressor, b"Hello")
@@ -5296,9 +5309,9 @@ WS_PARSER_ROWS = [
 ]
 
 
-def ws_parse(pieces: list[bytes]):
+def ws_parse(pieces: list[bytes], deflate=None):
     """Feed `pieces` to a FrameParser; (messages, the error code or None)."""
-    parser = gateway.FrameParser(65536 + 1000)
+    parser = gateway.FrameParser(65536 + 1000, deflate)
     messages = []
     try:
         for piece in pieces:
@@ -5330,6 +5343,30 @@ def test_ws_frame_parser_decompresses():
     parser.feed(ws_client_frame(1, b"\xf2\x48\xcd\xc9\xc9\x07\x00", rsv1=True))
     assert parser.next_message() == ("text", "Hello")
     assert codec.compress(b"Hello") == b"\xf2\x48\xcd\xc9\xc9\x07\x00"
+
+
+# (id, bytes, the messages, or the WebSocketError code), with permessage-deflate
+WS_DEFLATE_PARSER_ROWS = [
+    ("rfc-hello", ws_client_frame(1, b"\xf2\x48\xcd\xc9\xc9\x07\x00", rsv1=True),
+     [("text", "Hello")]),
+    ("not-compressed", ws_client_frame(1, b"plain"), [("text", "plain")]),
+    ("reserved-block-type", ws_client_frame(2, b"\x07\xff\xff\xff\xff", rsv1=True), 1007),
+    ("bad-stored-length", ws_client_frame(2, b"\x00\x05\x00\x00\x00", rsv1=True), 1007),
+    ("bad-first-fragment", ws_client_frame(1, b"\x07\xff", fin=False, rsv1=True)
+     + ws_client_frame(0, b"\xff\xff\xff"), 1007),
+]
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+@pytest.mark.parametrize("raw, expected", asgi_params(WS_DEFLATE_PARSER_ROWS))
+def test_ws_frame_parser_deflate_table(raw, expected, how):
+    pieces = [raw] if how == "whole" else [raw[i:i + 1] for i in range(len(raw))]
+    codec = gateway.PerMessageDeflate(reset_each_message=False)
+    messages, code = ws_parse(pieces, codec)
+    if isinstance(expected, int):
+        assert code == expected
+    else:
+        assert (messages, code) == (expected, None)
 
 
 WS_NEGOTIATIONS = [
