@@ -3059,11 +3059,22 @@ class WebSocketCycle:
                     key = "text" if message[0] == "text" else "bytes"
                     await self.inbox.put({"type": "websocket.receive", key: message[1]})
         except WebSocketError as error:
-            # §7.1.7: "Fail the WebSocket Connection": Close with the code, then go.
-            await self.conn.write(encode_close(error.code, error.reason))
-            await self.disconnected(error.code, error.reason)
+            await self.fail(error.code, error.reason)
         except ClientDisconnected:
             await self.disconnected(1006, "")
+        except Exception:
+            # A bug of ours: this task has no one to report to, and the app
+            # would wait forever on receive(). End this connection only.
+            log.exception("internal error while reading WebSocket frames")
+            await self.fail(1011, "internal error")
+
+    async def fail(self, code: int, reason: str) -> None:
+        """§7.1.7: "Fail the WebSocket Connection": Close with the code, then go."""
+        try:
+            await self.conn.write(encode_close(code, reason))
+        except ClientDisconnected:
+            pass              # the client is gone already: nothing to tell it
+        await self.disconnected(code, reason)
 
     async def keep_alive(self) -> None:
         """Ping every --ws-ping-interval; no pong within --ws-ping-timeout: close."""

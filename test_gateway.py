@@ -5175,6 +5175,25 @@ def test_ws_corrupt_deflate_data_is_1007_then_eof():
         assert app.disconnect()["code"] == 1007
 
 
+def test_ws_unexpected_error_reading_frames_ends_only_that_connection(monkeypatch, caplog):
+    """A bug of ours while reading frames (here: a planted one) must not leave
+    the client waiting: 1011 and EOF for it; other connections carry on."""
+    real = gateway.FrameParser._on_frame
+
+    def on_frame(self, first, opcode, payload):
+        if payload == b"boom":
+            raise RuntimeError("a planted bug")
+        return real(self, first, opcode, payload)
+    monkeypatch.setattr(gateway.FrameParser, "_on_frame", on_frame)
+    with running_server("asgi", WsRecorder()) as port:
+        with ws_connection(port) as other, ws_connection(port) as ws:
+            ws.sock.sendall(ws_client_frame(1, b"boom"))
+            assert ws.read_close() == (1011, b"internal error")
+            ws.assert_eof()
+            other.sock.sendall(ws_client_frame(1, b"still here"))
+            assert other.read_frame() == (0x81, 1, b"still here")
+    assert "a planted bug" in caplog.text
+
 
 def test_ws_rsv1_on_a_continuation_is_1002_even_with_deflate():
     compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
