@@ -2510,8 +2510,11 @@ class ASGIServer:
         if self.config.ssl_certfile:
             tls = {"ssl": make_ssl_context(self.config),
                    "ssl_handshake_timeout": self.config.timeout_request_head}
+        # asyncio calls listen() again when it starts serving (with 100 unless
+        # told): give it --backlog, or that would be what the kernel uses.
         server = await asyncio.start_server(self.handle, sock=self.listener,
-                                            limit=RECV_BYTES, **tls)
+                                            limit=RECV_BYTES,
+                                            backlog=self.config.backlog, **tls)
         on_signals(self.shutdown, self.loop)
         sweeper = asyncio.ensure_future(self.close_idle())
         async with server:

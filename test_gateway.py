@@ -6545,13 +6545,26 @@ def test_ops_cli_inherited_socket(interface, tmp_path):
             assert cli.proc.wait(TIMEOUT) == 0
 
 
+def ops_listen_backlog(port: int) -> int:
+    """The backlog of the socket listening on 127.0.0.1:port: for a LISTEN
+    socket, `ss -ltn` shows it as Send-Q (Linux)."""
+    shown = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                           text=True, timeout=TIMEOUT, check=True).stdout.split()
+    assert shown[0] == "LISTEN" and shown[3] == f"127.0.0.1:{port}", shown
+    return int(shown[2])
+
+
 @OPS_POSIX
-def test_ops_cli_backlog(tmp_path):
-    args = ["--wsgi", "ops_apps:hello_wsgi", "--port", "0", "--backlog", "7"]
+@pytest.mark.skipif(shutil.which("ss") is None, reason="reads the backlog with ss (Linux)")
+def test_ops_cli_backlog(interface, tmp_path):
+    args = [f"--{interface}", f"ops_apps:hello_{interface}", "--port", "0", "--backlog", "7"]
     assert gateway.config_from(gateway.build_arg_parser().parse_args(args)).backlog == 7
     ops_write_apps(tmp_path)
     with ops_cli(*args, "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
-        assert request(cli.port(), OPS_CLOSE)[::2] == (200, b"hello")
+        port = cli.port()
+        # Answered: the server is serving, so asyncio has called listen() too.
+        assert request(port, OPS_CLOSE)[::2] == (200, b"hello")
+        assert ops_listen_backlog(port) == 7
 
 
 # =============================================================================
