@@ -3392,6 +3392,11 @@ def listen_address(listener: socket.socket) -> tuple:
     return (name, None) if isinstance(name, str) else tuple(name[:2])
 
 
+# The signals on_signals() (§12) turns into a shutdown, by name: a platform may
+# lack one. run_workers() leaves a worker only SIGTERM.
+SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM")
+
+
 def run_workers(count: int, serve_one) -> int:
     """Fork `count` workers that share the listening socket; keep them alive.
 
@@ -3402,9 +3407,15 @@ def run_workers(count: int, serve_one) -> int:
     stopping = []
 
     def start() -> None:
+        """Fork one worker; in the child, serve until stopped, then exit."""
+        global SHUTDOWN_SIGNALS
         pid = os.fork()
         if pid == 0:                      # the child: serve, then leave
-            signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent relays it
+            # Ctrl+C in a terminal goes to the whole process group: a worker
+            # ignores it and waits for the SIGTERM its parent relays, so that
+            # one Ctrl+C never counts twice (which would stop it at once).
+            SHUTDOWN_SIGNALS = ("SIGTERM",)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until the server's own
             code = 1
             try:
@@ -3481,13 +3492,15 @@ def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Call stop() on SIGINT and SIGTERM (POSIX, main thread only).
 
     The first signal starts a graceful shutdown, a second one ends it at once.
+    Policy: both mean that even when they came in ignored, as a shell starts a
+    background job (`gateway.py ... &` in a script) with SIGINT ignored; only a
+    worker of run_workers() leaves SIGINT to its parent (SHUTDOWN_SIGNALS).
     Elsewhere (Windows, a server in a thread) Ctrl+C raises KeyboardInterrupt.
     """
     if threading.current_thread() is not threading.main_thread():
         return
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is signal.SIG_IGN:
-            continue            # a worker: its parent relays SIGINT as SIGTERM
+    for name in SHUTDOWN_SIGNALS:
+        signum = getattr(signal, name)
         try:
             if loop is not None:
                 loop.add_signal_handler(signum, stop)

@@ -6227,6 +6227,71 @@ def test_ops_cli_second_sigterm_stops_at_once(interface, tmp_path):
         os.close(gate_write)
 
 
+class OpsCommand(OpsCLIProcess):
+    """OpsCLIProcess for any command line, started with the signal dispositions
+    this process has (no children_get_sigint(): the command decides)."""
+
+    def __init__(self, command: list, cwd, pass_fds=(), env: dict | None = None) -> None:
+        environ = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
+        environ.pop("WEB_CONCURRENCY", None)
+        self.proc = subprocess.Popen(
+            command, cwd=str(cwd), env=environ, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            pass_fds=tuple(pass_fds), start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+
+# A script that starts its arguments as a background job, as `gateway.py ... &`
+# in a deploy script or CI step does: bash (no job control) starts the job with
+# SIGINT ignored. A first job shows that it is so; all output goes to stderr.
+OPS_BACKGROUND_JOB = (
+    '"$1" -c "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)" '
+    '>&2 & wait $!; '
+    '"$@" & echo "job-pid $!" >&2; wait $!; echo "job-exit $?" >&2')
+
+
+@OPS_POSIX
+@pytest.mark.skipif(shutil.which("bash") is None, reason="starts a job with bash")
+def test_ops_cli_sigint_stops_a_background_job_gracefully(interface, tmp_path):
+    """`gateway.py ... & pid=$!; ...; kill -INT $pid`: SIGINT came in ignored
+    and still means "shut down gracefully"; requests in flight are answered."""
+    ops_write_apps(tmp_path)
+    gate_read, gate_write = os.pipe()
+    command = ["bash", "-c", OPS_BACKGROUND_JOB, "bash", sys.executable, OPS_GATEWAY,
+               f"--{interface}", f"ops_apps:gate_{interface}", "--port", "0",
+               "--threads", "16", "--no-date-header", "--app-dir", str(tmp_path)]
+    cli = OpsCommand(command, cwd=tmp_path, pass_fds=[gate_read],
+                     env={"OPS_GATE_FD": str(gate_read)})
+    try:
+        assert cli.wait_line(lambda line: True) == "True\n", "SIGINT not ignored"
+        port = cli.port()
+        pid = int(next(line for line in cli.seen if line.startswith("job-pid ")).split()[1])
+
+        def stop():
+            for _ in range(10):
+                cli.wait_line(lambda line: line == "ops-entered\n")
+            os.kill(pid, signal.SIGINT)
+
+        def release():
+            nonlocal gate_write
+            os.close(gate_write)        # EOF on the pipe wakes every /slow
+            gate_write = None
+
+        ops_check_graceful(port, stop, release)
+        cli.wait_line(lambda line: line == "job-exit 0\n")
+        assert cli.proc.wait(TIMEOUT) == 0
+        stderr = cli.rest()
+        assert ops_last_line(stderr.replace("job-exit 0\n", "")) == "gateway: stopped", stderr
+        assert "Traceback" not in stderr, stderr
+    finally:
+        cli.close()
+        for fd in (gate_read, gate_write):
+            if fd is not None:
+                os.close(fd)
+
+
 # =============================================================================
 # 2. Worker processes
 # =============================================================================
@@ -6317,6 +6382,50 @@ def test_ops_workers_sigterm_during_lifespan_startup_stops_them(tmp_path):
             code = None
         assert code == 0, "the parent did not exit: its workers ignored SIGTERM"
         assert all(ops_gone(pid) for pid in workers)
+
+
+def ops_children(pid: int) -> set[int]:
+    """The processes whose parent is `pid`, from /proc (Linux)."""
+    children = set()
+    for name in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{name}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.add(int(name))
+    return children
+
+
+@OPS_POSIX
+@OPS_FORK
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="finds workers in /proc")
+def test_ops_workers_ctrl_c_to_the_process_group_counts_once(interface, tmp_path):
+    """Ctrl+C in a terminal reaches the parent and every worker. A worker leaves
+    it to the SIGTERM its parent relays: one shutdown signal, so a graceful one."""
+    ops_write_apps(tmp_path)
+    gate_read, gate_write = os.pipe()
+    try:
+        with ops_cli(f"--{interface}", f"ops_apps:gate_{interface}", "--workers", "2",
+                     "--port", "0", "--no-date-header", "--app-dir", str(tmp_path),
+                     cwd=tmp_path, pass_fds=[gate_read],
+                     env={"OPS_GATE_FD": str(gate_read)}) as cli:
+            port = cli.port()
+            wait_for(lambda: len(ops_children(cli.proc.pid)) == 2)
+            with connect(port) as held:
+                held.sendall(OPS_SLOW)
+                cli.wait_line(lambda line: line == "ops-entered\n")
+                os.killpg(cli.proc.pid, signal.SIGINT)     # the whole group, as a terminal
+                # The idle worker drains at once and leaves; by then the busy one
+                # has had every signal it is going to get.
+                wait_for(lambda: len(ops_children(cli.proc.pid)) <= 1)
+                os.close(gate_write)
+                gate_write = None
+                answer = ops_read_all(held)    # "Connection: close" if it saw the SIGTERM
+                assert answer.replace(b"Connection: close\r\n", b"") == OPS_SLOW_ANSWER
+            assert cli.proc.wait(TIMEOUT) == 0
+    finally:
+        os.close(gate_read)
+        if gate_write is not None:
+            os.close(gate_write)
 
 
 def test_ops_workers_refused_without_fork(monkeypatch, caplog):
