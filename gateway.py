@@ -2515,16 +2515,19 @@ class ASGIServer:
         server = await asyncio.start_server(self.handle, sock=self.listener,
                                             limit=RECV_BYTES,
                                             backlog=self.config.backlog, **tls)
-        on_signals(self.shutdown, self.loop)
-        sweeper = asyncio.ensure_future(self.close_idle())
-        async with server:
-            await self.stopping.wait()
-            server.close()          # stop accepting now ...
-            await self.drain()      # ... and drain before __aexit__: since Python
-            #                         3.12 it waits for every connection to close
-        sweeper.cancel()
-        if not self.forced:
-            await self.lifespan.shutdown()
+        restore_signals = on_signals(self.shutdown, self.loop)
+        try:
+            sweeper = asyncio.ensure_future(self.close_idle())
+            async with server:
+                await self.stopping.wait()
+                server.close()          # stop accepting now ...
+                await self.drain()      # ... and drain before __aexit__: since Python
+                #                         3.12 it waits for every connection to close
+            sweeper.cancel()
+            if not self.forced:
+                await self.lifespan.shutdown()
+        finally:
+            restore_signals()           # a handler must not outlive the loop
 
     async def close_idle(self) -> None:
         """Close connections idle for longer than --timeout-keep-alive, every tick."""
@@ -3488,26 +3491,48 @@ def import_app(spec: str, factory: bool = False):
                          f"name it: {module_name}:ATTR")
 
 
-def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """Call stop() on SIGINT and SIGTERM (POSIX, main thread only).
+def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
+    """Call stop() on SIGINT and SIGTERM (main thread only); return a function
+    that puts back the handlers this replaced with signal.signal().
 
     The first signal starts a graceful shutdown, a second one ends it at once.
     Policy: both mean that even when they came in ignored, as a shell starts a
     background job (`gateway.py ... &` in a script) with SIGINT ignored; only a
     worker of run_workers() leaves SIGINT to its parent (SHUTDOWN_SIGNALS).
-    Elsewhere (Windows, a server in a thread) Ctrl+C raises KeyboardInterrupt.
+    With a `loop`, stop() runs in it: through loop.add_signal_handler(), or,
+    where a loop has none (Windows), through a plain handler that hands the
+    call to the loop. That handler also replaces the one asyncio.run() puts on
+    SIGINT (3.11+), which would cancel the server instead of draining it.
+    A server in another thread gets no handlers: Ctrl+C is its caller's.
     """
+    replaced = {}
+
+    def restore() -> None:
+        """Put back the handlers that signal.signal() replaced."""
+        for signum, previous in replaced.items():
+            if previous is not None:     # None: not set from Python; leave ours
+                signal.signal(signum, previous)
+
     if threading.current_thread() is not threading.main_thread():
-        return
+        return restore
     for name in SHUTDOWN_SIGNALS:
-        signum = getattr(signal, name)
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue                    # e.g. a platform without SIGTERM
         try:
             if loop is not None:
-                loop.add_signal_handler(signum, stop)
+                try:
+                    loop.add_signal_handler(signum, stop)
+                    continue        # the loop takes it back when it closes
+                except (NotImplementedError, AttributeError):
+                    handler = lambda number, frame: loop.call_soon_threadsafe(stop)
             else:
-                signal.signal(signum, lambda number, frame: stop())
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass       # e.g. Windows has no add_signal_handler: Ctrl+C still works
+                handler = lambda number, frame: stop()
+            replaced[signum] = signal.signal(signum, handler)
+        except (RuntimeError, ValueError, OSError) as error:
+            log.warning("cannot handle %s (%s): it will not stop the server gracefully",
+                        name, error)
+    return restore
 
 
 def serve(app, interface: str = "asgi", host: str = "127.0.0.1", port: int = 8000,

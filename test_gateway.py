@@ -6292,6 +6292,118 @@ def test_ops_cli_sigint_stops_a_background_job_gracefully(interface, tmp_path):
                 os.close(fd)
 
 
+# Runs gateway.main() where the event loop has no add_signal_handler(), as on
+# Windows: argv[1] is the folder of gateway.py, the rest its arguments.
+OPS_NO_LOOP_SIGNALS_SOURCE = r'''
+import asyncio, os, sys
+
+
+def refuse(self, signum, callback, *args):
+    os.write(2, b"ops-no-add-signal-handler\n")
+    raise NotImplementedError
+
+
+asyncio.SelectorEventLoop.add_signal_handler = refuse
+sys.path.insert(0, sys.argv.pop(1))
+import gateway
+sys.exit(gateway.main())
+'''
+
+OPS_SIGNAL_APP_SOURCE = r'''
+from ops_apps import _say, gate_asgi
+
+
+async def app(scope, receive, send):
+    """gate_asgi, a WebSocket that stays open, and a lifespan that says when
+    its shutdown runs."""
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        _say("ops-lifespan-shutdown")
+        await send({"type": "lifespan.shutdown.complete"})
+    elif scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+    else:
+        await gate_asgi(scope, receive, send)
+'''
+
+
+def ops_without_loop_signals(tmp_path, gate_read: int, *args: str) -> OpsCommand:
+    """The ASGI server through OPS_NO_LOOP_SIGNALS_SOURCE, SIGINT as from a terminal."""
+    ops_write_apps(tmp_path)
+    (tmp_path / "ops_signal_app.py").write_text(OPS_SIGNAL_APP_SOURCE)
+    wrapper = tmp_path / "ops_no_loop_signals.py"
+    wrapper.write_text(OPS_NO_LOOP_SIGNALS_SOURCE)
+    children_get_sigint()       # so that asyncio.run() (3.11+) puts its own on SIGINT
+    return OpsCommand([sys.executable, str(wrapper), os.path.dirname(OPS_GATEWAY),
+                       "--asgi", "ops_signal_app:app", "--port", "0", "--no-date-header",
+                       "--app-dir", str(tmp_path), *args],
+                      cwd=tmp_path, pass_fds=[gate_read], env={"OPS_GATE_FD": str(gate_read)})
+
+
+@OPS_POSIX
+def test_ops_cli_ctrl_c_without_loop_signal_handlers_is_graceful(tmp_path):
+    """Where the loop cannot watch signals (Windows), Ctrl+C still drains: the
+    request in flight is answered, the WebSocket gets 1001, lifespan shutdown runs."""
+    gate_read, gate_write = os.pipe()
+    cli = ops_without_loop_signals(tmp_path, gate_read)
+    try:
+        port = cli.port()
+        with ws_connection(port) as ws, connect(port) as held:
+            held.sendall(OPS_SLOW)
+            cli.wait_line(lambda line: line == "ops-entered\n")
+            assert "ops-no-add-signal-handler\n" in cli.seen
+            cli.proc.send_signal(signal.SIGINT)
+            assert ws.read_close() == (1001, b"server shutting down")
+            ws.sock.sendall(ws_close_frame(1001))
+            ws.assert_eof()
+            ops_assert_refused(port)              # draining, not stopped
+            os.close(gate_write)
+            gate_write = None
+            assert ops_read_all(held) == OPS_SLOW_CLOSING
+        assert cli.proc.wait(TIMEOUT) == 0
+        stderr = cli.rest()
+        assert "ops-lifespan-shutdown\n" in stderr, stderr
+        assert ops_last_line(stderr) == "gateway: stopped", stderr
+        assert "Traceback" not in stderr, stderr
+    finally:
+        cli.close()
+        for fd in (gate_read, gate_write):
+            if fd is not None:
+                os.close(fd)
+
+
+@OPS_POSIX
+def test_ops_cli_second_ctrl_c_without_loop_signal_handlers_stops_at_once(tmp_path):
+    gate_read, gate_write = os.pipe()
+    cli = ops_without_loop_signals(tmp_path, gate_read, "--timeout-graceful-shutdown", "30")
+    try:
+        port = cli.port()
+        with connect(port) as idle, connect(port) as held:
+            idle.sendall(OPS_FAST)
+            assert ResponseReader(idle).read_response()[::2] == (200, b"fast")
+            held.sendall(OPS_SLOW)
+            cli.wait_line(lambda line: line == "ops-entered\n")
+            cli.proc.send_signal(signal.SIGINT)
+            assert ops_read_all(idle) == b""       # the first one was handled
+            started = time.monotonic()
+            cli.proc.send_signal(signal.SIGINT)
+            assert cli.proc.wait(5.0) == 0
+            assert time.monotonic() - started < 5.0
+            assert ops_read_all(held) == b""
+        stderr = cli.rest()
+        assert ops_last_line(stderr) == "gateway: stopped", stderr
+        assert "Traceback" not in stderr, stderr
+    finally:
+        cli.close()
+        os.close(gate_read)
+        os.close(gate_write)
+
+
 # =============================================================================
 # 2. Worker processes
 # =============================================================================
