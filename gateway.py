@@ -2651,18 +2651,24 @@ class ASGIServer:
         if self.config.ssl_certfile:
             tls = {"ssl": make_ssl_context(self.config),
                    "ssl_handshake_timeout": self.config.timeout_request_head}
+        # asyncio calls listen() again when it starts serving (with 100 unless
+        # told): give it --backlog, or that would be what the kernel uses.
         server = await asyncio.start_server(self.handle, sock=self.listener,
-                                            limit=RECV_BYTES, **tls)
-        on_signals(self.shutdown, self.loop)
-        sweeper = asyncio.ensure_future(self.close_idle())
-        async with server:
-            await self.stopping.wait()
-            server.close()          # stop accepting now ...
-            await self.drain()      # ... and drain before __aexit__: since Python
-            #                         3.12 it waits for every connection to close
-        sweeper.cancel()
-        if not self.forced:
-            await self.lifespan.shutdown()
+                                            limit=RECV_BYTES,
+                                            backlog=self.config.backlog, **tls)
+        restore_signals = on_signals(self.shutdown, self.loop)
+        try:
+            sweeper = asyncio.ensure_future(self.close_idle())
+            async with server:
+                await self.stopping.wait()
+                server.close()          # stop accepting now ...
+                await self.drain()      # ... and drain before __aexit__: since Python
+                #                         3.12 it waits for every connection to close
+            sweeper.cancel()
+            if not self.forced:
+                await self.lifespan.shutdown()
+        finally:
+            restore_signals()           # a handler must not outlive the loop
 
     async def close_idle(self) -> None:
         """Close connections idle for longer than --timeout-keep-alive, every tick."""
@@ -2880,9 +2886,16 @@ class PerMessageDeflate:
         return data[:-4]       # RFC 7692 §7.2.1: drop the final 00 00 FF FF
 
     def decompress(self, data: bytes, limit: int, final: bool) -> bytes:
+        """RFC 7692 §7.2.2: one frame's payload, inflated; at most `limit` bytes."""
         if final:
             data += b"\x00\x00\xff\xff"    # RFC 7692 §7.2.2: put it back
-        out = self.decompressor.decompress(data, limit + 1)
+        try:
+            out = self.decompressor.decompress(data, limit + 1)
+        except zlib.error:
+            # RFC 7692 §6.2, §7.2.2: a compressed message is DEFLATE data; bytes
+            # that are not cannot be read. RFC 6455 §7.1.7: Fail the WebSocket
+            # Connection, with 1007 (§7.4.1: data not consistent with the message).
+            raise WebSocketError(1007, "invalid compressed data") from None
         if len(out) > limit or self.decompressor.unconsumed_tail:
             raise WebSocketError(1009, "message too big")   # a deflate bomb, too
         return out
@@ -3206,11 +3219,22 @@ class WebSocketCycle:
                     key = "text" if message[0] == "text" else "bytes"
                     await self.inbox.put({"type": "websocket.receive", key: message[1]})
         except WebSocketError as error:
-            # §7.1.7: "Fail the WebSocket Connection": Close with the code, then go.
-            await self.conn.write(encode_close(error.code, error.reason))
-            await self.disconnected(error.code, error.reason)
+            await self.fail(error.code, error.reason)
         except ClientDisconnected:
             await self.disconnected(1006, "")
+        except Exception:
+            # A bug of ours: this task has no one to report to, and the app
+            # would wait forever on receive(). End this connection only.
+            log.exception("internal error while reading WebSocket frames")
+            await self.fail(1011, "internal error")
+
+    async def fail(self, code: int, reason: str) -> None:
+        """§7.1.7: "Fail the WebSocket Connection": Close with the code, then go."""
+        try:
+            await self.conn.write(encode_close(code, reason))
+        except ClientDisconnected:
+            pass              # the client is gone already: nothing to tell it
+        await self.disconnected(code, reason)
 
     async def keep_alive(self) -> None:
         """Ping every --ws-ping-interval; no pong within --ws-ping-timeout: close."""
@@ -3526,6 +3550,11 @@ def listen_address(listener: socket.socket) -> tuple:
     return (name, None) if isinstance(name, str) else tuple(name[:2])
 
 
+# The signals on_signals() (§12) turns into a shutdown, by name: a platform may
+# lack one. run_workers() leaves a worker only SIGTERM.
+SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM")
+
+
 def run_workers(count: int, serve_one) -> int:
     """Fork `count` workers that share the listening socket; keep them alive.
 
@@ -3536,9 +3565,15 @@ def run_workers(count: int, serve_one) -> int:
     stopping = []
 
     def start() -> None:
+        """Fork one worker; in the child, serve until stopped, then exit."""
+        global SHUTDOWN_SIGNALS
         pid = os.fork()
         if pid == 0:                      # the child: serve, then leave
-            signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent relays it
+            # Ctrl+C in a terminal goes to the whole process group: a worker
+            # ignores it and waits for the SIGTERM its parent relays, so that
+            # one Ctrl+C never counts twice (which would stop it at once).
+            SHUTDOWN_SIGNALS = ("SIGTERM",)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until the server's own
             code = 1
             try:
@@ -3611,24 +3646,48 @@ def import_app(spec: str, factory: bool = False):
                          f"name it: {module_name}:ATTR")
 
 
-def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """Call stop() on SIGINT and SIGTERM (POSIX, main thread only).
+def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
+    """Call stop() on SIGINT and SIGTERM (main thread only); return a function
+    that puts back the handlers this replaced with signal.signal().
 
     The first signal starts a graceful shutdown, a second one ends it at once.
-    Elsewhere (Windows, a server in a thread) Ctrl+C raises KeyboardInterrupt.
+    Policy: both mean that even when they came in ignored, as a shell starts a
+    background job (`gateway.py ... &` in a script) with SIGINT ignored; only a
+    worker of run_workers() leaves SIGINT to its parent (SHUTDOWN_SIGNALS).
+    With a `loop`, stop() runs in it: through loop.add_signal_handler(), or,
+    where a loop has none (Windows), through a plain handler that hands the
+    call to the loop. That handler also replaces the one asyncio.run() puts on
+    SIGINT (3.11+), which would cancel the server instead of draining it.
+    A server in another thread gets no handlers: Ctrl+C is its caller's.
     """
+    replaced = {}
+
+    def restore() -> None:
+        """Put back the handlers that signal.signal() replaced."""
+        for signum, previous in replaced.items():
+            if previous is not None:     # None: not set from Python; leave ours
+                signal.signal(signum, previous)
+
     if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is signal.SIG_IGN:
-            continue            # a worker: its parent relays SIGINT as SIGTERM
+        return restore
+    for name in SHUTDOWN_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue                    # e.g. a platform without SIGTERM
         try:
             if loop is not None:
-                loop.add_signal_handler(signum, stop)
+                try:
+                    loop.add_signal_handler(signum, stop)
+                    continue        # the loop takes it back when it closes
+                except (NotImplementedError, AttributeError):
+                    handler = lambda number, frame: loop.call_soon_threadsafe(stop)
             else:
-                signal.signal(signum, lambda number, frame: stop())
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass       # e.g. Windows has no add_signal_handler: Ctrl+C still works
+                handler = lambda number, frame: stop()
+            replaced[signum] = signal.signal(signum, handler)
+        except (RuntimeError, ValueError, OSError) as error:
+            log.warning("cannot handle %s (%s): it will not stop the server gracefully",
+                        name, error)
+    return restore
 
 
 def serve(app, interface: str = "asgi", host: str = "127.0.0.1", port: int = 8000,

@@ -5622,6 +5622,38 @@ def test_ws_deflate_bomb_is_1009():
             assert ws.read_close()[0] == 1009
 
 
+def test_ws_corrupt_deflate_data_is_1007_then_eof():
+    """RSV1 set on bytes that are not DEFLATE data (07: a final block of the
+    reserved type 3): the server fails the connection with 1007 and closes."""
+    app = WsRecorder()
+    with running_server("asgi", app) as port:
+        with ws_connection(port, WS_DEFLATE_OFFER) as ws:
+            ws.sock.sendall(ws_client_frame(2, b"\x07\xff\xff\xff\xff", rsv1=True))
+            assert ws.read_close() == (1007, b"invalid compressed data")
+            ws.assert_eof()
+        assert app.disconnect()["code"] == 1007
+
+
+def test_ws_unexpected_error_reading_frames_ends_only_that_connection(monkeypatch, caplog):
+    """A bug of ours while reading frames (here: a planted one) must not leave
+    the client waiting: 1011 and EOF for it; other connections carry on."""
+    real = gateway.FrameParser._on_frame
+
+    def on_frame(self, first, opcode, payload):
+        if payload == b"boom":
+            raise RuntimeError("a planted bug")
+        return real(self, first, opcode, payload)
+    monkeypatch.setattr(gateway.FrameParser, "_on_frame", on_frame)
+    with running_server("asgi", WsRecorder()) as port:
+        with ws_connection(port) as other, ws_connection(port) as ws:
+            ws.sock.sendall(ws_client_frame(1, b"boom"))
+            assert ws.read_close() == (1011, b"internal error")
+            ws.assert_eof()
+            other.sock.sendall(ws_client_frame(1, b"still here"))
+            assert other.read_frame() == (0x81, 1, b"still here")
+    assert "a planted bug" in caplog.text
+
+
 def test_ws_rsv1_on_a_continuation_is_1002_even_with_deflate():
     compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
     data = ws_deflate(compressor, b"Hello")
@@ -5755,9 +5787,9 @@ WS_PARSER_ROWS = [
 ]
 
 
-def ws_parse(pieces: list[bytes]):
+def ws_parse(pieces: list[bytes], deflate=None):
     """Feed `pieces` to a FrameParser; (messages, the error code or None)."""
-    parser = gateway.FrameParser(65536 + 1000)
+    parser = gateway.FrameParser(65536 + 1000, deflate)
     messages = []
     try:
         for piece in pieces:
@@ -5789,6 +5821,30 @@ def test_ws_frame_parser_decompresses():
     parser.feed(ws_client_frame(1, b"\xf2\x48\xcd\xc9\xc9\x07\x00", rsv1=True))
     assert parser.next_message() == ("text", "Hello")
     assert codec.compress(b"Hello") == b"\xf2\x48\xcd\xc9\xc9\x07\x00"
+
+
+# (id, bytes, the messages, or the WebSocketError code), with permessage-deflate
+WS_DEFLATE_PARSER_ROWS = [
+    ("rfc-hello", ws_client_frame(1, b"\xf2\x48\xcd\xc9\xc9\x07\x00", rsv1=True),
+     [("text", "Hello")]),
+    ("not-compressed", ws_client_frame(1, b"plain"), [("text", "plain")]),
+    ("reserved-block-type", ws_client_frame(2, b"\x07\xff\xff\xff\xff", rsv1=True), 1007),
+    ("bad-stored-length", ws_client_frame(2, b"\x00\x05\x00\x00\x00", rsv1=True), 1007),
+    ("bad-first-fragment", ws_client_frame(1, b"\x07\xff", fin=False, rsv1=True)
+     + ws_client_frame(0, b"\xff\xff\xff"), 1007),
+]
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+@pytest.mark.parametrize("raw, expected", asgi_params(WS_DEFLATE_PARSER_ROWS))
+def test_ws_frame_parser_deflate_table(raw, expected, how):
+    pieces = [raw] if how == "whole" else [raw[i:i + 1] for i in range(len(raw))]
+    codec = gateway.PerMessageDeflate(reset_each_message=False)
+    messages, code = ws_parse(pieces, codec)
+    if isinstance(expected, int):
+        assert code == expected
+    else:
+        assert (messages, code) == (expected, None)
 
 
 WS_NEGOTIATIONS = [
@@ -6632,6 +6688,183 @@ def test_ops_cli_second_sigterm_stops_at_once(interface, tmp_path):
         os.close(gate_write)
 
 
+class OpsCommand(OpsCLIProcess):
+    """OpsCLIProcess for any command line, started with the signal dispositions
+    this process has (no children_get_sigint(): the command decides)."""
+
+    def __init__(self, command: list, cwd, pass_fds=(), env: dict | None = None) -> None:
+        environ = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
+        environ.pop("WEB_CONCURRENCY", None)
+        self.proc = subprocess.Popen(
+            command, cwd=str(cwd), env=environ, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            pass_fds=tuple(pass_fds), start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+
+# A script that starts its arguments as a background job, as `gateway.py ... &`
+# in a deploy script or CI step does: bash (no job control) starts the job with
+# SIGINT ignored. A first job shows that it is so; all output goes to stderr.
+OPS_BACKGROUND_JOB = (
+    '"$1" -c "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)" '
+    '>&2 & wait $!; '
+    '"$@" & echo "job-pid $!" >&2; wait $!; echo "job-exit $?" >&2')
+
+
+@OPS_POSIX
+@pytest.mark.skipif(shutil.which("bash") is None, reason="starts a job with bash")
+def test_ops_cli_sigint_stops_a_background_job_gracefully(interface, tmp_path):
+    """`gateway.py ... & pid=$!; ...; kill -INT $pid`: SIGINT came in ignored
+    and still means "shut down gracefully"; requests in flight are answered."""
+    ops_write_apps(tmp_path)
+    gate_read, gate_write = os.pipe()
+    command = ["bash", "-c", OPS_BACKGROUND_JOB, "bash", sys.executable, OPS_GATEWAY,
+               f"--{interface}", f"ops_apps:gate_{interface}", "--port", "0",
+               "--threads", "16", "--no-date-header", "--app-dir", str(tmp_path)]
+    cli = OpsCommand(command, cwd=tmp_path, pass_fds=[gate_read],
+                     env={"OPS_GATE_FD": str(gate_read)})
+    try:
+        assert cli.wait_line(lambda line: True) == "True\n", "SIGINT not ignored"
+        port = cli.port()
+        pid = int(next(line for line in cli.seen if line.startswith("job-pid ")).split()[1])
+
+        def stop():
+            for _ in range(10):
+                cli.wait_line(lambda line: line == "ops-entered\n")
+            os.kill(pid, signal.SIGINT)
+
+        def release():
+            nonlocal gate_write
+            os.close(gate_write)        # EOF on the pipe wakes every /slow
+            gate_write = None
+
+        ops_check_graceful(port, stop, release)
+        cli.wait_line(lambda line: line == "job-exit 0\n")
+        assert cli.proc.wait(TIMEOUT) == 0
+        stderr = cli.rest()
+        assert ops_last_line(stderr.replace("job-exit 0\n", "")) == "gateway: stopped", stderr
+        assert "Traceback" not in stderr, stderr
+    finally:
+        cli.close()
+        for fd in (gate_read, gate_write):
+            if fd is not None:
+                os.close(fd)
+
+
+# Runs gateway.main() where the event loop has no add_signal_handler(), as on
+# Windows: argv[1] is the folder of gateway.py, the rest its arguments.
+OPS_NO_LOOP_SIGNALS_SOURCE = r'''
+import asyncio, os, sys
+
+
+def refuse(self, signum, callback, *args):
+    os.write(2, b"ops-no-add-signal-handler\n")
+    raise NotImplementedError
+
+
+asyncio.SelectorEventLoop.add_signal_handler = refuse
+sys.path.insert(0, sys.argv.pop(1))
+import gateway
+sys.exit(gateway.main())
+'''
+
+OPS_SIGNAL_APP_SOURCE = r'''
+from ops_apps import _say, gate_asgi
+
+
+async def app(scope, receive, send):
+    """gate_asgi, a WebSocket that stays open, and a lifespan that says when
+    its shutdown runs."""
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        _say("ops-lifespan-shutdown")
+        await send({"type": "lifespan.shutdown.complete"})
+    elif scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+    else:
+        await gate_asgi(scope, receive, send)
+'''
+
+
+def ops_without_loop_signals(tmp_path, gate_read: int, *args: str) -> OpsCommand:
+    """The ASGI server through OPS_NO_LOOP_SIGNALS_SOURCE, SIGINT as from a terminal."""
+    ops_write_apps(tmp_path)
+    (tmp_path / "ops_signal_app.py").write_text(OPS_SIGNAL_APP_SOURCE)
+    wrapper = tmp_path / "ops_no_loop_signals.py"
+    wrapper.write_text(OPS_NO_LOOP_SIGNALS_SOURCE)
+    children_get_sigint()       # so that asyncio.run() (3.11+) puts its own on SIGINT
+    return OpsCommand([sys.executable, str(wrapper), os.path.dirname(OPS_GATEWAY),
+                       "--asgi", "ops_signal_app:app", "--port", "0", "--no-date-header",
+                       "--app-dir", str(tmp_path), *args],
+                      cwd=tmp_path, pass_fds=[gate_read], env={"OPS_GATE_FD": str(gate_read)})
+
+
+@OPS_POSIX
+def test_ops_cli_ctrl_c_without_loop_signal_handlers_is_graceful(tmp_path):
+    """Where the loop cannot watch signals (Windows), Ctrl+C still drains: the
+    request in flight is answered, the WebSocket gets 1001, lifespan shutdown runs."""
+    gate_read, gate_write = os.pipe()
+    cli = ops_without_loop_signals(tmp_path, gate_read)
+    try:
+        port = cli.port()
+        with ws_connection(port) as ws, connect(port) as held:
+            held.sendall(OPS_SLOW)
+            cli.wait_line(lambda line: line == "ops-entered\n")
+            assert "ops-no-add-signal-handler\n" in cli.seen
+            cli.proc.send_signal(signal.SIGINT)
+            assert ws.read_close() == (1001, b"server shutting down")
+            ws.sock.sendall(ws_close_frame(1001))
+            ws.assert_eof()
+            ops_assert_refused(port)              # draining, not stopped
+            os.close(gate_write)
+            gate_write = None
+            assert ops_read_all(held) == OPS_SLOW_CLOSING
+        assert cli.proc.wait(TIMEOUT) == 0
+        stderr = cli.rest()
+        assert "ops-lifespan-shutdown\n" in stderr, stderr
+        assert ops_last_line(stderr) == "gateway: stopped", stderr
+        assert "Traceback" not in stderr, stderr
+    finally:
+        cli.close()
+        for fd in (gate_read, gate_write):
+            if fd is not None:
+                os.close(fd)
+
+
+@OPS_POSIX
+def test_ops_cli_second_ctrl_c_without_loop_signal_handlers_stops_at_once(tmp_path):
+    gate_read, gate_write = os.pipe()
+    cli = ops_without_loop_signals(tmp_path, gate_read, "--timeout-graceful-shutdown", "30")
+    try:
+        port = cli.port()
+        with connect(port) as idle, connect(port) as held:
+            idle.sendall(OPS_FAST)
+            assert ResponseReader(idle).read_response()[::2] == (200, b"fast")
+            held.sendall(OPS_SLOW)
+            cli.wait_line(lambda line: line == "ops-entered\n")
+            cli.proc.send_signal(signal.SIGINT)
+            assert ops_read_all(idle) == b""       # the first one was handled
+            started = time.monotonic()
+            cli.proc.send_signal(signal.SIGINT)
+            assert cli.proc.wait(5.0) == 0
+            assert time.monotonic() - started < 5.0
+            assert ops_read_all(held) == b""
+        stderr = cli.rest()
+        assert ops_last_line(stderr) == "gateway: stopped", stderr
+        assert "Traceback" not in stderr, stderr
+    finally:
+        cli.close()
+        os.close(gate_read)
+        os.close(gate_write)
+
+
 # =============================================================================
 # 2. Worker processes
 # =============================================================================
@@ -6722,6 +6955,50 @@ def test_ops_workers_sigterm_during_lifespan_startup_stops_them(tmp_path):
             code = None
         assert code == 0, "the parent did not exit: its workers ignored SIGTERM"
         assert all(ops_gone(pid) for pid in workers)
+
+
+def ops_children(pid: int) -> set[int]:
+    """The processes whose parent is `pid`, from /proc (Linux)."""
+    children = set()
+    for name in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{name}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.add(int(name))
+    return children
+
+
+@OPS_POSIX
+@OPS_FORK
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="finds workers in /proc")
+def test_ops_workers_ctrl_c_to_the_process_group_counts_once(interface, tmp_path):
+    """Ctrl+C in a terminal reaches the parent and every worker. A worker leaves
+    it to the SIGTERM its parent relays: one shutdown signal, so a graceful one."""
+    ops_write_apps(tmp_path)
+    gate_read, gate_write = os.pipe()
+    try:
+        with ops_cli(f"--{interface}", f"ops_apps:gate_{interface}", "--workers", "2",
+                     "--port", "0", "--no-date-header", "--app-dir", str(tmp_path),
+                     cwd=tmp_path, pass_fds=[gate_read],
+                     env={"OPS_GATE_FD": str(gate_read)}) as cli:
+            port = cli.port()
+            wait_for(lambda: len(ops_children(cli.proc.pid)) == 2)
+            with connect(port) as held:
+                held.sendall(OPS_SLOW)
+                cli.wait_line(lambda line: line == "ops-entered\n")
+                os.killpg(cli.proc.pid, signal.SIGINT)     # the whole group, as a terminal
+                # The idle worker drains at once and leaves; by then the busy one
+                # has had every signal it is going to get.
+                wait_for(lambda: len(ops_children(cli.proc.pid)) <= 1)
+                os.close(gate_write)
+                gate_write = None
+                answer = ops_read_all(held)    # "Connection: close" if it saw the SIGTERM
+                assert answer.replace(b"Connection: close\r\n", b"") == OPS_SLOW_ANSWER
+            assert cli.proc.wait(TIMEOUT) == 0
+    finally:
+        os.close(gate_read)
+        if gate_write is not None:
+            os.close(gate_write)
 
 
 def test_ops_workers_refused_without_fork(monkeypatch, caplog):
@@ -6950,13 +7227,26 @@ def test_ops_cli_inherited_socket(interface, tmp_path):
             assert cli.proc.wait(TIMEOUT) == 0
 
 
+def ops_listen_backlog(port: int) -> int:
+    """The backlog of the socket listening on 127.0.0.1:port: for a LISTEN
+    socket, `ss -ltn` shows it as Send-Q (Linux)."""
+    shown = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                           text=True, timeout=TIMEOUT, check=True).stdout.split()
+    assert shown[0] == "LISTEN" and shown[3] == f"127.0.0.1:{port}", shown
+    return int(shown[2])
+
+
 @OPS_POSIX
-def test_ops_cli_backlog(tmp_path):
-    args = ["--wsgi", "ops_apps:hello_wsgi", "--port", "0", "--backlog", "7"]
+@pytest.mark.skipif(shutil.which("ss") is None, reason="reads the backlog with ss (Linux)")
+def test_ops_cli_backlog(interface, tmp_path):
+    args = [f"--{interface}", f"ops_apps:hello_{interface}", "--port", "0", "--backlog", "7"]
     assert gateway.config_from(gateway.build_arg_parser().parse_args(args)).backlog == 7
     ops_write_apps(tmp_path)
     with ops_cli(*args, "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
-        assert request(cli.port(), OPS_CLOSE)[::2] == (200, b"hello")
+        port = cli.port()
+        # Answered: the server is serving, so asyncio has called listen() too.
+        assert request(port, OPS_CLOSE)[::2] == (200, b"hello")
+        assert ops_listen_backlog(port) == 7
 
 
 # =============================================================================
