@@ -431,11 +431,12 @@ FRAMING_FIELDS = (b"host", b"content-length", b"transfer-encoding", b"connection
 def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
     """Parse one request head (without its empty last line) into a Request."""
     # RFC 9112 §2.2: lines end in CRLF. Leniency: a bare LF also ends a line, as
-    # the RFC allows; a CR anywhere else fails the patterns below (400).
-    if head[-1:] == b"\r":
-        head = head[:-1]        # the CR of the last line's CRLF
-    lines = head.split(b"\r\n")
-    bare_lf = len(lines) <= head.count(b"\n")
+    # the RFC allows; a CR anywhere else fails the patterns below (400). The
+    # head stops before its last LF, so a CR at its very end is the last line's
+    # CRLF. Exactly one CR is taken off each line: a second one is a bare CR.
+    end = len(head) - 1 if head[-1:] == b"\r" else len(head)
+    lines = head[:end].split(b"\r\n")
+    bare_lf = len(lines) <= head.count(b"\n")    # some LF without its CR
     if bare_lf:
         lines = [line[:-1] if line[-1:] == b"\r" else line for line in head.split(b"\n")]
     if len(lines[0]) > limits.limit_request_line:
@@ -444,7 +445,7 @@ def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
     path, query, authority = split_target(method, target)
     if len(lines) - 1 > limits.limit_request_fields:
         raise HTTPError(431, "too many header fields")    # Limit: RFC 6585 §5
-    if len(lines) > 1 and not bare_lf and FIELD_LINES.fullmatch(head, len(lines[0]) + 2):
+    if len(lines) > 1 and not bare_lf and FIELD_LINES.fullmatch(head, len(lines[0]) + 2, end):
         # RFC 9112 §5: all well-formed, so "name:" OWS value OWS splits simply.
         headers = []
         for line in lines[1:]:
