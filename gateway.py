@@ -498,7 +498,8 @@ class RequestParser:
         self.remaining = 0    # body or chunk bytes still to come
         self.body_size = 0    # bytes of this request's body seen so far
         self.limits = limits
-        self.search_from = 0  # where to resume looking for the end of the head
+        self.search_from = 0  # where to resume looking for the end of the head,
+        #                       or of a chunk-size or trailer line
         self.trailer_bytes = self.trailer_lines = 0
         self.empty_lines = 0  # empty lines skipped before this request-line
         self.last_head = b""
@@ -665,11 +666,15 @@ class RequestParser:
 
     def _take_crlf_line(self, limit: int, error: HTTPError) -> bytes | None:
         """Cut one CRLF-terminated line off the buffer, or None if incomplete."""
-        end = self.buffer.find(b"\r\n", 0, limit + 2)
+        end = self.buffer.find(b"\r\n", self.search_from, limit + 2)
         if end < 0:
             if len(self.buffer) > limit + 1:    # room for a line and its CR
                 raise error                     # Limit: §1
+            # Bytes already searched are not searched again, but the last one
+            # may be the CR of a CRLF whose LF is still to come.
+            self.search_from = max(0, len(self.buffer) - 1)
             return None
+        self.search_from = 0
         line = self._take(end)
         del self.buffer[:2]
         if b"\n" in line:

@@ -591,6 +591,8 @@ ACCEPTED_BODIES = [
     (CHUNKED + b"0\r\n\r\n", b"", "RFC 9112 §7.1 only the last chunk"),
     (CHUNKED + b"5\r\nhello\r\n0\r\nX-Sum: abc\r\nHost: evil\r\n\r\n", b"hello",
      "RFC 9112 §7.1.2 trailers are read and dropped"),
+    (CHUNKED + b"3;x=y\r\nabc\r\n0;z\r\nX-A: 1\r\nX-B:\r\nX-C: \t3 \r\n\r\n", b"abc",
+     "RFC 9112 §7.1.2 several trailers after chunk-ext lines"),
 ]
 
 
@@ -674,6 +676,8 @@ REJECTED_BODIES = [
     (CHUNKED + b"0\r\nX : y\r\n\r\n", 400, None, "RFC 9112 §7.1.2 space before colon in trailer"),
     (CHUNKED + b"0\r\nX: a\r\n b\r\n\r\n", 400, None, "RFC 9112 §7.1.2 obs-fold in trailer"),
     (CHUNKED + b"0\r\nX: a\x00\r\n\r\n", 400, None, "RFC 9112 §7.1.2 NUL in trailer"),
+    (CHUNKED + b"0\r\nX: a\rb\r\n\r\n", 400, None, "RFC 9112 §7.1.2 lone CR in a trailer"),
+    (CHUNKED + b"0\r\nX: a\r\r\n\r\n", 400, None, "RFC 9112 §7.1.2 CR CR LF in a trailer"),
     (post_head(b"Content-Length: 11") + b"hello world", 413, 10,
      "RFC 9110 §15.5.14 Content-Length over max_body"),
     (CHUNKED + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", 413, 10,
@@ -814,6 +818,28 @@ WORST_CASES = [
 def test_worst_case_input_is_refused_in_linear_time(raw, status, rule, how):
     started = time.thread_time()       # CPU time: other processes do not count
     assert rejection(FEED_WAYS[how](raw)).status == status
+    assert time.thread_time() - started < 2.0
+
+
+def test_a_trailer_line_arriving_byte_by_byte_is_searched_once():
+    # The parser looks for the CRLF only in bytes it has not searched yet;
+    # searching the line again from its start after every read is quadratic.
+    # With the limit at 128 KiB, linear takes a fraction of a second of CPU
+    # and quadratic about ten seconds.
+    limit = 128 * 1024
+    line = b"X-Sum: " + b"v" * (limit - 9)
+    parser = RequestParser(Config(limit_request_head=limit))
+    parser.feed(CHUNKED + b"0\r\n")
+    assert isinstance(parser.next_event(), Request)
+    started = time.thread_time()
+    for i in range(len(line)):
+        parser.feed(line[i:i + 1])
+        assert parser.next_event() is None
+    for byte in b"\r\n\r":
+        parser.feed(bytes([byte]))
+        assert parser.next_event() is None
+    parser.feed(b"\n")
+    assert parser.next_event() is END
     assert time.thread_time() - started < 2.0
 
 
