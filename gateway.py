@@ -220,6 +220,13 @@ def printable(text: str) -> str:
 # server decides when to read it.
 # =============================================================================
 
+# Limit: these patterns run on client bytes, so each must take time linear in
+# its input. Where two neighbouring parts can both take a run of bytes (OWS
+# before a value that may hold blanks too), a failing match tries every way
+# of splitting the run between them: quadratic time. So each byte has one
+# part to go to (or, for the BWS in a chunk-ext, one of two), and alternatives
+# differ in their first byte.
+
 # RFC 9110 §5.6.2   token = 1*tchar
 #   tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." /
 #           "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA
@@ -236,15 +243,14 @@ REQUEST_LINE = re.compile(
 
 # RFC 9112 §5   field-line = field-name ":" OWS field-value OWS
 # RFC 9110 §5.5 field-value: visible characters, SP, HTAB and obs-text
-#   (%x80-FF); never NUL, CR, LF or another CTL. The trailing OWS is cut off
-#   with rstrip(b" \t") afterwards, which keeps the pattern free of backtracking.
+#   (%x80-FF); never NUL, CR, LF or another CTL. The OWS on both sides is
+#   matched as part of the value and stripped afterwards: a separate OWS
+#   pattern would compete with the value for the same blanks.
 FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
-FIELD_LINE = re.compile(rb"(?P<name>" + TOKEN + rb"):[ \t]*(?P<value>" + FIELD_VALUE + rb")")
+FIELD_LINE = re.compile(rb"(?P<name>" + TOKEN + rb"):(?P<value>" + FIELD_VALUE + rb")")
 # All the field lines of a head at once: "field-line *( CRLF field-line )".
 # One match for the whole head costs less than one per line (8.9 -> 7.7 us to
 # parse a 10-field request); the per-line pattern then only says what is wrong.
-# (The OWS after ":" is left to FIELD_VALUE, which allows SP and HTAB too: two
-# patterns that can both take it would backtrack exponentially on a bad head.)
 FIELD_LINES = re.compile(rb"%s:%s(?:\r\n%s:%s)*" % (TOKEN, FIELD_VALUE, TOKEN, FIELD_VALUE))
 
 # RFC 9112 §3.2 + RFC 3986 §3.2.2: Host = uri-host [ ":" port ]
@@ -256,6 +262,8 @@ HOST = re.compile(
 #                  chunk-size = 1*HEXDIG
 # RFC 9112 §7.1.1  chunk-ext  = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )
 #                  ext-val    = token / quoted-string
+# Blanks after an ext-name are tried for "=", then for the next ";": twice at
+# most. In a quoted-string, "\" always starts a quoted-pair, never qdtext.
 QUOTED_STRING = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
 CHUNK_LINE = re.compile(
     rb"(?P<size>[0-9A-Fa-f]+)"
@@ -368,7 +376,7 @@ def parse_field_line(line: bytes) -> tuple[bytes, bytes]:
         # Covers "Name : v" (RFC 9112 §5.1 MUST reject), a missing colon, and
         # CR, LF, NUL or other control characters in a value (RFC 9110 §5.5).
         raise HTTPError(400, "malformed header field")
-    return match["name"].lower(), match["value"].rstrip(b" \t")
+    return match["name"].lower(), match["value"].strip(b" \t")   # RFC 9112 §5: OWS
 
 
 def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, int]:
@@ -435,11 +443,12 @@ FRAMING_FIELDS = (b"host", b"content-length", b"transfer-encoding", b"connection
 def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
     """Parse one request head (without its empty last line) into a Request."""
     # RFC 9112 §2.2: lines end in CRLF. Leniency: a bare LF also ends a line, as
-    # the RFC allows; a CR anywhere else fails the patterns below (400).
-    if head[-1:] == b"\r":
-        head = head[:-1]        # the CR of the last line's CRLF
-    lines = head.split(b"\r\n")
-    bare_lf = len(lines) <= head.count(b"\n")
+    # the RFC allows; a CR anywhere else fails the patterns below (400). The
+    # head stops before its last LF, so a CR at its very end is the last line's
+    # CRLF. Exactly one CR is taken off each line: a second one is a bare CR.
+    end = len(head) - 1 if head[-1:] == b"\r" else len(head)
+    lines = head[:end].split(b"\r\n")
+    bare_lf = len(lines) <= head.count(b"\n")    # some LF without its CR
     if bare_lf:
         lines = [line[:-1] if line[-1:] == b"\r" else line for line in head.split(b"\n")]
     if len(lines[0]) > limits.limit_request_line:
@@ -448,7 +457,7 @@ def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
     path, query, authority = split_target(method, target)
     if len(lines) - 1 > limits.limit_request_fields:
         raise HTTPError(431, "too many header fields")    # Limit: RFC 6585 §5
-    if len(lines) > 1 and not bare_lf and FIELD_LINES.fullmatch(head, len(lines[0]) + 2):
+    if len(lines) > 1 and not bare_lf and FIELD_LINES.fullmatch(head, len(lines[0]) + 2, end):
         # RFC 9112 §5: all well-formed, so "name:" OWS value OWS splits simply.
         headers = []
         for line in lines[1:]:
@@ -493,7 +502,8 @@ class RequestParser:
         self.remaining = 0    # body or chunk bytes still to come
         self.body_size = 0    # bytes of this request's body seen so far
         self.limits = limits
-        self.search_from = 0  # where to resume looking for the end of the head
+        self.search_from = 0  # where to resume looking for the end of the head,
+        #                       or of a chunk-size or trailer line
         self.trailer_bytes = self.trailer_lines = 0
         self.empty_lines = 0  # empty lines skipped before this request-line
         self.last_head = b""
@@ -660,11 +670,15 @@ class RequestParser:
 
     def _take_crlf_line(self, limit: int, error: HTTPError) -> bytes | None:
         """Cut one CRLF-terminated line off the buffer, or None if incomplete."""
-        end = self.buffer.find(b"\r\n", 0, limit + 2)
+        end = self.buffer.find(b"\r\n", self.search_from, limit + 2)
         if end < 0:
             if len(self.buffer) > limit + 1:    # room for a line and its CR
                 raise error                     # Limit: §1
+            # Bytes already searched are not searched again, but the last one
+            # may be the CR of a CRLF whose LF is still to come.
+            self.search_from = max(0, len(self.buffer) - 1)
             return None
+        self.search_from = 0
         line = self._take(end)
         del self.buffer[:2]
         if b"\n" in line:

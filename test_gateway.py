@@ -313,6 +313,10 @@ ACCEPTED_HEADS = [
     (b"GET / HTTP/1.1\r\nHost: t\nX: y\r\n\n",
      head_of(headers=[(b"host", b"t"), (b"x", b"y")]), b"",
      "RFC 9112 §2.2 Leniency mixed CRLF and LF"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n\n", BASE_REQUEST, b"",
+     "RFC 9112 §2.2 Leniency CRLF lines then a bare LF empty line"),
+    (b"GET / HTTP/1.1\nHost: t\n\r\n", BASE_REQUEST, b"",
+     "RFC 9112 §2.2 Leniency bare LF lines then a CRLF empty line"),
     (b"GET / HTTP/1.1\r\nHost: t\r\nX: caf\xc3\xa9 \x80\xff\r\n\r\n",
      head_of(headers=[(b"host", b"t"), (b"x", b"caf\xc3\xa9 \x80\xff")]), b"",
      "RFC 9110 §5.5 obs-text in a value is kept as bytes"),
@@ -432,6 +436,23 @@ REJECTED_HEADS = [
     (host_head(b"X: a\r"), 400, "RFC 9112 §2.2 CR CR LF"),
     (b"GET / HTTP/1.1\r\nHost: t\rX: y\r\n\r\n", 400, "RFC 9112 §2.2 lone CR as line end"),
     (host_head(line=b"GET /\r HTTP/1.1"), 400, "RFC 9112 §2.2 lone CR in request-line"),
+    # A stray CR before a line's end is refused wherever the line stands, and
+    # whatever ends the lines: one CR is part of the CRLF, a second one is not.
+    (b"GET / HTTP/1.1\r\r\nHost: t\r\n\r\n", 400,
+     "RFC 9112 §2.2 stray CR ending the request-line"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\r\nX: y\r\n\r\n", 400,
+     "RFC 9112 §2.2 stray CR ending a middle line"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\r\n\r\n", 400, "RFC 9112 §2.2 stray CR ending the last line"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\r\n\n", 400,
+     "RFC 9112 §2.2 stray CR ending the last line before a bare LF"),
+    (b"GET / HTTP/1.1\r\r\nHost: t\n\n", 400,
+     "RFC 9112 §2.2 stray CR ending the request-line of a bare LF head"),
+    (b"GET / HTTP/1.1\nHost: t\r\r\nX: y\n\n", 400,
+     "RFC 9112 §2.2 stray CR ending a middle line of a bare LF head"),
+    (b"GET / HTTP/1.1\nHost: t\r\r\n\n", 400,
+     "RFC 9112 §2.2 stray CR ending the last line of a bare LF head"),
+    (b"POST / HTTP/1.1\nHost: t\nTransfer-Encoding: chunked\r\r\n\n", 400,
+     "RFC 9112 §2.2 stray CR ending a bare LF head's framing field"),
     (host_head(line=b"GET * HTTP/1.1"), 400, "RFC 9112 §3.2.4 asterisk with GET"),
     (host_head(line=b"CONNECT h:443 HTTP/1.1"), 501, "RFC 9112 §3.2.3 CONNECT not supported"),
     (host_head(line=b"M" * (gateway.MAX_METHOD_BYTES + 1) + b" / HTTP/1.1"), 501,
@@ -573,6 +594,8 @@ ACCEPTED_BODIES = [
     (CHUNKED + b"0\r\n\r\n", b"", "RFC 9112 §7.1 only the last chunk"),
     (CHUNKED + b"5\r\nhello\r\n0\r\nX-Sum: abc\r\nHost: evil\r\n\r\n", b"hello",
      "RFC 9112 §7.1.2 trailers are read and dropped"),
+    (CHUNKED + b"3;x=y\r\nabc\r\n0;z\r\nX-A: 1\r\nX-B:\r\nX-C: \t3 \r\n\r\n", b"abc",
+     "RFC 9112 §7.1.2 several trailers after chunk-ext lines"),
 ]
 
 
@@ -656,6 +679,8 @@ REJECTED_BODIES = [
     (CHUNKED + b"0\r\nX : y\r\n\r\n", 400, None, "RFC 9112 §7.1.2 space before colon in trailer"),
     (CHUNKED + b"0\r\nX: a\r\n b\r\n\r\n", 400, None, "RFC 9112 §7.1.2 obs-fold in trailer"),
     (CHUNKED + b"0\r\nX: a\x00\r\n\r\n", 400, None, "RFC 9112 §7.1.2 NUL in trailer"),
+    (CHUNKED + b"0\r\nX: a\rb\r\n\r\n", 400, None, "RFC 9112 §7.1.2 lone CR in a trailer"),
+    (CHUNKED + b"0\r\nX: a\r\r\n\r\n", 400, None, "RFC 9112 §7.1.2 CR CR LF in a trailer"),
     (post_head(b"Content-Length: 11") + b"hello world", 413, 10,
      "RFC 9110 §15.5.14 Content-Length over max_body"),
     (CHUNKED + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", 413, 10,
@@ -711,6 +736,114 @@ def test_trailers_never_reach_the_headers():
     head = parser.next_event()
     assert parser.next_event() is END
     assert head.headers == [(b"host", b"t"), (b"transfer-encoding", b"chunked")]
+
+
+# -- no pattern backtracks: the worst case at each limit -------------------------
+#
+# Every pattern run on client bytes must take time linear in them. A pattern
+# that can split the same bytes many ways (OWS next to a value that may hold
+# blanks too) tries every split before it fails: seconds of CPU for one 64 KiB
+# head, with every other client waiting. A linear parser answers each row in
+# milliseconds, so the bound below is generous and cannot flake.
+
+
+def filled(before: bytes, filler: bytes, after: bytes, size: int) -> bytes:
+    """before + filler repeated + after: `size` bytes, or a few bytes fewer."""
+    return before + filler * ((size - len(before) - len(after)) // len(filler)) + after
+
+
+HEAD_ROOM = gateway.MAX_HEAD_BYTES - 1     # a head's bytes before its CRLF CRLF
+LINE_ROOM = gateway.MAX_REQUEST_LINE
+TRAILER_ROOM = gateway.MAX_HEAD_BYTES - 2   # one trailer line, without its CRLF
+HOST_T = b"GET / HTTP/1.1\r\nHost: t\r\n"
+
+
+def worst_head(field: bytes, filler: bytes, tail: bytes) -> bytes:
+    """A head of 64 KiB whose last line is field + filler... + tail."""
+    return filled(HOST_T + field, filler, tail, HEAD_ROOM) + b"\r\n\r\n"
+
+
+def worst_line(line: bytes, filler: bytes, tail: bytes) -> bytes:
+    """A head whose request-line is 8 KiB: line + filler... + tail."""
+    return filled(line, filler, tail, LINE_ROOM) + b"\r\nHost: t\r\n\r\n"
+
+
+def worst_chunk(line: bytes, filler: bytes, tail: bytes) -> bytes:
+    """A chunked request whose chunk-size line is 4 KiB."""
+    return CHUNKED + filled(line, filler, tail, gateway.MAX_CHUNK_LINE) + b"\r\nhello\r\n0\r\n\r\n"
+
+
+def worst_trailer(field: bytes, filler: bytes, tail: bytes) -> bytes:
+    """A chunked request with one trailer line of 64 KiB."""
+    return CHUNKED + b"0\r\n" + filled(field, filler, tail, TRAILER_ROOM) + b"\r\n\r\n"
+
+
+PADDED_LINES = [b"X-%d:" % i + b" \t" * 320 for i in range(gateway.MAX_FIELD_LINES - 2)]
+
+WORST_CASES = [
+    # raw request,  status,  rule
+    (worst_head(b"X:", b" ", b"\x01"), 400, "RFC 9112 §5 OWS then a CTL"),
+    (worst_head(b"X:", b" \t", b"\x01"), 400, "RFC 9112 §5 SP and HTAB then a CTL"),
+    (worst_head(b"X: a", b" ", b"\x01"), 400, "RFC 9112 §5 blanks inside a value then a CTL"),
+    (worst_head(b"X:", b" ", b"\r"), 400, "RFC 9112 §5 OWS then a stray CR"),
+    (filled(b"GET / HTTP/1.1\nHost: t\nX:", b" ", b"\x01", HEAD_ROOM) + b"\n\n", 400,
+     "RFC 9112 §5 OWS then a CTL in a bare LF head"),
+    (HOST_T + b"".join(line + b"\r\n" for line in PADDED_LINES) + b"X y\r\n\r\n", 400,
+     "RFC 9112 §5 a bad line after 98 padded ones"),
+    (worst_head(b"", b"X", b""), 400, "RFC 9112 §5 a long name without colon"),
+    (worst_head(b"", b"X", b" :"), 400, "RFC 9112 §5 a long name then space colon"),
+    (worst_head(b"Host: ", b"a", b"/"), 400, "RFC 9112 §3.2 a long Host then a slash"),
+    (worst_head(b"Host: a:", b"1", b"x"), 400, "RFC 9112 §3.2 a long port then a letter"),
+    (worst_head(b"Host: [", b"0:", b"x"), 400, "RFC 9112 §3.2 an unclosed IPv6 literal"),
+    (worst_head(b"Host: [", b"0:", b"]:1x"), 400, "RFC 9112 §3.2 a long IPv6 literal bad port"),
+    (worst_line(b"GET /", b"a", b" HTTP/1.x"), 400, "RFC 9112 §3 a long target then a bad version"),
+    (worst_line(b"GET /", b"a", b"\x01 HTTP/1.1"), 400, "RFC 9112 §3 a long target then a CTL"),
+    (worst_line(b"GET ", b"/ ", b"HTTP/1.1"), 400, "RFC 9112 §3 many spaces in the request-line"),
+    (worst_line(b"GET http://", b"a", b"^/ HTTP/1.1"), 400,
+     "RFC 9112 §3.2.2 a long authority then a bad byte"),
+    (worst_chunk(b"5", b";a ", b"x"), 400, "RFC 9112 §7.1.1 names with BWS then a bad byte"),
+    (worst_chunk(b"5", b" ; a = b", b" x"), 400, "RFC 9112 §7.1.1 pairs with BWS then a bad byte"),
+    (worst_chunk(b"5;a", b" ", b"x"), 400, "RFC 9112 §7.1.1 long BWS then a bad byte"),
+    (worst_chunk(b'5;a="', b'\\"', b"\x01"), 400,
+     "RFC 9112 §7.1.1 a quoted-string of escapes then a CTL"),
+    (worst_chunk(b"5", b';a=""', b"="), 400, "RFC 9112 §7.1.1 empty quoted-strings then a bad byte"),
+    (worst_trailer(b"X:", b" ", b"\x01"), 400, "RFC 9112 §7.1.2 OWS then a CTL in a trailer"),
+    (worst_trailer(b"X: a", b" \t", b"\x01"), 400,
+     "RFC 9112 §7.1.2 blanks inside a trailer value then a CTL"),
+    (worst_trailer(b"", b"X", b""), 400, "RFC 9112 §7.1.2 a long trailer name without colon"),
+    (CHUNKED + b"0\r\n" + b"".join(line + b"\r\n" for line in PADDED_LINES) + b"X:\x01\r\n\r\n",
+     400, "RFC 9112 §7.1.2 a bad trailer after 98 padded ones"),
+]
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+@pytest.mark.parametrize("raw,status,rule", WORST_CASES, ids=[row[2] for row in WORST_CASES])
+def test_worst_case_input_is_refused_in_linear_time(raw, status, rule, how):
+    started = time.thread_time()       # CPU time: other processes do not count
+    assert rejection(FEED_WAYS[how](raw)).status == status
+    assert time.thread_time() - started < 2.0
+
+
+def test_a_trailer_line_arriving_byte_by_byte_is_searched_once():
+    # The parser looks for the CRLF only in bytes it has not searched yet;
+    # searching the line again from its start after every read is quadratic.
+    # With the limit at 128 KiB, linear takes a fraction of a second of CPU
+    # and quadratic about ten seconds.
+    limit = 128 * 1024
+    line = b"X-Sum: " + b"v" * (limit - 9)
+    parser = RequestParser(Config(limit_request_head=limit))
+    parser.feed(CHUNKED + b"0\r\n")
+    assert isinstance(parser.next_event(), Request)
+    started = time.thread_time()
+    for i in range(len(line)):
+        parser.feed(line[i:i + 1])
+        assert parser.next_event() is None
+    for byte in b"\r\n\r":
+        parser.feed(bytes([byte]))
+        assert parser.next_event() is None
+    parser.feed(b"\n")
+    assert parser.next_event() is END
+    assert time.thread_time() - started < 2.0
 
 
 # =============================================================================
@@ -1324,6 +1457,21 @@ def test_srv_malformed_request(interface, case):
             other.sendall(srv_post(b"bystander"))
             assert ResponseReader(other).read_response()[::2] == (200, b"bystander")
         assert request(port, srv_post(b"new"))[::2] == (200, b"new")
+
+
+def test_srv_worst_case_head_does_not_stall_other_clients(echo_server):
+    # A 64 KiB head that a backtracking pattern would chew on for seconds,
+    # holding up the event loop: both answers must come at once.
+    started = time.monotonic()
+    with connect(echo_server) as bad, connect(echo_server) as other:
+        bad.sendall(worst_head(b"X:", b" ", b"\x01"))
+        other.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert ResponseReader(other).read_response()[0] == 200
+        answered = time.monotonic() - started
+        line, _, _ = srv_split_response(read_until_closed(bad))
+        refused = time.monotonic() - started
+    assert line == b"HTTP/1.1 400 Bad Request"
+    assert answered < 5.0 and refused < 5.0
 
 
 # -- 7. WSGI: a blocked app does not block others -----------------------------
