@@ -2618,7 +2618,9 @@ class ASGIConnection:
             self.pending_read.cancel()
         transport = self.writer.transport
         if self.stopping.is_set():
-            transport.abort()     # the server is shutting down: no lingering
+            # The server is shutting down: no lingering, but close() (unlike
+            # abort()) still sends what the response left in the buffer.
+            transport.close()
             return
         try:
             if not self.eof and not transport.is_closing() and transport.can_write_eof():
