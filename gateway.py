@@ -2914,6 +2914,13 @@ class PerMessageDeflate:
             raise WebSocketError(1007, "invalid compressed data") from None
         if len(out) > limit or self.decompressor.unconsumed_tail:
             raise WebSocketError(1009, "message too big")   # a deflate bomb, too
+        if self.decompressor.eof:
+            # RFC 7692 §7.2.3.4: a sender may end a message with a block that
+            # has BFINAL set; that DEFLATE stream is over, the next message
+            # starts a new one. Nothing but our own 00 00 FF FF may follow it.
+            if self.decompressor.unused_data not in (b"", b"\x00\x00\xff\xff"):
+                raise WebSocketError(1007, "data after the final DEFLATE block")
+            self.decompressor = zlib.decompressobj(-15)
         return out
 
 

@@ -7736,3 +7736,19 @@ def test_ws_deflate_with_a_smaller_server_window_round_trips():
     for _ in range(2):                      # no context kept between messages
         wire = codec.compress(text)
         assert zlib.decompressobj(-9).decompress(wire + b"\x00\x00\xff\xff") == text
+
+
+def test_ws_a_message_ending_in_a_bfinal_block_leaves_the_next_one_readable():
+    # RFC 7692 §7.2.3.4: a sender may end a message with a DEFLATE block that
+    # has BFINAL set (a zlib Z_FINISH); the next message is a new stream.
+    codec, _ = gateway.PerMessageDeflate.negotiate([b"permessage-deflate"])
+    finished = zlib.compressobj(6, zlib.DEFLATED, -15)
+    assert codec.decompress(finished.compress(b"hello") + finished.flush(), 100, True) \
+        == b"hello"
+    flushed = zlib.compressobj(6, zlib.DEFLATED, -15)
+    wire = flushed.compress(b"again") + flushed.flush(zlib.Z_SYNC_FLUSH)
+    assert codec.decompress(wire[:-4], 100, True) == b"again"
+    trailing = zlib.compressobj(6, zlib.DEFLATED, -15)
+    with pytest.raises(gateway.WebSocketError) as caught:
+        codec.decompress(trailing.compress(b"x") + trailing.flush() + b"junk", 100, True)
+    assert caught.value.code == 1007
