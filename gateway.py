@@ -1921,6 +1921,7 @@ class WSGIServer:
             self.run_once()
 
     def accept(self) -> None:
+        """Take waiting clients off the listener, several per turn of the loop."""
         for _ in range(64):     # several per wake-up, but let others run too
             try:
                 sock, client = self.listener.accept()
@@ -1929,8 +1930,16 @@ class WSGIServer:
             except OSError as error:   # e.g. EMFILE: out of file descriptors
                 log.warning("accept() failed: %s", error)
                 return
+            self.add_connection(sock, client)
+
+    def add_connection(self, sock: socket.socket, client) -> None:
+        """Start serving an accepted socket. One that is dead already, or that
+        the selector will not take, is closed: it must not end the loop."""
+        conn = None
+        try:
             sock.setblocking(False)
-            set_nodelay(sock)
+            if not set_nodelay(sock):
+                raise ConnectionResetError("reset before it was served")
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_side=True,
                                                     do_handshake_on_connect=False)
@@ -1946,6 +1955,12 @@ class WSGIServer:
                                              self.config))
             if not conn.closed:
                 conn.watch()
+        except (OSError, ValueError) as error:
+            log.debug("closed a new connection at once: %s", error)
+            if conn is not None:
+                conn.close()
+            else:
+                sock.close()
 
     def wake(self, conn: WSGIConnection) -> None:
         """Runs on: any thread. Have the loop call conn.on_wake() soon."""
@@ -1996,10 +2011,18 @@ class WSGIServer:
         self.wake_writer.close()
 
 
-def set_nodelay(sock: socket.socket) -> None:
-    """Send small responses at once instead of waiting for Nagle's algorithm."""
+def set_nodelay(sock: socket.socket) -> bool:
+    """Send small responses at once instead of waiting for Nagle's algorithm.
+
+    False if the socket is dead already: macOS refuses the option (EINVAL) on
+    a connection the client reset before we got to it.
+    """
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            return False
+    return True
 
 
 # =============================================================================
@@ -2549,7 +2572,11 @@ class ASGIServer:
 
     async def handle(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
-        set_nodelay(writer.get_extra_info("socket"))
+        """Serve one accepted connection, unless it is dead already."""
+        if not set_nodelay(writer.get_extra_info("socket")):
+            log.debug("closed a new connection at once: reset before it was served")
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         conn = ASGIConnection(self, reader, writer)
         self.connections[task] = conn

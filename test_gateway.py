@@ -11,6 +11,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -1814,6 +1815,86 @@ def test_limits_concurrency(interface):
         # Once the server has seen them close, a new connection is served.
         # (Retried: the server learns of the close asynchronously.)
         wait_for(lambda: limits_status(port) == 200)
+
+
+def limits_bound_client(port: int, ports: set) -> socket.socket:
+    """A connected client whose port is added to `ports` before it connects."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(LIMITS_SHORT)
+    sock.bind(("127.0.0.1", 0))
+    ports.add(sock.getsockname()[1])
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def limits_closed_by_server(sock: socket.socket) -> bool:
+    """True if the server closed (or reset) the connection without a byte."""
+    try:
+        return read_until_closed(sock) == b""
+    except ConnectionResetError:
+        return True
+
+
+def limits_no_tracebacks(caplog) -> None:
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], \
+        caplog.text
+
+
+def test_limits_selector_refusing_a_socket_closes_only_it(monkeypatch, caplog):
+    # select() on Windows refuses a 513th socket; epoll may refuse one too
+    # (ENOMEM, or the user's max_user_watches). That connection is closed.
+    caplog.set_level(logging.INFO, logger="gateway")
+    refused: set = set()
+    with ops_serving("wsgi", limits_reader_app("wsgi", []), date_header=False,
+                     timeout_graceful_shutdown=1.0) as (server, thread, port):
+        register = server.selector.register
+
+        def refusing_register(fileobj, events, data=None):
+            if data not in ("accept", "wake") and fileobj.getpeername()[1] in refused:
+                raise ValueError("too many file descriptors in select()")
+            return register(fileobj, events, data)
+
+        monkeypatch.setattr(server.selector, "register", refusing_register)
+        with limits_bound_client(port, refused) as sock:
+            sock.sendall(LIMITS_GET)
+            assert limits_closed_by_server(sock)
+        assert limits_status(port) == 200
+        assert thread.is_alive()
+    limits_no_tracebacks(caplog)
+
+
+def test_limits_connection_dead_on_arrival_is_closed_quietly(interface, monkeypatch,
+                                                              caplog):
+    # macOS refuses TCP_NODELAY (EINVAL) on a connection the client reset
+    # before the server got to it; Linux does not, so that is simulated.
+    caplog.set_level(logging.DEBUG)
+    dead: set = set()
+    kind = socket.socket if interface == "wsgi" else asyncio.trsock.TransportSocket
+    setsockopt = kind.setsockopt
+
+    def failing_setsockopt(self, level, option, *value):
+        if (level, option) == (socket.IPPROTO_TCP, socket.TCP_NODELAY):
+            try:
+                peer = self.getpeername()[1]
+            except OSError:
+                peer = None
+            if peer in dead:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return setsockopt(self, level, option, *value)
+
+    monkeypatch.setattr(kind, "setsockopt", failing_setsockopt)
+    with limits_server(interface, limits_reader_app(interface, [])) as port:
+        burst = [limits_bound_client(port, dead) for _ in range(5)]
+        with limits_connect(port) as alive:          # accepted among them
+            for sock in burst:
+                sock.sendall(LIMITS_GET)
+            alive.sendall(LIMITS_GET)
+            assert ResponseReader(alive).read_exact(len(limits_ok(0))) == limits_ok(0)
+            for sock in burst:
+                assert limits_closed_by_server(sock)
+                sock.close()
+        assert limits_status(port) == 200
+    limits_no_tracebacks(caplog)
 
 
 # -- 2. timeouts -------------------------------------------------------------------
