@@ -100,6 +100,14 @@ RECV_BYTES = 64 * 1024           # size asked of each recv()
 HIGH_WATER = 256 * 1024          # bytes buffered for one side before we pause it
 LOW_WATER = 64 * 1024            # ... and the level at which we resume it
 BACKLOG = 2048                   # pending connections the kernel may queue
+# When accept() runs out of descriptors the server stops watching its listener
+# for a while; new clients wait in that backlog meanwhile (§6 accept, §8
+# on_loop_error).
+ACCEPT_PAUSE_SECONDS = 0.5       # after accept() ran out of descriptors (`ulimit -n`)
+#                                  -> no accept() for this long (ASGI: asyncio's
+#                                  constants.ACCEPT_RETRY_DELAY, 1 s)
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#                                  accept() errors that mean "pause", as above
 SPOOL_BYTES = 1024 * 1024        # a chunked WSGI body past this goes to a temp file
 SENDFILE_BYTES = 1024 * 1024     # most bytes one os.sendfile() call may send
 # Eight threads: enough that a few slow app calls (a database, an upstream API)
@@ -1878,11 +1886,15 @@ class WSGIServer:
                         self.config.timeout_request_head / 2,
                         self.config.timeout_read / 2, self.config.timeout_write / 2)
         self.last_check = time.monotonic()
+        self.accepting = False       # the listener is in the selector
+        self.resume_at = 0.0         # not accepting: try again at this time ...
+        self.resume_below = 0        # ... or once fewer connections are open
+        self.refusing: set[str] = set()   # why we stopped, since the backlog was empty
 
     def serve_forever(self) -> None:
         """Runs on: the loop thread. Accept, read, write until shutdown()."""
         self.listener.setblocking(False)
-        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.watch_listener(True)
         self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
         on_signals(self.shutdown)
         try:
@@ -1895,6 +1907,8 @@ class WSGIServer:
     def run_once(self) -> None:
         """One turn of the loop: wait for sockets, handle them, check the clocks."""
         timeout = self.pool.wake_workers(time.monotonic(), self.tick)
+        if not self.accepting and not self.stopping:
+            timeout = max(0.0, min(timeout, self.resume_at - time.monotonic()))
         for key, mask in self.selector.select(timeout):
             if key.data == "accept":
                 self.accept()
@@ -1903,6 +1917,9 @@ class WSGIServer:
             else:
                 key.data.on_event(mask)
         now = time.monotonic()
+        if not self.accepting and not self.stopping and (
+                now >= self.resume_at or len(self.connections) < self.resume_below):
+            self.watch_listener(True)      # a descriptor may be free again
         if now - self.last_check >= self.tick:
             self.check_timeouts(now)
             self.last_check = now
@@ -1911,7 +1928,7 @@ class WSGIServer:
         """Graceful shutdown: stop accepting, close idle connections, and let
         requests in progress finish (each response says "Connection: close")."""
         self.stopping = True
-        self.selector.unregister(self.listener)
+        self.watch_listener(False)
         self.listener.close()
         for conn in list(self.connections):
             if conn.state == "idle":
@@ -1921,16 +1938,30 @@ class WSGIServer:
             self.run_once()
 
     def accept(self) -> None:
-        """Take waiting clients off the listener, several per turn of the loop."""
+        """Take waiting clients off the listener, several per turn of the loop;
+        stop watching it while no more can be taken."""
         for _ in range(64):     # several per wake-up, but let others run too
             try:
                 sock, client = self.listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            except BlockingIOError:
+                if self.refusing:          # caught up with the clients who waited
+                    self.refusing.clear()
+                    log.info("accepting connections again")
                 return
-            except OSError as error:   # e.g. EMFILE: out of file descriptors
+            except (InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as error:
+                if error.errno in OUT_OF_DESCRIPTORS:
+                    # Policy: back off. The listener stays readable, so trying
+                    # again at once would spin; the clients wait in the backlog.
+                    self.stop_accepting(out_of(error),
+                                        until=time.monotonic() + ACCEPT_PAUSE_SECONDS)
+                    return
                 log.warning("accept() failed: %s", error)
                 return
             self.add_connection(sock, client)
+            if not self.accepting:
+                return
 
     def add_connection(self, sock: socket.socket, client) -> None:
         """Start serving an accepted socket. One that is dead already, or that
@@ -1961,6 +1992,25 @@ class WSGIServer:
                 conn.close()
             else:
                 sock.close()
+
+    def watch_listener(self, on: bool) -> None:
+        """Watch the listener for new clients, or leave them in the backlog."""
+        if on != self.accepting:
+            if on:
+                self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+            else:
+                self.selector.unregister(self.listener)
+            self.accepting = on
+
+    def stop_accepting(self, reason: str, until: float) -> None:
+        """Leave new clients in the backlog until `until`, or until one of
+        ours closes. One warning per reason until the backlog is empty again."""
+        self.watch_listener(False)
+        self.resume_at = until
+        self.resume_below = len(self.connections)
+        if reason not in self.refusing:
+            self.refusing.add(reason)
+            log.warning("%s: not accepting for now", reason)
 
     def wake(self, conn: WSGIConnection) -> None:
         """Runs on: any thread. Have the loop call conn.on_wake() soon."""
@@ -2009,6 +2059,13 @@ class WSGIServer:
             self.listener.close()
         self.wake_reader.close()
         self.wake_writer.close()
+
+
+def out_of(error: OSError) -> str:
+    """What an accept() that failed with one of OUT_OF_DESCRIPTORS ran out of."""
+    what = ("file descriptors" if error.errno in (errno.EMFILE, errno.ENFILE)
+            else "memory")
+    return "out of %s (%s)" % (what, errno.errorcode[error.errno])
 
 
 def set_nodelay(sock: socket.socket) -> bool:
@@ -2519,6 +2576,8 @@ class ASGIServer:
         self.forced = False
         self.stop_early = False
         self.starting = threading.Lock()
+        self.out_of_fds: float | None = None   # loop time accept() last failed
+        self.next_handler = None     # the loop's exception handler before ours
 
     async def serve(self) -> None:
         """Start up, accept and serve connections until shutdown(), shut down."""
@@ -2533,8 +2592,17 @@ class ASGIServer:
         if self.config.ssl_certfile:
             tls = {"ssl": make_ssl_context(self.config),
                    "ssl_handshake_timeout": self.config.timeout_request_head}
+        self.next_handler = self.loop.get_exception_handler()
+        self.loop.set_exception_handler(self.on_loop_error)
+        # Limit: asyncio's `backlog` is also how many accept() calls it makes
+        # per wake-up, and it goes on calling after one fails for want of
+        # descriptors, each failure scheduling one more retry: their number
+        # grows every second. With 1 there is one retry at a time, and one
+        # accept() per turn of the loop. asyncio also calls listen() with it,
+        # so we listen() again with ours.
         server = await asyncio.start_server(self.handle, sock=self.listener,
-                                            limit=RECV_BYTES, **tls)
+                                            limit=RECV_BYTES, backlog=1, **tls)
+        self.listener.listen(self.config.backlog)
         on_signals(self.shutdown, self.loop)
         sweeper = asyncio.ensure_future(self.close_idle())
         async with server:
@@ -2570,9 +2638,34 @@ class ASGIServer:
             task.cancel()       # out of time: cut them off
         await asyncio.gather(*self.connections, return_exceptions=True)
 
+    def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """The event loop's exception handler while we serve.
+
+        asyncio reports an accept() that ran out of descriptors with a
+        traceback, and again at each retry (constants.ACCEPT_RETRY_DELAY, a
+        second, during which new clients wait in the backlog). Say it once
+        until a connection is accepted again; pass everything else on.
+        """
+        error = context.get("exception")
+        if (context.get("message") == "socket.accept() out of system resource"
+                and isinstance(error, OSError) and error.errno in OUT_OF_DESCRIPTORS):
+            if self.out_of_fds is None:
+                log.warning("%s: not accepting for now", out_of(error))
+            self.out_of_fds = loop.time()
+        elif self.next_handler is not None:
+            self.next_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
     async def handle(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
         """Serve one accepted connection, unless it is dead already."""
+        if (self.out_of_fds is not None and self.loop.time() - self.out_of_fds
+                >= asyncio.constants.ACCEPT_RETRY_DELAY):
+            # Accepted by a retry, not before the failure (those come here
+            # within a few turns of the loop).
+            self.out_of_fds = None
+            log.info("accepting connections again")
         if not set_nodelay(writer.get_extra_info("socket")):
             log.debug("closed a new connection at once: reset before it was served")
             writer.transport.abort()

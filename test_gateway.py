@@ -6579,6 +6579,63 @@ def test_ops_cli_backlog(tmp_path):
         assert request(cli.port(), OPS_CLOSE)[::2] == (200, b"hello")
 
 
+OPS_NOFILE = 40           # the server's descriptor limit in the test below
+OPS_HOLD_SECONDS = 2.5    # long enough for a few retries on both paths
+
+
+def ops_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@OPS_POSIX
+def test_ops_cli_out_of_descriptors_backs_off(interface, tmp_path):
+    wrapper = tmp_path / "low_nofile.py"
+    wrapper.write_text(
+        "import resource, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(OPS_GATEWAY)!r})\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({OPS_NOFILE}, hard))\n"
+        "import gateway\n"
+        "sys.exit(gateway.main())\n")
+    spec = "echo_wsgi:application" if interface == "wsgi" else "echo_asgi:app"
+    cli = SrvCLIProcess(f"--{interface}", spec, "--port", "0", "--no-access-log",
+                        "--timeout-keep-alive", "60", launch=(str(wrapper),))
+    held: list[socket.socket] = []
+    try:
+        port = int(OPS_SERVING.fullmatch(cli.next_line()).group(1))
+        # More clients than descriptors: the last ones wait in the backlog.
+        held = [connect(port) for _ in range(OPS_NOFILE + 20)]
+        line = cli.next_line()
+        assert line == "gateway: out of file descriptors (EMFILE): not accepting for now\n"
+        cpu = ops_cpu_seconds(cli.proc.pid)
+        deadline = time.monotonic() + OPS_HOLD_SECONDS
+        during: list[str] = []
+        with contextlib.suppress(queue.Empty):
+            while (left := deadline - time.monotonic()) > 0:
+                during.append(cli.lines.get(timeout=left))
+        assert during == []                      # not one line more while it lasts
+        if cpu is not None:                      # and no spinning
+            assert ops_cpu_seconds(cli.proc.pid) - cpu < 0.25 * OPS_HOLD_SECONDS
+        for sock in held:
+            sock.close()
+        assert request(port, OPS_CLOSE)[0] == 200
+        assert cli.next_line() == "gateway: accepting connections again\n"
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(TIMEOUT) == 0
+        assert cli.rest().endswith("gateway: stopped\n")
+        assert "Traceback" not in "".join(cli.seen)
+    finally:
+        for sock in held:
+            sock.close()
+        cli.kill()
+
+
 # =============================================================================
 # 5. Proxy headers
 # =============================================================================
