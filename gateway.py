@@ -100,9 +100,12 @@ RECV_BYTES = 64 * 1024           # size asked of each recv()
 HIGH_WATER = 256 * 1024          # bytes buffered for one side before we pause it
 LOW_WATER = 64 * 1024            # ... and the level at which we resume it
 BACKLOG = 2048                   # pending connections the kernel may queue
-# When accept() runs out of descriptors the server stops watching its listener
-# for a while; new clients wait in that backlog meanwhile (§6 accept, §8
-# on_loop_error).
+# When it cannot take one more connection (the selector is full, or accept()
+# ran out of descriptors) the server stops watching its listener for a while;
+# new clients wait in that backlog meanwhile (§6 accept, §8 on_loop_error).
+SELECT_SOCKETS = 512 if os.name == "nt" else 1024   # FD_SETSIZE: select() watches
+#                                  this many sockets (Windows), or descriptors below
+#                                  it (POSIX) -> the WSGI loop stops accepting
 ACCEPT_PAUSE_SECONDS = 0.5       # after accept() ran out of descriptors (`ulimit -n`)
 #                                  -> no accept() for this long (ASGI: asyncio's
 #                                  constants.ACCEPT_RETRY_DELAY, 1 s)
@@ -1886,6 +1889,15 @@ class WSGIServer:
                         self.config.timeout_request_head / 2,
                         self.config.timeout_read / 2, self.config.timeout_write / 2)
         self.last_check = time.monotonic()
+        # Limit: connections the selector can watch at once. select() (all that
+        # Windows has) takes SELECT_SOCKETS sockets there, the listener and the
+        # waker among them; on POSIX only descriptors below SELECT_SOCKETS, and
+        # the kernel hands out the lowest free one, so count those open now.
+        # epoll, kqueue and poll: None, only RLIMIT_NOFILE bounds them.
+        self.capacity: int | None = None
+        if isinstance(self.selector, selectors.SelectSelector):
+            in_use = 2 if os.name == "nt" else self.wake_writer.fileno() + 1
+            self.capacity = SELECT_SOCKETS - in_use
         self.accepting = False       # the listener is in the selector
         self.resume_at = 0.0         # not accepting: try again at this time ...
         self.resume_below = 0        # ... or once fewer connections are open
@@ -1941,6 +1953,16 @@ class WSGIServer:
         """Take waiting clients off the listener, several per turn of the loop;
         stop watching it while no more can be taken."""
         for _ in range(64):     # several per wake-up, but let others run too
+            if self.capacity is not None and len(self.connections) >= self.capacity:
+                # Policy: a full selector stops accepting until a connection
+                # closes; clients wait in the backlog (gunicorn's threaded
+                # worker does the same at its worker_connections). A 503
+                # (RFC 9110 §15.6.4: overloaded, try later), as uvicorn and our
+                # --limit-concurrency send, needs a socket the selector watches
+                # while the answer goes out and we linger for the client's FIN.
+                self.stop_accepting("the selector is full (%d connections)"
+                                    % self.capacity, until=float("inf"))
+                return
             try:
                 sock, client = self.listener.accept()
             except BlockingIOError:
@@ -1966,6 +1988,14 @@ class WSGIServer:
     def add_connection(self, sock: socket.socket, client) -> None:
         """Start serving an accepted socket. One that is dead already, or that
         the selector will not take, is closed: it must not end the loop."""
+        if self.capacity is not None and os.name != "nt" and (
+                sock.fileno() >= SELECT_SOCKETS):
+            # Limit: POSIX select() cannot take it: all lower descriptors are
+            # in use (the app holds some). Try again later, or once one closes.
+            sock.close()
+            self.stop_accepting("no descriptor below %d free for select()" % SELECT_SOCKETS,
+                                until=time.monotonic() + ACCEPT_PAUSE_SECONDS)
+            return
         conn = None
         try:
             sock.setblocking(False)

@@ -21,6 +21,7 @@ import queue
 import random
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -1838,6 +1839,41 @@ def limits_closed_by_server(sock: socket.socket) -> bool:
 def limits_no_tracebacks(caplog) -> None:
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], \
         caplog.text
+
+
+def test_limits_select_selector_full_stops_accepting(monkeypatch, caplog):
+    # Windows has only select(), which takes 512 sockets (FD_SETSIZE). Here a
+    # select() selector's capacity is lowered to 2 connections.
+    caplog.set_level(logging.INFO, logger="gateway")
+    monkeypatch.setattr(selectors, "DefaultSelector", selectors.SelectSelector)
+    seen: list = []
+    with ops_serving("wsgi", limits_reader_app("wsgi", seen), date_header=False,
+                     timeout_graceful_shutdown=1.0) as (server, thread, port):
+        assert isinstance(server.selector, selectors.SelectSelector)
+        assert server.capacity == gateway.SELECT_SOCKETS - (
+            server.wake_writer.fileno() + 1)
+        server.capacity = 2
+        first, second = limits_connect(port), limits_connect(port)
+        for sock in (first, second):
+            sock.sendall(LIMITS_GET)
+            assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
+        with limits_connect(port) as waiting:        # in the kernel's backlog
+            waiting.sendall(LIMITS_GET)
+            wait_for(lambda: not server.accepting)
+            # Policy: not accepted, so not answered (no 503) while both stay.
+            assert select.select([waiting], [], [], 0.3)[0] == []
+            assert len(server.connections) == 2
+            first.close()                            # ... until one leaves
+            assert ResponseReader(waiting).read_exact(len(limits_ok(0))) == limits_ok(0)
+            second.sendall(LIMITS_GET)               # the other one still works
+            assert ResponseReader(second).read_exact(len(limits_ok(0))) == limits_ok(0)
+            second.close()
+        assert limits_status(port) == 200            # a new client, served at once
+        assert thread.is_alive()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["the selector is full (2 connections): not accepting for now"]
+    assert "accepting connections again" in caplog.messages
+    limits_no_tracebacks(caplog)
 
 
 def test_limits_selector_refusing_a_socket_closes_only_it(monkeypatch, caplog):
