@@ -1837,6 +1837,7 @@ def limits_closed_by_server(sock: socket.socket) -> bool:
 
 
 def limits_no_tracebacks(caplog) -> None:
+    """Nothing was logged with a traceback, nor at ERROR or above."""
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], \
         caplog.text
 
@@ -1850,15 +1851,15 @@ def test_limits_select_selector_full_stops_accepting(monkeypatch, caplog):
     with ops_serving("wsgi", limits_reader_app("wsgi", seen), date_header=False,
                      timeout_graceful_shutdown=1.0) as (server, thread, port):
         assert isinstance(server.selector, selectors.SelectSelector)
-        assert server.capacity == gateway.SELECT_SOCKETS - (
-            server.wake_writer.fileno() + 1)
+        in_use = 2 if os.name == "nt" else server.wake_writer.fileno() + 1
+        assert server.capacity == gateway.SELECT_SOCKETS - in_use
         server.capacity = 2
-        first, second = limits_connect(port), limits_connect(port)
-        for sock in (first, second):
-            sock.sendall(LIMITS_GET)
-            assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
-        with limits_connect(port) as waiting:        # in the kernel's backlog
-            waiting.sendall(LIMITS_GET)
+        with limits_connect(port) as first, limits_connect(port) as second, \
+                limits_connect(port) as waiting:
+            for sock in (first, second):
+                sock.sendall(LIMITS_GET)
+                assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
+            waiting.sendall(LIMITS_GET)              # waits in the kernel's backlog
             wait_for(lambda: not server.accepting)
             # Policy: not accepted, so not answered (no 503) while both stay.
             assert select.select([waiting], [], [], 0.3)[0] == []
@@ -1868,17 +1869,18 @@ def test_limits_select_selector_full_stops_accepting(monkeypatch, caplog):
             second.sendall(LIMITS_GET)               # the other one still works
             assert ResponseReader(second).read_exact(len(limits_ok(0))) == limits_ok(0)
             second.close()
+        wait_for(lambda: not server.connections)
         assert limits_status(port) == 200            # a new client, served at once
         assert thread.is_alive()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["the selector is full (2 connections): not accepting for now"]
-    assert "accepting connections again" in caplog.messages
+    assert "accepting connections again" in caplog.messages    # none waits now
     limits_no_tracebacks(caplog)
 
 
 def test_limits_selector_refusing_a_socket_closes_only_it(monkeypatch, caplog):
-    # select() on Windows refuses a 513th socket; epoll may refuse one too
-    # (ENOMEM, or the user's max_user_watches). That connection is closed.
+    # A selector may refuse a socket (epoll: ENOMEM, or the user's
+    # max_user_watches). That connection alone is closed.
     caplog.set_level(logging.INFO, logger="gateway")
     refused: set = set()
     with ops_serving("wsgi", limits_reader_app("wsgi", []), date_header=False,
@@ -1920,15 +1922,16 @@ def test_limits_connection_dead_on_arrival_is_closed_quietly(interface, monkeypa
 
     monkeypatch.setattr(kind, "setsockopt", failing_setsockopt)
     with limits_server(interface, limits_reader_app(interface, [])) as port:
-        burst = [limits_bound_client(port, dead) for _ in range(5)]
-        with limits_connect(port) as alive:          # accepted among them
+        with contextlib.ExitStack() as stack:
+            burst = [stack.enter_context(limits_bound_client(port, dead))
+                     for _ in range(5)]
+            alive = stack.enter_context(limits_connect(port))   # accepted among them
             for sock in burst:
                 sock.sendall(LIMITS_GET)
             alive.sendall(LIMITS_GET)
             assert ResponseReader(alive).read_exact(len(limits_ok(0))) == limits_ok(0)
             for sock in burst:
                 assert limits_closed_by_server(sock)
-                sock.close()
         assert limits_status(port) == 200
     limits_no_tracebacks(caplog)
 
