@@ -100,6 +100,17 @@ RECV_BYTES = 64 * 1024           # size asked of each recv()
 HIGH_WATER = 256 * 1024          # bytes buffered for one side before we pause it
 LOW_WATER = 64 * 1024            # ... and the level at which we resume it
 BACKLOG = 2048                   # pending connections the kernel may queue
+# When it cannot take one more connection (the selector is full, or accept()
+# ran out of descriptors) the server stops watching its listener for a while;
+# new clients wait in that backlog meanwhile (§6 accept, §8 on_loop_error).
+SELECT_SOCKETS = 512 if os.name == "nt" else 1024   # FD_SETSIZE: select() watches
+#                                  this many sockets (Windows), or descriptors below
+#                                  it (POSIX) -> the WSGI loop stops accepting
+ACCEPT_PAUSE_SECONDS = 0.5       # after accept() ran out of descriptors (`ulimit -n`)
+#                                  -> no accept() for this long (ASGI: asyncio's
+#                                  constants.ACCEPT_RETRY_DELAY, 1 s)
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#                                  accept() errors that mean "pause", as above
 SPOOL_BYTES = 1024 * 1024        # a chunked WSGI body past this goes to a temp file
 MAX_SPOOL_BYTES = 1024 ** 3      # bytes, a chunked WSGI body on disk -> 413
 # The errors of a full disk or file table: a spool that fails so -> 503.
@@ -1976,11 +1987,24 @@ class WSGIServer:
                         self.config.timeout_request_head / 2,
                         self.config.timeout_read / 2, self.config.timeout_write / 2)
         self.last_check = time.monotonic()
+        # Limit: connections the selector can watch at once. select() (all that
+        # Windows has) takes SELECT_SOCKETS sockets there, the listener and the
+        # waker among them; on POSIX only descriptors below SELECT_SOCKETS, and
+        # the kernel hands out the lowest free one, so count those open now.
+        # epoll, kqueue and poll: None, only RLIMIT_NOFILE bounds them.
+        self.capacity: int | None = None
+        if isinstance(self.selector, selectors.SelectSelector):
+            in_use = 2 if os.name == "nt" else self.wake_writer.fileno() + 1
+            self.capacity = SELECT_SOCKETS - in_use
+        self.accepting = False       # the listener is in the selector
+        self.resume_at = 0.0         # not accepting: try again at this time ...
+        self.resume_below = 0        # ... or once fewer connections are open
+        self.refusing: set[str] = set()   # why we stopped, since the backlog was empty
 
     def serve_forever(self) -> None:
         """Runs on: the loop thread. Accept, read, write until shutdown()."""
         self.listener.setblocking(False)
-        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.watch_listener(True)
         self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
         on_signals(self.shutdown)
         try:
@@ -1993,6 +2017,8 @@ class WSGIServer:
     def run_once(self) -> None:
         """One turn of the loop: wait for sockets, handle them, check the clocks."""
         timeout = self.pool.wake_workers(time.monotonic(), self.tick)
+        if not self.accepting and not self.stopping:
+            timeout = max(0.0, min(timeout, self.resume_at - time.monotonic()))
         for key, mask in self.selector.select(timeout):
             if key.data == "accept":
                 self.accept()
@@ -2001,6 +2027,9 @@ class WSGIServer:
             else:
                 self.guarded(key.data, key.data.on_event, mask)
         now = time.monotonic()
+        if not self.accepting and not self.stopping and (
+                now >= self.resume_at or len(self.connections) < self.resume_below):
+            self.watch_listener(True)      # a descriptor may be free again
         if now - self.last_check >= self.tick:
             self.check_timeouts(now)
             self.last_check = now
@@ -2009,7 +2038,7 @@ class WSGIServer:
         """Graceful shutdown: stop accepting, close idle connections, and let
         requests in progress finish (each response says "Connection: close")."""
         self.stopping = True
-        self.selector.unregister(self.listener)
+        self.watch_listener(False)
         self.listener.close()
         for conn in list(self.connections):
             if conn.state == "idle":
@@ -2019,16 +2048,57 @@ class WSGIServer:
             self.run_once()
 
     def accept(self) -> None:
+        """Take waiting clients off the listener, several per turn of the loop;
+        stop watching it while no more can be taken."""
         for _ in range(64):     # several per wake-up, but let others run too
+            if self.capacity is not None and len(self.connections) >= self.capacity:
+                # Policy: a full selector stops accepting until a connection
+                # closes; clients wait in the backlog (gunicorn's threaded
+                # worker does the same at its worker_connections). A 503
+                # (RFC 9110 §15.6.4: overloaded, try later), as uvicorn and our
+                # --limit-concurrency send, needs a socket the selector watches
+                # while the answer goes out and we linger for the client's FIN.
+                self.stop_accepting("the selector is full (%d connections)"
+                                    % self.capacity, until=float("inf"))
+                return
             try:
                 sock, client = self.listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            except BlockingIOError:
+                if self.refusing:          # caught up with the clients who waited
+                    self.refusing.clear()
+                    log.info("accepting connections again")
                 return
-            except OSError as error:   # e.g. EMFILE: out of file descriptors
+            except (InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as error:
+                if error.errno in OUT_OF_DESCRIPTORS:
+                    # Policy: back off. The listener stays readable, so trying
+                    # again at once would spin; the clients wait in the backlog.
+                    self.stop_accepting(out_of(error),
+                                        until=time.monotonic() + ACCEPT_PAUSE_SECONDS)
+                    return
                 log.warning("accept() failed: %s", error)
                 return
+            self.add_connection(sock, client)
+            if not self.accepting:
+                return
+
+    def add_connection(self, sock: socket.socket, client) -> None:
+        """Start serving an accepted socket. One that is dead already, or that
+        the selector will not take, is closed: it must not end the loop."""
+        if self.capacity is not None and os.name != "nt" and (
+                sock.fileno() >= SELECT_SOCKETS):
+            # Limit: POSIX select() cannot take it: all lower descriptors are
+            # in use (the app holds some). Try again later, or once one closes.
+            sock.close()
+            self.stop_accepting("no descriptor below %d free for select()" % SELECT_SOCKETS,
+                                until=time.monotonic() + ACCEPT_PAUSE_SECONDS)
+            return
+        conn = None
+        try:
             sock.setblocking(False)
-            set_nodelay(sock)
+            if not set_nodelay(sock):
+                raise ConnectionResetError("reset before it was served")
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_side=True,
                                                     do_handshake_on_connect=False)
@@ -2044,6 +2114,31 @@ class WSGIServer:
                                              self.config))
             if not conn.closed:
                 conn.watch()
+        except (OSError, ValueError) as error:
+            log.debug("closed a new connection at once: %s", error)
+            if conn is not None:
+                conn.close()
+            else:
+                sock.close()
+
+    def watch_listener(self, on: bool) -> None:
+        """Watch the listener for new clients, or leave them in the backlog."""
+        if on != self.accepting:
+            if on:
+                self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+            else:
+                self.selector.unregister(self.listener)
+            self.accepting = on
+
+    def stop_accepting(self, reason: str, until: float) -> None:
+        """Leave new clients in the backlog until `until`, or until one of
+        ours closes. One warning per reason until the backlog is empty again."""
+        self.watch_listener(False)
+        self.resume_at = until
+        self.resume_below = len(self.connections)
+        if reason not in self.refusing:
+            self.refusing.add(reason)
+            log.warning("%s: not accepting for now", reason)
 
     def wake(self, conn: WSGIConnection) -> None:
         """Runs on: any thread. Have the loop call conn.on_wake() soon."""
@@ -2107,10 +2202,25 @@ class WSGIServer:
         self.wake_writer.close()
 
 
-def set_nodelay(sock: socket.socket) -> None:
-    """Send small responses at once instead of waiting for Nagle's algorithm."""
+def out_of(error: OSError) -> str:
+    """What an accept() that failed with one of OUT_OF_DESCRIPTORS ran out of."""
+    what = ("file descriptors" if error.errno in (errno.EMFILE, errno.ENFILE)
+            else "memory")
+    return "out of %s (%s)" % (what, errno.errorcode[error.errno])
+
+
+def set_nodelay(sock: socket.socket) -> bool:
+    """Send small responses at once instead of waiting for Nagle's algorithm.
+
+    False if the socket is dead already: macOS refuses the option (EINVAL) on
+    a connection the client reset before we got to it.
+    """
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            return False
+    return True
 
 
 # =============================================================================
@@ -2653,6 +2763,8 @@ class ASGIServer:
         self.forced = False
         self.stop_early = False
         self.starting = threading.Lock()
+        self.out_of_fds: float | None = None   # loop time accept() last failed
+        self.next_handler = None     # the loop's exception handler before ours
 
     async def serve(self) -> None:
         """Start up, accept and serve connections until shutdown(), shut down."""
@@ -2667,11 +2779,17 @@ class ASGIServer:
         if self.config.ssl_certfile:
             tls = {"ssl": make_ssl_context(self.config),
                    "ssl_handshake_timeout": self.config.timeout_request_head}
-        # asyncio calls listen() again when it starts serving (with 100 unless
-        # told): give it --backlog, or that would be what the kernel uses.
+        self.next_handler = self.loop.get_exception_handler()
+        self.loop.set_exception_handler(self.on_loop_error)
+        # Limit: asyncio's `backlog` is also how many accept() calls it makes
+        # per wake-up, and it goes on calling after one fails for want of
+        # descriptors, each failure scheduling one more retry: their number
+        # grows every second. With 1 there is one retry at a time, and one
+        # accept() per turn of the loop. asyncio also calls listen() with it,
+        # so we listen() again with --backlog, which the kernel then uses.
         server = await asyncio.start_server(self.handle, sock=self.listener,
-                                            limit=RECV_BYTES,
-                                            backlog=self.config.backlog, **tls)
+                                            limit=RECV_BYTES, backlog=1, **tls)
+        self.listener.listen(self.config.backlog)
         restore_signals = on_signals(self.shutdown, self.loop)
         try:
             sweeper = asyncio.ensure_future(self.close_idle())
@@ -2685,6 +2803,7 @@ class ASGIServer:
                 await self.lifespan.shutdown()
         finally:
             restore_signals()           # a handler must not outlive the loop
+            self.loop.set_exception_handler(self.next_handler)
 
     async def close_idle(self) -> None:
         """Close connections idle for longer than --timeout-keep-alive, every tick."""
@@ -2710,9 +2829,38 @@ class ASGIServer:
             self.cancel(task)   # out of time: cut them off
         await asyncio.gather(*self.connections, return_exceptions=True)
 
+    def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """The event loop's exception handler while we serve.
+
+        asyncio reports an accept() that ran out of descriptors with a
+        traceback, and again at each retry (constants.ACCEPT_RETRY_DELAY, a
+        second, during which new clients wait in the backlog). Say it once
+        until a connection is accepted again; pass everything else on.
+        """
+        error = context.get("exception")
+        if (context.get("message") == "socket.accept() out of system resource"
+                and isinstance(error, OSError) and error.errno in OUT_OF_DESCRIPTORS):
+            if self.out_of_fds is None:
+                log.warning("%s: not accepting for now", out_of(error))
+            self.out_of_fds = loop.time()
+        elif self.next_handler is not None:
+            self.next_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
     async def handle(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
-        set_nodelay(writer.get_extra_info("socket"))
+        """Serve one accepted connection, unless it is dead already."""
+        if (self.out_of_fds is not None and self.loop.time() - self.out_of_fds
+                >= asyncio.constants.ACCEPT_RETRY_DELAY):
+            # Accepted by a retry, not before the failure (those come here
+            # within a few turns of the loop).
+            self.out_of_fds = None
+            log.info("accepting connections again")
+        if not set_nodelay(writer.get_extra_info("socket")):
+            log.debug("closed a new connection at once: reset before it was served")
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         conn = ASGIConnection(self, reader, writer)
         self.connections[task] = conn

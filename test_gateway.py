@@ -21,6 +21,7 @@ import queue
 import random
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -1965,6 +1966,124 @@ def test_limits_concurrency(interface):
         # Once the server has seen them close, a new connection is served.
         # (Retried: the server learns of the close asynchronously.)
         wait_for(lambda: limits_status(port) == 200)
+
+
+def limits_bound_client(port: int, ports: set) -> socket.socket:
+    """A connected client whose port is added to `ports` before it connects."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(LIMITS_SHORT)
+    sock.bind(("127.0.0.1", 0))
+    ports.add(sock.getsockname()[1])
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def limits_closed_by_server(sock: socket.socket) -> bool:
+    """True if the server closed (or reset) the connection without a byte."""
+    try:
+        return read_until_closed(sock) == b""
+    except ConnectionResetError:
+        return True
+
+
+def limits_no_tracebacks(caplog) -> None:
+    """Nothing was logged with a traceback, nor at ERROR or above."""
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], \
+        caplog.text
+
+
+def test_limits_select_selector_full_stops_accepting(monkeypatch, caplog):
+    # Windows has only select(), which takes 512 sockets (FD_SETSIZE). Here a
+    # select() selector's capacity is lowered to 2 connections.
+    caplog.set_level(logging.INFO, logger="gateway")
+    monkeypatch.setattr(selectors, "DefaultSelector", selectors.SelectSelector)
+    seen: list = []
+    with ops_serving("wsgi", limits_reader_app("wsgi", seen), date_header=False,
+                     timeout_graceful_shutdown=1.0) as (server, thread, port):
+        assert isinstance(server.selector, selectors.SelectSelector)
+        in_use = 2 if os.name == "nt" else server.wake_writer.fileno() + 1
+        assert server.capacity == gateway.SELECT_SOCKETS - in_use
+        server.capacity = 2
+        with limits_connect(port) as first, limits_connect(port) as second, \
+                limits_connect(port) as waiting:
+            for sock in (first, second):
+                sock.sendall(LIMITS_GET)
+                assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
+            waiting.sendall(LIMITS_GET)              # waits in the kernel's backlog
+            wait_for(lambda: not server.accepting)
+            # Policy: not accepted, so not answered (no 503) while both stay.
+            assert select.select([waiting], [], [], 0.3)[0] == []
+            assert len(server.connections) == 2
+            first.close()                            # ... until one leaves
+            assert ResponseReader(waiting).read_exact(len(limits_ok(0))) == limits_ok(0)
+            second.sendall(LIMITS_GET)               # the other one still works
+            assert ResponseReader(second).read_exact(len(limits_ok(0))) == limits_ok(0)
+            second.close()
+        wait_for(lambda: not server.connections)
+        assert limits_status(port) == 200            # a new client, served at once
+        assert thread.is_alive()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["the selector is full (2 connections): not accepting for now"]
+    assert "accepting connections again" in caplog.messages    # none waits now
+    limits_no_tracebacks(caplog)
+
+
+def test_limits_selector_refusing_a_socket_closes_only_it(monkeypatch, caplog):
+    # A selector may refuse a socket (epoll: ENOMEM, or the user's
+    # max_user_watches). That connection alone is closed.
+    caplog.set_level(logging.INFO, logger="gateway")
+    refused: set = set()
+    with ops_serving("wsgi", limits_reader_app("wsgi", []), date_header=False,
+                     timeout_graceful_shutdown=1.0) as (server, thread, port):
+        register = server.selector.register
+
+        def refusing_register(fileobj, events, data=None):
+            if data not in ("accept", "wake") and fileobj.getpeername()[1] in refused:
+                raise ValueError("too many file descriptors in select()")
+            return register(fileobj, events, data)
+
+        monkeypatch.setattr(server.selector, "register", refusing_register)
+        with limits_bound_client(port, refused) as sock:
+            sock.sendall(LIMITS_GET)
+            assert limits_closed_by_server(sock)
+        assert limits_status(port) == 200
+        assert thread.is_alive()
+    limits_no_tracebacks(caplog)
+
+
+def test_limits_connection_dead_on_arrival_is_closed_quietly(interface, monkeypatch,
+                                                              caplog):
+    # macOS refuses TCP_NODELAY (EINVAL) on a connection the client reset
+    # before the server got to it; Linux does not, so that is simulated.
+    caplog.set_level(logging.DEBUG)
+    dead: set = set()
+    kind = socket.socket if interface == "wsgi" else asyncio.trsock.TransportSocket
+    setsockopt = kind.setsockopt
+
+    def failing_setsockopt(self, level, option, *value):
+        if (level, option) == (socket.IPPROTO_TCP, socket.TCP_NODELAY):
+            try:
+                peer = self.getpeername()[1]
+            except OSError:
+                peer = None
+            if peer in dead:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return setsockopt(self, level, option, *value)
+
+    monkeypatch.setattr(kind, "setsockopt", failing_setsockopt)
+    with limits_server(interface, limits_reader_app(interface, [])) as port:
+        with contextlib.ExitStack() as stack:
+            burst = [stack.enter_context(limits_bound_client(port, dead))
+                     for _ in range(5)]
+            alive = stack.enter_context(limits_connect(port))   # accepted among them
+            for sock in burst:
+                sock.sendall(LIMITS_GET)
+            alive.sendall(LIMITS_GET)
+            assert ResponseReader(alive).read_exact(len(limits_ok(0))) == limits_ok(0)
+            for sock in burst:
+                assert limits_closed_by_server(sock)
+        assert limits_status(port) == 200
+    limits_no_tracebacks(caplog)
 
 
 # -- 2. timeouts -------------------------------------------------------------------
@@ -7395,6 +7514,63 @@ def test_ops_cli_backlog(interface, tmp_path):
         # Answered: the server is serving, so asyncio has called listen() too.
         assert request(port, OPS_CLOSE)[::2] == (200, b"hello")
         assert ops_listen_backlog(port) == 7
+
+
+OPS_NOFILE = 40           # the server's descriptor limit in the test below
+OPS_HOLD_SECONDS = 2.5    # long enough for a few retries on both paths
+
+
+def ops_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@OPS_POSIX
+def test_ops_cli_out_of_descriptors_backs_off(interface, tmp_path):
+    wrapper = tmp_path / "low_nofile.py"
+    wrapper.write_text(
+        "import resource, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(OPS_GATEWAY)!r})\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({OPS_NOFILE}, hard))\n"
+        "import gateway\n"
+        "sys.exit(gateway.main())\n")
+    spec = "echo_wsgi:application" if interface == "wsgi" else "echo_asgi:app"
+    cli = SrvCLIProcess(f"--{interface}", spec, "--port", "0", "--no-access-log",
+                        "--timeout-keep-alive", "60", launch=(str(wrapper),))
+    held: list[socket.socket] = []
+    try:
+        port = int(OPS_SERVING.fullmatch(cli.next_line()).group(1))
+        # More clients than descriptors: the last ones wait in the backlog.
+        held = [connect(port) for _ in range(OPS_NOFILE + 20)]
+        line = cli.next_line()
+        assert line == "gateway: out of file descriptors (EMFILE): not accepting for now\n"
+        cpu = ops_cpu_seconds(cli.proc.pid)
+        deadline = time.monotonic() + OPS_HOLD_SECONDS
+        during: list[str] = []
+        with contextlib.suppress(queue.Empty):
+            while (left := deadline - time.monotonic()) > 0:
+                during.append(cli.lines.get(timeout=left))
+        assert during == []                      # not one line more while it lasts
+        if cpu is not None:                      # and no spinning
+            assert ops_cpu_seconds(cli.proc.pid) - cpu < 0.25 * OPS_HOLD_SECONDS
+        for sock in held:
+            sock.close()
+        assert request(port, OPS_CLOSE)[0] == 200
+        assert cli.next_line() == "gateway: accepting connections again\n"
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(TIMEOUT) == 0
+        assert cli.rest().endswith("gateway: stopped\n")
+        assert "Traceback" not in "".join(cli.seen)
+    finally:
+        for sock in held:
+            sock.close()
+        cli.kill()
 
 
 # =============================================================================
