@@ -134,6 +134,7 @@ WRITE_SECONDS = 30.0             # response unread by the client    -> close
 LINGER_SECONDS = 2.0             # read-and-discard after our last response
 DRAIN_BYTES = 1024 * 1024        # unread body we still skip to keep a connection
 GRACEFUL_SECONDS = 30.0          # in-flight requests may finish during shutdown
+MEMORY_TRIM_SECONDS = 10.0       # free heap pages go back to the system this often
 
 WS_MAX_SIZE = 16 * 1024 * 1024   # bytes in one WebSocket message -> close 1009
 WS_QUEUE = 16                    # messages waiting for the app before we stop reading
@@ -1879,16 +1880,39 @@ def tune_malloc() -> None:
     threshold is raised with it, else the heap shrinks and regrows for every
     piece (-25% MB/s with the fixed mmap threshold alone).
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
+    libc = glibc()
+    if libc is not None:
         libc.mallopt(-8, 1)                  # M_ARENA_MAX, glibc's malloc.h
         libc.mallopt(-3, 1024 * 1024)        # M_MMAP_THRESHOLD
         libc.mallopt(-1, 4 * 1024 * 1024)    # M_TRIM_THRESHOLD
+
+
+def release_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim).
+
+    Under a mixed load the heap fragments: freed blocks lie between live
+    ones, so the heap cannot shrink from its top, and RSS creeps up while
+    the live data stays the same. malloc_trim(0) also returns the whole free
+    pages inside the heap. Both servers call it every MEMORY_TRIM_SECONDS;
+    it takes well under a millisecond. Elsewhere this does nothing.
+    """
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=None)
+def glibc():
+    """The C library, if it is glibc (Linux, not musl); else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.mallopt, libc.malloc_trim       # musl has neither
+        return libc
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 class WorkerPool:
@@ -1986,7 +2010,7 @@ class WSGIServer:
         self.tick = min(1.0, self.config.timeout_keep_alive / 2,
                         self.config.timeout_request_head / 2,
                         self.config.timeout_read / 2, self.config.timeout_write / 2)
-        self.last_check = time.monotonic()
+        self.last_check = self.last_trim = time.monotonic()
         # Limit: connections the selector can watch at once. select() (all that
         # Windows has) takes SELECT_SOCKETS sockets there, the listener and the
         # waker among them; on POSIX only descriptors below SELECT_SOCKETS, and
@@ -2033,6 +2057,9 @@ class WSGIServer:
         if now - self.last_check >= self.tick:
             self.check_timeouts(now)
             self.last_check = now
+        if now - self.last_trim >= MEMORY_TRIM_SECONDS:
+            release_memory()
+            self.last_trim = now
 
     def drain(self) -> None:
         """Graceful shutdown: stop accepting, close idle connections, and let
@@ -2806,14 +2833,19 @@ class ASGIServer:
             self.loop.set_exception_handler(self.next_handler)
 
     async def close_idle(self) -> None:
-        """Close connections idle for longer than --timeout-keep-alive, every tick."""
+        """Close connections idle for longer than --timeout-keep-alive, every tick;
+        every MEMORY_TRIM_SECONDS, give free heap pages back (release_memory)."""
         timeout = self.config.timeout_keep_alive
+        last_trim = self.loop.time()
         while True:
             await asyncio.sleep(min(1.0, timeout / 2))
             now = self.loop.time()
             for conn in list(self.connections.values()):
                 if conn.idle_since is not None and now - conn.idle_since > timeout:
                     conn.writer.transport.abort()    # its read() returns b""
+            if now - last_trim >= MEMORY_TRIM_SECONDS:
+                release_memory()      # §6: the heap's free pages, back to the system
+                last_trim = now
 
     async def drain(self) -> None:
         """Graceful shutdown: close idle connections, let busy ones finish."""

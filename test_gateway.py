@@ -4469,6 +4469,76 @@ def test_wsgi_a_client_leaving_mid_body_is_not_an_error(caplog, leave):
     assert ' "POST /up HTTP/1.1" - 0 ' in access[0], access
 
 
+def test_wsgi_keep_alive_after_a_partly_read_body_follows_what_is_left_unread():
+    # The worker decides on "Connection: close" from what the loop tells it
+    # through wsgi.input (how much of the body has not arrived), never from
+    # the loop's own parser: RFC 9112 §9.3, up to DRAIN_BYTES left are skipped.
+    size = 3 * gateway.DRAIN_BYTES
+
+    def app(environ, start_response):
+        wanted = int(environ["QUERY_STRING"])
+        got = environ["wsgi.input"].read(wanted)
+        start_response("200 OK", WSGI_TEXT + [("Content-Length", str(len(got)))])
+        return [b"x" * len(got)]
+
+    with wsgi_serve(app) as (port, server), connect(port) as sock:
+        def post(wanted: int) -> tuple:
+            head = b"POST /?%d HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (
+                wanted, size)
+            def send():
+                with contextlib.suppress(OSError):   # a closing server may reset
+                    sock.sendall(head + b"b" * size)
+            sender = threading.Thread(target=send)
+            sender.start()
+            status, headers, body = ResponseReader(sock).read_response()
+            sender.join(TIMEOUT)
+            return status, headers.get(b"connection"), len(body)
+
+        # most of it read: the rest is skipped, the connection stays
+        assert post(size - gateway.DRAIN_BYTES // 2) == (
+            200, None, size - gateway.DRAIN_BYTES // 2)
+        # little of it read and the rest not sent yet: close rather than skip
+        assert post(1000) == (200, b"close", 1000)
+
+
+# -- memory: free heap pages go back to the system ------------------------------
+
+
+GLIBC = pytest.mark.skipif(gateway.glibc() is None, reason="malloc_trim is glibc's")
+
+MEMORY_FRAGMENTED_HEAP = '''
+import gateway
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+blocks = [bytearray(b"x" * 16384) for _ in range(4000)]    # 64 MiB on the heap
+kept = blocks[::8]               # one block in eight stays: no page can go back
+del blocks                       # ... unless someone trims the heap
+before = rss_mib()
+gateway.release_memory()
+print(before, rss_mib())
+'''
+
+
+@GLIBC
+def test_release_memory_gives_a_fragmented_heaps_free_pages_back():
+    done = subprocess.run([sys.executable, "-c", MEMORY_FRAGMENTED_HEAP], cwd=SRV_HERE,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    before, after = map(int, done.stdout.split())
+    assert after < before - 30, (before, after)     # 56 MiB of it was free
+
+
+def test_both_servers_release_memory_every_so_often(interface, monkeypatch):
+    # Under a mixed load RSS crept up with the same live data: each server
+    # hands free heap pages back every MEMORY_TRIM_SECONDS, busy or idle.
+    calls = []
+    monkeypatch.setattr(gateway, "MEMORY_TRIM_SECONDS", 0.05)
+    monkeypatch.setattr(gateway, "release_memory", lambda: calls.append(1))
+    with running_server(interface, ECHO_APPS[interface], timeout_keep_alive=0.2):
+        wait_for(lambda: len(calls) >= 3)
+
+
 # =============================================================================
 # ASGI, complete (issue "ASGI, complete", item 5)
 #
