@@ -7005,24 +7005,31 @@ def test_ops_cli_second_sigterm_stops_at_once(interface, tmp_path):
         with ops_cli(f"--{interface}", f"ops_apps:gate_{interface}", "--port", "0",
                      "--app-dir", str(tmp_path), cwd=tmp_path, pass_fds=[gate_read],
                      env={"OPS_GATE_FD": str(gate_read)}) as cli:
-            port = cli.port()
-            with connect(port) as idle, connect(port) as held:
-                idle.sendall(OPS_FAST)
-                assert ResponseReader(idle).read_response()[::2] == (200, b"fast")
-                held.sendall(OPS_SLOW)
-                cli.wait_line(lambda line: line == "ops-entered\n")
-                cli.proc.send_signal(signal.SIGTERM)
-                assert ops_read_all(idle) == b""       # the first one was handled
-                started = time.monotonic()
-                cli.proc.send_signal(signal.SIGTERM)
-                assert cli.proc.wait(5.0) == 0
-                assert time.monotonic() - started < 5.0
-                assert ops_read_all(held) == b""
-            stderr = cli.rest()
-            assert ops_last_line(stderr) == "gateway: stopped", stderr
+            ops_second_signal_stops_at_once(cli, signal.SIGTERM)
     finally:
         os.close(gate_read)
         os.close(gate_write)
+
+
+def ops_second_signal_stops_at_once(cli, signum: int) -> str:
+    """With one request in progress, the first `signum` starts a graceful
+    shutdown, the second ends it at once; exit status 0. Returns stderr."""
+    port = cli.port()
+    with connect(port) as idle, connect(port) as held:
+        idle.sendall(OPS_FAST)
+        assert ResponseReader(idle).read_response()[::2] == (200, b"fast")
+        held.sendall(OPS_SLOW)
+        cli.wait_line(lambda line: line == "ops-entered\n")
+        cli.proc.send_signal(signum)
+        assert ops_read_all(idle) == b""       # the first one was handled
+        started = time.monotonic()
+        cli.proc.send_signal(signum)
+        assert cli.proc.wait(5.0) == 0
+        assert time.monotonic() - started < 5.0
+        assert ops_read_all(held) == b""
+    stderr = cli.rest()
+    assert ops_last_line(stderr) == "gateway: stopped", stderr
+    return stderr
 
 
 class OpsCommand(OpsCLIProcess):
@@ -7180,21 +7187,7 @@ def test_ops_cli_second_ctrl_c_without_loop_signal_handlers_stops_at_once(tmp_pa
     gate_read, gate_write = os.pipe()
     cli = ops_without_loop_signals(tmp_path, gate_read, "--timeout-graceful-shutdown", "30")
     try:
-        port = cli.port()
-        with connect(port) as idle, connect(port) as held:
-            idle.sendall(OPS_FAST)
-            assert ResponseReader(idle).read_response()[::2] == (200, b"fast")
-            held.sendall(OPS_SLOW)
-            cli.wait_line(lambda line: line == "ops-entered\n")
-            cli.proc.send_signal(signal.SIGINT)
-            assert ops_read_all(idle) == b""       # the first one was handled
-            started = time.monotonic()
-            cli.proc.send_signal(signal.SIGINT)
-            assert cli.proc.wait(5.0) == 0
-            assert time.monotonic() - started < 5.0
-            assert ops_read_all(held) == b""
-        stderr = cli.rest()
-        assert ops_last_line(stderr) == "gateway: stopped", stderr
+        stderr = ops_second_signal_stops_at_once(cli, signal.SIGINT)
         assert "Traceback" not in stderr, stderr
     finally:
         cli.close()
