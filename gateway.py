@@ -3766,10 +3766,15 @@ def run_workers(count: int, serve_one) -> int:
     """
     children: set[int] = set()
     stopping = []
+    relayed = {signal.SIGINT, signal.SIGTERM}
 
     def start() -> None:
         """Fork one worker; in the child, serve until stopped, then exit."""
         global SHUTDOWN_SIGNALS
+        # Blocked across fork(): a child must never run the parent's handler
+        # (it would relay the signal to its brothers a second time), and it
+        # may not get to run at all before a signal arrives.
+        signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
         pid = os.fork()
         if pid == 0:                      # the child: serve, then leave
             # Ctrl+C in a terminal goes to the whole process group: a worker
@@ -3778,6 +3783,7 @@ def run_workers(count: int, serve_one) -> int:
             SHUTDOWN_SIGNALS = ("SIGTERM",)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until the server's own
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
             code = 1
             try:
                 serve_one()
@@ -3788,6 +3794,7 @@ def run_workers(count: int, serve_one) -> int:
             finally:
                 os._exit(code)
         children.add(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
 
     def stop(signum, frame) -> None:
         stopping.append(signum)

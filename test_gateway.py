@@ -7330,6 +7330,63 @@ def test_ops_workers_ctrl_c_to_the_process_group_counts_once(interface, tmp_path
         if gate_write is not None:
             os.close(gate_write)
 
+OPS_SLOW_SECOND_CHILD_SOURCE = r'''
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+gate = int(os.environ["OPS_FORK_GATE_FD"])
+real_fork, real_kill, forks = os.fork, os.kill, []
+
+def fork():
+    """The second worker is slow to start: it waits on a pipe just after fork()."""
+    forks.append(1)
+    pid = real_fork()
+    if pid == 0 and len(forks) == 2:
+        print("ops-second-child-waits", file=sys.stderr, flush=True)
+        os.read(gate, 1)
+    return pid
+
+def kill(pid, signum):
+    """Say who relays a signal to whom."""
+    print(f"ops-kill from {os.getpid()} to {pid}", file=sys.stderr, flush=True)
+    real_kill(pid, signum)
+
+os.fork, os.kill = fork, kill
+import gateway
+sys.exit(gateway.main(sys.argv[2:]))
+'''
+
+
+@OPS_POSIX
+@OPS_FORK
+def test_ops_workers_a_child_never_runs_the_parents_signal_handler(tmp_path):
+    """A signal that reaches a new worker before it has set its own handlers
+    (it may not have run at all yet) must not run the parent's: that would
+    relay it to the other workers a second time, a forced stop."""
+    ops_write_apps(tmp_path)
+    wrapper = tmp_path / "ops_slow_second_child.py"
+    wrapper.write_text(OPS_SLOW_SECOND_CHILD_SOURCE)
+    gate_read, gate_write = os.pipe()
+    cli = OpsCommand([sys.executable, str(wrapper), os.path.dirname(OPS_GATEWAY),
+                      "--wsgi", "ops_apps:hello_wsgi", "--workers", "2", "--port", "0",
+                      "--app-dir", str(tmp_path)],
+                     cwd=tmp_path, pass_fds=[gate_read],
+                     env={"OPS_FORK_GATE_FD": str(gate_read)})
+    try:
+        cli.port()
+        cli.wait_line(lambda line: line == "ops-second-child-waits\n")
+        os.killpg(cli.proc.pid, signal.SIGINT)      # Ctrl+C, while it waits
+        cli.wait_line(lambda line: line.startswith("ops-kill from"))
+        os.write(gate_write, b"go")
+        assert cli.proc.wait(TIMEOUT) == 0
+        kills = [line.split() for line in cli.rest().splitlines()
+                 if line.startswith("ops-kill from")]
+        assert kills and {int(line[2]) for line in kills} == {cli.proc.pid}, kills
+    finally:
+        cli.close()
+        os.close(gate_read)
+        os.close(gate_write)
+
+
 
 def test_ops_workers_refused_without_fork(monkeypatch, caplog):
     monkeypatch.delattr(os, "fork", raising=False)
