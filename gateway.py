@@ -117,7 +117,7 @@ MAX_SPOOL_BYTES = 1024 ** 3      # bytes, a chunked WSGI body on disk -> 413
 STORAGE_FULL = {errno.ENOSPC, errno.EMFILE, errno.ENFILE, getattr(errno, "EDQUOT", 0)}
 SENDFILE_BYTES = 1024 * 1024     # most bytes one os.sendfile() call may send
 # Eight threads: enough that a few slow app calls (a database, an upstream API)
-# do not hold up the rest, few enough that GIL hand-offs stay cheap (issue 7).
+# do not hold up the rest, few enough that GIL hand-offs stay cheap.
 WSGI_THREADS = 8                 # worker threads that call WSGI applications
 # Policy: a queued app call waits this long for a busy worker before one more
 # sleeping worker is woken (§6 WorkerPool). So a request that comes while every
@@ -2080,11 +2080,10 @@ class WSGIServer:
         for _ in range(64):     # several per wake-up, but let others run too
             if self.capacity is not None and len(self.connections) >= self.capacity:
                 # Policy: a full selector stops accepting until a connection
-                # closes; clients wait in the backlog (gunicorn's threaded
-                # worker does the same at its worker_connections). A 503
-                # (RFC 9110 §15.6.4: overloaded, try later), as uvicorn and our
-                # --limit-concurrency send, needs a socket the selector watches
-                # while the answer goes out and we linger for the client's FIN.
+                # closes; clients wait in the backlog. A 503 (RFC 9110 §15.6.4:
+                # overloaded, try later), as --limit-concurrency sends, would
+                # need a socket the selector watches while the answer goes out
+                # and we linger for the client's FIN: there is no room for one.
                 self.stop_accepting("the selector is full (%d connections)"
                                     % self.capacity, until=float("inf"))
                 return
@@ -2342,10 +2341,10 @@ class HTTPCycle:
             if self.conn.cancelled_by_server(error):
                 raise                 # the server is shutting down: not the app's fault
             # ASGI spec, "Error Handling": an exception from the app is logged and
-            # answered as an internal error; the connection ends below. Policy (as
-            # uvicorn): SystemExit, KeyboardInterrupt, GeneratorExit and a
-            # CancelledError the app raises itself count as app errors too, so no
-            # app can stop the server or leave its client without an answer.
+            # answered as an internal error; the connection ends below. Policy:
+            # SystemExit, KeyboardInterrupt, GeneratorExit and a CancelledError
+            # the app raises itself count as app errors too, so no app can stop
+            # the server or leave its client without an answer.
             log.exception("error in ASGI app for %s %s", scope["method"],
                           printable(scope["path"]))
             failure = HTTPError(500, "the application failed")
