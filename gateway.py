@@ -2753,13 +2753,10 @@ class ASGIConnection:
         if self.pending_read is not None:
             self.pending_read.cancel()
         transport = self.writer.transport
-        if self.stopping.is_set():
-            # The server is shutting down: no lingering, but close() (unlike
-            # abort()) still sends what the response left in the buffer.
-            transport.close()
-            return
         try:
-            if not self.eof and not transport.is_closing() and transport.can_write_eof():
+            if (not self.stopping.is_set()     # shutting down: no lingering
+                    and not self.eof and not transport.is_closing()
+                    and transport.can_write_eof()):
                 transport.write_eof()
                 deadline = time.monotonic() + LINGER_SECONDS
                 while await asyncio.wait_for(self.reader.read(RECV_BYTES),
@@ -2767,11 +2764,13 @@ class ASGIConnection:
                     pass
         except (OSError, asyncio.TimeoutError):
             pass
+        # close() sends what the response left in the buffer first; wait for
+        # it, so that a server shutting down does not end the loop before.
         self.writer.close()
         try:
-            await self.writer.wait_closed()
-        except OSError:
-            pass
+            await asyncio.wait_for(self.writer.wait_closed(), self.config.timeout_write)
+        except (OSError, asyncio.TimeoutError):
+            transport.abort()     # Limit: the client does not read the rest
 
 
 class ASGIServer:
