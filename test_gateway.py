@@ -4719,6 +4719,39 @@ def test_asgi_scope_root_path_prefixes_path():
     assert scopes[0]["raw_path"] == b"/x%20y"
 
 
+# One mount-point rule for both adapters (SPEC AH-04, AH-26, W-04). ASGI HTTP
+# "Connection Scope": `path` is the whole path, `root_path` included, and
+# `raw_path` the bytes sent; PEP 3333 "environ Variables": SCRIPT_NAME + PATH_INFO
+# is the whole path. A proxy may strip the mount point or forward it unchanged.
+# (request-target, raw_path, ASGI path, WSGI PATH_INFO); root_path is "/api" always.
+ROOT_PATH_TARGETS = [
+    (b"/x%20y?q=1", b"/x%20y", "/api/x y", "/x y"),          # the proxy stripped it
+    (b"/api/x%20y?q=1", b"/api/x%20y", "/api/x y", "/x y"),  # ... or forwarded it
+    (b"/api", b"/api", "/api", ""),                          # exactly the root
+    (b"/api/", b"/api/", "/api/", "/"),
+    (b"/apix", b"/apix", "/api/apix", "/apix"),             # not under "/api"
+]
+
+
+@pytest.mark.parametrize("target, raw_path, path, path_info", ROOT_PATH_TARGETS,
+                         ids=[row[0].decode() for row in ROOT_PATH_TARGETS])
+@pytest.mark.parametrize("root_path", ["/api", "/api/"])
+def test_asgi_scope_and_wsgi_environ_share_the_root_path_rule(interface, root_path, target,
+                                                              raw_path, path, path_info):
+    raw = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target
+    if interface == "wsgi":
+        cgi, _, _, _, _ = wsgi_environ(raw, root_path=root_path)
+        assert (cgi["SCRIPT_NAME"], cgi["PATH_INFO"]) == ("/api", path_info)
+        return
+    scopes: list = []
+    with running_server("asgi", asgi_scope_app(scopes), root_path=root_path) as port:
+        status, _, _ = request(port, raw)
+    assert status == 200
+    scope = scopes[0]
+    assert (scope["root_path"], scope["path"], scope["raw_path"]) == ("/api", path, raw_path)
+    assert scope["path"] == scope["root_path"] + path_info    # ASGI "WSGI Compatibility"
+
+
 # =============================================================================
 # 2. receive() and send() (SPEC AH-11, AH-13, AH-19..AH-22, A-07, A-10)
 # =============================================================================
