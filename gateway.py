@@ -2282,8 +2282,9 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
     keep-alive connection gets a new one (and a new call of the app).
     """
     # "path" is percent-decoded and then UTF-8 decoded; "raw_path" and
-    # "query_string" stay the bytes the client sent. Policy: like uvicorn,
-    # invalid UTF-8 in the path becomes U+FFFD.
+    # "query_string" stay the bytes the client sent. Policy: invalid UTF-8 in
+    # the path becomes U+FFFD rather than a 400: the app still decides, and
+    # raw_path keeps the exact bytes.
     root_path, path_info = split_root_path(config.root_path,
                                            unquote(request.path.decode("ascii")))
     return {
