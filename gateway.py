@@ -2992,6 +2992,10 @@ def websocket_accept(key: bytes) -> bytes:
 
 def is_websocket_request(request: Request) -> bool:
     """Does the client ask to switch to WebSocket? (RFC 9110 §7.8 Upgrade)"""
+    if request.version == "1.0":
+        # RFC 9110 §7.8: Upgrade in an HTTP/1.0 request must be ignored (a 1.0
+        # proxy may have passed it on), so the request is served as plain HTTP.
+        return False
     upgrade = field_values(request.headers, b"upgrade")
     return bool(upgrade) and b"websocket" in comma_list(upgrade)
 

@@ -5664,6 +5664,26 @@ def test_ws_connection_list_with_upgrade_member_is_accepted():
             assert WsClient(sock).read_head() == ws_101()
 
 
+def test_ws_upgrade_on_http10_is_ignored_rfc9110_7_8(interface):
+    """RFC 9110 §7.8: Upgrade in an HTTP/1.0 request is ignored (SPEC H1-40, WS-01):
+    a complete WebSocket handshake in all but the version is served as plain HTTP."""
+    raw = (b"GET /chat HTTP/1.0\r\nHost: t\r\n" + WS_UPGRADE + WS_KEY_LINE + WS_V13
+           + b"\r\n")
+    if interface == "wsgi":
+        cgi, _, _, _, _ = wsgi_environ(raw)
+        assert (cgi["SERVER_PROTOCOL"], cgi["PATH_INFO"]) == ("HTTP/1.0", "/chat")
+        assert cgi["HTTP_UPGRADE"] == "websocket"
+        return
+    scopes: list = []
+    with running_server("asgi", asgi_scope_app(scopes)) as port:
+        data = asgi_request_and_close(port, raw)      # HTTP/1.0: closed after one
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data[:80]
+    assert b"\r\nUpgrade:" not in data.split(b"\r\n\r\n")[0]
+    assert [(s["type"], s["http_version"], s["path"]) for s in scopes] == \
+        [("http", "1.0", "/chat")]
+    assert [b"upgrade", b"websocket"] in scopes[0]["headers"]   # the app may still look
+
+
 def ws_refusing_app(how: str, errors: list):
     async def app(scope, receive, send):
         if scope["type"] != "websocket":
