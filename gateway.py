@@ -1287,8 +1287,12 @@ class WSGICall:
             # PEP 3333, "Handling the Content-Length Header": a one-item body
             # has a known length, so the client can keep the connection open.
             body = next(iter(result))
-            if response.status is not None and type(body) is bytes and not any(
-                    name.lower() == b"content-length" for name, _ in response.headers):
+            # RFC 9110 §8.6, §9.3.2: for HEAD, Content-Length must be the GET
+            # body's length. What the app returned for HEAD (often b"") does
+            # not tell it, so the server adds none; the app's own is kept.
+            if (response.status is not None and type(body) is bytes
+                    and self.request.method != "HEAD" and not any(
+                        name.lower() == b"content-length" for name, _ in response.headers)):
                 response.headers.append((b"Content-Length", b"%d" % len(body)))
             return response.final_bytes(body)
         self.iterator = iter(result)

@@ -3893,8 +3893,9 @@ def test_wsgi_close_called_once_after_a_normal_end(kind):
         made.append(result)
         return result
 
-    framing = (b"Content-Length: 2\r\n" if kind in ("one-item list", "HEAD")
-               else b"Transfer-Encoding: chunked\r\n")
+    # HEAD: neither (RFC 9110 §8.6: the server cannot know the GET body's length)
+    framing = {"one-item list": {b"content-length"}, "HEAD": set()}.get(
+        kind, {b"transfer-encoding"})
     with wsgi_serve(app) as (port, _):
         with connect(port) as sock:
             reader = ResponseReader(sock)
@@ -3902,7 +3903,7 @@ def test_wsgi_close_called_once_after_a_normal_end(kind):
             sock.sendall(wsgi_get(method=method, close=False))
             status, headers, body = reader.read_response(method)
             assert (status, body) == (200, b"" if method == "HEAD" else b"xy")
-            assert framing.split(b":")[0].lower() in headers
+            assert {b"content-length", b"transfer-encoding"} & set(headers) == framing
             # a second request on the same connection: the first call is over
             sock.sendall(wsgi_get())
             assert reader.read_response()[::2] == (200, b"xy")
@@ -3994,16 +3995,37 @@ def test_wsgi_head_sends_no_body_bytes(path):
         raw = exchange(port, wsgi_get(path, method="HEAD", close=False) + wsgi_get("/one"))
     head, rest = wsgi_split(raw)
     assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n")
-    assert (b"\r\nContent-Length: 5\r\n" in head) == (path == "/one")
+    assert b"Content-Length" not in head          # RFC 9110 §8.6: see below
     assert b"Connection: close" not in head        # the connection stays open
     assert rest == WSGI_ONE_GET                    # the next bytes: the GET's answer
 
 
-def test_wsgi_head_one_item_has_the_get_content_length():
-    with wsgi_serve(wsgi_framing_app) as (port, _):
-        raw = exchange(port, wsgi_get("/one", method="HEAD"))
-    assert raw == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
-                   b"Server: gateway\r\nConnection: close\r\n\r\n")
+# RFC 9110 §8.6, §9.3.2 (SPEC HF-06): a HEAD response's Content-Length is the
+# length of the GET body, which only the app knows. The one-item shortcut adds
+# Content-Length for GET, never for HEAD; an app's own Content-Length is kept.
+# (method, the one item, the app's Content-Length, the Content-Length line sent)
+WSGI_ONE_ITEM_LENGTHS = [
+    ("HEAD", b"", None, b""),                        # never an invented "0"
+    ("HEAD", b"hello", None, b""),                   # nor a guess from the HEAD body
+    ("HEAD", b"", "42", b"Content-Length: 42\r\n"),   # the app's, kept
+    ("GET", b"", None, b"Content-Length: 0\r\n"),
+    ("GET", b"hello", None, b"Content-Length: 5\r\n"),
+]
+
+
+@pytest.mark.parametrize("method, item, app_length, length_line", WSGI_ONE_ITEM_LENGTHS)
+def test_wsgi_head_one_item_gets_no_invented_content_length_rfc9110_8_6(
+        method, item, app_length, length_line):
+    def app(environ, start_response):
+        start_response("200 OK", WSGI_TEXT + ([("Content-Length", app_length)]
+                                              if app_length else []))
+        return [item]
+
+    with wsgi_serve(app) as (port, _):
+        raw = exchange(port, wsgi_get("/", method=method))
+    assert raw == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + length_line
+                   + b"Server: gateway\r\nConnection: close\r\n\r\n"
+                   + (item if method == "GET" else b""))
 
 
 def test_wsgi_head_http10_ends_with_eof_and_no_body():
