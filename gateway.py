@@ -930,15 +930,30 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"   # RFC 9110 §15.2.1
 # =============================================================================
 
 
+def split_root_path(root_path: str, path: str) -> tuple[str, str]:
+    """Split a decoded request path at the mount point: (script_name, path_info).
+
+    One rule for both adapters. PEP 3333 "environ Variables": SCRIPT_NAME +
+    PATH_INFO is the whole path, SCRIPT_NAME never ends in "/", and PATH_INFO
+    is empty or starts with "/". ASGI HTTP "Connection Scope": root_path is
+    WSGI's SCRIPT_NAME and path is the whole path, root_path included; so
+    build_scope (§7) uses script_name and script_name + path_info.
+    """
+    script_name = root_path.rstrip("/")       # "/api/" and "/api" are one mount point
+    # The prefix counts only as whole segments: "/apix" is not under "/api".
+    if script_name and (path == script_name or path.startswith(script_name + "/")):
+        return script_name, path[len(script_name):]
+    # Policy: a path without the prefix comes from a proxy that stripped the
+    # mount point; it is all PATH_INFO, so both kinds of proxy work.
+    return script_name, path
+
+
 def build_environ(request: Request, body, server: tuple, client: tuple | None,
                   config: Config, scheme: str = "http") -> dict:
     """The PEP 3333 environ for one request ("environ Variables")."""
-    script_name = config.root_path.rstrip("/")
     # PEP 3333, "Unicode Issues": native strings hold the bytes as latin-1.
-    path_info = unquote_to_bytes(request.path).decode("latin-1")
-    if script_name and (path_info == script_name
-                        or path_info.startswith(script_name + "/")):
-        path_info = path_info[len(script_name):]    # PEP 3333: the rest, from "/"
+    script_name, path_info = split_root_path(
+        config.root_path, unquote_to_bytes(request.path).decode("latin-1"))
     environ = {
         "REQUEST_METHOD":        request.method,
         "SCRIPT_NAME":           script_name,
@@ -1272,8 +1287,12 @@ class WSGICall:
             # PEP 3333, "Handling the Content-Length Header": a one-item body
             # has a known length, so the client can keep the connection open.
             body = next(iter(result))
-            if response.status is not None and type(body) is bytes and not any(
-                    name.lower() == b"content-length" for name, _ in response.headers):
+            # RFC 9110 §8.6, §9.3.2: for HEAD, Content-Length must be the GET
+            # body's length. What the app returned for HEAD (often b"") does
+            # not tell it, so the server adds none; the app's own is kept.
+            if (response.status is not None and type(body) is bytes
+                    and self.request.method != "HEAD" and not any(
+                        name.lower() == b"content-length" for name, _ in response.headers)):
                 response.headers.append((b"Content-Length", b"%d" % len(body)))
             return response.final_bytes(body)
         self.iterator = iter(result)
@@ -2267,19 +2286,21 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
     keep-alive connection gets a new one (and a new call of the app).
     """
     # "path" is percent-decoded and then UTF-8 decoded; "raw_path" and
-    # "query_string" stay the bytes the client sent. Policy: like uvicorn,
-    # invalid UTF-8 in the path becomes U+FFFD.
-    path = unquote(request.path.decode("ascii"))
+    # "query_string" stay the bytes the client sent. Policy: invalid UTF-8 in
+    # the path becomes U+FFFD rather than a 400: the app still decides, and
+    # raw_path keeps the exact bytes.
+    root_path, path_info = split_root_path(config.root_path,
+                                           unquote(request.path.decode("ascii")))
     return {
         "type":         "http",
         "asgi":         {"version": "3.0", "spec_version": "2.5"},
         "http_version": request.version,              # "1.0" or "1.1"
         "method":       request.method,               # as sent (RFC 9110 §9.1)
         "scheme":       scheme,
-        "path":         config.root_path + path,
+        "path":         root_path + path_info,        # the whole path (§5 split_root_path)
         "raw_path":     request.path,
         "query_string": request.query,                # after "?", still encoded
-        "root_path":    config.root_path,             # WSGI's SCRIPT_NAME
+        "root_path":    root_path,                    # WSGI's SCRIPT_NAME
         # Lower-case names, in the order received, repeated fields kept apart.
         "headers":      [[name, value] for name, value in request.headers],
         "client":       list(client) if client else None,
@@ -2974,6 +2995,10 @@ def websocket_accept(key: bytes) -> bytes:
 
 def is_websocket_request(request: Request) -> bool:
     """Does the client ask to switch to WebSocket? (RFC 9110 §7.8 Upgrade)"""
+    if request.version == "1.0":
+        # RFC 9110 §7.8: Upgrade in an HTTP/1.0 request must be ignored (a 1.0
+        # proxy may have passed it on), so the request is served as plain HTTP.
+        return False
     upgrade = field_values(request.headers, b"upgrade")
     return bool(upgrade) and b"websocket" in comma_list(upgrade)
 

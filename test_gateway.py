@@ -3893,8 +3893,9 @@ def test_wsgi_close_called_once_after_a_normal_end(kind):
         made.append(result)
         return result
 
-    framing = (b"Content-Length: 2\r\n" if kind in ("one-item list", "HEAD")
-               else b"Transfer-Encoding: chunked\r\n")
+    # HEAD: neither (RFC 9110 §8.6: the server cannot know the GET body's length)
+    framing = {"one-item list": {b"content-length"}, "HEAD": set()}.get(
+        kind, {b"transfer-encoding"})
     with wsgi_serve(app) as (port, _):
         with connect(port) as sock:
             reader = ResponseReader(sock)
@@ -3902,7 +3903,7 @@ def test_wsgi_close_called_once_after_a_normal_end(kind):
             sock.sendall(wsgi_get(method=method, close=False))
             status, headers, body = reader.read_response(method)
             assert (status, body) == (200, b"" if method == "HEAD" else b"xy")
-            assert framing.split(b":")[0].lower() in headers
+            assert {b"content-length", b"transfer-encoding"} & set(headers) == framing
             # a second request on the same connection: the first call is over
             sock.sendall(wsgi_get())
             assert reader.read_response()[::2] == (200, b"xy")
@@ -3994,16 +3995,37 @@ def test_wsgi_head_sends_no_body_bytes(path):
         raw = exchange(port, wsgi_get(path, method="HEAD", close=False) + wsgi_get("/one"))
     head, rest = wsgi_split(raw)
     assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n")
-    assert (b"\r\nContent-Length: 5\r\n" in head) == (path == "/one")
+    assert b"Content-Length" not in head          # RFC 9110 §8.6: see below
     assert b"Connection: close" not in head        # the connection stays open
     assert rest == WSGI_ONE_GET                    # the next bytes: the GET's answer
 
 
-def test_wsgi_head_one_item_has_the_get_content_length():
-    with wsgi_serve(wsgi_framing_app) as (port, _):
-        raw = exchange(port, wsgi_get("/one", method="HEAD"))
-    assert raw == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
-                   b"Server: gateway\r\nConnection: close\r\n\r\n")
+# RFC 9110 §8.6, §9.3.2 (SPEC HF-06): a HEAD response's Content-Length is the
+# length of the GET body, which only the app knows. The one-item shortcut adds
+# Content-Length for GET, never for HEAD; an app's own Content-Length is kept.
+# (method, the one item, the app's Content-Length, the Content-Length line sent)
+WSGI_ONE_ITEM_LENGTHS = [
+    ("HEAD", b"", None, b""),                        # never an invented "0"
+    ("HEAD", b"hello", None, b""),                   # nor a guess from the HEAD body
+    ("HEAD", b"", "42", b"Content-Length: 42\r\n"),   # the app's, kept
+    ("GET", b"", None, b"Content-Length: 0\r\n"),
+    ("GET", b"hello", None, b"Content-Length: 5\r\n"),
+]
+
+
+@pytest.mark.parametrize("method, item, app_length, length_line", WSGI_ONE_ITEM_LENGTHS)
+def test_wsgi_head_one_item_gets_no_invented_content_length_rfc9110_8_6(
+        method, item, app_length, length_line):
+    def app(environ, start_response):
+        start_response("200 OK", WSGI_TEXT + ([("Content-Length", app_length)]
+                                              if app_length else []))
+        return [item]
+
+    with wsgi_serve(app) as (port, _):
+        raw = exchange(port, wsgi_get("/", method=method))
+    assert raw == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + length_line
+                   + b"Server: gateway\r\nConnection: close\r\n\r\n"
+                   + (item if method == "GET" else b""))
 
 
 def test_wsgi_head_http10_ends_with_eof_and_no_body():
@@ -4717,6 +4739,39 @@ def test_asgi_scope_root_path_prefixes_path():
     assert (scope["root_path"], scope["path"], scope["raw_path"], scope["query_string"]) == \
         ("/app", "/app/x y", "/x%20y", "q=1")
     assert scopes[0]["raw_path"] == b"/x%20y"
+
+
+# One mount-point rule for both adapters (SPEC AH-04, AH-26, W-04). ASGI HTTP
+# "Connection Scope": `path` is the whole path, `root_path` included, and
+# `raw_path` the bytes sent; PEP 3333 "environ Variables": SCRIPT_NAME + PATH_INFO
+# is the whole path. A proxy may strip the mount point or forward it unchanged.
+# (request-target, raw_path, ASGI path, WSGI PATH_INFO); root_path is "/api" always.
+ROOT_PATH_TARGETS = [
+    (b"/x%20y?q=1", b"/x%20y", "/api/x y", "/x y"),          # the proxy stripped it
+    (b"/api/x%20y?q=1", b"/api/x%20y", "/api/x y", "/x y"),  # ... or forwarded it
+    (b"/api", b"/api", "/api", ""),                          # exactly the root
+    (b"/api/", b"/api/", "/api/", "/"),
+    (b"/apix", b"/apix", "/api/apix", "/apix"),             # not under "/api"
+]
+
+
+@pytest.mark.parametrize("target, raw_path, path, path_info", ROOT_PATH_TARGETS,
+                         ids=[row[0].decode() for row in ROOT_PATH_TARGETS])
+@pytest.mark.parametrize("root_path", ["/api", "/api/"])
+def test_asgi_scope_and_wsgi_environ_share_the_root_path_rule(interface, root_path, target,
+                                                              raw_path, path, path_info):
+    raw = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target
+    if interface == "wsgi":
+        cgi, _, _, _, _ = wsgi_environ(raw, root_path=root_path)
+        assert (cgi["SCRIPT_NAME"], cgi["PATH_INFO"]) == ("/api", path_info)
+        return
+    scopes: list = []
+    with running_server("asgi", asgi_scope_app(scopes), root_path=root_path) as port:
+        status, _, _ = request(port, raw)
+    assert status == 200
+    scope = scopes[0]
+    assert (scope["root_path"], scope["path"], scope["raw_path"]) == ("/api", path, raw_path)
+    assert scope["path"] == scope["root_path"] + path_info    # ASGI "WSGI Compatibility"
 
 
 # =============================================================================
@@ -5629,6 +5684,26 @@ def test_ws_connection_list_with_upgrade_member_is_accepted():
         with connect(port) as sock:
             sock.sendall(raw)
             assert WsClient(sock).read_head() == ws_101()
+
+
+def test_ws_upgrade_on_http10_is_ignored_rfc9110_7_8(interface):
+    """RFC 9110 §7.8: Upgrade in an HTTP/1.0 request is ignored (SPEC H1-40, WS-01):
+    a complete WebSocket handshake in all but the version is served as plain HTTP."""
+    raw = (b"GET /chat HTTP/1.0\r\nHost: t\r\n" + WS_UPGRADE + WS_KEY_LINE + WS_V13
+           + b"\r\n")
+    if interface == "wsgi":
+        cgi, _, _, _, _ = wsgi_environ(raw)
+        assert (cgi["SERVER_PROTOCOL"], cgi["PATH_INFO"]) == ("HTTP/1.0", "/chat")
+        assert cgi["HTTP_UPGRADE"] == "websocket"
+        return
+    scopes: list = []
+    with running_server("asgi", asgi_scope_app(scopes)) as port:
+        data = asgi_request_and_close(port, raw)      # HTTP/1.0: closed after one
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data[:80]
+    assert b"\r\nUpgrade:" not in data.split(b"\r\n\r\n")[0]
+    assert [(s["type"], s["http_version"], s["path"]) for s in scopes] == \
+        [("http", "1.0", "/chat")]
+    assert [b"upgrade", b"websocket"] in scopes[0]["headers"]   # the app may still look
 
 
 def ws_refusing_app(how: str, errors: list):
