@@ -184,6 +184,13 @@ class Config:
     headers: list = field(default_factory=list)   # (name, value) bytes, every response
     trace: bool = False                        # log the protocol as it happens (§11)
 
+    def __post_init__(self) -> None:
+        """Refuse what no server could run with."""
+        if self.threads < 1:
+            # A pool of no threads would queue every WSGI request for ever.
+            raise ValueError(f"--threads must be 1 or more (1: one app call at a time), "
+                             f"not {self.threads}")
+
 
 DEFAULTS = Config()
 
@@ -952,7 +959,9 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
         "wsgi.url_scheme":       scheme,
         "wsgi.input":            body,
         "wsgi.errors":           sys.stderr,
-        "wsgi.multithread":      True,
+        # PEP 3333 "Thread Support": true if another thread may call the app
+        # while this call runs; --threads 1 calls it on one thread only.
+        "wsgi.multithread":      config.threads > 1,
         "wsgi.multiprocess":     config.workers > 1,
         "wsgi.run_once":         False,
         "wsgi.input_terminated": True,   # wsgi.input ends where the body ends
@@ -1927,6 +1936,11 @@ class WorkerPool:
     apps). Waking a thread per request only made them fight over the GIL
     (hello, one connection: 15.5 -> 10-11.6 system calls per request; 50
     connections: 55-64 -> 45-51 us of CPU per request).
+
+    With one thread (--threads 1) that comes down to: wake it when it sleeps
+    and a call is queued; calls run one after another, oldest first. A call
+    parked for a slow reader (§6 park_if_full) has given the thread back, so
+    the next request runs meanwhile and the parked one resumes after it.
     """
 
     def __init__(self, count: int) -> None:
@@ -4042,7 +4056,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       default=int(os.environ.get("WEB_CONCURRENCY", 1)),
                       help="worker processes (default: $WEB_CONCURRENCY or 1)")
     sock.add_argument("--threads", type=int, default=WSGI_THREADS,
-                      help="WSGI worker threads per process (default: %(default)s)")
+                      help="WSGI worker threads per process; 1: one app call at a time "
+                      "(default: %(default)s)")
     sock.add_argument("--root-path", default="", metavar="PATH",
                       help="mount point of the app (SCRIPT_NAME / root_path)")
     tls = parser.add_argument_group("TLS")

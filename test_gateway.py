@@ -3450,6 +3450,23 @@ def test_wsgi_validator_warnings_from_workers_are_recorded(tmp_path):
     assert wsgi_validator_messages(caught) == ["Unknown REQUEST_METHOD: 'PURGE'"]
 
 
+def test_wsgi_validator_single_thread_finds_nothing(tmp_path):
+    # PEP 3333 "Thread Support" (checklist W-40): --threads 1 is as clean as the
+    # default under wsgiref.validate; every case above, one after another.
+    file_path = tmp_path / "data.bin"
+    file_path.write_bytes(WSGI_FILE_DATA)
+    served: list = []
+    with wsgi_recorded_warnings() as caught:
+        with wsgi_serve(wsgi_validated_app(file_path, served), threads=1) as (port, server):
+            assert len(server.pool.threads) == 1
+            for case, (raw, expected) in WSGI_VALIDATED_CASES.items():
+                assert exchange(port, raw) == expected, case
+            assert len(served) == len(WSGI_VALIDATED_CASES)
+            for wrapper in served:
+                wsgi_assert_closed_once(wrapper)
+    assert wsgi_validator_messages(caught) == []
+
+
 # -- 2. the environ -------------------------------------------------------------
 
 
@@ -3519,6 +3536,14 @@ def test_wsgi_environ_get():
         assert callable(getattr(environ["wsgi.errors"], name))
     for name in ("read", "readline", "readlines", "__iter__"):
         assert callable(getattr(environ["wsgi.input"], name))
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_wsgi_environ_multithread_follows_threads(threads):
+    # PEP 3333 "Thread Support": wsgi.multithread says whether another thread
+    # may call the app at the same time; with --threads 1 none can.
+    _, _, environ, _, _ = wsgi_environ(wsgi_get("/"), threads=threads)
+    assert environ["wsgi.multithread"] is (threads > 1)
 
 
 def test_wsgi_environ_http10_without_query():
@@ -4330,6 +4355,88 @@ def test_wsgi_an_app_raising_a_base_exception_gets_a_500_and_the_pool_keeps_its_
         assert all(thread.is_alive() for thread in server.pool.threads)
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(failures) == 3 and all(r.exc_info[0] is type(exit_) for r in failures)
+
+
+def test_wsgi_threads_zero_is_refused(caplog):
+    # --threads 0 would queue every request for ever: refused before listening.
+    with pytest.raises(ValueError, match="--threads must be 1 or more"):
+        gateway.Config(threads=0)
+    caplog.set_level(logging.ERROR, logger="gateway")
+    code = gateway.main(["--wsgi", "echo_wsgi:application", "--threads", "0",
+                         "--port", "0"])
+    assert code == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway"] == [
+        "--threads must be 1 or more (1: one app call at a time), not 0"]
+
+
+def test_wsgi_single_thread_runs_calls_one_after_another():
+    # PEP 3333 "Thread Support": with --threads 1 the app is never called while
+    # another call runs; a second request waits in the queue until the first ends.
+    blocked = {path: (threading.Event(), threading.Event()) for path in ("/a", "/b")}
+    calls: list = []
+    threads: set = set()
+    inner = wsgi_blocking_app(blocked, calls)
+
+    def app(environ, start_response):
+        threads.add(threading.get_ident())
+        return inner(environ, start_response)
+
+    try:
+        with wsgi_serve(app, threads=1) as (port, server):
+            with connect(port) as a, connect(port) as b:
+                a.sendall(wsgi_get("/a", close=False))
+                assert blocked["/a"][0].wait(TIMEOUT)
+                b.sendall(wsgi_get("/b", close=False))
+                wait_for(lambda: len(server.pool.jobs) == 1)   # parsed, and queued
+                assert calls == ["/a"] and not blocked["/b"][0].is_set()
+                blocked["/a"][1].set()
+                assert ResponseReader(a).read_response()[::2] == (200, b"/a")
+                assert blocked["/b"][0].wait(TIMEOUT)           # only now
+                assert calls == ["/a", "/b"]
+                blocked["/b"][1].set()
+                assert ResponseReader(b).read_response()[::2] == (200, b"/b")
+        assert len(threads) == 1
+    finally:
+        for _, release in blocked.values():
+            release.set()
+
+
+WSGI_PARKED_PIECES = 128     # of 64 KiB: 8 MiB, more than the socket buffers hold
+
+
+def test_wsgi_single_thread_parked_response_lets_the_next_request_run():
+    # With --threads 1, a client that does not read its large response parks
+    # it (§6): the only thread serves the next client, then resumes the first.
+    finished = threading.Event()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/big":
+            def pieces():
+                for _ in range(WSGI_PARKED_PIECES):
+                    yield LIMITS_PIECE
+                finished.set()
+            start_response("200 OK", [("Content-Type", "text/plain"), (
+                "Content-Length", str(len(LIMITS_PIECE) * WSGI_PARKED_PIECES))])
+            return pieces()
+        return wsgi_hello(environ, start_response)
+
+    with wsgi_serve(app, threads=1) as (port, server):
+        with limits_connect(port, rcvbuf=4096) as stuck:
+            stuck.sendall(wsgi_get("/big", close=False))       # not read, for now
+            wait_for(lambda: any(conn.parked is not None
+                                 for conn in list(server.connections)))
+            assert exchange(port, wsgi_get("/hello")) == WSGI_HELLO_CLOSE
+            assert not finished.is_set()
+            reader = ResponseReader(stuck)
+            status, headers, _ = reader.read_head()
+            size = int(headers[b"content-length"])
+            parts = [reader.buffer]          # read_exact() would copy it all each time
+            while sum(map(len, parts)) < size:
+                parts.append(stuck.recv(65536))
+                assert parts[-1], "connection closed mid-body"
+            assert status == 200
+            assert b"".join(parts) == LIMITS_PIECE * WSGI_PARKED_PIECES
+            assert finished.is_set()
 
 
 def test_wsgi_a_half_closed_client_still_gets_its_response():
