@@ -3762,7 +3762,7 @@ RFC4514_TYPES = {"commonName": "CN", "localityName": "L", "stateOrProvinceName":
                  "organizationName": "O", "organizationalUnitName": "OU",
                  "countryName": "C", "streetAddress": "STREET",
                  "domainComponent": "DC", "userId": "UID"}
-CIPHER_SUITES: dict[str, int] = {}      # OpenSSL cipher name -> IANA number
+CIPHER_SUITES: dict[str, int | None] = {}   # OpenSSL cipher name -> IANA number
 PEM_CERTIFICATE = re.compile(
     r"-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----")
 
@@ -3809,13 +3809,12 @@ def cipher_suite(context, name: str) -> int | None:
     ASGI TLS extension, cipher_suite: the two bytes of the TLS registry as one
     16-bit number. ssl only gives the name; the context's get_ciphers() gives
     ids of OpenSSL's form 0x0300XXXX, whose low 16 bits are that number. The
-    list is read when a name is first seen, and kept.
+    list is read when a name is first seen, and kept (a name not in it, as None).
     """
-    number = CIPHER_SUITES.get(name)
-    if number is None:
+    if name not in CIPHER_SUITES:
         CIPHER_SUITES.update((c["name"], c["id"] & 0xFFFF) for c in context.get_ciphers())
-        number = CIPHER_SUITES.get(name)
-    return number
+        CIPHER_SUITES.setdefault(name, None)
+    return CIPHER_SUITES[name]
 
 
 def rfc4514_name(subject) -> str:
