@@ -184,6 +184,13 @@ class Config:
     headers: list = field(default_factory=list)   # (name, value) bytes, every response
     trace: bool = False                        # log the protocol as it happens (§11)
 
+    def __post_init__(self) -> None:
+        """Refuse what no server could run with."""
+        if self.threads < 1:
+            # A pool of no threads would queue every WSGI request for ever.
+            raise ValueError(f"--threads must be 1 or more (1: one app call at a time), "
+                             f"not {self.threads}")
+
 
 DEFAULTS = Config()
 
@@ -967,7 +974,9 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
         "wsgi.url_scheme":       scheme,
         "wsgi.input":            body,
         "wsgi.errors":           sys.stderr,
-        "wsgi.multithread":      True,
+        # PEP 3333 "Thread Support": true if another thread may call the app
+        # while this call runs; --threads 1 calls it on one thread only.
+        "wsgi.multithread":      config.threads > 1,
         "wsgi.multiprocess":     config.workers > 1,
         "wsgi.run_once":         False,
         "wsgi.input_terminated": True,   # wsgi.input ends where the body ends
@@ -1946,6 +1955,11 @@ class WorkerPool:
     apps). Waking a thread per request only made them fight over the GIL
     (hello, one connection: 15.5 -> 10-11.6 system calls per request; 50
     connections: 55-64 -> 45-51 us of CPU per request).
+
+    With one thread (--threads 1) that comes down to: wake it when it sleeps
+    and a call is queued; calls run one after another, oldest first. A call
+    parked for a slow reader (§6 park_if_full) has given the thread back, so
+    the next request runs meanwhile and the parked one resumes after it.
     """
 
     def __init__(self, count: int) -> None:
@@ -2633,7 +2647,11 @@ class ASGIConnection:
         self.idle_since: float | None = None   # waiting for a request since
         peer = writer.get_extra_info("peername")
         self.client = tuple(peer[:2]) if isinstance(peer, tuple) else None  # None: unix
-        self.scheme = "https" if writer.get_extra_info("sslcontext") else "http"
+        ssl_object = writer.get_extra_info("ssl_object")
+        self.scheme = "https" if ssl_object is not None else "http"
+        # ASGI TLS extension: only on a TLS connection; the same for all its requests.
+        self.tls = None if ssl_object is None else tls_extension(ssl_object,
+                                                                 server.server_cert)
         self.parser = RequestParser(self.config)
         self.pending_read: asyncio.Future | None = None
         self.eof = False
@@ -2723,6 +2741,9 @@ class ASGIConnection:
         if host:
             scope["headers"] = [[n, host.encode("latin-1") if n == b"host" else v]
                                 for n, v in scope["headers"]]
+        if self.tls is not None:      # a copy: one request's app may change its own
+            scope["extensions"]["tls"] = dict(
+                self.tls, client_cert_chain=list(self.tls["client_cert_chain"]))
         if self.trace:
             self.trace.head(">", self.parser.last_head)
             self.trace.mapping("scope", scope)
@@ -2811,6 +2832,7 @@ class ASGIServer:
         self.starting = threading.Lock()
         self.out_of_fds: float | None = None   # loop time accept() last failed
         self.next_handler = None     # the loop's exception handler before ours
+        self.server_cert: str | None = None    # PEM, for the ASGI TLS extension
 
     async def serve(self) -> None:
         """Start up, accept and serve connections until shutdown(), shut down."""
@@ -2825,6 +2847,7 @@ class ASGIServer:
         if self.config.ssl_certfile:
             tls = {"ssl": make_ssl_context(self.config),
                    "ssl_handshake_timeout": self.config.timeout_request_head}
+            self.server_cert = read_server_cert(self.config.ssl_certfile)
         self.next_handler = self.loop.get_exception_handler()
         self.loop.set_exception_handler(self.on_loop_error)
         # Limit: asyncio's `backlog` is also how many accept() calls it makes
@@ -3273,10 +3296,13 @@ class WebSocketCycle:
 
     def scope(self) -> dict:
         scope = self.conn.scope_for(self.request)
+        tls = scope["extensions"].get("tls")
         scope.update(type="websocket", scheme="wss" if scope["scheme"] == "https" else "ws",
                      asgi={"version": "3.0", "spec_version": "2.5"},
                      subprotocols=self.offered,
                      extensions={"websocket.http.response": {}})
+        if tls is not None:           # ASGI TLS extension: wss as well as https
+            scope["extensions"]["tls"] = tls
         return scope
 
     async def run(self) -> None:
@@ -3750,6 +3776,93 @@ def make_ssl_context(config: Config):
     return context
 
 
+# ASGI TLS extension, tls_version: the protocol's own number, as on the wire.
+TLS_VERSIONS = {"SSLv3": 0x0300, "TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303,
+                "TLSv1.3": 0x0304}
+# RFC 4514 §3: the attribute types that a DN string names by a short name.
+# ssl reports types by OpenSSL's long name; the others it knows (emailAddress,
+# serialNumber, title ...) are LDAP names already, and an unknown one is an OID.
+RFC4514_TYPES = {"commonName": "CN", "localityName": "L", "stateOrProvinceName": "ST",
+                 "organizationName": "O", "organizationalUnitName": "OU",
+                 "countryName": "C", "streetAddress": "STREET",
+                 "domainComponent": "DC", "userId": "UID"}
+CIPHER_SUITES: dict[str, int | None] = {}   # OpenSSL cipher name -> IANA number
+PEM_CERTIFICATE = re.compile(
+    r"-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----")
+
+
+def read_server_cert(certfile: str) -> str | None:
+    """The first certificate of --ssl-certfile (the one the server sends), as PEM."""
+    with open(certfile, encoding="latin-1") as file:   # may hold the key and a chain
+        match = PEM_CERTIFICATE.search(file.read())
+    return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(match.group())) if match \
+        else None
+
+
+def tls_extension(ssl_object, server_cert: str | None) -> dict:
+    """scope["extensions"]["tls"] for one connection, after its handshake.
+
+    ASGI TLS extension: the value describes the connection, so it is worked
+    out once for all of its requests.
+    """
+    leaf = ssl_object.getpeercert(binary_form=True)
+    chain, name = [], None
+    if leaf:
+        # The client's certificate first, then what it sent to link it to a CA
+        # (readable from Python 3.13 on; before, the client's certificate alone).
+        sent = getattr(ssl_object, "get_unverified_chain", list)()
+        chain = [leaf] + [der for der in sent if der != leaf]
+        subject = (ssl_object.getpeercert() or {}).get("subject")
+        name = rfc4514_name(subject) if subject is not None else None
+    cipher = ssl_object.cipher()
+    return {
+        "server_cert": server_cert,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der) for der in chain],
+        "client_cert_name": name,
+        # With --ssl-ca-certs a certificate the client offers is checked, and a
+        # bad one ends the handshake: no connection has a failed one to report.
+        "client_cert_error": None,
+        "tls_version": TLS_VERSIONS.get(ssl_object.version()),
+        "cipher_suite": cipher_suite(ssl_object.context, cipher[0]) if cipher else None,
+    }
+
+
+def cipher_suite(context, name: str) -> int | None:
+    """The IANA number of the cipher suite OpenSSL calls `name`.
+
+    ASGI TLS extension, cipher_suite: the two bytes of the TLS registry as one
+    16-bit number. ssl only gives the name; the context's get_ciphers() gives
+    ids of OpenSSL's form 0x0300XXXX, whose low 16 bits are that number. The
+    list is read when a name is first seen, and kept (a name not in it, as None).
+    """
+    if name not in CIPHER_SUITES:
+        CIPHER_SUITES.update((c["name"], c["id"] & 0xFFFF) for c in context.get_ciphers())
+        CIPHER_SUITES.setdefault(name, None)
+    return CIPHER_SUITES[name]
+
+
+def rfc4514_name(subject) -> str:
+    """A DN from the "subject" of ssl's getpeercert() as an RFC 4514 string.
+
+    RFC 4514 §2.1: the RDNs are written last first, joined by ","; §2.2: the
+    attributes of one RDN are joined by "+", each as type=value.
+    """
+    return ",".join("+".join(RFC4514_TYPES.get(kind, kind) + "=" + rfc4514_value(value)
+                             for kind, value in rdn)
+                    for rdn in reversed(subject))
+
+
+def rfc4514_value(value: str) -> str:
+    """RFC 4514 §2.4: escape an attribute value with backslashes."""
+    escaped = ["\\" + c if c in '"+,;<>\\' else "\\00" if c == "\0" else c
+               for c in value]
+    if value[:1] in (" ", "#"):      # a leading space or "#"
+        escaped[0] = "\\" + value[0]
+    if value[-1:] == " ":            # a trailing space
+        escaped[-1] = "\\ "
+    return "".join(escaped)
+
+
 def make_listener(host: str, port: int, backlog: int = BACKLOG, uds: str | None = None,
                   fd: int | None = None) -> socket.socket:
     """A listening socket: TCP (port 0 picks a free one), unix, or inherited."""
@@ -3966,7 +4079,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       default=int(os.environ.get("WEB_CONCURRENCY", 1)),
                       help="worker processes (default: $WEB_CONCURRENCY or 1)")
     sock.add_argument("--threads", type=int, default=WSGI_THREADS,
-                      help="WSGI worker threads per process (default: %(default)s)")
+                      help="WSGI worker threads per process; 1: one app call at a time "
+                      "(default: %(default)s)")
     sock.add_argument("--root-path", default="", metavar="PATH",
                       help="mount point of the app (SCRIPT_NAME / root_path)")
     tls = parser.add_argument_group("TLS")

@@ -3450,6 +3450,23 @@ def test_wsgi_validator_warnings_from_workers_are_recorded(tmp_path):
     assert wsgi_validator_messages(caught) == ["Unknown REQUEST_METHOD: 'PURGE'"]
 
 
+def test_wsgi_validator_single_thread_finds_nothing(tmp_path):
+    # PEP 3333 "Thread Support" (checklist W-40): --threads 1 is as clean as the
+    # default under wsgiref.validate; every case above, one after another.
+    file_path = tmp_path / "data.bin"
+    file_path.write_bytes(WSGI_FILE_DATA)
+    served: list = []
+    with wsgi_recorded_warnings() as caught:
+        with wsgi_serve(wsgi_validated_app(file_path, served), threads=1) as (port, server):
+            assert len(server.pool.threads) == 1
+            for case, (raw, expected) in WSGI_VALIDATED_CASES.items():
+                assert exchange(port, raw) == expected, case
+            assert len(served) == len(WSGI_VALIDATED_CASES)
+            for wrapper in served:
+                wsgi_assert_closed_once(wrapper)
+    assert wsgi_validator_messages(caught) == []
+
+
 # -- 2. the environ -------------------------------------------------------------
 
 
@@ -3519,6 +3536,14 @@ def test_wsgi_environ_get():
         assert callable(getattr(environ["wsgi.errors"], name))
     for name in ("read", "readline", "readlines", "__iter__"):
         assert callable(getattr(environ["wsgi.input"], name))
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_wsgi_environ_multithread_follows_threads(threads):
+    # PEP 3333 "Thread Support": wsgi.multithread says whether another thread
+    # may call the app at the same time; with --threads 1 none can.
+    _, _, environ, _, _ = wsgi_environ(wsgi_get("/"), threads=threads)
+    assert environ["wsgi.multithread"] is (threads > 1)
 
 
 def test_wsgi_environ_http10_without_query():
@@ -4352,6 +4377,88 @@ def test_wsgi_an_app_raising_a_base_exception_gets_a_500_and_the_pool_keeps_its_
         assert all(thread.is_alive() for thread in server.pool.threads)
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(failures) == 3 and all(r.exc_info[0] is type(exit_) for r in failures)
+
+
+def test_wsgi_threads_zero_is_refused(caplog):
+    # --threads 0 would queue every request for ever: refused before listening.
+    with pytest.raises(ValueError, match="--threads must be 1 or more"):
+        gateway.Config(threads=0)
+    caplog.set_level(logging.ERROR, logger="gateway")
+    code = gateway.main(["--wsgi", "echo_wsgi:application", "--threads", "0",
+                         "--port", "0"])
+    assert code == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway"] == [
+        "--threads must be 1 or more (1: one app call at a time), not 0"]
+
+
+def test_wsgi_single_thread_runs_calls_one_after_another():
+    # PEP 3333 "Thread Support": with --threads 1 the app is never called while
+    # another call runs; a second request waits in the queue until the first ends.
+    blocked = {path: (threading.Event(), threading.Event()) for path in ("/a", "/b")}
+    calls: list = []
+    threads: set = set()
+    inner = wsgi_blocking_app(blocked, calls)
+
+    def app(environ, start_response):
+        threads.add(threading.get_ident())
+        return inner(environ, start_response)
+
+    try:
+        with wsgi_serve(app, threads=1) as (port, server):
+            with connect(port) as a, connect(port) as b:
+                a.sendall(wsgi_get("/a", close=False))
+                assert blocked["/a"][0].wait(TIMEOUT)
+                b.sendall(wsgi_get("/b", close=False))
+                wait_for(lambda: len(server.pool.jobs) == 1)   # parsed, and queued
+                assert calls == ["/a"] and not blocked["/b"][0].is_set()
+                blocked["/a"][1].set()
+                assert ResponseReader(a).read_response()[::2] == (200, b"/a")
+                assert blocked["/b"][0].wait(TIMEOUT)           # only now
+                assert calls == ["/a", "/b"]
+                blocked["/b"][1].set()
+                assert ResponseReader(b).read_response()[::2] == (200, b"/b")
+        assert len(threads) == 1
+    finally:
+        for _, release in blocked.values():
+            release.set()
+
+
+WSGI_PARKED_PIECES = 128     # of 64 KiB: 8 MiB, more than the socket buffers hold
+
+
+def test_wsgi_single_thread_parked_response_lets_the_next_request_run():
+    # With --threads 1, a client that does not read its large response parks
+    # it (§6): the only thread serves the next client, then resumes the first.
+    finished = threading.Event()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/big":
+            def pieces():
+                for _ in range(WSGI_PARKED_PIECES):
+                    yield LIMITS_PIECE
+                finished.set()
+            start_response("200 OK", [("Content-Type", "text/plain"), (
+                "Content-Length", str(len(LIMITS_PIECE) * WSGI_PARKED_PIECES))])
+            return pieces()
+        return wsgi_hello(environ, start_response)
+
+    with wsgi_serve(app, threads=1) as (port, server):
+        with limits_connect(port, rcvbuf=4096) as stuck:
+            stuck.sendall(wsgi_get("/big", close=False))       # not read, for now
+            wait_for(lambda: any(conn.parked is not None
+                                 for conn in list(server.connections)))
+            assert exchange(port, wsgi_get("/hello")) == WSGI_HELLO_CLOSE
+            assert not finished.is_set()
+            reader = ResponseReader(stuck)
+            status, headers, _ = reader.read_head()
+            size = int(headers[b"content-length"])
+            parts = [reader.buffer]          # read_exact() would copy it all each time
+            while sum(map(len, parts)) < size:
+                parts.append(stuck.recv(65536))
+                assert parts[-1], "connection closed mid-body"
+            assert status == 200
+            assert b"".join(parts) == LIMITS_PIECE * WSGI_PARKED_PIECES
+            assert finished.is_set()
 
 
 def test_wsgi_a_half_closed_client_still_gets_its_response():
@@ -7494,10 +7601,18 @@ def ops_cert(tmp_path_factory):
     return cert, key
 
 
-def ops_tls_connect(port: int, cert: str):
+def ops_tls_connect(port: int, cert: str, client_cert: tuple | None = None,
+                    version: str | None = None):
+    """A TLS client of `cert`; with `client_cert` (certfile, keyfile) it shows
+    one; `version` ("TLSv1.2", "TLSv1.3") pins the protocol."""
     context = ssl.create_default_context(cafile=cert)
     context.check_hostname = False            # CN only, no subjectAltName
     context.verify_mode = ssl.CERT_REQUIRED   # still: it must be this certificate
+    if client_cert is not None:
+        context.load_cert_chain(*client_cert)
+    if version is not None:
+        context.minimum_version = context.maximum_version = getattr(
+            ssl.TLSVersion, version.replace(".", "_"))
     return context.wrap_socket(connect(port), server_hostname="localhost")
 
 
@@ -7597,6 +7712,186 @@ def test_ops_tls_silent_client_dropped_without_stalling_others(interface, ops_ce
             assert ops_read_all(silent) == b""
             elapsed = time.monotonic() - started
         assert 0.45 <= elapsed < 5.0, elapsed
+
+
+# -- the ASGI TLS extension (tls.rst v0.2; checklist E-09, E-10) ----------------
+
+# RFC 4514 §2.4: these need a backslash; the O and OU below use two of them.
+OPS_CLIENT_SUBJECT = "/C=DE/O=Example, Inc./OU=#ops/CN=alice"
+OPS_CLIENT_NAME = r"CN=alice,OU=\#ops,O=Example\, Inc.,C=DE"
+
+
+@pytest.fixture(scope="session")
+def ops_client_cert(ops_cert, tmp_path_factory):
+    """(ca_file, certfile, keyfile): a test CA and a client certificate it signed."""
+    openssl = shutil.which("openssl")
+    folder = tmp_path_factory.mktemp("ops_client_tls")
+    ca, ca_key = str(folder / "ca.pem"), str(folder / "ca.key")
+    cert, key, csr = (str(folder / name) for name in ("client.pem", "client.key",
+                                                       "client.csr"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    # The extensions that VERIFY_X509_STRICT (Python 3.13's default) asks for.
+    extensions = folder / "client.ext"
+    extensions.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                          "extendedKeyUsage=clientAuth\nsubjectKeyIdentifier=hash\n"
+                          "authorityKeyIdentifier=keyid\n")
+    for command in (
+            [openssl, "req", "-x509", *ec, "-subj", "/CN=gateway test CA", "-days", "1",
+             "-addext", "keyUsage=critical,keyCertSign", "-keyout", ca_key, "-out", ca],
+            [openssl, "req", *ec, "-subj", OPS_CLIENT_SUBJECT, "-keyout", key, "-out", csr],
+            [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+             "-set_serial", "2", "-days", "1", "-extfile", str(extensions), "-out", cert]):
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+    return ca, cert, key
+
+
+def ops_pem(path: str) -> str:
+    """The certificate in a PEM file, as ssl.DER_cert_to_PEM_cert writes it."""
+    with open(path) as file:
+        return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(file.read()))
+
+
+def ops_tls_scope_app():
+    """ASGI: answers scope["extensions"].get("tls", "absent") as JSON, over
+    HTTP or as one WebSocket text message."""
+    return ops_json_app("asgi", None, lambda scope: scope["extensions"].get("tls", "absent"))
+
+
+def ops_ws_text(sock) -> str:
+    """Upgrade `sock` to a WebSocket and read one unmasked text message."""
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    reader = ResponseReader(sock)
+    assert reader.read_head()[0] == 101
+    first, length = reader.read_exact(2)
+    assert first == 0x81
+    if length == 126:
+        length = struct.unpack("!H", reader.read_exact(2))[0]
+    return reader.read_exact(length).decode()
+
+
+def ops_expected_cipher_suite(sock) -> int:
+    """The IANA id of the client's cipher, worked out on the client's side."""
+    name = sock.cipher()[0]
+    ids = [c["id"] & 0xFFFF for c in sock.context.get_ciphers() if c["name"] == name]
+    assert len(ids) == 1, name
+    return ids[0]
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_ops_tls_extension_without_client_cert(version, ops_cert, monkeypatch):
+    # ASGI TLS extension: the keys of "tls" on a connection with no client cert.
+    made, original = [], gateway.tls_extension
+    monkeypatch.setattr(gateway, "tls_extension", lambda *args: made.append(args)
+                        or original(*args))
+    with ops_tls_server("asgi", ops_tls_scope_app(), ops_cert) as port:
+        with ops_tls_connect(port, ops_cert[0], version=version) as sock:
+            reader = ResponseReader(sock)
+            answers = []
+            for _ in range(2):            # two requests, one connection
+                sock.sendall(OPS_GET)
+                status, _, body = reader.read_response()
+                assert status == 200
+                answers.append(json.loads(body))
+            sent = ssl.DER_cert_to_PEM_cert(sock.getpeercert(binary_form=True))
+            expected = {
+                "server_cert": sent,
+                "client_cert_chain": [],
+                "client_cert_name": None,
+                "client_cert_error": None,
+                "tls_version": {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}[version],
+                "cipher_suite": ops_expected_cipher_suite(sock),
+            }
+            assert sock.version() == version
+    assert answers == [expected, expected]
+    assert sent == ops_pem(ops_cert[0])         # the certificate of --ssl-certfile
+    assert len(made) == 1                       # once per connection, not per request
+    if version == "TLSv1.3":                    # RFC 8446 B.4: TLS_AES_*, TLS_CHACHA20_*
+        assert expected["cipher_suite"] in (0x1301, 0x1302, 0x1303)
+
+
+def test_ops_tls_extension_with_client_cert(ops_cert, ops_client_cert):
+    # ASGI TLS extension: client_cert_chain starts with the client's certificate,
+    # client_cert_name is its subject in RFC 4514 form; http and websocket alike.
+    ca, cert, key = ops_client_cert
+    with ops_tls_server("asgi", ops_tls_scope_app(), ops_cert, ssl_ca_certs=ca) as port:
+        with ops_tls_connect(port, ops_cert[0], client_cert=(cert, key)) as sock:
+            sock.sendall(OPS_GET)
+            status, _, body = ResponseReader(sock).read_response()
+            cipher_suite = ops_expected_cipher_suite(sock)
+        assert status == 200
+        tls = json.loads(body)
+        assert tls == {
+            "server_cert": ops_pem(ops_cert[0]),
+            "client_cert_chain": [ops_pem(cert)],
+            "client_cert_name": OPS_CLIENT_NAME,
+            "client_cert_error": None,      # verified: a failed one ends the handshake
+            "tls_version": 0x0304,
+            "cipher_suite": cipher_suite,
+        }
+        with ops_tls_connect(port, ops_cert[0], client_cert=(cert, key)) as sock:
+            assert json.loads(ops_ws_text(sock)) == tls           # wss: the same
+        with ops_tls_connect(port, ops_cert[0]) as sock:          # CERT_OPTIONAL
+            sock.sendall(OPS_GET)
+            status, _, body = ResponseReader(sock).read_response()
+        assert status == 200
+        assert json.loads(body)["client_cert_chain"] == []
+        assert json.loads(body)["client_cert_name"] is None
+
+
+def test_ops_tls_extension_absent_without_tls():
+    # ASGI TLS extension: "forbidden" on a connection that is not TLS.
+    with running_server("asgi", ops_tls_scope_app()) as port:
+        with connect(port) as sock:
+            sock.sendall(OPS_GET)
+            status, _, body = ResponseReader(sock).read_response()
+            assert (status, json.loads(body)) == (200, "absent")
+        with connect(port) as sock:
+            assert json.loads(ops_ws_text(sock)) == "absent"
+
+
+def test_ops_tls_wsgi_environ_gets_only_https(ops_cert, ops_client_cert):
+    # PEP 3333 has no variable for certificates or ciphers: with a client
+    # certificate, the environ differs from a plain one by HTTPS=on alone.
+    ca, cert, key = ops_client_cert
+    seen: list = []
+
+    def app(environ, start_response):
+        seen.append(environ)
+        start_response("200 OK", [("Content-Length", "0")])
+        return []
+
+    with running_server("wsgi", app) as port:
+        with connect(port) as sock:
+            sock.sendall(OPS_GET)
+            assert ResponseReader(sock).read_response()[0] == 200
+    with ops_tls_server("wsgi", app, ops_cert, ssl_ca_certs=ca) as port:
+        with ops_tls_connect(port, ops_cert[0], client_cert=(cert, key)) as sock:
+            sock.sendall(OPS_GET)
+            assert ResponseReader(sock).read_response()[0] == 200
+    plain, tls = seen
+    assert set(tls) - set(plain) == {"HTTPS"} and set(plain) <= set(tls)
+    assert (tls["HTTPS"], tls["wsgi.url_scheme"]) == ("on", "https")
+    assert not any("alice" in value for value in tls.values() if isinstance(value, str))
+
+
+@pytest.mark.parametrize("subject, name", [
+    ((), ""),
+    (((("commonName", "a"),),), "CN=a"),
+    # RDNs last first; one RDN's attributes joined with "+"
+    (((("countryName", "DE"),), (("organizationName", "O1"), ("commonName", "b"))),
+     "O=O1+CN=b,C=DE"),
+    # RFC 4514 §2.4: specials anywhere; a leading "#" or space, a trailing space; NUL
+    (((("commonName", 'x"+,;<>\\y'),),), r'CN=x\"\+\,\;\<\>\\y'),
+    (((("commonName", " #a "),),), r"CN=\ #a\ "),
+    (((("commonName", " "),),), "CN=\\ "),
+    (((("commonName", "a\0b"),),), r"CN=a\00b"),
+    # types without an RFC 4514 §3 short name keep ssl's (LDAP) name or OID
+    (((("emailAddress", "a@b"),), (("2.5.4.97", "v"),)), "2.5.4.97=v,emailAddress=a@b"),
+])
+def test_ops_tls_rfc4514_name(subject, name):
+    assert gateway.rfc4514_name(subject) == name
 
 
 # =============================================================================
