@@ -2286,7 +2286,8 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
         "server":       list(server),
         "state":        dict(state),    # ASGI Lifespan spec: a shallow copy
         # ASGI "Extensions": what send() takes beyond the core messages.
-        "extensions":   {"http.response.trailers": {}, "http.response.pathsend": {}},
+        "extensions":   {"http.response.trailers": {}, "http.response.pathsend": {},
+                         "http.response.early_hint": {}},
     }
 
 
@@ -2300,6 +2301,8 @@ class HTTPCycle:
                                    trailers --more_trailers=False------> done
 
     and "failed" when the server answered with an error of its own instead.
+    An http.response.early_hint changes no state: it is sent (as a 103) only
+    while the head is still held back.
     """
 
     def __init__(self, conn: ASGIConnection, request: Request) -> None:
@@ -2504,6 +2507,8 @@ class HTTPCycle:
                                      message.get("more_trailers", False))
         elif kind == "http.response.pathsend" and self.state == "body":
             await self.send_path(message["path"])
+        elif kind == "http.response.early_hint" and self.state != "start":
+            await self.send_early_hint(message["links"])
         else:
             raise RuntimeError(f"ASGI: unexpected message type {kind!r} for http "
                                f"(response {self.state})")
@@ -2547,6 +2552,29 @@ class HTTPCycle:
         self.state = "done"
         await self.conn.write(self.response.end(self.trailers if wanted else []))
         self.response_done.set()
+
+    async def send_early_hint(self, links) -> None:
+        """ASGI "Early Hints" extension: a 103 response ahead of the final one.
+
+        RFC 8297: each link becomes one Link field of an interim response. The
+        links are checked like the app's headers (§4 field_line) even when the
+        hint is then dropped, so a bad one raises here whoever the client is.
+        """
+        lines = [STATUS_LINES[103]]
+        for link in links:
+            if type(link) is not bytes:
+                raise TypeError(f"ASGI: early hint links must be bytes: {link!r}")
+            lines.append(field_line(b"Link", link))
+        # RFC 9110 §15.2: an HTTP/1.0 client gets no 1xx response. Interim
+        # responses come before the final one, so once its head is on the wire
+        # a hint is too late. Policy: both are dropped without an error, and so
+        # is a hint without links, which would tell the client nothing.
+        if self.request.version == "1.0" or self.head_written or len(lines) == 1:
+            return
+        data = b"\r\n".join(lines) + b"\r\n\r\n"
+        if self.conn.trace:
+            self.conn.trace.head("<", data)
+        await self.conn.write(data)
 
     async def send_path(self, path: str) -> None:
         """ASGI "Path Send" extension: the server sends a file by its path."""

@@ -4675,7 +4675,8 @@ def test_asgi_scope_for_tricky_targets(method, target, path, raw_path, query):
     assert scope["headers"] == [[b"host", host]]
     assert list(scope["client"]) == ["127.0.0.1", client_port]
     assert list(scope["server"]) == ["127.0.0.1", port]
-    assert scope["state"] == {} and scope["extensions"] == {"http.response.trailers": {}, "http.response.pathsend": {}}
+    assert scope["state"] == {} and scope["extensions"] == {"http.response.trailers": {}, "http.response.pathsend": {},
+                                                            "http.response.early_hint": {}}
     # ... and the same thing went over the wire as JSON (bytes as latin-1).
     assert json.loads(body) == asgi_jsonable(scope)
 
@@ -6309,6 +6310,108 @@ def test_asgi_pathsend_extension(tmp_path):
             assert (status, headers[b"content-length"], body) == (200, b"%d" % len(payload), b"")
             status, headers, body = reader.read_response()
             assert (status, headers[b"transfer-encoding"], body) == (200, b"chunked", payload)
+
+
+# -- ASGI extension: http.response.early_hint (extensions.rst "Early Hints") ---------
+
+PRELOAD_CSS = b"</style.css>; rel=preload; as=style"
+PRELOAD_JS = b"</app.js>; rel=preload; as=script"
+PRECONNECT = b"<https://cdn.example>; rel=preconnect"
+
+
+def early_hint_app(before_body: list, after_first_body: list = (), after_last_body=()):
+    """An ASGI app: start (Content-Length: 2), early hints, body b"o", b"k".
+
+    Each list holds the `links` of one http.response.early_hint message, sent
+    before the first body message, after it, or after the last one.
+    """
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        assert scope["extensions"]["http.response.early_hint"] == {}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        for links in before_body:
+            await send({"type": "http.response.early_hint",
+                        "links": (link for link in links)})   # any iterable
+        await send({"type": "http.response.body", "body": b"o", "more_body": True})
+        for links in after_first_body:
+            await send({"type": "http.response.early_hint", "links": links})
+        await send({"type": "http.response.body", "body": b"k"})
+        for links in after_last_body:
+            await send({"type": "http.response.early_hint", "links": links})
+    return app
+
+
+def early_hints(*links: bytes) -> bytes:
+    """One 103 response on the wire: a Link field line per link."""
+    return b"HTTP/1.1 103 Early Hints\r\n" + b"".join(b"Link: %s\r\n" % link
+                                                      for link in links) + b"\r\n"
+
+
+OK_CLOSE = (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nServer: gateway\r\n"
+            b"Connection: close\r\n\r\nok")
+
+
+@pytest.mark.parametrize("messages", [
+    [[PRELOAD_CSS]],
+    [[PRELOAD_CSS, PRELOAD_JS, PRECONNECT]],
+    [[PRELOAD_CSS], [PRELOAD_JS, PRECONNECT]],
+], ids=["one link", "several links", "two messages: two 103s"])
+def test_asgi_early_hint_extension(messages):
+    # extensions.rst "Early Hints", RFC 8297: a 103 with the links as Link fields,
+    # before the final head (held back until the first body message).
+    with running_server("asgi", early_hint_app(messages), date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data == b"".join(early_hints(*links) for links in messages) + OK_CLOSE
+
+
+def test_asgi_early_hint_not_sent_to_http_1_0_client():
+    # RFC 9110 §15.2: no 1xx response to an HTTP/1.0 client; ignored, not an error.
+    with running_server("asgi", early_hint_app([[PRELOAD_CSS]]), date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert data == OK_CLOSE
+
+
+def test_asgi_early_hint_ignored_once_the_final_head_went_out():
+    # extensions.rst "Early Hints": only before the final response; after the first
+    # (or the last) body message the head is on the wire, so the hints are dropped.
+    app = early_hint_app([], after_first_body=[[PRELOAD_CSS]], after_last_body=[[PRELOAD_JS]])
+    with running_server("asgi", app, date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data == OK_CLOSE
+
+
+def test_asgi_early_hint_without_links_sends_nothing():
+    # Policy: a 103 without a Link field would tell the client nothing.
+    with running_server("asgi", early_hint_app([[]]), date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data == OK_CLOSE
+
+
+@pytest.mark.parametrize("link, error", [
+    (b"</a.css>; rel=preload\r\nSet-Cookie: x=1", ValueError),   # RFC 9112 §11.1
+    (b"</a.css>\x00", ValueError),
+    ("</a.css>; rel=preload", TypeError),                          # str, not bytes
+], ids=["CRLF", "NUL", "str"])
+def test_asgi_early_hint_bad_link_raises_in_the_app(link, error):
+    raised = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        try:
+            await send({"type": "http.response.early_hint", "links": [PRELOAD_CSS, link]})
+        except Exception as exc:   # noqa: BLE001 - the test looks at it below
+            raised.append(exc)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with running_server("asgi", app, date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert [type(exc) for exc in raised] == [error]
+    assert data == OK_CLOSE          # nothing of the bad 103 went out, not even PRELOAD_CSS
 
 
 try:
