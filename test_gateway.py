@@ -6312,6 +6312,32 @@ def test_asgi_pathsend_extension(tmp_path):
             assert (status, headers[b"transfer-encoding"], body) == (200, b"chunked", payload)
 
 
+@pytest.mark.parametrize("content_length, message", [
+    (100, "response ended 40 bytes short of its Content-Length"),
+    (10, "response body longer than its Content-Length; 50 bytes dropped"),
+], ids=["file shorter", "file longer"])
+def test_asgi_pathsend_file_and_content_length_disagree(tmp_path, caplog, content_length,
+                                                        message):
+    # RFC 9112 §6.3, §8: what sendfile() really sent is what counts; the response
+    # then ends like any other that breaks its Content-Length: logged, and the
+    # connection closed, so the pipelined request behind it is never answered.
+    path = tmp_path / "file.bin"
+    path.write_bytes(bytes(range(60)))
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"%d" % content_length)]})
+        await send({"type": "http.response.pathsend", "path": str(path)})
+
+    with running_server("asgi", app, date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert data == (b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nServer: gateway\r\n\r\n"
+                    % content_length + bytes(range(60))[:content_length])
+    assert message in [r.getMessage() for r in caplog.records if r.name == "gateway"]
+
 # -- ASGI extension: http.response.early_hint (extensions.rst "Early Hints") ---------
 
 PRELOAD_CSS = b"</style.css>; rel=preload; as=style"
