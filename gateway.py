@@ -2298,7 +2298,7 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
         "state":        dict(state),    # ASGI Lifespan spec: a shallow copy
         # ASGI "Extensions": what send() takes beyond the core messages.
         "extensions":   {"http.response.trailers": {}, "http.response.pathsend": {},
-                         "http.response.early_hint": {}},
+                         "http.response.early_hint": {}, "http.response.zerocopysend": {}},
     }
 
 
@@ -2312,8 +2312,9 @@ class HTTPCycle:
                                    trailers --more_trailers=False------> done
 
     and "failed" when the server answered with an error of its own instead.
-    An http.response.early_hint changes no state: it is sent (as a 103) only
-    while the head is still held back.
+    An http.response.zerocopysend is a body message whose bytes come from a
+    file. An http.response.early_hint changes no state: it is sent (as a 103)
+    only while the head is still held back.
     """
 
     def __init__(self, conn: ASGIConnection, request: Request) -> None:
@@ -2518,6 +2519,11 @@ class HTTPCycle:
                                      message.get("more_trailers", False))
         elif kind == "http.response.pathsend" and self.state == "body":
             await self.send_path(message["path"])
+        elif kind == "http.response.zerocopysend" and self.state != "start":
+            # ASGI extensions "Zero Copy Send": it acts as a body message, so
+            # once the response is complete it is ignored like one.
+            if self.state == "body":
+                await self.send_zerocopy(message)
         elif kind == "http.response.early_hint" and self.state != "start":
             await self.send_early_hint(message["links"])
         else:
@@ -2595,6 +2601,20 @@ class HTTPCycle:
             self.conn.trace.head("<", data)
         await self.conn.write(data)
 
+    async def send_zerocopy(self, message: dict) -> None:
+        """ASGI "Zero Copy Send" extension: a body message whose bytes are in a file.
+
+        It may come any number of times, between body messages. The file is
+        the app's: the server never closes it.
+        """
+        offset, count = message.get("offset"), message.get("count")
+        for value in (offset, count):
+            if value is not None and (type(value) is not int or value < 0):
+                raise ValueError(f"ASGI: zerocopysend offset and count must be "
+                                 f"integers >= 0: {value!r}")
+        data = await self.send_file(message["file"], offset, count)
+        await self.write_body(data, message.get("more_body", False))
+
     async def send_path(self, path: str) -> None:
         """ASGI "Path Send" extension: the server sends a file by its path."""
         with open(path, "rb") as file:
@@ -2604,15 +2624,16 @@ class HTTPCycle:
     async def send_file(self, file, offset: int | None, count: int | None) -> bytes:
         """Send `count` bytes of `file` from `offset` as body bytes, head first.
 
-        `offset` None is the file's current position, `count` None its end. The
-        file stays open, positioned after the last byte sent. Returns what is
-        still to be written: the head, if no body bytes went out.
+        ASGI extensions "Zero Copy Send": `offset` None is the file's current
+        position, `count` None its end (as is a `count` past it). The file stays
+        open, positioned after the last byte sent. Returns what is still to be
+        written: the head, if no body bytes went out.
         """
         fd = file.fileno()          # a file of the OS, not a BytesIO: before the head
         if offset is None:
             offset = file.tell()
-        if count is None:
-            count = max(0, os.fstat(fd).st_size - offset)
+        left = max(0, os.fstat(fd).st_size - offset)
+        count = left if count is None else min(count, left)   # no more than it has
         data = self.take_head()
         response = self.response
         count = response.allow(count)      # §4: none for HEAD; Content-Length overrun
