@@ -876,13 +876,16 @@ class Response:
 
     def body(self, data: bytes) -> bytes:
         """Frame a piece of the body; b"" for nothing to send."""
-        size = self.allow(len(data))
-        if not size:
+        if not data or self.framing == "none":
             return b""           # an empty chunk would end a chunked body
-        self.count(size)
+        if self.framing == "length" and len(data) > self.length:
+            data = data[: self.allow(len(data))]
+        self.sent += len(data)   # count(), written out: body() is on every response's path
         if self.framing == "chunked":
             return encode_chunk(data)
-        return data[:size]
+        if self.framing == "length":
+            self.length -= len(data)
+        return data
 
     def allow(self, size: int) -> int:
         """How many of `size` more body bytes may go out (bytes or a file region)."""
