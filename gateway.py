@@ -885,19 +885,33 @@ class Response:
         """Frame a piece of the body; b"" for nothing to send."""
         if not data or self.framing == "none":
             return b""           # an empty chunk would end a chunked body
-        self.sent += len(data)
+        if self.framing == "length" and len(data) > self.length:
+            data = data[: self.allow(len(data))]
+        self.sent += len(data)   # count(), written out: body() is on every response's path
         if self.framing == "chunked":
             return encode_chunk(data)
         if self.framing == "length":
-            if len(data) > self.length:
-                # RFC 9112 §6.3: bytes past Content-Length would be read as the
-                # next response. Drop them, and close once this one is done.
-                log.error("response body longer than its Content-Length; "
-                          "%d bytes dropped", len(data) - self.length)
-                data = data[: self.length]
-                self.keep_alive = False
             self.length -= len(data)
         return data
+
+    def allow(self, size: int) -> int:
+        """How many of `size` more body bytes may go out (bytes or a file region)."""
+        if self.framing == "none":
+            return 0
+        if self.framing == "length" and size > self.length:
+            # RFC 9112 §6.3: bytes past Content-Length would be read as the
+            # next response. Drop them, and close once this one is done.
+            log.error("response body longer than its Content-Length; "
+                      "%d bytes dropped", size - self.length)
+            self.keep_alive = False
+            return self.length
+        return size
+
+    def count(self, size: int) -> None:
+        """Count `size` body bytes as sent; end() checks them against Content-Length."""
+        self.sent += size
+        if self.framing == "length":
+            self.length -= size
 
     def end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes:
         """The bytes that end the body; settles whether the connection stays."""
@@ -2321,7 +2335,8 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
         "server":       list(server),
         "state":        dict(state),    # ASGI Lifespan spec: a shallow copy
         # ASGI "Extensions": what send() takes beyond the core messages.
-        "extensions":   {"http.response.trailers": {}, "http.response.pathsend": {}},
+        "extensions":   {"http.response.trailers": {}, "http.response.pathsend": {},
+                         "http.response.early_hint": {}, "http.response.zerocopysend": {}},
     }
 
 
@@ -2335,6 +2350,9 @@ class HTTPCycle:
                                    trailers --more_trailers=False------> done
 
     and "failed" when the server answered with an error of its own instead.
+    An http.response.zerocopysend is a body message whose bytes come from a
+    file. An http.response.early_hint changes no state: it is sent (as a 103)
+    only while the head is still held back.
     """
 
     def __init__(self, conn: ASGIConnection, request: Request) -> None:
@@ -2539,13 +2557,25 @@ class HTTPCycle:
                                      message.get("more_trailers", False))
         elif kind == "http.response.pathsend" and self.state == "body":
             await self.send_path(message["path"])
+        elif kind == "http.response.zerocopysend" and self.state != "start":
+            # ASGI extensions "Zero Copy Send": it acts as a body message, so
+            # once the response is complete it is ignored like one.
+            if self.state == "body":
+                await self.send_zerocopy(message)
+        elif kind == "http.response.early_hint" and self.state != "start":
+            await self.send_early_hint(message["links"])
         else:
             raise RuntimeError(f"ASGI: unexpected message type {kind!r} for http "
                                f"(response {self.state})")
 
     async def send_body(self, body: bytes, more_body: bool) -> None:
+        """ASGI "Response Body": the first one takes the held-back head along."""
         if type(body) is not bytes:
             raise TypeError(f"ASGI: body must be bytes, not {type(body).__name__}")
+        await self.write_body(self.take_head() + self.response.body(body), more_body)
+
+    def take_head(self) -> bytes:
+        """The held-back head, for the first body bytes to go out with; then b""."""
         if not self.head_written and (self.conn.stopping.is_set() or not self.body_done and (
                 self.send_continue or not can_drain(self.conn.parser.unread_body()))):
             # RFC 9110 §10.1.1: answering before asking for the body means the
@@ -2556,9 +2586,12 @@ class HTTPCycle:
             self.head = self.response.head(*self.start, time.time())
         if self.conn.trace and self.head:
             self.conn.trace.head("<", self.head)
-        data = self.head + self.response.body(body)
-        self.head = b""
+        data, self.head = self.head, b""
         self.head_written = True
+        return data
+
+    async def write_body(self, data: bytes, more_body: bool) -> None:
+        """Write body bytes; with the last ones, what ends the response."""
         if not more_body and self.trailers is not None:
             self.state = "trailers"          # the end waits for the trailers
         elif not more_body:
@@ -2583,30 +2616,85 @@ class HTTPCycle:
         await self.conn.write(self.response.end(self.trailers if wanted else []))
         self.response_done.set()
 
+    async def send_early_hint(self, links) -> None:
+        """ASGI "Early Hints" extension: a 103 response ahead of the final one.
+
+        RFC 8297: each link becomes one Link field of an interim response. The
+        links are checked like the app's headers (§4 field_line) even when the
+        hint is then dropped, so a bad one raises here whoever the client is.
+        """
+        lines = [STATUS_LINES[103]]
+        for link in links:
+            if type(link) is not bytes:
+                raise TypeError(f"ASGI: early hint links must be bytes: {link!r}")
+            lines.append(field_line(b"Link", link))
+        # RFC 9110 §15.2: an HTTP/1.0 client gets no 1xx response. Interim
+        # responses come before the final one, so once its head is on the wire
+        # a hint is too late. Policy: both are dropped without an error, and so
+        # is a hint without links, which would tell the client nothing.
+        if self.request.version == "1.0" or self.head_written or len(lines) == 1:
+            return
+        data = b"\r\n".join(lines) + b"\r\n\r\n"
+        if self.conn.trace:
+            self.conn.trace.head("<", data)
+        await self.conn.write(data)
+
+    async def send_zerocopy(self, message: dict) -> None:
+        """ASGI "Zero Copy Send" extension: a body message whose bytes are in a file.
+
+        It may come any number of times, between body messages. The file is
+        the app's: the server never closes it.
+        """
+        offset, count = message.get("offset"), message.get("count")
+        for value in (offset, count):
+            if value is not None and (type(value) is not int or value < 0):
+                raise ValueError(f"ASGI: zerocopysend offset and count must be "
+                                 f"integers >= 0: {value!r}")
+        data = await self.send_file(message["file"], offset, count)
+        await self.write_body(data, message.get("more_body", False))
+
     async def send_path(self, path: str) -> None:
         """ASGI "Path Send" extension: the server sends a file by its path."""
         with open(path, "rb") as file:
-            data, self.head = self.head, b""
-            if self.conn.trace and data:
-                self.conn.trace.head("<", data)
-            self.head_written = True
-            response = self.response
-            transport = self.conn.writer.transport
-            if (response.framing == "length" and response.length and hasattr(os, "sendfile")
-                    and self.conn.scheme == "http"):
-                await self.conn.write(data)     # then zero-copy, like §6's FileRegion
-                count = response.length
-                await self.conn.loop.sendfile(transport, file, 0, count)
-                response.length -= count
-                response.sent += count
-                data = b""
-            else:
-                for block in iter(lambda: file.read(RECV_BYTES), b""):
-                    await self.conn.write(data + response.body(block))
-                    data = b""
-        self.state = "done"
-        await self.conn.write(data + response.end())
-        self.response_done.set()
+            data = await self.send_file(file, 0, None)
+        await self.write_body(data, more_body=False)
+
+    async def send_file(self, file, offset: int | None, count: int | None) -> bytes:
+        """Send `count` bytes of `file` from `offset` as body bytes, head first.
+
+        ASGI extensions "Zero Copy Send": `offset` None is the file's current
+        position, `count` None its end (as is a `count` past it). The file stays
+        open, positioned after the last byte sent. Returns what is still to be
+        written: the head, if no body bytes went out.
+        """
+        fd = file.fileno()          # a file of the OS, not a BytesIO: before the head
+        if offset is None:
+            offset = file.tell()
+        left = max(0, os.fstat(fd).st_size - offset)
+        count = left if count is None else min(count, left)   # no more than it has
+        data = self.take_head()
+        response = self.response
+        count = response.allow(count)      # §4: none for HEAD; Content-Length overrun
+        if not count:
+            return data
+        if (response.framing == "length" and self.conn.scheme == "http"
+                and hasattr(os, "sendfile")):
+            # Zero copy (sendfile(2), like §6's FileRegion): only where the file's
+            # bytes go out as they are, so not through TLS or chunk framing. A
+            # file that ends early sends less; Response.end() then closes.
+            if data:
+                await self.conn.write(data)
+            response.count(await self.conn.sendfile(file, offset, count))
+            return b""
+        file.seek(offset)
+        while count:
+            block = file.read(min(count, RECV_BYTES))      # never past `count`
+            if not block:
+                break               # the file ended early: Response.end() judges
+            count -= len(block)
+            await self.conn.write(data + response.body(block))
+            data = b""
+        return data
 
 
 def check_asgi_headers(headers) -> list[tuple[bytes, bytes]]:
@@ -2789,6 +2877,20 @@ class ASGIConnection:
         except asyncio.TimeoutError:
             transport.abort()     # Limit: the client does not read its response
             raise ClientDisconnected("response not read in time") from None
+
+    async def sendfile(self, file, offset: int, count: int) -> int:
+        """Send part of a file with the kernel's sendfile(); the bytes sent.
+
+        Fewer than `count` only if the file ends first. loop.sendfile() waits
+        for what write() left in the buffer to go out before it starts.
+        """
+        transport = self.writer.transport
+        if transport.is_closing():
+            raise ClientDisconnected("the client has disconnected")
+        try:
+            return await self.loop.sendfile(transport, file, offset, count)
+        except ConnectionError as error:
+            raise ClientDisconnected(str(error)) from error
 
     async def close(self) -> None:
         """RFC 9112 §9.6: send FIN, discard until the client's FIN, then close."""

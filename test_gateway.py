@@ -4804,7 +4804,9 @@ def test_asgi_scope_for_tricky_targets(method, target, path, raw_path, query):
     assert scope["headers"] == [[b"host", host]]
     assert list(scope["client"]) == ["127.0.0.1", client_port]
     assert list(scope["server"]) == ["127.0.0.1", port]
-    assert scope["state"] == {} and scope["extensions"] == {"http.response.trailers": {}, "http.response.pathsend": {}}
+    assert scope["state"] == {} and scope["extensions"] == {"http.response.trailers": {}, "http.response.pathsend": {},
+                                                            "http.response.early_hint": {},
+                                                            "http.response.zerocopysend": {}}
     # ... and the same thing went over the wire as JSON (bytes as latin-1).
     assert json.loads(body) == asgi_jsonable(scope)
 
@@ -6491,6 +6493,320 @@ def test_asgi_pathsend_extension(tmp_path):
             assert (status, headers[b"content-length"], body) == (200, b"%d" % len(payload), b"")
             status, headers, body = reader.read_response()
             assert (status, headers[b"transfer-encoding"], body) == (200, b"chunked", payload)
+
+
+@pytest.mark.parametrize("content_length, message", [
+    (100, "response ended 40 bytes short of its Content-Length"),
+    (10, "response body longer than its Content-Length; 50 bytes dropped"),
+], ids=["file shorter", "file longer"])
+def test_asgi_pathsend_file_and_content_length_disagree(tmp_path, caplog, content_length,
+                                                        message):
+    # RFC 9112 §6.3, §8: what sendfile() really sent is what counts; the response
+    # then ends like any other that breaks its Content-Length: logged, and the
+    # connection closed, so the pipelined request behind it is never answered.
+    path = tmp_path / "file.bin"
+    path.write_bytes(bytes(range(60)))
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"%d" % content_length)]})
+        await send({"type": "http.response.pathsend", "path": str(path)})
+
+    with running_server("asgi", app, date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert data == (b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nServer: gateway\r\n\r\n"
+                    % content_length + bytes(range(60))[:content_length])
+    assert message in [r.getMessage() for r in caplog.records if r.name == "gateway"]
+
+# -- ASGI extension: http.response.zerocopysend (extensions.rst "Zero Copy Send") ----
+
+ZC_PAYLOAD = bytes(range(256)) * 4096 + b"tail"          # 1 MiB and a bit
+
+
+@pytest.fixture
+def zc_file(tmp_path):
+    """ZC_PAYLOAD in a file the test (the app's side) opens and closes."""
+    path = tmp_path / "payload.bin"
+    path.write_bytes(ZC_PAYLOAD)
+    with open(path, "rb") as file:
+        yield file
+
+
+@pytest.fixture
+def sendfile_calls(monkeypatch):
+    """The count argument of each os.sendfile() call (loop.sendfile() makes them)."""
+    if not hasattr(os, "sendfile"):
+        pytest.skip("no os.sendfile() on this platform")
+    calls = []
+    real = os.sendfile
+
+    def counting(out_fd, in_fd, offset, count):
+        calls.append(count)
+        return real(out_fd, in_fd, offset, count)
+    monkeypatch.setattr(os, "sendfile", counting)
+    return calls
+
+
+def zc(**keys) -> dict:
+    """An http.response.zerocopysend message; the app fills in "file"."""
+    return {"type": "http.response.zerocopysend", **keys}
+
+
+def zc_body(body: bytes, more_body: bool = True) -> dict:
+    return {"type": "http.response.body", "body": body, "more_body": more_body}
+
+
+def zerocopy_app(file, messages, headers=(), seek: int = 0):
+    """An ASGI app: seek `file`, start, then send `messages` with `file` in them."""
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        assert scope["extensions"]["http.response.zerocopysend"] == {}
+        file.seek(seek)
+        await send({"type": "http.response.start", "status": 200, "headers": list(headers)})
+        for message in messages:
+            if message["type"] == "http.response.zerocopysend":
+                message = {**message, "file": file}
+            await send(message)
+    return app
+
+
+def test_asgi_zerocopysend_uses_sendfile_with_content_length(zc_file, sendfile_calls):
+    # extensions.rst "Zero Copy Send": no offset is the file's position, no count
+    # its end. With Content-Length on a plain socket, the kernel copies the bytes.
+    app = zerocopy_app(zc_file, [zc()], [(b"content-length", b"%d" % len(ZC_PAYLOAD))])
+    with running_server("asgi", app) as port:
+        with connect(port) as sock:
+            reader = ResponseReader(sock)
+            for _ in range(2):                      # and the connection stays open
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, headers, body = reader.read_response()
+                assert (status, headers.get(b"connection"), body == ZC_PAYLOAD) == (
+                    200, None, True)
+    assert len(sendfile_calls) >= 2 and sum(sendfile_calls) >= 2 * len(ZC_PAYLOAD)
+    assert not zc_file.closed and zc_file.tell() == len(ZC_PAYLOAD)   # the app's to close
+
+
+def test_asgi_zerocopysend_over_tls_reads_the_file(zc_file, sendfile_calls, ops_cert):
+    # No sendfile() through TLS: the kernel would send the file unencrypted.
+    app = zerocopy_app(zc_file, [zc()], [(b"content-length", b"%d" % len(ZC_PAYLOAD))])
+    with ops_tls_server("asgi", app, ops_cert) as port:
+        with ops_tls_connect(port, ops_cert[0]) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, body = ResponseReader(sock).read_response()
+    assert (status, headers[b"content-length"], body == ZC_PAYLOAD) == (
+        200, b"%d" % len(ZC_PAYLOAD), True)
+    assert sendfile_calls == []
+    assert not zc_file.closed and zc_file.tell() == len(ZC_PAYLOAD)
+
+
+def test_asgi_zerocopysend_chunked_reads_the_file(zc_file, sendfile_calls):
+    # Without Content-Length each piece needs chunk framing: read and framed.
+    with running_server("asgi", zerocopy_app(zc_file, [zc()])) as port:
+        status, headers, body = request(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (status, headers[b"transfer-encoding"], body == ZC_PAYLOAD) == (
+        200, b"chunked", True)
+    assert sendfile_calls == []
+    assert not zc_file.closed and zc_file.tell() == len(ZC_PAYLOAD)
+
+
+# body, 20 bytes from offset 10, body, 5 more from where the file now is, last body
+ZC_MIXED = [zc_body(b"<"), zc(offset=10, count=20, more_body=True), zc_body(b">"),
+            zc(count=5, more_body=True), zc_body(b"!", more_body=False)]
+ZC_MIXED_BODY = b"<" + ZC_PAYLOAD[10:30] + b">" + ZC_PAYLOAD[30:35] + b"!"
+
+
+@pytest.mark.parametrize("version, headers, expected, sendfile_used", [
+    (b"1.1", [(b"content-length", b"28")],
+     b"HTTP/1.1 200 OK\r\ncontent-length: 28\r\nServer: gateway\r\nConnection: close\r\n"
+     b"\r\n" + ZC_MIXED_BODY, True),
+    (b"1.1", [],
+     b"HTTP/1.1 200 OK\r\nServer: gateway\r\nTransfer-Encoding: chunked\r\n"
+     b"Connection: close\r\n\r\n1\r\n<\r\n14\r\n" + ZC_PAYLOAD[10:30] + b"\r\n1\r\n>\r\n"
+     b"5\r\n" + ZC_PAYLOAD[30:35] + b"\r\n1\r\n!\r\n0\r\n\r\n", False),
+    (b"1.0", [],
+     b"HTTP/1.1 200 OK\r\nServer: gateway\r\nConnection: close\r\n\r\n" + ZC_MIXED_BODY,
+     False),
+], ids=["content-length: sendfile", "chunked: read", "HTTP/1.0 close-delimited: read"])
+def test_asgi_zerocopysend_mixed_with_body_messages(zc_file, sendfile_calls, version,
+                                                     headers, expected, sendfile_used):
+    # extensions.rst "Zero Copy Send": it may repeat and mix with body messages,
+    # and otherwise behaves like one.
+    app = zerocopy_app(zc_file, ZC_MIXED, headers)
+    with running_server("asgi", app, date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/%s\r\nHost: x\r\nConnection: close\r\n\r\n"
+                        % version)
+    assert data == expected
+    assert sendfile_calls == ([20, 5] if sendfile_used else [])
+    assert not zc_file.closed and zc_file.tell() == 35
+
+
+@pytest.mark.parametrize("keys, seek, start, end", [
+    ({"offset": 100}, 7, 100, len(ZC_PAYLOAD)),              # to the end of the file
+    ({"count": 50}, 7, 7, 57),                                # from the file's position
+    ({"offset": 100, "count": 50}, 7, 100, 150),
+    ({"offset": len(ZC_PAYLOAD) - 10, "count": 100}, 0, len(ZC_PAYLOAD) - 10,
+     len(ZC_PAYLOAD)),                                        # count past the end
+], ids=["offset", "count", "offset and count", "count past the end"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_asgi_zerocopysend_offset_and_count(zc_file, sendfile_calls, framing, keys, seek,
+                                            start, end):
+    headers = [(b"content-length", b"%d" % (end - start))] if framing != "chunked" else []
+    app = zerocopy_app(zc_file, [zc(**keys)], headers, seek=seek)
+    with running_server("asgi", app) as port:
+        with connect(port) as sock:
+            reader = ResponseReader(sock)
+            for _ in range(2):          # the response ended where it should: keep-alive
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, headers, body = reader.read_response()
+                assert (status, headers.get(b"connection"), body == ZC_PAYLOAD[start:end]
+                        ) == (200, None, True)
+    assert bool(sendfile_calls) == (framing == "content-length")
+    assert not zc_file.closed and zc_file.tell() == end     # never read past `count`
+
+
+@pytest.mark.parametrize("keys", [{"more_body": False}, {}],
+                         ids=["more_body False", "more_body absent"])
+def test_asgi_zerocopysend_more_body_false_ends_the_response(zc_file, keys):
+    # extensions.rst "Zero Copy Send": more_body defaults to False; the response is
+    # then complete and later messages are ignored.
+    app = zerocopy_app(zc_file, [zc(count=3, **keys), zc_body(b"ignored", False)])
+    with running_server("asgi", app, date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    first = (b"HTTP/1.1 200 OK\r\nServer: gateway\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"3\r\n" + ZC_PAYLOAD[:3] + b"\r\n0\r\n\r\n")
+    assert data.startswith(first)
+    assert data[len(first):].startswith(b"HTTP/1.1 200 OK\r\n")       # keep-alive
+    assert b"ignored" not in data
+
+
+def test_asgi_zerocopysend_needs_a_file_of_the_os():
+    # extensions.rst "Zero Copy Send": a file with a descriptor ("not BytesIO"). It
+    # raises in the app before the head is taken, so the app can still answer.
+    raised = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        assert "http.response.zerocopysend" in scope["extensions"]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"4")]})
+        try:
+            await send(zc(file=io.BytesIO(b"file")))
+        except Exception as exc:   # noqa: BLE001 - the test looks at it below
+            raised.append(type(exc))
+        await send(zc_body(b"body", more_body=False))
+
+    with running_server("asgi", app, date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raised == [io.UnsupportedOperation]
+    assert data == (b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nServer: gateway\r\n"
+                    b"Connection: close\r\n\r\nbody")
+
+# -- ASGI extension: http.response.early_hint (extensions.rst "Early Hints") ---------
+
+PRELOAD_CSS = b"</style.css>; rel=preload; as=style"
+PRELOAD_JS = b"</app.js>; rel=preload; as=script"
+PRECONNECT = b"<https://cdn.example>; rel=preconnect"
+
+
+def early_hint_app(before_body: list, after_first_body: list = (), after_last_body=()):
+    """An ASGI app: start (Content-Length: 2), early hints, body b"o", b"k".
+
+    Each list holds the `links` of one http.response.early_hint message, sent
+    before the first body message, after it, or after the last one.
+    """
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        assert scope["extensions"]["http.response.early_hint"] == {}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        for links in before_body:
+            await send({"type": "http.response.early_hint",
+                        "links": (link for link in links)})   # any iterable
+        await send({"type": "http.response.body", "body": b"o", "more_body": True})
+        for links in after_first_body:
+            await send({"type": "http.response.early_hint", "links": links})
+        await send({"type": "http.response.body", "body": b"k"})
+        for links in after_last_body:
+            await send({"type": "http.response.early_hint", "links": links})
+    return app
+
+
+def early_hints(*links: bytes) -> bytes:
+    """One 103 response on the wire: a Link field line per link."""
+    return b"HTTP/1.1 103 Early Hints\r\n" + b"".join(b"Link: %s\r\n" % link
+                                                      for link in links) + b"\r\n"
+
+
+OK_CLOSE = (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nServer: gateway\r\n"
+            b"Connection: close\r\n\r\nok")
+
+
+@pytest.mark.parametrize("messages", [
+    [[PRELOAD_CSS]],
+    [[PRELOAD_CSS, PRELOAD_JS, PRECONNECT]],
+    [[PRELOAD_CSS], [PRELOAD_JS, PRECONNECT]],
+], ids=["one link", "several links", "two messages: two 103s"])
+def test_asgi_early_hint_extension(messages):
+    # extensions.rst "Early Hints", RFC 8297: a 103 with the links as Link fields,
+    # before the final head (held back until the first body message).
+    with running_server("asgi", early_hint_app(messages), date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data == b"".join(early_hints(*links) for links in messages) + OK_CLOSE
+
+
+def test_asgi_early_hint_not_sent_to_http_1_0_client():
+    # RFC 9110 §15.2: no 1xx response to an HTTP/1.0 client; ignored, not an error.
+    with running_server("asgi", early_hint_app([[PRELOAD_CSS]]), date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert data == OK_CLOSE
+
+
+def test_asgi_early_hint_ignored_once_the_final_head_went_out():
+    # extensions.rst "Early Hints": only before the final response; after the first
+    # (or the last) body message the head is on the wire, so the hints are dropped.
+    app = early_hint_app([], after_first_body=[[PRELOAD_CSS]], after_last_body=[[PRELOAD_JS]])
+    with running_server("asgi", app, date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data == OK_CLOSE
+
+
+def test_asgi_early_hint_without_links_sends_nothing():
+    # Policy: a 103 without a Link field would tell the client nothing.
+    with running_server("asgi", early_hint_app([[]]), date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data == OK_CLOSE
+
+
+@pytest.mark.parametrize("link, error", [
+    (b"</a.css>; rel=preload\r\nSet-Cookie: x=1", ValueError),   # RFC 9112 §11.1
+    (b"</a.css>\x00", ValueError),
+    ("</a.css>; rel=preload", TypeError),                          # str, not bytes
+], ids=["CRLF", "NUL", "str"])
+def test_asgi_early_hint_bad_link_raises_in_the_app(link, error):
+    raised = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        try:
+            await send({"type": "http.response.early_hint", "links": [PRELOAD_CSS, link]})
+        except Exception as exc:   # noqa: BLE001 - the test looks at it below
+            raised.append(exc)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with running_server("asgi", app, date_header=False) as port:
+        data = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert [type(exc) for exc in raised] == [error]
+    assert data == OK_CLOSE          # nothing of the bad 103 went out, not even PRELOAD_CSS
 
 
 try:
