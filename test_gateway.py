@@ -5235,6 +5235,90 @@ def test_asgi_cli_lifespan_on_with_a_raising_app_exits_3(tmp_path):
     assert "application startup failed" in result.stderr
 
 
+# The CLI tests below use the ops_* helpers and apps (section "Operations").
+LIFESPAN_CLI_POSIX = pytest.mark.skipif(os.name != "posix",
+                                        reason="signals to a child need POSIX")
+
+
+def lifespan_free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def lifespan_hung_cli(tmp_path, where: str):
+    """gateway.py with ops_apps:hung_start_asgi on a free TCP port or a unix
+    socket; returns (cli, a function that connects to it)."""
+    ops_write_apps(tmp_path)
+    if where == "uds":
+        path = str(tmp_path / "hung.sock")
+        args = ("--uds", path)
+
+        def connect_to() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(TIMEOUT)
+                sock.connect(path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+    else:
+        port = lifespan_free_port()
+        args = ("--port", str(port))
+
+        def connect_to() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    cli = OpsCLIProcess("--asgi", "ops_apps:hung_start_asgi", "--app-dir", str(tmp_path),
+                        *args, cwd=tmp_path)
+    return cli, connect_to
+
+
+@LIFESPAN_CLI_POSIX
+@pytest.mark.parametrize("where", ["tcp", "uds"])
+def test_asgi_cli_connection_during_a_hung_startup_is_refused(tmp_path, where):
+    """ASGI Lifespan "Startup Complete": nothing is accepted before it. A
+    single process binds, and listen()s only once startup is complete, so a
+    client is refused at once instead of waiting in the backlog forever."""
+    if where == "uds" and not hasattr(socket, "AF_UNIX"):
+        pytest.skip("no AF_UNIX sockets")
+    cli, connect_to = lifespan_hung_cli(tmp_path, where)
+    try:
+        cli.wait_line(lambda line: line.startswith("ops-starting "))
+        with pytest.raises(ConnectionRefusedError):
+            connect_to().close()
+        assert not any(line.startswith("gateway: serving") for line in cli.seen), cli.seen
+    finally:
+        cli.close()
+
+
+@LIFESPAN_CLI_POSIX
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_asgi_cli_signal_during_a_hung_startup_stops_it(tmp_path, signum):
+    """A startup that never completes is ended by SIGTERM or Ctrl+C: exit 0,
+    one line that says so, no traceback, and no lifespan.shutdown (ASGI
+    Lifespan "Shutdown" follows a completed startup only)."""
+    cli, _ = lifespan_hung_cli(tmp_path, "tcp")
+    try:
+        cli.wait_line(lambda line: line.startswith("ops-starting "))
+        cli.proc.send_signal(signum)
+        try:
+            code = cli.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, f"exit {code}; stderr: {''.join(cli.seen)}"
+        stderr = cli.rest()
+        assert ("gateway: shutdown requested during the application startup: "
+                "stopping without serving\n") in stderr, stderr
+        assert ops_last_line(stderr) == "gateway: stopped", stderr
+        assert "ops-then-got" not in stderr, stderr
+        assert "gateway: serving" not in stderr, stderr
+        assert "Traceback" not in stderr, stderr
+    finally:
+        cli.close()
+
+
 def test_asgi_lifespan_auto_with_a_raising_app_keeps_serving(caplog):
     caplog.set_level(logging.INFO, logger="gateway")
     types: list = []
@@ -6498,6 +6582,18 @@ async def slow_start_asgi(scope, receive, send):
         await send({"type": "lifespan.shutdown.complete"})
         return
     await _asgi_reply(send, b"served")
+
+
+async def hung_start_asgi(scope, receive, send):
+    """Its startup never completes: it waits for another message, and says
+    so if it ever gets one (the server must not send lifespan.shutdown)."""
+    if scope["type"] == "lifespan":
+        await receive()
+        _say("ops-starting", os.getpid())
+        _say("ops-then-got", (await receive())["type"])
+        return
+    await _asgi_reply(send, b"served")
+
 '''
 
 
