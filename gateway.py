@@ -2786,7 +2786,8 @@ class ASGIServer:
         self.listener = listener
         self.ready = ready
         self.address = listen_address(listener)
-        self.lifespan = Lifespan(self.app, self.config.lifespan)
+        self.lifespan = Lifespan(self.app, self.config.lifespan,
+                                 self.config.timeout_graceful_shutdown)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping: asyncio.Event | None = None
         self.connections: dict[asyncio.Task, ASGIConnection] = {}
@@ -3498,16 +3499,32 @@ class WebSocketCycle:
 # =============================================================================
 
 
+# Policy: the exit status of a lifespan that goes wrong. 3: the app could not
+# start (lifespan.startup.failed, or it raised with --lifespan on). 4: it could
+# not stop (lifespan.shutdown.failed, or no answer in time). A worker exits with
+# it, and run_workers() passes it on as the status of the whole server.
+EXIT_STARTUP_FAILED = 3
+EXIT_SHUTDOWN_FAILED = 4
+
+
 class LifespanFailure(Exception):
-    """The app reported (or raised) that it could not start or stop."""
+    """The app reported (or raised) that it could not start or stop; `status`
+    is the exit status the command line ends with."""
+
+    def __init__(self, message: str, status: int = EXIT_STARTUP_FAILED) -> None:
+        """`message` is logged as it is; `status` is an EXIT_* above."""
+        super().__init__(message)
+        self.status = status
 
 
 class Lifespan:
     """ASGI Lifespan spec: startup() and shutdown() around serving."""
 
-    def __init__(self, app, mode: str = "auto") -> None:
+    def __init__(self, app, mode: str = "auto", timeout: float = GRACEFUL_SECONDS) -> None:
+        """`mode` is --lifespan; `timeout` bounds the wait for the shutdown's answer."""
         self.app = app
         self.mode = mode             # "auto", "on" or "off" (as uvicorn)
+        self.timeout = timeout
         self.state: dict = {}        # filled by the app; copied into each scope
         self.inbox: asyncio.Queue | None = None
         self.started: asyncio.Event | None = None
@@ -3539,17 +3556,28 @@ class Lifespan:
             self.task.cancel()
 
     async def shutdown(self) -> None:
-        """Send lifespan.shutdown and wait for the answer (bounded)."""
+        """Send lifespan.shutdown and wait for the answer, at most self.timeout
+        seconds; raises LifespanFailure if the app failed or did not answer."""
         if not self.supported or self.stopped.is_set():
             return
         self.stopping = True
         await self.inbox.put({"type": "lifespan.shutdown"})
         try:
-            await asyncio.wait_for(self.stopped.wait(), GRACEFUL_SECONDS)
+            # ASGI Lifespan "Shutdown Complete": the server waits for it, here
+            # for --timeout-graceful-shutdown, as long as connections may drain.
+            await asyncio.wait_for(self.stopped.wait(), self.timeout)
         except asyncio.TimeoutError:
-            log.error("ASGI lifespan shutdown did not complete in time")
+            # Policy: no answer in time is a failed shutdown: nothing says the
+            # app's cleanup ran. Its lifespan call is cancelled.
+            self.task.cancel()
+            raise LifespanFailure(f"application shutdown did not complete within "
+                                  f"{self.timeout:g} s (--timeout-graceful-shutdown)",
+                                  EXIT_SHUTDOWN_FAILED) from None
         if "lifespan.shutdown.failed" in self.sent:
-            log.error("application shutdown failed: %s", self.failure)
+            # ASGI Lifespan "Shutdown Failed": the app's message is logged (by
+            # whoever catches this) and the server ends with a non-zero status.
+            raise LifespanFailure(f"application shutdown failed: {self.failure}",
+                                  EXIT_SHUTDOWN_FAILED)
 
     async def run(self) -> None:
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
@@ -3854,7 +3882,7 @@ def run_workers(count: int, serve_one) -> int:
                 code = 0
             except LifespanFailure as error:
                 log.error("%s", error)
-                code = 3
+                code = error.status
             finally:
                 os._exit(code)
         children.add(pid)
@@ -3877,12 +3905,16 @@ def run_workers(count: int, serve_one) -> int:
         pid, status = os.wait()
         children.discard(pid)
         code = os.waitstatus_to_exitcode(status)
-        if code == 3 and not stopping:    # the app cannot start: stop them all
-            result = 3
+        if code == EXIT_STARTUP_FAILED and not stopping:   # it cannot start: stop them all
+            result = code
             stop(signal.SIGTERM, None)
         elif not stopping:
             log.warning("worker %d died (exit %d); starting another", pid, code)
             start()
+        elif code in (EXIT_STARTUP_FAILED, EXIT_SHUTDOWN_FAILED) and not result:
+            # ASGI Lifespan "Shutdown Failed" (or a startup that failed as we
+            # stopped) in one worker: the whole server exits non-zero.
+            result = code
     return result
 
 
@@ -4210,7 +4242,7 @@ def main(argv: list[str] | None = None) -> int:
         pass             # where no signal handler could be installed
     except LifespanFailure as error:
         log.error("%s", error)
-        return 3         # as uvicorn: the app could not start
+        return error.status   # EXIT_STARTUP_FAILED or EXIT_SHUTDOWN_FAILED
     log.info("stopped")
     return 0
 

@@ -5319,6 +5319,46 @@ def test_asgi_cli_signal_during_a_hung_startup_stops_it(tmp_path, signum):
         cli.close()
 
 
+@LIFESPAN_CLI_POSIX
+def test_asgi_cli_shutdown_failed_exits_4_with_the_message(tmp_path):
+    """ASGI Lifespan "Shutdown Failed": log the message, exit non-zero (4)."""
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:bad_shutdown_asgi", "--port", "0",
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        cli.port()          # logged once the startup is complete
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(TIMEOUT) == 4
+        stderr = cli.rest()
+    assert "ops-shutting-down" in stderr, stderr
+    assert "gateway: application shutdown failed: ops-cannot-flush\n" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+@LIFESPAN_CLI_POSIX
+def test_asgi_cli_shutdown_wait_is_timeout_graceful_shutdown(tmp_path):
+    """ASGI Lifespan "Shutdown Complete" is waited for --timeout-graceful-shutdown
+    seconds; an app that never sends it is a failed shutdown: exit 4."""
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:bad_shutdown_asgi", "--port", "0",
+                 "--timeout-graceful-shutdown", "0.5", "--app-dir", str(tmp_path),
+                 cwd=tmp_path, env={"OPS_SHUTDOWN": "hang"}) as cli:
+        cli.port()          # logged once the startup is complete
+        sent = time.monotonic()
+        cli.proc.send_signal(signal.SIGTERM)
+        try:
+            code = cli.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        elapsed = time.monotonic() - sent
+        assert code == 4, f"exit {code}; stderr: {''.join(cli.seen)}"
+        stderr = cli.rest()
+    assert 0.5 <= elapsed < 5.0, elapsed
+    assert "ops-shutting-down" in stderr, stderr
+    assert ("gateway: application shutdown did not complete within 0.5 s "
+            "(--timeout-graceful-shutdown)\n") in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
 def test_asgi_lifespan_auto_with_a_raising_app_keeps_serving(caplog):
     caplog.set_level(logging.INFO, logger="gateway")
     types: list = []
@@ -6594,6 +6634,21 @@ async def hung_start_asgi(scope, receive, send):
         return
     await _asgi_reply(send, b"served")
 
+
+async def bad_shutdown_asgi(scope, receive, send):
+    """Starts; answers lifespan.shutdown with lifespan.shutdown.failed, or
+    (OPS_SHUTDOWN=hang) never answers it."""
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        _say("ops-started", os.getpid())
+        await receive()
+        _say("ops-shutting-down", os.getpid())
+        if os.environ.get("OPS_SHUTDOWN") == "hang":
+            await asyncio.Event().wait()
+        await send({"type": "lifespan.shutdown.failed", "message": "ops-cannot-flush"})
+        return
+    await _asgi_reply(send, b"served")
 '''
 
 
@@ -7381,6 +7436,26 @@ def test_ops_workers_sigterm_during_lifespan_startup_stops_them(tmp_path):
             code = None
         assert code == 0, "the parent did not exit: its workers ignored SIGTERM"
         assert all(ops_gone(pid) for pid in workers)
+
+
+@OPS_POSIX
+@OPS_FORK
+def test_ops_workers_lifespan_shutdown_failure_exits_4(tmp_path):
+    """ASGI Lifespan "Shutdown Failed" in a worker: the parent exits with the
+    worker's status, 4."""
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:bad_shutdown_asgi", "--workers", "2", "--port", "0",
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        cli.port()
+        workers = {int(cli.wait_line(lambda line: line.startswith("ops-started ")).split()[1])
+                   for _ in range(2)}
+        assert len(workers) == 2
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(TIMEOUT) == 4
+        stderr = cli.rest()
+        assert all(ops_gone(pid) for pid in workers)
+    assert stderr.count("gateway: application shutdown failed: ops-cannot-flush\n") == 2, stderr
+    assert "Traceback" not in stderr, stderr
 
 
 def ops_children(pid: int) -> set[int]:
