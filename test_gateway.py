@@ -7440,6 +7440,33 @@ def test_ops_workers_sigterm_during_lifespan_startup_stops_them(tmp_path):
 
 @OPS_POSIX
 @OPS_FORK
+def test_ops_workers_sigterm_during_a_hung_startup_stops_them(tmp_path):
+    """A startup that never completes, in every worker: the relayed SIGTERM
+    stops each one as it stops a single process (the line, exit 0, no
+    lifespan.shutdown), and the parent exits 0."""
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:hung_start_asgi", "--workers", "2", "--port", "0",
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        cli.port()
+        workers = {int(cli.wait_line(lambda line: line.startswith("ops-starting ")).split()[1])
+                   for _ in range(2)}
+        assert len(workers) == 2
+        cli.proc.send_signal(signal.SIGTERM)
+        try:
+            code = cli.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, f"exit {code}; stderr: {''.join(cli.seen)}"
+        stderr = cli.rest()
+        assert all(ops_gone(pid) for pid in workers)
+    assert stderr.count("gateway: shutdown requested during the application startup: "
+                        "stopping without serving\n") == 2, stderr
+    assert "ops-then-got" not in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+@OPS_POSIX
+@OPS_FORK
 def test_ops_workers_lifespan_shutdown_failure_exits_4(tmp_path):
     """ASGI Lifespan "Shutdown Failed" in a worker: the parent exits with the
     worker's status, 4."""
