@@ -2920,12 +2920,17 @@ class ASGIConnection:
 class ASGIServer:
     """Serves one ASGI app on a listening socket until shutdown() is called."""
 
-    def __init__(self, app, listener: socket.socket, config: Config | None = None):
+    def __init__(self, app, listener: socket.socket, config: Config | None = None,
+                 ready=None):
+        """`listener` is bound, and listening or not: serve() listens once the
+        lifespan startup is complete, then calls `ready()` (if given)."""
         self.config = config or Config()
         self.app = asgi3_app(app, self.config.interface)
         self.listener = listener
+        self.ready = ready
         self.address = listen_address(listener)
-        self.lifespan = Lifespan(self.app, self.config.lifespan)
+        self.lifespan = Lifespan(self.app, self.config.lifespan,
+                                 self.config.timeout_graceful_shutdown)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping: asyncio.Event | None = None
         self.connections: dict[asyncio.Task, ASGIConnection] = {}
@@ -2943,26 +2948,34 @@ class ASGIServer:
             self.loop = asyncio.get_running_loop()
             if self.stop_early:
                 self.stopping.set()  # shutdown() came before serve()
-        # ASGI Lifespan spec: startup completes before any connection is served.
-        await self.lifespan.startup()
-        tls = {}
-        if self.config.ssl_certfile:
-            tls = {"ssl": make_ssl_context(self.config),
-                   "ssl_handshake_timeout": self.config.timeout_request_head}
-            self.server_cert = read_server_cert(self.config.ssl_certfile)
+        # Policy: the signal handlers come before the lifespan startup, which
+        # may take long or never end: SIGTERM or Ctrl+C during it stops us
+        # (start_up()) instead of killing the process.
         self.next_handler = self.loop.get_exception_handler()
         self.loop.set_exception_handler(self.on_loop_error)
-        # Limit: asyncio's `backlog` is also how many accept() calls it makes
-        # per wake-up, and it goes on calling after one fails for want of
-        # descriptors, each failure scheduling one more retry: their number
-        # grows every second. With 1 there is one retry at a time, and one
-        # accept() per turn of the loop. asyncio also calls listen() with it,
-        # so we listen() again with --backlog, which the kernel then uses.
-        server = await asyncio.start_server(self.handle, sock=self.listener,
-                                            limit=RECV_BYTES, backlog=1, **tls)
-        self.listener.listen(self.config.backlog)
         restore_signals = on_signals(self.shutdown, self.loop)
         try:
+            # ASGI Lifespan "Startup Complete": no connection is accepted before
+            # it. asyncio.start_server() is what calls listen(): a listener that
+            # make_listener() only bound refuses clients until then.
+            if not await self.start_up():
+                return
+            tls = {}
+            if self.config.ssl_certfile:
+                tls = {"ssl": make_ssl_context(self.config),
+                       "ssl_handshake_timeout": self.config.timeout_request_head}
+                self.server_cert = read_server_cert(self.config.ssl_certfile)
+            # Limit: asyncio's `backlog` is also how many accept() calls it makes
+            # per wake-up, and it goes on calling after one fails for want of
+            # descriptors, each failure scheduling one more retry: their number
+            # grows every second. With 1 there is one retry at a time, and one
+            # accept() per turn of the loop. asyncio also calls listen() with it,
+            # so we listen() again with --backlog, which the kernel then uses.
+            server = await asyncio.start_server(self.handle, sock=self.listener,
+                                                limit=RECV_BYTES, backlog=1, **tls)
+            self.listener.listen(self.config.backlog)
+            if self.ready is not None:
+                self.ready()
             sweeper = asyncio.ensure_future(self.close_idle())
             async with server:
                 await self.stopping.wait()
@@ -2975,6 +2988,32 @@ class ASGIServer:
         finally:
             restore_signals()           # a handler must not outlive the loop
             self.loop.set_exception_handler(self.next_handler)
+
+    async def start_up(self) -> bool:
+        """Run the lifespan startup until it completes (True) or shutdown() comes
+        first (False). Raises LifespanFailure if the app could not start."""
+        started = False
+        if not self.stopping.is_set():        # else shutdown() came before serve()
+            startup = asyncio.ensure_future(self.lifespan.startup())
+            stop = asyncio.ensure_future(self.stopping.wait())
+            try:
+                await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                started = startup.done()
+                if not started:
+                    startup.cancel()
+                    self.lifespan.abandon()
+        if started:
+            startup.result()          # raises LifespanFailure if it failed
+            return True
+        # Policy: a shutdown during the startup is obeyed at once: the server
+        # stops without serving, and the command line exits 0 as after any
+        # requested stop. ASGI Lifespan "Shutdown" follows a completed startup
+        # only, so lifespan.shutdown is not sent.
+        log.warning("shutdown requested during the application startup: "
+                    "stopping without serving")
+        return False
 
     async def close_idle(self) -> None:
         """Close connections idle for longer than --timeout-keep-alive, every tick;
@@ -3612,16 +3651,32 @@ class WebSocketCycle:
 # =============================================================================
 
 
+# Policy: the exit status of a lifespan that goes wrong. 3: the app could not
+# start (lifespan.startup.failed, or it raised with --lifespan on). 4: it could
+# not stop (lifespan.shutdown.failed, or no answer in time). A worker exits with
+# it, and run_workers() passes it on as the status of the whole server.
+EXIT_STARTUP_FAILED = 3
+EXIT_SHUTDOWN_FAILED = 4
+
+
 class LifespanFailure(Exception):
-    """The app reported (or raised) that it could not start or stop."""
+    """The app reported (or raised) that it could not start or stop; `status`
+    is the exit status the command line ends with."""
+
+    def __init__(self, message: str, status: int = EXIT_STARTUP_FAILED) -> None:
+        """`message` is logged as it is; `status` is an EXIT_* above."""
+        super().__init__(message)
+        self.status = status
 
 
 class Lifespan:
     """ASGI Lifespan spec: startup() and shutdown() around serving."""
 
-    def __init__(self, app, mode: str = "auto") -> None:
+    def __init__(self, app, mode: str = "auto", timeout: float = GRACEFUL_SECONDS) -> None:
+        """`mode` is --lifespan; `timeout` bounds the wait for the shutdown's answer."""
         self.app = app
         self.mode = mode             # "auto", "on" or "off" (as uvicorn)
+        self.timeout = timeout
         self.state: dict = {}        # filled by the app; copied into each scope
         self.inbox: asyncio.Queue | None = None
         self.started: asyncio.Event | None = None
@@ -3630,13 +3685,14 @@ class Lifespan:
         self.failure = ""            # the app's message with a *.failed event
         self.stopping = False        # lifespan.shutdown has been sent
         self.supported = mode != "off"
+        self.task: asyncio.Task | None = None   # the app's lifespan call
 
     async def startup(self) -> None:
         """Send lifespan.startup and wait for the answer; raises LifespanFailure."""
         if not self.supported:
             return
         self.inbox, self.started, self.stopped = asyncio.Queue(), asyncio.Event(), asyncio.Event()
-        asyncio.get_running_loop().create_task(self.run())
+        self.task = asyncio.get_running_loop().create_task(self.run())
         await self.inbox.put({"type": "lifespan.startup"})
         await self.started.wait()
         if "lifespan.startup.failed" in self.sent:
@@ -3645,18 +3701,35 @@ class Lifespan:
             raise LifespanFailure("application startup failed: the app raised, "
                                   "and --lifespan on requires it")
 
+    def abandon(self) -> None:
+        """The server stops before the startup completed: cancel the app's
+        lifespan call (and send it nothing more)."""
+        if self.task is not None:
+            self.task.cancel()
+
     async def shutdown(self) -> None:
-        """Send lifespan.shutdown and wait for the answer (bounded)."""
+        """Send lifespan.shutdown and wait for the answer, at most self.timeout
+        seconds; raises LifespanFailure if the app failed or did not answer."""
         if not self.supported or self.stopped.is_set():
             return
         self.stopping = True
         await self.inbox.put({"type": "lifespan.shutdown"})
         try:
-            await asyncio.wait_for(self.stopped.wait(), GRACEFUL_SECONDS)
+            # ASGI Lifespan "Shutdown Complete": the server waits for it, here
+            # for --timeout-graceful-shutdown, as long as connections may drain.
+            await asyncio.wait_for(self.stopped.wait(), self.timeout)
         except asyncio.TimeoutError:
-            log.error("ASGI lifespan shutdown did not complete in time")
+            # Policy: no answer in time is a failed shutdown: nothing says the
+            # app's cleanup ran. Its lifespan call is cancelled.
+            self.task.cancel()
+            raise LifespanFailure(f"application shutdown did not complete within "
+                                  f"{self.timeout:g} s (--timeout-graceful-shutdown)",
+                                  EXIT_SHUTDOWN_FAILED) from None
         if "lifespan.shutdown.failed" in self.sent:
-            log.error("application shutdown failed: %s", self.failure)
+            # ASGI Lifespan "Shutdown Failed": the app's message is logged (by
+            # whoever catches this) and the server ends with a non-zero status.
+            raise LifespanFailure(f"application shutdown failed: {self.failure}",
+                                  EXIT_SHUTDOWN_FAILED)
 
     async def run(self) -> None:
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
@@ -3966,11 +4039,18 @@ def rfc4514_value(value: str) -> str:
 
 
 def make_listener(host: str, port: int, backlog: int = BACKLOG, uds: str | None = None,
-                  fd: int | None = None) -> socket.socket:
-    """A listening socket: TCP (port 0 picks a free one), unix, or inherited."""
+                  fd: int | None = None, listen: bool = True) -> socket.socket:
+    """A listening socket: TCP (port 0 picks a free one), unix, or inherited.
+
+    listen=False only binds it: the server listen()s when it is ready (the ASGI
+    server, after the lifespan startup). Until then a client is refused at
+    once, where a listening socket would queue it unanswered. An inherited
+    socket (`fd`) may be listening already.
+    """
     if fd is not None:
         sock = socket.socket(fileno=fd)        # e.g. from systemd
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         return sock
     if uds is not None:
         if not hasattr(socket, "AF_UNIX"):
@@ -3979,10 +4059,23 @@ def make_listener(host: str, port: int, backlog: int = BACKLOG, uds: str | None 
             os.unlink(uds)                     # a stale socket from a past run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(uds)
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         return sock
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    return socket.create_server((host, port), family=family, backlog=backlog)
+    if listen:
+        return socket.create_server((host, port), family=family, backlog=backlog)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:                # the options socket.create_server() sets, without listen()
+        if os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def listen_address(listener: socket.socket) -> tuple:
@@ -4028,7 +4121,7 @@ def run_workers(count: int, serve_one) -> int:
                 code = 0
             except LifespanFailure as error:
                 log.error("%s", error)
-                code = 3
+                code = error.status
             finally:
                 os._exit(code)
         children.add(pid)
@@ -4051,12 +4144,16 @@ def run_workers(count: int, serve_one) -> int:
         pid, status = os.wait()
         children.discard(pid)
         code = os.waitstatus_to_exitcode(status)
-        if code == 3 and not stopping:    # the app cannot start: stop them all
-            result = 3
+        if code == EXIT_STARTUP_FAILED and not stopping:   # it cannot start: stop them all
+            result = code
             stop(signal.SIGTERM, None)
         elif not stopping:
             log.warning("worker %d died (exit %d); starting another", pid, code)
             start()
+        elif code in (EXIT_STARTUP_FAILED, EXIT_SHUTDOWN_FAILED) and not result:
+            # ASGI Lifespan "Shutdown Failed" (or a startup that failed as we
+            # stopped) in one worker: the whole server exits non-zero.
+            result = code
     return result
 
 
@@ -4139,14 +4236,19 @@ def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
 
 
 def serve(app, interface: str = "asgi", host: str = "127.0.0.1", port: int = 8000,
-          config: Config | None = None, listener: socket.socket | None = None) -> None:
-    """Serve `app` ("wsgi" or "asgi") until interrupted. Blocks."""
+          config: Config | None = None, listener: socket.socket | None = None,
+          ready=None) -> None:
+    """Serve `app` ("wsgi" or "asgi") until interrupted. Blocks. `ready()`, if
+    given, is called once connections are accepted (after the ASGI lifespan
+    startup)."""
     config = config or Config(host=host, port=port)
     listener = listener or make_listener(host, port, config.backlog, config.uds, config.fd)
     if interface == "wsgi":
+        if ready is not None:
+            ready()
         WSGIServer(app, listener, config).serve_forever()
     elif interface == "asgi":
-        asyncio.run(ASGIServer(app, listener, config).serve())
+        asyncio.run(ASGIServer(app, listener, config, ready).serve())
     else:
         raise ValueError(f"interface must be 'wsgi' or 'asgi', not {interface!r}")
 
@@ -4347,7 +4449,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from(args)
         app = import_app(spec, args.factory)
-        listener = make_listener(args.host, args.port, args.backlog, args.uds, args.fd)
+        # Limit: --workers share one socket and the parent cannot tell when a
+        # worker has started, so it listens from the outset: clients that come
+        # before the first worker is ready wait in the backlog.
+        listen_now = interface == "wsgi" or config.workers > 1
+        listener = make_listener(args.host, args.port, args.backlog, args.uds, args.fd,
+                                 listen=listen_now)
     except (AppImportError, ValueError) as error:
         log.error("%s", error)
         return 1
@@ -4359,18 +4466,23 @@ def main(argv: list[str] | None = None) -> int:
     scheme = "https" if config.ssl_certfile else "http"
     where = f"unix:{host}" if port is None else "%s://%s:%d" % (
         scheme, f"[{host}]" if ":" in host else host, port)
-    log.info("serving %s app %s on %s (Ctrl+C to quit)", interface.upper(), spec, where)
+
+    def announce() -> None:
+        """The start-up line, once connections are accepted."""
+        log.info("serving %s app %s on %s (Ctrl+C to quit)", interface.upper(), spec, where)
+
     config.port = port or 0
     try:
         if config.workers > 1:
+            announce()
             return run_workers(config.workers,
                                lambda: serve(app, interface, config=config, listener=listener))
-        serve(app, interface, config=config, listener=listener)
+        serve(app, interface, config=config, listener=listener, ready=announce)
     except KeyboardInterrupt:
         pass             # where no signal handler could be installed
     except LifespanFailure as error:
         log.error("%s", error)
-        return 3         # as uvicorn: the app could not start
+        return error.status   # EXIT_STARTUP_FAILED or EXIT_SHUTDOWN_FAILED
     log.info("stopped")
     return 0
 

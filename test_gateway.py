@@ -5399,6 +5399,130 @@ def test_asgi_cli_lifespan_on_with_a_raising_app_exits_3(tmp_path):
     assert "application startup failed" in result.stderr
 
 
+# The CLI tests below use the ops_* helpers and apps (section "Operations").
+LIFESPAN_CLI_POSIX = pytest.mark.skipif(os.name != "posix",
+                                        reason="signals to a child need POSIX")
+
+
+def lifespan_free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def lifespan_hung_cli(tmp_path, where: str):
+    """gateway.py with ops_apps:hung_start_asgi on a free TCP port or a unix
+    socket; returns (cli, a function that connects to it)."""
+    ops_write_apps(tmp_path)
+    if where == "uds":
+        path = str(tmp_path / "hung.sock")
+        args = ("--uds", path)
+
+        def connect_to() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(TIMEOUT)
+                sock.connect(path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+    else:
+        port = lifespan_free_port()
+        args = ("--port", str(port))
+
+        def connect_to() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    cli = OpsCLIProcess("--asgi", "ops_apps:hung_start_asgi", "--app-dir", str(tmp_path),
+                        *args, cwd=tmp_path)
+    return cli, connect_to
+
+
+@LIFESPAN_CLI_POSIX
+@pytest.mark.parametrize("where", ["tcp", "uds"])
+def test_asgi_cli_connection_during_a_hung_startup_is_refused(tmp_path, where):
+    """ASGI Lifespan "Startup Complete": nothing is accepted before it. A
+    single process binds, and listen()s only once startup is complete, so a
+    client is refused at once instead of waiting in the backlog forever."""
+    if where == "uds" and not hasattr(socket, "AF_UNIX"):
+        pytest.skip("no AF_UNIX sockets")
+    cli, connect_to = lifespan_hung_cli(tmp_path, where)
+    try:
+        cli.wait_line(lambda line: line.startswith("ops-starting "))
+        with pytest.raises(ConnectionRefusedError):
+            connect_to().close()
+        assert not any(line.startswith("gateway: serving") for line in cli.seen), cli.seen
+    finally:
+        cli.close()
+
+
+@LIFESPAN_CLI_POSIX
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_asgi_cli_signal_during_a_hung_startup_stops_it(tmp_path, signum):
+    """A startup that never completes is ended by SIGTERM or Ctrl+C: exit 0,
+    one line that says so, no traceback, and no lifespan.shutdown (ASGI
+    Lifespan "Shutdown" follows a completed startup only)."""
+    cli, _ = lifespan_hung_cli(tmp_path, "tcp")
+    try:
+        cli.wait_line(lambda line: line.startswith("ops-starting "))
+        cli.proc.send_signal(signum)
+        try:
+            code = cli.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, f"exit {code}; stderr: {''.join(cli.seen)}"
+        stderr = cli.rest()
+        assert ("gateway: shutdown requested during the application startup: "
+                "stopping without serving\n") in stderr, stderr
+        assert ops_last_line(stderr) == "gateway: stopped", stderr
+        assert "ops-then-got" not in stderr, stderr
+        assert "gateway: serving" not in stderr, stderr
+        assert "Traceback" not in stderr, stderr
+    finally:
+        cli.close()
+
+
+@LIFESPAN_CLI_POSIX
+def test_asgi_cli_shutdown_failed_exits_4_with_the_message(tmp_path):
+    """ASGI Lifespan "Shutdown Failed": log the message, exit non-zero (4)."""
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:bad_shutdown_asgi", "--port", "0",
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        cli.port()          # logged once the startup is complete
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(TIMEOUT) == 4
+        stderr = cli.rest()
+    assert "ops-shutting-down" in stderr, stderr
+    assert "gateway: application shutdown failed: ops-cannot-flush\n" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+@LIFESPAN_CLI_POSIX
+def test_asgi_cli_shutdown_wait_is_timeout_graceful_shutdown(tmp_path):
+    """ASGI Lifespan "Shutdown Complete" is waited for --timeout-graceful-shutdown
+    seconds; an app that never sends it is a failed shutdown: exit 4."""
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:bad_shutdown_asgi", "--port", "0",
+                 "--timeout-graceful-shutdown", "0.5", "--app-dir", str(tmp_path),
+                 cwd=tmp_path, env={"OPS_SHUTDOWN": "hang"}) as cli:
+        cli.port()          # logged once the startup is complete
+        sent = time.monotonic()
+        cli.proc.send_signal(signal.SIGTERM)
+        try:
+            code = cli.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        elapsed = time.monotonic() - sent
+        assert code == 4, f"exit {code}; stderr: {''.join(cli.seen)}"
+        stderr = cli.rest()
+    assert 0.5 <= elapsed < 5.0, elapsed
+    assert "ops-shutting-down" in stderr, stderr
+    assert ("gateway: application shutdown did not complete within 0.5 s "
+            "(--timeout-graceful-shutdown)\n") in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
 def test_asgi_lifespan_auto_with_a_raising_app_keeps_serving(caplog):
     caplog.set_level(logging.INFO, logger="gateway")
     types: list = []
@@ -6996,6 +7120,33 @@ async def slow_start_asgi(scope, receive, send):
         await send({"type": "lifespan.shutdown.complete"})
         return
     await _asgi_reply(send, b"served")
+
+
+async def hung_start_asgi(scope, receive, send):
+    """Its startup never completes: it waits for another message, and says
+    so if it ever gets one (the server must not send lifespan.shutdown)."""
+    if scope["type"] == "lifespan":
+        await receive()
+        _say("ops-starting", os.getpid())
+        _say("ops-then-got", (await receive())["type"])
+        return
+    await _asgi_reply(send, b"served")
+
+
+async def bad_shutdown_asgi(scope, receive, send):
+    """Starts; answers lifespan.shutdown with lifespan.shutdown.failed, or
+    (OPS_SHUTDOWN=hang) never answers it."""
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        _say("ops-started", os.getpid())
+        await receive()
+        _say("ops-shutting-down", os.getpid())
+        if os.environ.get("OPS_SHUTDOWN") == "hang":
+            await asyncio.Event().wait()
+        await send({"type": "lifespan.shutdown.failed", "message": "ops-cannot-flush"})
+        return
+    await _asgi_reply(send, b"served")
 '''
 
 
@@ -7783,6 +7934,53 @@ def test_ops_workers_sigterm_during_lifespan_startup_stops_them(tmp_path):
             code = None
         assert code == 0, "the parent did not exit: its workers ignored SIGTERM"
         assert all(ops_gone(pid) for pid in workers)
+
+
+@OPS_POSIX
+@OPS_FORK
+def test_ops_workers_sigterm_during_a_hung_startup_stops_them(tmp_path):
+    """A startup that never completes, in every worker: the relayed SIGTERM
+    stops each one as it stops a single process (the line, exit 0, no
+    lifespan.shutdown), and the parent exits 0."""
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:hung_start_asgi", "--workers", "2", "--port", "0",
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        cli.port()
+        workers = {int(cli.wait_line(lambda line: line.startswith("ops-starting ")).split()[1])
+                   for _ in range(2)}
+        assert len(workers) == 2
+        cli.proc.send_signal(signal.SIGTERM)
+        try:
+            code = cli.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, f"exit {code}; stderr: {''.join(cli.seen)}"
+        stderr = cli.rest()
+        assert all(ops_gone(pid) for pid in workers)
+    assert stderr.count("gateway: shutdown requested during the application startup: "
+                        "stopping without serving\n") == 2, stderr
+    assert "ops-then-got" not in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+@OPS_POSIX
+@OPS_FORK
+def test_ops_workers_lifespan_shutdown_failure_exits_4(tmp_path):
+    """ASGI Lifespan "Shutdown Failed" in a worker: the parent exits with the
+    worker's status, 4."""
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:bad_shutdown_asgi", "--workers", "2", "--port", "0",
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        cli.port()
+        workers = {int(cli.wait_line(lambda line: line.startswith("ops-started ")).split()[1])
+                   for _ in range(2)}
+        assert len(workers) == 2
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(TIMEOUT) == 4
+        stderr = cli.rest()
+        assert all(ops_gone(pid) for pid in workers)
+    assert stderr.count("gateway: application shutdown failed: ops-cannot-flush\n") == 2, stderr
+    assert "Traceback" not in stderr, stderr
 
 
 def ops_children(pid: int) -> set[int]:
