@@ -771,12 +771,15 @@ def field_line(name: bytes, value: bytes) -> bytes:
 DAY_NAMES = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")  # tm_wday 0..6
 MONTH_NAMES = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
                b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
-_date_cache = [0, b""]
+# [second, its IMF-fixdate]; None matches no second, 0 (1970-01-01) included.
+_date_cache = [None, b""]
 
 
 def http_date(now: float) -> bytes:
     """RFC 9110 §5.6.7: IMF-fixdate, e.g. b"Sun, 06 Nov 1994 08:49:37 GMT"."""
     second = int(now)
+    if second > now:               # int() rounds -1.5 up to -1; the date is of -2
+        second -= 1
     if _date_cache[0] != second:   # formatted once a second, not per request
         t = time.gmtime(second)
         _date_cache[:] = [second, b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (

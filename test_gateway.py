@@ -873,6 +873,33 @@ def test_http_date_agrees_with_email_utils():
     assert http_date(0.0) == b"Thu, 01 Jan 1970 00:00:00 GMT"
 
 
+HTTP_DATE_ROWS = [0.0, 0.0, 0.5, -0.5, -1.0, -1.5, 1.0, FIXED_NOW]
+
+
+def test_http_date_first_call_in_a_fresh_process_is_a_date():
+    # RFC 9110 §5.6.7 (HF-11): the first call of a process has an empty cache,
+    # which must not pass for the date of any second - 0.0 (1970) included.
+    import email.utils
+    code = ("import gateway; print(*(gateway.http_date(t).decode() or '(empty)' "
+            f"for t in {HTTP_DATE_ROWS!r}), sep='\\n')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(gateway.__file__)),
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [email.utils.formatdate(t, usegmt=True)
+                                        for t in HTTP_DATE_ROWS]
+
+
+@pytest.mark.parametrize("now", HTTP_DATE_ROWS)
+def test_http_date_of_each_second_whatever_came_before(now):
+    # RFC 9110 §5.6.7: the date of the second that `now` falls in (floor, so
+    # -1.5 is 23:59:58), whatever second the cache held before the call.
+    import email.utils
+    for before in HTTP_DATE_ROWS:
+        http_date(before)
+        assert http_date(now) == email.utils.formatdate(now, usegmt=True).encode(), before
+
+
 def test_encode_chunk():
     assert encode_chunk(b"hello") == b"5\r\nhello\r\n"
     assert encode_chunk(b"z" * 26) == b"1a\r\n" + b"z" * 26 + b"\r\n"
