@@ -1123,6 +1123,7 @@ class WSGIResponse:
         self.status: str | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_sent = False
+        self.called = False      # start_response() was called, even if it raised
 
     def start_response(self, status: str, headers: list, exc_info=None):
         """PEP 3333, "The start_response() Callable"."""
@@ -1132,8 +1133,11 @@ class WSGIResponse:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None      # PEP 3333: avoid a reference cycle
-        elif self.status is not None:
+        elif self.called:
+            # PEP 3333: only an error handler (with exc_info) may call again,
+            # and a first call that raised counts as a call.
             raise AssertionError("start_response() called twice without exc_info")
+        self.called = True
         self.headers = check_wsgi_headers(status, headers)
         self.status = status
         if self.conn.trace:

@@ -2294,7 +2294,8 @@ def test_limits_wsgi_bad_header_raises_in_start_response(name, value):
             start_response("200 OK", [(name, value)])
         except ValueError as error:
             caught.append(error)
-            start_response("400 Bad Request", [("Content-Length", "9")])
+            # PEP 3333: a second call needs exc_info (W-26)
+            start_response("400 Bad Request", [("Content-Length", "9")], sys.exc_info())
             return [b"recovered"]
         return [b"not reached"]
 
@@ -2302,6 +2303,36 @@ def test_limits_wsgi_bad_header_raises_in_start_response(name, value):
         data = limits_exchange(port, b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n") and data.endswith(b"recovered")
     assert len(caught) == 1 and b"Injected" not in data
+
+
+@pytest.mark.parametrize("status,headers", [
+    ("200 OK", [("X", "a\r\nInjected: 1")]),
+    ("200", []),
+    (b"200 OK", []),
+    ("200 OK", [("Connection", "close")]),
+], ids=["bad header", "bad status", "bytes status", "hop-by-hop"])
+def test_wsgi_second_start_response_without_exc_info_raises_after_a_failed_first(
+        status, headers):
+    # W-26, PEP 3333 "The start_response() Callable": calling it again without
+    # exc_info is an error "even if the first call itself raised".
+    raised: list = []
+
+    def app(environ, start_response):
+        try:
+            start_response(status, headers)
+        except (ValueError, TypeError) as error:
+            raised.append(type(error))
+        try:
+            start_response("400 Bad Request", [("Content-Length", "9")])
+        except AssertionError as error:
+            raised.append(type(error))
+            raise
+        return [b"recovered"]
+
+    with limits_server("wsgi", app) as port:
+        data = limits_exchange(port, b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    assert data == LIMITS_APP_FAILED
+    assert len(raised) == 2 and raised[1] is AssertionError
 
 
 @pytest.mark.parametrize("headers", [
