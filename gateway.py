@@ -1191,9 +1191,16 @@ class WSGIResponse:
         return head + self.response.body(last) + self.response.end()
 
 
+# PEP 3333 "The start_response() Callable": a code, one space, a reason, and no
+# control characters. RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ).
+# Policy: HTAB passes (the RFC allows it and it cannot end a line); other C0
+# controls and DEL do not. A str pattern: obs-text is U+0080-U+00FF.
+WSGI_STATUS = re.compile(r"[1-9][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
+
+
 def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
     """PEP 3333: the status is "NNN reason", headers a list of (str, str)."""
-    if type(status) is not str or not re.fullmatch(r"[1-9][0-9][0-9] [^\r\n\x00]*", status):
+    if type(status) is not str or WSGI_STATUS.fullmatch(status) is None:
         raise ValueError(f"WSGI status must look like '200 OK', not {status!r}")
     if type(headers) is not list:
         raise TypeError("WSGI response headers must be a list of (name, value) tuples")

@@ -2266,11 +2266,12 @@ def test_limits_header_injection_is_a_500(interface):
     ("200", []),
     ("OK 200", []),
     ("200 OK\r\nInjected: 1", []),
+    ("200 OK\x0bInjected: 1", []),
     ("200 OK", [("Connection", "close")]),
     ("200 OK", [("Transfer-Encoding", "chunked")]),
     ("200 OK", [("Keep-Alive", "timeout=5")]),
-], ids=["no reason", "reason first", "CRLF in status", "Connection", "Transfer-Encoding",
-        "Keep-Alive"])
+], ids=["no reason", "reason first", "CRLF in status", "VT in status", "Connection",
+        "Transfer-Encoding", "Keep-Alive"])
 def test_limits_wsgi_bad_status_or_hop_by_hop_header_is_500(status, headers):
     def app(environ, start_response):
         start_response(status, headers + [("Content-Length", "2")])
@@ -2280,6 +2281,28 @@ def test_limits_wsgi_bad_status_or_hop_by_hop_header_is_500(status, headers):
         data = limits_exchange(port, LIMITS_GET)
         assert data == LIMITS_APP_FAILED
         assert b"Injected" not in data
+
+
+# W-23: PEP 3333 "The start_response() Callable" (no control characters) and
+# RFC 9112 §4 (status-code SP reason-phrase, reason = HTAB / SP / VCHAR / obs-text).
+WSGI_BAD_STATUSES = ["200\x00OK", "200 O\x00K", "200 OK\r", "200 OK\n", "200 OK\r\n",
+                     "200 O\x01K", "200 O\x08K", "200 O\x0bK", "200 O\x0cK", "200 O\x1bK",
+                     "200 O\x1fK", "200 O\x7fK", "200\tOK", " 200 OK", "2000 OK", "20 OK",
+                     "099 OK", "\uff12\uff10\uff10 OK",
+                     "200 OK\u0100", "200 OK\u2028"]   # PEP 3333 "Unicode Issues": latin-1
+WSGI_GOOD_STATUSES = ["200 OK", "200 ", "599 x", "200 O\tK", "200 caf\xe9 \x80\xff",
+                      "404 Not  Found ", "999 !~"]
+
+
+@pytest.mark.parametrize("status", WSGI_BAD_STATUSES, ids=repr)
+def test_wsgi_status_outside_the_grammar_raises_in_start_response(status):
+    with pytest.raises(ValueError, match="WSGI status"):
+        gateway.check_wsgi_headers(status, [])
+
+
+@pytest.mark.parametrize("status", WSGI_GOOD_STATUSES, ids=repr)
+def test_wsgi_status_in_the_grammar_is_accepted(status):
+    assert gateway.check_wsgi_headers(status, []) == []
 
 
 @pytest.mark.parametrize("name,value", [("X", "a\r\nInjected: 1"), ("X: Y", "v"), ("X Y", "v")],
