@@ -2503,7 +2503,8 @@ class HTTPCycle:
         if kind == "http.response.start":
             if self.state != "start":
                 raise RuntimeError(f"ASGI: 'http.response.start' sent twice ({self.state})")
-            self.start = (message["status"], check_asgi_headers(message.get("headers", [])))
+            self.start = (check_asgi_status(message["status"]),
+                          check_asgi_headers(message.get("headers", [])))
             self.head = self.response.head(*self.start, time.time())
             self.state = "body"
             self.trailers = [] if message.get("trailers", False) else None
@@ -2586,6 +2587,22 @@ class HTTPCycle:
         self.state = "done"
         await self.conn.write(data + response.end())
         self.response_done.set()
+
+
+def check_asgi_status(status) -> int:
+    """ASGI HTTP "Response Start": `status` is an int, here a final status.
+
+    Policy: bool is refused although it is an int (True would go out as
+    status 1); an int subclass such as HTTPStatus.OK is taken as its value.
+    RFC 9110 §15: codes are 100-599, and a 1xx is an interim response, never
+    the final one that http.response.start begins (Response.head writes no
+    1xx properly: no body, no upgrade), so only 200-599 pass.
+    """
+    if not isinstance(status, int) or isinstance(status, bool):
+        raise TypeError(f"ASGI: status must be an int, not {type(status).__name__}")
+    if not 200 <= status <= 599:
+        raise ValueError(f"ASGI: status must be a final status (200-599), not {status}")
+    return int(status)
 
 
 def check_asgi_headers(headers) -> list[tuple[bytes, bytes]]:

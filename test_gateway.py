@@ -5056,9 +5056,25 @@ async def asgi_unknown_type(send):
     await send({"type": "http.response.bogus"})
 
 
+def asgi_status(status):
+    """A misuse: http.response.start with this status (AH-15, "Response Start")."""
+    async def misuse(send):
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+    misuse.__name__ = f"asgi_status_{status!r}"
+    return misuse
+
+
 ASGI_MISUSES = [(asgi_body_first, RuntimeError), (asgi_start_twice, RuntimeError),
                 (asgi_str_header, TypeError), (asgi_str_body, TypeError),
-                (asgi_unknown_type, RuntimeError)]
+                (asgi_unknown_type, RuntimeError),
+                # AH-15: an int (not a bool: True is an int), and a final status
+                (asgi_status(True), TypeError), (asgi_status("200"), TypeError),
+                (asgi_status(200.0), TypeError), (asgi_status(None), TypeError),
+                (asgi_status(99), ValueError), (asgi_status(100), ValueError),
+                (asgi_status(101), ValueError), (asgi_status(103), ValueError),
+                (asgi_status(199), ValueError), (asgi_status(600), ValueError),
+                (asgi_status(-200), ValueError)]
 
 
 @pytest.mark.parametrize("misuse, error", ASGI_MISUSES,
@@ -5085,6 +5101,24 @@ def asgi_request_and_close(port: int, raw: bytes) -> bytes:
     with connect(port) as sock:
         sock.sendall(raw)
         return read_until_closed(sock)
+
+
+@pytest.mark.parametrize("status", [200, 599, HTTPStatus.NOT_FOUND])
+def test_asgi_final_status_is_accepted(status):
+    # AH-15: 200-599; an int subclass (HTTPStatus) counts as its value.
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, b"GET / HTTP/1.1\r\nHost: t\r\n"
+                                            b"Connection: close\r\n\r\n")
+    assert data == (b"HTTP/1.1 %d %s\r\ncontent-length: 2\r\nServer: gateway\r\n"
+                    b"Connection: close\r\n\r\nok"
+                    % (status, gateway.REASONS.get(int(status), b"")))
 
 
 def test_asgi_send_after_complete_response_is_a_no_op():
