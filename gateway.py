@@ -184,6 +184,25 @@ class Config:
     headers: list = field(default_factory=list)   # (name, value) bytes, every response
     trace: bool = False                        # log the protocol as it happens (§11)
 
+    def __post_init__(self) -> None:
+        """Refuse extra headers (--header) that would break every response head.
+
+        RFC 9112 §11.1: they get the check an app's fields get (field_line,
+        §4), once here rather than on each response. Policy: the fields that
+        frame the body or describe the connection are the server's (RFC 9112
+        §6, RFC 9110 §7.6.1), so they are refused as well.
+        """
+        for name, value in self.headers:
+            if type(name) is not bytes or type(value) is not bytes:
+                raise TypeError(f"extra header (--header): name and value must be "
+                                f"bytes: {name!r}: {value!r}")
+            try:
+                field_line(name, value)
+                if name.lower() in CONNECTION_FIELDS or name.lower() == b"content-length":
+                    raise ValueError(f"{name.decode('latin-1')} is the server's to send")
+            except ValueError as error:
+                raise ValueError(f"extra header (--header): {error}") from None
+
 
 DEFAULTS = Config()
 

@@ -8023,6 +8023,43 @@ def test_ops_extra_headers_on_every_response(interface):
             b"hello")
 
 
+OPS_BAD_EXTRA_HEADERS = [
+    ((b"X-A", b"a\r\nInjected: 1"), "CRLF in value"), ((b"X-A", b"a\nInjected: 1"), "LF in value"),
+    ((b"X-A", b"a\rb"), "CR in value"), ((b"X-A", b"a\x00b"), "NUL in value"),
+    ((b"X\r\nInjected", b"1"), "CRLF in name"), ((b"X A", b"1"), "space in name"),
+    ((b"X: Y", b"1"), "colon in name"), ((b"", b"1"), "empty name"),
+    ((b"Content-Length", b"0"), "Content-Length"),
+    ((b"transfer-encoding", b"chunked"), "Transfer-Encoding"),
+    ((b"Connection", b"close"), "Connection"), ((b"Keep-Alive", b"timeout=5"), "Keep-Alive"),
+]
+
+
+@pytest.mark.parametrize("header", [row[0] for row in OPS_BAD_EXTRA_HEADERS],
+                         ids=[row[1] for row in OPS_BAD_EXTRA_HEADERS])
+def test_ops_bad_extra_header_is_refused_by_config(header):
+    # HF-03, RFC 9112 §11.1: Config.headers get the app's field check, at startup.
+    with pytest.raises(ValueError, match=r"extra header \(--header\)"):
+        gateway.Config(headers=[(b"X-Fine", b"1"), header])
+
+
+def test_ops_extra_header_must_be_bytes():
+    with pytest.raises(TypeError, match="bytes"):
+        gateway.Config(headers=[("X-A", "1")])
+
+
+@pytest.mark.parametrize("option", ["X-A:a\r\nInjected: 1", "X-A:a\nInjected: 1",
+                                    "X A:1", "X\rInjected:1", "Content-Length:0"],
+                         ids=["CRLF in value", "LF in value", "space in name",
+                              "CR in name", "Content-Length"])
+def test_ops_cli_bad_header_exits_1(option):
+    # HF-03: refused before the server listens, in one clear line, exit status 1.
+    done = srv_run_cli("--wsgi", "echo_wsgi:application", "--port", "0", "--header", option)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gateway: extra header (--header): ")
+    assert "Traceback" not in done.stderr
+
+
 def test_ops_no_server_and_no_date_header(interface):
     app = ops_fixed_app(interface, b"hello")
     with running_server(interface, app, server_header=False, date_header=False) as port:
