@@ -836,6 +836,7 @@ class Response:
         self.length = 0                 # Content-Length still owed (if "length")
         self.status = 0                 # for the access log ...
         self.sent = 0                   # ... and the body bytes sent
+        self.dropped = 0                # body bytes past Content-Length, not sent
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]],
              now: float, reason: bytes | None = None) -> bytes:
@@ -909,6 +910,7 @@ class Response:
                 # next response. Drop them, and close once this one is done.
                 log.error("response body longer than its Content-Length; "
                           "%d bytes dropped", len(data) - self.length)
+                self.dropped += len(data) - self.length
                 data = data[: self.length]
                 self.keep_alive = False
             self.length -= len(data)
@@ -1161,7 +1163,7 @@ class WSGIResponse:
         self.status = status
         if self.conn.trace:
             self.conn.trace("app", f"start_response({status!r}, {headers!r})")
-        return self.write
+        return self.app_write
 
     def _head(self) -> bytes:
         """The response head, the first time body bytes are ready for it.
@@ -1194,13 +1196,34 @@ class WSGIResponse:
         return head
 
     def write(self, data: bytes, wait: bool = True) -> None:
-        """PEP 3333, "The write() Callable": queued in order before we return."""
+        """PEP 3333, "The write() Callable": queued in order before we return.
+
+        For the app's write() (app_write) and for the items of its iterable.
+        """
         if type(data) is not bytes:
             raise TypeError(f"WSGI body must be bytes, not {type(data).__name__}")
         head = b"" if self.head_sent else self._head()
         if self.conn.trace:
             self.conn.trace("app", "body " + brief(data))
         self.conn.put(head + self.response.body(data), wait)
+
+    def app_write(self, data: bytes) -> None:
+        """The write() callable that start_response() returns to the app.
+
+        PEP 3333, "Handling the Content-Length Header": writing past the
+        declared Content-Length is an error raised to the app. Policy: the
+        bytes that still fit go out first, so the client gets the whole body
+        it was promised; the connection then closes (Response.body).
+        """
+        dropped = self.response.dropped
+        self.write(data)
+        if self.response.dropped > dropped:
+            raise ValueError(f"write() past Content-Length: "
+                             f"{self.response.dropped - dropped} bytes not sent")
+
+    def length_sent(self) -> bool:
+        """Is all of the declared Content-Length sent? Then the body is done."""
+        return self.response.framing == "length" and not self.response.length
 
     def final_bytes(self, last: bytes = b"") -> bytes:
         """The rest of the response once the app is done: head, `last`, end."""
@@ -1282,6 +1305,8 @@ class WSGICall:
             for data in self.iterator:
                 if data:      # PEP 3333: empty items send nothing, not even headers
                     response.write(data, wait=False)
+                    if response.length_sent():
+                        break     # PEP 3333 "Handling the Content-Length Header"
                 if conn.park_if_full(self):
                     return            # resumed by the loop when the client catches up
             self.end(response.final_bytes(), response.response.keep_alive)

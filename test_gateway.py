@@ -3955,6 +3955,67 @@ def test_wsgi_write_with_content_length():
                 b"Server: gateway\r\nConnection: close\r\n\r\nabcdef")
 
 
+WSGI_HELLO_5 = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+                b"Server: gateway\r\n\r\nhello")
+
+
+def test_wsgi_iteration_stops_once_content_length_is_sent():
+    # HF-10, PEP 3333 "Handling the Content-Length Header": the server "should
+    # stop iterating over the response when enough data has been sent"; the
+    # response is whole, so the connection stays open.
+    made: list = []
+
+    def app(environ, start_response):
+        start_response("200 OK", WSGI_TEXT + [("Content-Length", "5")])
+        made.append(WsgiTracked([b"hel", b"lo", b"MORE"]))
+        return made[-1]
+
+    with wsgi_serve(app) as (port, _):
+        with connect(port) as sock:
+            sock.sendall(wsgi_get(close=False) + wsgi_get())
+            assert read_until_closed(sock) == WSGI_HELLO_5 + WSGI_HELLO_5.replace(
+                b"gateway\r\n", b"gateway\r\nConnection: close\r\n")
+    assert [(t.yielded, t.close_calls) for t in made] == [(2, 1), (2, 1)]
+
+
+def test_wsgi_item_past_content_length_is_cut_and_iteration_stops():
+    # HF-10: never more than Content-Length bytes; the rest is dropped (and
+    # logged), no further item is asked for, and the connection closes.
+    made: list = []
+
+    def app(environ, start_response):
+        start_response("200 OK", WSGI_TEXT + [("Content-Length", "5")])
+        made.append(WsgiTracked([b"hel", b"lo world", b"MORE"]))
+        return made[-1]
+
+    with wsgi_serve(app) as (port, _):
+        assert exchange(port, wsgi_get(close=False)) == WSGI_HELLO_5
+    assert [(t.yielded, t.close_calls) for t in made] == [(2, 1)]
+
+
+@pytest.mark.parametrize("path", ["/caught", "/uncaught"])
+def test_wsgi_write_past_content_length_raises_in_the_app(path):
+    # HF-10, PEP 3333 "Handling the Content-Length Header": "raise an error if
+    # the application tries to write() past that point". What fits is sent, so
+    # the client gets the declared body, then the connection closes.
+    raised: list = []
+
+    def app(environ, start_response):
+        write = start_response("200 OK", WSGI_TEXT + [("Content-Length", "5")])
+        write(b"hel")
+        try:
+            write(b"lo world")
+        except ValueError as error:
+            raised.append(str(error))
+            if environ["PATH_INFO"] == "/uncaught":
+                raise
+        return []
+
+    with wsgi_serve(app) as (port, _):
+        assert exchange(port, wsgi_get(path, close=False)) == WSGI_HELLO_5
+    assert raised == ["write() past Content-Length: 6 bytes not sent"]
+
+
 # -- 5. close() exactly once ----------------------------------------------------
 
 
