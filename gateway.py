@@ -185,11 +185,28 @@ class Config:
     trace: bool = False                        # log the protocol as it happens (§11)
 
     def __post_init__(self) -> None:
-        """Refuse what no server could run with."""
+        """Refuse what no server could run with: no threads, or extra headers
+        (--header) that would break every response head.
+
+        RFC 9112 §11.1: extra headers get the check an app's fields get
+        (field_line, §4), once here rather than on each response. Policy: the
+        fields that frame the body or describe the connection are the
+        server's (RFC 9112 §6, RFC 9110 §7.6.1), so they are refused as well.
+        """
         if self.threads < 1:
             # A pool of no threads would queue every WSGI request for ever.
             raise ValueError(f"--threads must be 1 or more (1: one app call at a time), "
                              f"not {self.threads}")
+        for name, value in self.headers:
+            if type(name) is not bytes or type(value) is not bytes:
+                raise TypeError(f"extra header (--header): name and value must be "
+                                f"bytes: {name!r}: {value!r}")
+            try:
+                field_line(name, value)
+                if name.lower() in CONNECTION_FIELDS or name.lower() == b"content-length":
+                    raise ValueError(f"{name.decode('latin-1')} is the server's to send")
+            except ValueError as error:
+                raise ValueError(f"extra header (--header): {error}") from None
 
 
 DEFAULTS = Config()
@@ -778,12 +795,15 @@ def field_line(name: bytes, value: bytes) -> bytes:
 DAY_NAMES = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")  # tm_wday 0..6
 MONTH_NAMES = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
                b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
-_date_cache = [0, b""]
+# [second, its IMF-fixdate]; None matches no second, 0 (1970-01-01) included.
+_date_cache = [None, b""]
 
 
 def http_date(now: float) -> bytes:
     """RFC 9110 §5.6.7: IMF-fixdate, e.g. b"Sun, 06 Nov 1994 08:49:37 GMT"."""
     second = int(now)
+    if second > now:               # int() rounds -1.5 up to -1; the date is of -2
+        second -= 1
     if _date_cache[0] != second:   # formatted once a second, not per request
         t = time.gmtime(second)
         _date_cache[:] = [second, b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (
@@ -821,6 +841,7 @@ class Response:
         self.length = 0                 # Content-Length still owed (if "length")
         self.status = 0                 # for the access log ...
         self.sent = 0                   # ... and the body bytes sent
+        self.dropped = 0                # body bytes past Content-Length, not sent
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]],
              now: float, reason: bytes | None = None) -> bytes:
@@ -903,6 +924,7 @@ class Response:
             # next response. Drop them, and close once this one is done.
             log.error("response body longer than its Content-Length; "
                       "%d bytes dropped", size - self.length)
+            self.dropped += size - self.length
             self.keep_alive = False
             return self.length
         return size
@@ -1158,6 +1180,7 @@ class WSGIResponse:
         self.status: str | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_sent = False
+        self.called = False      # start_response() was called, even if it raised
 
     def start_response(self, status: str, headers: list, exc_info=None):
         """PEP 3333, "The start_response() Callable"."""
@@ -1167,13 +1190,16 @@ class WSGIResponse:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None      # PEP 3333: avoid a reference cycle
-        elif self.status is not None:
+        elif self.called:
+            # PEP 3333: only an error handler (with exc_info) may call again,
+            # and a first call that raised counts as a call.
             raise AssertionError("start_response() called twice without exc_info")
+        self.called = True
         self.headers = check_wsgi_headers(status, headers)
         self.status = status
         if self.conn.trace:
             self.conn.trace("app", f"start_response({status!r}, {headers!r})")
-        return self.write
+        return self.app_write
 
     def _head(self) -> bytes:
         """The response head, the first time body bytes are ready for it.
@@ -1206,13 +1232,34 @@ class WSGIResponse:
         return head
 
     def write(self, data: bytes, wait: bool = True) -> None:
-        """PEP 3333, "The write() Callable": queued in order before we return."""
+        """PEP 3333, "The write() Callable": queued in order before we return.
+
+        For the app's write() (app_write) and for the items of its iterable.
+        """
         if type(data) is not bytes:
             raise TypeError(f"WSGI body must be bytes, not {type(data).__name__}")
         head = b"" if self.head_sent else self._head()
         if self.conn.trace:
             self.conn.trace("app", "body " + brief(data))
         self.conn.put(head + self.response.body(data), wait)
+
+    def app_write(self, data: bytes) -> None:
+        """The write() callable that start_response() returns to the app.
+
+        PEP 3333, "Handling the Content-Length Header": writing past the
+        declared Content-Length is an error raised to the app. Policy: the
+        bytes that still fit go out first, so the client gets the whole body
+        it was promised; the connection then closes (Response.body).
+        """
+        dropped = self.response.dropped
+        self.write(data)
+        if self.response.dropped > dropped:
+            raise ValueError(f"write() past Content-Length: "
+                             f"{self.response.dropped - dropped} bytes not sent")
+
+    def length_sent(self) -> bool:
+        """Is all of the declared Content-Length sent? Then the body is done."""
+        return self.response.framing == "length" and not self.response.length
 
     def final_bytes(self, last: bytes = b"") -> bytes:
         """The rest of the response once the app is done: head, `last`, end."""
@@ -1222,9 +1269,16 @@ class WSGIResponse:
         return head + self.response.body(last) + self.response.end()
 
 
+# PEP 3333 "The start_response() Callable": a code, one space, a reason, and no
+# control characters. RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ).
+# Policy: HTAB passes (the RFC allows it and it cannot end a line); other C0
+# controls and DEL do not. A str pattern: obs-text is U+0080-U+00FF.
+WSGI_STATUS = re.compile(r"[1-9][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
+
+
 def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
     """PEP 3333: the status is "NNN reason", headers a list of (str, str)."""
-    if type(status) is not str or not re.fullmatch(r"[1-9][0-9][0-9] [^\r\n\x00]*", status):
+    if type(status) is not str or WSGI_STATUS.fullmatch(status) is None:
         raise ValueError(f"WSGI status must look like '200 OK', not {status!r}")
     if type(headers) is not list:
         raise TypeError("WSGI response headers must be a list of (name, value) tuples")
@@ -1287,6 +1341,8 @@ class WSGICall:
             for data in self.iterator:
                 if data:      # PEP 3333: empty items send nothing, not even headers
                     response.write(data, wait=False)
+                    if response.length_sent():
+                        break     # PEP 3333 "Handling the Content-Length Header"
                 if conn.park_if_full(self):
                     return            # resumed by the loop when the client catches up
             self.end(response.final_bytes(), response.response.keep_alive)
@@ -2542,7 +2598,8 @@ class HTTPCycle:
         if kind == "http.response.start":
             if self.state != "start":
                 raise RuntimeError(f"ASGI: 'http.response.start' sent twice ({self.state})")
-            self.start = (message["status"], check_asgi_headers(message.get("headers", [])))
+            self.start = (check_asgi_status(message["status"]),
+                          check_asgi_headers(message.get("headers", [])))
             self.head = self.response.head(*self.start, time.time())
             self.state = "body"
             self.trailers = [] if message.get("trailers", False) else None
@@ -2695,6 +2752,22 @@ class HTTPCycle:
             await self.conn.write(data + response.body(block))
             data = b""
         return data
+
+
+def check_asgi_status(status) -> int:
+    """ASGI HTTP "Response Start": `status` is an int, here a final status.
+
+    Policy: bool is refused although it is an int (True would go out as
+    status 1); an int subclass such as HTTPStatus.OK is taken as its value.
+    RFC 9110 §15: codes are 100-599, and a 1xx is an interim response, never
+    the final one that http.response.start begins (Response.head writes no
+    1xx properly: no body, no upgrade), so only 200-599 pass.
+    """
+    if not isinstance(status, int) or isinstance(status, bool):
+        raise TypeError(f"ASGI: status must be an int, not {type(status).__name__}")
+    if not 200 <= status <= 599:
+        raise ValueError(f"ASGI: status must be a final status (200-599), not {status}")
+    return int(status)
 
 
 def check_asgi_headers(headers) -> list[tuple[bytes, bytes]]:

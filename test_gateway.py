@@ -873,6 +873,33 @@ def test_http_date_agrees_with_email_utils():
     assert http_date(0.0) == b"Thu, 01 Jan 1970 00:00:00 GMT"
 
 
+HTTP_DATE_ROWS = [0.0, 0.0, 0.5, -0.5, -1.0, -1.5, 1.0, FIXED_NOW]
+
+
+def test_http_date_first_call_in_a_fresh_process_is_a_date():
+    # RFC 9110 §5.6.7 (HF-11): the first call of a process has an empty cache,
+    # which must not pass for the date of any second - 0.0 (1970) included.
+    import email.utils
+    code = ("import gateway; print(*(gateway.http_date(t).decode() or '(empty)' "
+            f"for t in {HTTP_DATE_ROWS!r}), sep='\\n')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(gateway.__file__)),
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [email.utils.formatdate(t, usegmt=True)
+                                        for t in HTTP_DATE_ROWS]
+
+
+@pytest.mark.parametrize("now", HTTP_DATE_ROWS)
+def test_http_date_of_each_second_whatever_came_before(now):
+    # RFC 9110 §5.6.7: the date of the second that `now` falls in (floor, so
+    # -1.5 is 23:59:58), whatever second the cache held before the call.
+    import email.utils
+    for before in HTTP_DATE_ROWS:
+        http_date(before)
+        assert http_date(now) == email.utils.formatdate(now, usegmt=True).encode(), before
+
+
 def test_encode_chunk():
     assert encode_chunk(b"hello") == b"5\r\nhello\r\n"
     assert encode_chunk(b"z" * 26) == b"1a\r\n" + b"z" * 26 + b"\r\n"
@@ -2239,11 +2266,12 @@ def test_limits_header_injection_is_a_500(interface):
     ("200", []),
     ("OK 200", []),
     ("200 OK\r\nInjected: 1", []),
+    ("200 OK\x0bInjected: 1", []),
     ("200 OK", [("Connection", "close")]),
     ("200 OK", [("Transfer-Encoding", "chunked")]),
     ("200 OK", [("Keep-Alive", "timeout=5")]),
-], ids=["no reason", "reason first", "CRLF in status", "Connection", "Transfer-Encoding",
-        "Keep-Alive"])
+], ids=["no reason", "reason first", "CRLF in status", "VT in status", "Connection",
+        "Transfer-Encoding", "Keep-Alive"])
 def test_limits_wsgi_bad_status_or_hop_by_hop_header_is_500(status, headers):
     def app(environ, start_response):
         start_response(status, headers + [("Content-Length", "2")])
@@ -2253,6 +2281,28 @@ def test_limits_wsgi_bad_status_or_hop_by_hop_header_is_500(status, headers):
         data = limits_exchange(port, LIMITS_GET)
         assert data == LIMITS_APP_FAILED
         assert b"Injected" not in data
+
+
+# W-23: PEP 3333 "The start_response() Callable" (no control characters) and
+# RFC 9112 §4 (status-code SP reason-phrase, reason = HTAB / SP / VCHAR / obs-text).
+WSGI_BAD_STATUSES = ["200\x00OK", "200 O\x00K", "200 OK\r", "200 OK\n", "200 OK\r\n",
+                     "200 O\x01K", "200 O\x08K", "200 O\x0bK", "200 O\x0cK", "200 O\x1bK",
+                     "200 O\x1fK", "200 O\x7fK", "200\tOK", " 200 OK", "2000 OK", "20 OK",
+                     "099 OK", "\uff12\uff10\uff10 OK",
+                     "200 OK\u0100", "200 OK\u2028"]   # PEP 3333 "Unicode Issues": latin-1
+WSGI_GOOD_STATUSES = ["200 OK", "200 ", "599 x", "200 O\tK", "200 caf\xe9 \x80\xff",
+                      "404 Not  Found ", "999 !~"]
+
+
+@pytest.mark.parametrize("status", WSGI_BAD_STATUSES, ids=repr)
+def test_wsgi_status_outside_the_grammar_raises_in_start_response(status):
+    with pytest.raises(ValueError, match="WSGI status"):
+        gateway.check_wsgi_headers(status, [])
+
+
+@pytest.mark.parametrize("status", WSGI_GOOD_STATUSES, ids=repr)
+def test_wsgi_status_in_the_grammar_is_accepted(status):
+    assert gateway.check_wsgi_headers(status, []) == []
 
 
 @pytest.mark.parametrize("name,value", [("X", "a\r\nInjected: 1"), ("X: Y", "v"), ("X Y", "v")],
@@ -2267,7 +2317,8 @@ def test_limits_wsgi_bad_header_raises_in_start_response(name, value):
             start_response("200 OK", [(name, value)])
         except ValueError as error:
             caught.append(error)
-            start_response("400 Bad Request", [("Content-Length", "9")])
+            # PEP 3333: a second call needs exc_info (W-26)
+            start_response("400 Bad Request", [("Content-Length", "9")], sys.exc_info())
             return [b"recovered"]
         return [b"not reached"]
 
@@ -2275,6 +2326,36 @@ def test_limits_wsgi_bad_header_raises_in_start_response(name, value):
         data = limits_exchange(port, b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n") and data.endswith(b"recovered")
     assert len(caught) == 1 and b"Injected" not in data
+
+
+@pytest.mark.parametrize("status,headers", [
+    ("200 OK", [("X", "a\r\nInjected: 1")]),
+    ("200", []),
+    (b"200 OK", []),
+    ("200 OK", [("Connection", "close")]),
+], ids=["bad header", "bad status", "bytes status", "hop-by-hop"])
+def test_wsgi_second_start_response_without_exc_info_raises_after_a_failed_first(
+        status, headers):
+    # W-26, PEP 3333 "The start_response() Callable": calling it again without
+    # exc_info is an error "even if the first call itself raised".
+    raised: list = []
+
+    def app(environ, start_response):
+        try:
+            start_response(status, headers)
+        except (ValueError, TypeError) as error:
+            raised.append(type(error))
+        try:
+            start_response("400 Bad Request", [("Content-Length", "9")])
+        except AssertionError as error:
+            raised.append(type(error))
+            raise
+        return [b"recovered"]
+
+    with limits_server("wsgi", app) as port:
+        data = limits_exchange(port, b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    assert data == LIMITS_APP_FAILED
+    assert len(raised) == 2 and raised[1] is AssertionError
 
 
 @pytest.mark.parametrize("headers", [
@@ -3899,6 +3980,67 @@ def test_wsgi_write_with_content_length():
                 b"Server: gateway\r\nConnection: close\r\n\r\nabcdef")
 
 
+WSGI_HELLO_5 = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+                b"Server: gateway\r\n\r\nhello")
+
+
+def test_wsgi_iteration_stops_once_content_length_is_sent():
+    # HF-10, PEP 3333 "Handling the Content-Length Header": the server "should
+    # stop iterating over the response when enough data has been sent"; the
+    # response is whole, so the connection stays open.
+    made: list = []
+
+    def app(environ, start_response):
+        start_response("200 OK", WSGI_TEXT + [("Content-Length", "5")])
+        made.append(WsgiTracked([b"hel", b"lo", b"MORE"]))
+        return made[-1]
+
+    with wsgi_serve(app) as (port, _):
+        with connect(port) as sock:
+            sock.sendall(wsgi_get(close=False) + wsgi_get())
+            assert read_until_closed(sock) == WSGI_HELLO_5 + WSGI_HELLO_5.replace(
+                b"gateway\r\n", b"gateway\r\nConnection: close\r\n")
+    assert [(t.yielded, t.close_calls) for t in made] == [(2, 1), (2, 1)]
+
+
+def test_wsgi_item_past_content_length_is_cut_and_iteration_stops():
+    # HF-10: never more than Content-Length bytes; the rest is dropped (and
+    # logged), no further item is asked for, and the connection closes.
+    made: list = []
+
+    def app(environ, start_response):
+        start_response("200 OK", WSGI_TEXT + [("Content-Length", "5")])
+        made.append(WsgiTracked([b"hel", b"lo world", b"MORE"]))
+        return made[-1]
+
+    with wsgi_serve(app) as (port, _):
+        assert exchange(port, wsgi_get(close=False)) == WSGI_HELLO_5
+    assert [(t.yielded, t.close_calls) for t in made] == [(2, 1)]
+
+
+@pytest.mark.parametrize("path", ["/caught", "/uncaught"])
+def test_wsgi_write_past_content_length_raises_in_the_app(path):
+    # HF-10, PEP 3333 "Handling the Content-Length Header": "raise an error if
+    # the application tries to write() past that point". What fits is sent, so
+    # the client gets the declared body, then the connection closes.
+    raised: list = []
+
+    def app(environ, start_response):
+        write = start_response("200 OK", WSGI_TEXT + [("Content-Length", "5")])
+        write(b"hel")
+        try:
+            write(b"lo world")
+        except ValueError as error:
+            raised.append(str(error))
+            if environ["PATH_INFO"] == "/uncaught":
+                raise
+        return []
+
+    with wsgi_serve(app) as (port, _):
+        assert exchange(port, wsgi_get(path, close=False)) == WSGI_HELLO_5
+    assert raised == ["write() past Content-Length: 6 bytes not sent"]
+
+
 # -- 5. close() exactly once ----------------------------------------------------
 
 
@@ -4434,9 +4576,11 @@ def test_wsgi_single_thread_parked_response_lets_the_next_request_run():
     def app(environ, start_response):
         if environ["PATH_INFO"] == "/big":
             def pieces():
-                for _ in range(WSGI_PARKED_PIECES):
-                    yield LIMITS_PIECE
-                finished.set()
+                try:
+                    for _ in range(WSGI_PARKED_PIECES):
+                        yield LIMITS_PIECE
+                finally:       # PEP 3333: iteration stops once Content-Length is sent
+                    finished.set()
             start_response("200 OK", [("Content-Type", "text/plain"), (
                 "Content-Length", str(len(LIMITS_PIECE) * WSGI_PARKED_PIECES))])
             return pieces()
@@ -5139,9 +5283,25 @@ async def asgi_unknown_type(send):
     await send({"type": "http.response.bogus"})
 
 
+def asgi_status(status):
+    """A misuse: http.response.start with this status (AH-15, "Response Start")."""
+    async def misuse(send):
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+    misuse.__name__ = f"asgi_status_{status!r}"
+    return misuse
+
+
 ASGI_MISUSES = [(asgi_body_first, RuntimeError), (asgi_start_twice, RuntimeError),
                 (asgi_str_header, TypeError), (asgi_str_body, TypeError),
-                (asgi_unknown_type, RuntimeError)]
+                (asgi_unknown_type, RuntimeError),
+                # AH-15: an int (not a bool: True is an int), and a final status
+                (asgi_status(True), TypeError), (asgi_status("200"), TypeError),
+                (asgi_status(200.0), TypeError), (asgi_status(None), TypeError),
+                (asgi_status(99), ValueError), (asgi_status(100), ValueError),
+                (asgi_status(101), ValueError), (asgi_status(103), ValueError),
+                (asgi_status(199), ValueError), (asgi_status(600), ValueError),
+                (asgi_status(-200), ValueError)]
 
 
 @pytest.mark.parametrize("misuse, error", ASGI_MISUSES,
@@ -5168,6 +5328,24 @@ def asgi_request_and_close(port: int, raw: bytes) -> bytes:
     with connect(port) as sock:
         sock.sendall(raw)
         return read_until_closed(sock)
+
+
+@pytest.mark.parametrize("status", [200, 599, HTTPStatus.NOT_FOUND])
+def test_asgi_final_status_is_accepted(status):
+    # AH-15: 200-599; an int subclass (HTTPStatus) counts as its value.
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, b"GET / HTTP/1.1\r\nHost: t\r\n"
+                                            b"Connection: close\r\n\r\n")
+    assert data == (b"HTTP/1.1 %d %s\r\ncontent-length: 2\r\nServer: gateway\r\n"
+                    b"Connection: close\r\n\r\nok"
+                    % (status, gateway.REASONS.get(int(status), b"")))
 
 
 def test_asgi_send_after_complete_response_is_a_no_op():
@@ -8790,6 +8968,43 @@ def test_ops_extra_headers_on_every_response(interface):
         assert exchange(port, OPS_CLOSE) == (
             OPS_HELLO_HEAD + b"X-Test: app\r\nServer: gateway\r\nConnection: close\r\n\r\n"
             b"hello")
+
+
+OPS_BAD_EXTRA_HEADERS = [
+    ((b"X-A", b"a\r\nInjected: 1"), "CRLF in value"), ((b"X-A", b"a\nInjected: 1"), "LF in value"),
+    ((b"X-A", b"a\rb"), "CR in value"), ((b"X-A", b"a\x00b"), "NUL in value"),
+    ((b"X\r\nInjected", b"1"), "CRLF in name"), ((b"X A", b"1"), "space in name"),
+    ((b"X: Y", b"1"), "colon in name"), ((b"", b"1"), "empty name"),
+    ((b"Content-Length", b"0"), "Content-Length"),
+    ((b"transfer-encoding", b"chunked"), "Transfer-Encoding"),
+    ((b"Connection", b"close"), "Connection"), ((b"Keep-Alive", b"timeout=5"), "Keep-Alive"),
+]
+
+
+@pytest.mark.parametrize("header", [row[0] for row in OPS_BAD_EXTRA_HEADERS],
+                         ids=[row[1] for row in OPS_BAD_EXTRA_HEADERS])
+def test_ops_bad_extra_header_is_refused_by_config(header):
+    # HF-03, RFC 9112 §11.1: Config.headers get the app's field check, at startup.
+    with pytest.raises(ValueError, match=r"extra header \(--header\)"):
+        gateway.Config(headers=[(b"X-Fine", b"1"), header])
+
+
+def test_ops_extra_header_must_be_bytes():
+    with pytest.raises(TypeError, match="bytes"):
+        gateway.Config(headers=[("X-A", "1")])
+
+
+@pytest.mark.parametrize("option", ["X-A:a\r\nInjected: 1", "X-A:a\nInjected: 1",
+                                    "X A:1", "X\rInjected:1", "Content-Length:0"],
+                         ids=["CRLF in value", "LF in value", "space in name",
+                              "CR in name", "Content-Length"])
+def test_ops_cli_bad_header_exits_1(option):
+    # HF-03: refused before the server listens, in one clear line, exit status 1.
+    done = srv_run_cli("--wsgi", "echo_wsgi:application", "--port", "0", "--header", option)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gateway: extra header (--header): ")
+    assert "Traceback" not in done.stderr
 
 
 def test_ops_no_server_and_no_date_header(interface):
