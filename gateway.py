@@ -1678,6 +1678,14 @@ class WSGIConnection:
                 raise HTTPError(503, "no room to store the request body") from None
             raise HTTPError(500, "cannot store the request body") from None
 
+    def close_spool(self) -> None:
+        """Close the spool file. A disk that refused its bytes may refuse the
+        last flush too: the file is closed all the same, and that is enough."""
+        try:
+            self.spool.close()
+        except OSError:
+            pass
+
     def on_bad_request(self, error: HTTPError) -> None:
         """Answer a request the parser refused, then close (RFC 9112 §9.6)."""
         if not self.submitted:     # the app never saw it: we answer for it
@@ -1852,7 +1860,7 @@ class WSGIConnection:
         keep = self.keep_alive and self.error is None and more and not self.server.stopping
         draining = not self.body_complete
         if self.spool is not None:
-            self.spool.close()       # the app is done with it: free the disk now
+            self.close_spool()       # the app is done with it: free the disk now
         self._reset()
         self.since = self.last_read = time.monotonic()
         if not keep:
@@ -1925,7 +1933,7 @@ class WSGIConnection:
                 pass         # never registered, or the selector lost it
         self.sock.close()
         if self.spool is not None and not self.submitted:
-            self.spool.close()       # an upload cut short: the app never got it
+            self.close_spool()       # an upload cut short: the app never got it
         self.server.connections.discard(self)
         with self.room:
             self.room.notify_all()   # a worker waiting in put() must see this

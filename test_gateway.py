@@ -4684,8 +4684,14 @@ def test_wsgi_a_spool_that_cannot_be_written_fails_only_that_request(
     class FailingSpool(tempfile.SpooledTemporaryFile):
         def write(self, data):
             if self.tell() + len(data) > gateway.SPOOL_BYTES:    # once on disk
+                self.failed = True
                 raise OSError(code, os.strerror(code))
             return super().write(data)
+
+        def close(self):
+            super().close()
+            if getattr(self, "failed", False):   # the buffered bytes fail to flush
+                raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(gateway.tempfile, "SpooledTemporaryFile", FailingSpool)
     with wsgi_serve(echo_wsgi.application) as (port, server):
