@@ -2992,10 +2992,12 @@ class ASGIConnection:
         # close() sends what the response left in the buffer first; wait for
         # it, so that a server shutting down does not end the loop before.
         self.writer.close()
+        closed = asyncio.ensure_future(self.writer.wait_closed())
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), self.config.timeout_write)
+            await asyncio.wait_for(asyncio.shield(closed), self.config.timeout_write)
         except (OSError, asyncio.TimeoutError):
-            transport.abort()     # Limit: the client does not read the rest
+            if not closed.done():     # (it may have closed as the time ran out)
+                transport.abort()     # Limit: the client does not read the rest
 
 
 class ASGIServer:
