@@ -1484,6 +1484,11 @@ class Run:
         fig = self.figures()
         problems, warnings = self.verdict(fig)
         logs = self.log_summary()
+        if logs["tracebacks"] or logs["error_lines"]:
+            # Nothing a client does is an error of the server's: a traceback or an
+            # ERROR/WARNING line in its log under this load is a finding.
+            problems.append(f"the server logged {logs['error_lines']} error/warning lines "
+                            f"and {logs['tracebacks']} tracebacks")
         out = []
         p = out.append
         p("")
