@@ -91,7 +91,7 @@ MAX_REQUEST_LINE = 8 * 1024      # bytes, request-line          -> 414 (RFC 9112
 MAX_HEAD_BYTES = 64 * 1024       # bytes, request-line + fields -> 431 (RFC 6585 §5)
 MAX_FIELD_LINES = 100            # field lines in one head      -> 431
 MAX_METHOD_BYTES = 32            # longer than any method we know -> 501 (RFC 9112 §3)
-MAX_EMPTY_LINES = 8              # empty lines before a request-line -> 400 (§2.2)
+MAX_EMPTY_LINES = 8              # empty lines before a request-line -> 400 (RFC 9112 §2.2)
 MAX_CHUNK_LINE = 4 * 1024        # bytes, chunk-size + chunk-ext -> 400 (RFC 9112 §7.1.1)
 MAX_SIZE_DIGITS = 16             # hex digits in a chunk-size, so it cannot overflow
 MAX_LENGTH_DIGITS = 18           # decimal digits in a Content-Length -> 413
@@ -376,29 +376,29 @@ def split_target(method: str, target: bytes) -> tuple[bytes, bytes, bytes | None
     `authority` is None unless the target is in absolute-form.
     """
     if method == "CONNECT":
-        # Policy: authority-form (§3.2.3) is for proxies; this is not one.
+        # Policy: authority-form (RFC 9112 §3.2.3) is for proxies; this is not one.
         raise HTTPError(501, "CONNECT is not supported")
     if target == b"*":
-        if method != "OPTIONS":      # §3.2.4: asterisk-form is for OPTIONS only
+        if method != "OPTIONS":      # RFC 9112 §3.2.4: asterisk-form is for OPTIONS only
             raise HTTPError(400, "'*' is only allowed with OPTIONS")
         return b"*", b"", None
     authority = None
     if target[:1] != b"/":
-        # §3.2.2: absolute-form, "http://host/path?q", MUST be accepted by a
-        # server, and its authority then stands in for Host (§3.2.2, §3.3).
+        # RFC 9112 §3.2.2: absolute-form, "http://host/path?q", MUST be accepted by a
+        # server, and its authority then stands in for Host (RFC 9112 §3.2.2, §3.3).
         scheme, sep, rest = target.partition(b"://")
         if not sep or scheme.lower() not in (b"http", b"https"):
             raise HTTPError(400, "malformed request target")
         slash = min(i for i in (rest.find(b"/"), rest.find(b"?"), len(rest)) if i >= 0)
         authority, target = rest[:slash], rest[slash:]
         # RFC 9110 §4.2.1: an empty host MUST be rejected; §4.2.4: userinfo
-        # SHOULD be treated as an error; and the port must be digits (§3.2).
+        # SHOULD be treated as an error; and the port must be digits (RFC 9112 §3.2).
         if not authority or b"@" in authority or HOST.fullmatch(authority) is None \
                 or authority.startswith(b":"):
             raise HTTPError(400, "malformed authority in the request target")
         if target[:1] != b"/":
             target = b"/" + target   # an empty path means "/" (RFC 9112 §3.2.2)
-    path, _, query = target.partition(b"?")   # §3.2.1: split at the first "?"
+    path, _, query = target.partition(b"?")   # RFC 9112 §3.2.1: split at the first "?"
     return path, query, authority
 
 
@@ -427,18 +427,18 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
     if te_fields and cl:
         # (3) Policy: the RFC lets Transfer-Encoding win and says the message
         # "ought to be handled as an error". A proxy in front may have used the
-        # other one (request smuggling, §11.2), so we refuse and close.
+        # other one (request smuggling, RFC 9112 §11.2), so we refuse and close.
         raise HTTPError(400, "both Transfer-Encoding and Content-Length")
     if te_fields:
         if not te:
             raise HTTPError(400, "empty Transfer-Encoding")
-        if version == "1.0":     # §6.1: TE in a 1.0 request means faulty framing
+        if version == "1.0":     # RFC 9112 §6.1: TE in a 1.0 request means faulty framing
             raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if te[-1] != b"chunked":  # (4) MUST answer 400: the length is unknowable
             raise HTTPError(400, "chunked is not the final transfer coding")
-        if te.count(b"chunked") > 1:      # §7.1: chunked only once
+        if te.count(b"chunked") > 1:      # RFC 9112 §7.1: chunked only once
             raise HTTPError(400, "chunked applied twice")
-        if len(te) > 1:   # §6.1: a coding we do not implement -> 501
+        if len(te) > 1:   # RFC 9112 §6.1: a coding we do not implement -> 501
             raise HTTPError(501, "only the chunked transfer coding is supported")
         return True, 0
     if cl:
@@ -471,7 +471,7 @@ def check_host(version: str, hosts: list[bytes]) -> None:
         raise HTTPError(400, "malformed Host header")
 
 
-# The fields that decide how a request is framed and answered (§3.2, §6, §9).
+# The fields that decide how a request is framed and answered (RFC 9112 §3.2, §6, §9).
 FRAMING_FIELDS = (b"host", b"content-length", b"transfer-encoding", b"connection",
                   b"expect")
 
@@ -3261,7 +3261,7 @@ def check_handshake(request: Request) -> bytes:
         raise HTTPError(400, "exactly one Sec-WebSocket-Version is required")
     if versions != [b"13"]:
         # RFC 6455 §4.2.2: answer 426 with the version we speak; RFC 9110
-        # §15.5.22: a 426 names the protocol to upgrade to.
+        # RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
         raise HTTPError(426, "Sec-WebSocket-Version must be 13", (
             (b"Sec-WebSocket-Version", b"13"), (b"Upgrade", b"websocket")))
     keys = field_values(request.headers, b"sec-websocket-key")
@@ -3360,7 +3360,7 @@ class PerMessageDeflate:
         except zlib.error:
             # RFC 7692 §6.2, §7.2.2: a compressed message is DEFLATE data; bytes
             # that are not cannot be read. RFC 6455 §7.1.7: Fail the WebSocket
-            # Connection, with 1007 (§7.4.1: data not consistent with the message).
+            # Connection, with 1007 (RFC 6455 §7.4.1: data not consistent with the message).
             raise WebSocketError(1007, "invalid compressed data") from None
         if len(out) > limit or self.decompressor.unconsumed_tail:
             raise WebSocketError(1009, "message too big")   # a deflate bomb, too
@@ -3409,7 +3409,7 @@ class FrameParser:
         if len(buffer) < 2:
             return None
         first, second = buffer[0], buffer[1]
-        if not second & MASKED:      # §5.1: "a client MUST mask all frames"
+        if not second & MASKED:      # RFC 6455 §5.1: "a client MUST mask all frames"
             raise WebSocketError(1002, "frames from a client must be masked")
         size, start = second & LENGTH7, 2
         if size >= 126:
@@ -3417,10 +3417,10 @@ class FrameParser:
             if len(buffer) < start:
                 return None
             size = int.from_bytes(buffer[2:start], "big")
-            if size >> 63:           # §5.2: the most significant bit MUST be 0
+            if size >> 63:           # RFC 6455 §5.2: the most significant bit MUST be 0
                 raise WebSocketError(1002, "invalid frame length")
             if size < (126 if start == 4 else 1 << 16):
-                # §5.2: "the minimal number of bytes MUST be used to encode the
+                # RFC 6455 §5.2: "the minimal number of bytes MUST be used to encode the
                 # length"; Policy: we enforce it on what clients send.
                 raise WebSocketError(1002, "frame length not minimally encoded")
         if size > self.max_size:
@@ -3436,20 +3436,20 @@ class FrameParser:
         rsv1 = bool(first & RSV1)
         if first & RSV23 or (rsv1 and (self.deflate is None or opcode not in
                                        (OP_TEXT, OP_BINARY))):
-            # §5.2: RSV bits MUST be 0 unless an extension gives them meaning
+            # RFC 6455 §5.2: RSV bits MUST be 0 unless an extension gives them meaning
             raise WebSocketError(1002, "reserved bits set")
         if opcode >= OP_CLOSE:
             return self._on_control(first, opcode, payload)
         if opcode == OP_CONTINUATION:
-            if self.opcode is None:  # §5.4: nothing to continue
+            if self.opcode is None:  # RFC 6455 §5.4: nothing to continue
                 raise WebSocketError(1002, "continuation of nothing")
         elif opcode in (OP_TEXT, OP_BINARY):
-            if self.opcode is not None:   # §5.4: fragments are not interleaved
+            if self.opcode is not None:   # RFC 6455 §5.4: fragments are not interleaved
                 raise WebSocketError(1002, "new message inside a fragmented one")
             self.opcode, self.compressed = opcode, rsv1
             self.text = codecs.getincrementaldecoder("utf-8")() if opcode == OP_TEXT else None
         else:
-            raise WebSocketError(1002, f"unknown opcode {opcode}")   # §5.2
+            raise WebSocketError(1002, f"unknown opcode {opcode}")   # RFC 6455 §5.2
         return self._add_fragment(payload, bool(first & FIN))
 
     def _add_fragment(self, payload: bytes, final: bool) -> tuple | None:
@@ -3459,7 +3459,7 @@ class FrameParser:
         if self.size > self.max_size:
             raise WebSocketError(1009, "message too big")
         if self.text is not None:
-            try:          # §8.1: fail fast on invalid UTF-8, even mid-message
+            try:          # RFC 6455 §8.1: fail fast on invalid UTF-8, even mid-message
                 self.parts.append(self.text.decode(payload, final))
             except UnicodeDecodeError:
                 raise WebSocketError(1007, "invalid UTF-8 in a text message") from None
@@ -3473,7 +3473,7 @@ class FrameParser:
         return message
 
     def _on_control(self, first: int, opcode: int, payload: bytes) -> tuple:
-        if len(payload) > 125 or not first & FIN:   # §5.5
+        if len(payload) > 125 or not first & FIN:   # RFC 6455 §5.5
             raise WebSocketError(1002, "control frames are short and not fragmented")
         if opcode == OP_PING:
             return ("ping", payload)
@@ -3482,10 +3482,10 @@ class FrameParser:
         if opcode != OP_CLOSE:
             raise WebSocketError(1002, f"unknown opcode {opcode}")
         if not payload:
-            return ("close", 1005, "")               # §7.1.5: no status code
+            return ("close", 1005, "")               # RFC 6455 §7.1.5: no status code
         code = int.from_bytes(payload[:2], "big")
         if len(payload) == 1 or not (code in SENDABLE_CLOSE_CODES or 3000 <= code < 5000):
-            raise WebSocketError(1002, "invalid close code")   # §7.4.1
+            raise WebSocketError(1002, "invalid close code")   # RFC 6455 §7.4.1
         try:
             return ("close", code, payload[2:].decode("utf-8"))
         except UnicodeDecodeError:
@@ -3630,7 +3630,7 @@ class WebSocketCycle:
         reason = message.get("reason") or ""
         if not (code in SENDABLE_CLOSE_CODES or 3000 <= code < 5000) or \
                 len(reason.encode("utf-8")) > 123:
-            raise ValueError(f"invalid WebSocket close: {code} {reason!r}")   # §5.5
+            raise ValueError(f"invalid WebSocket close: {code} {reason!r}")   # RFC 6455 §5.5
         await self.close(code, reason)
 
     async def deny(self, message: dict) -> None:
@@ -3678,15 +3678,16 @@ class WebSocketCycle:
                 if message is None:
                     data = await self.conn.read()
                     if not data:
-                        await self.disconnected(1006, "")   # §7.1.5: no Close frame
+                        await self.disconnected(1006, "")   # RFC 6455 §7.1.5: no Close frame
                         return
                     self.parser.feed(data)
                 elif message[0] == "ping":
-                    await self.conn.write(encode_frame(OP_PONG, message[1]))  # §5.5.2
+                    # RFC 6455 §5.5.2: a Pong carries the Ping's data
+                    await self.conn.write(encode_frame(OP_PONG, message[1]))
                 elif message[0] == "pong":
                     self.pong.set()
                 elif message[0] == "close":
-                    if self.state == "open":   # §5.5.1: answer with a Close
+                    if self.state == "open":   # RFC 6455 §5.5.1: answer with a Close
                         await self.conn.write(encode_close(message[1]))
                     self.closed.set()
                     await self.disconnected(message[1], message[2])
@@ -3705,7 +3706,7 @@ class WebSocketCycle:
             await self.fail(1011, "internal error")
 
     async def fail(self, code: int, reason: str) -> None:
-        """§7.1.7: "Fail the WebSocket Connection": Close with the code, then go."""
+        """RFC 6455 §7.1.7: "Fail the WebSocket Connection": Close with the code, then go."""
         try:
             await self.conn.write(encode_close(code, reason))
         except ClientDisconnected:
