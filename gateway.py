@@ -4173,6 +4173,9 @@ def listen_address(listener: socket.socket) -> tuple:
 SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM")
 
 
+RELAYED_SIGNALS = ("SIGINT", "SIGTERM")    # what run_workers() passes on
+
+
 def run_workers(count: int, serve_one) -> int:
     """Fork `count` workers that share the listening socket; keep them alive.
 
@@ -4181,37 +4184,9 @@ def run_workers(count: int, serve_one) -> int:
     """
     children: set[int] = set()
     stopping = []
-    relayed = {signal.SIGINT, signal.SIGTERM}
-
-    def start() -> None:
-        """Fork one worker; in the child, serve until stopped, then exit."""
-        global SHUTDOWN_SIGNALS
-        # Blocked across fork(): a child must never run the parent's handler
-        # (it would relay the signal to its brothers a second time), and it
-        # may not get to run at all before a signal arrives.
-        signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
-        pid = os.fork()
-        if pid == 0:                      # the child: serve, then leave
-            # Ctrl+C in a terminal goes to the whole process group: a worker
-            # ignores it and waits for the SIGTERM its parent relays, so that
-            # one Ctrl+C never counts twice (which would stop it at once).
-            SHUTDOWN_SIGNALS = ("SIGTERM",)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until the server's own
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
-            code = 1
-            try:
-                serve_one()
-                code = 0
-            except LifespanFailure as error:
-                log.error("%s", error)
-                code = error.status
-            finally:
-                os._exit(code)
-        children.add(pid)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
 
     def stop(signum, frame) -> None:
+        """The parent's handler: relay the stop to every worker as SIGTERM."""
         stopping.append(signum)
         for pid in list(children):
             try:
@@ -4222,7 +4197,7 @@ def run_workers(count: int, serve_one) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     for _ in range(count):
-        start()
+        children.add(fork_worker(serve_one))
     result = 0
     while children:
         pid, status = os.wait()
@@ -4233,12 +4208,49 @@ def run_workers(count: int, serve_one) -> int:
             stop(signal.SIGTERM, None)
         elif not stopping:
             log.warning("worker %d died (exit %d); starting another", pid, code)
-            start()
+            children.add(fork_worker(serve_one))
         elif code in (EXIT_STARTUP_FAILED, EXIT_SHUTDOWN_FAILED) and not result:
             # ASGI Lifespan "Shutdown Failed" (or a startup that failed as we
             # stopped) in one worker: the whole server exits non-zero.
             result = code
     return result
+
+
+def fork_worker(serve_one) -> int:
+    """Fork one worker that serves until stopped, then exits; return its pid.
+
+    The relayed signals are blocked across fork(): a child must never run the
+    parent's handler (it would relay the signal to its brothers a second
+    time), and it may not get to run at all before a signal arrives.
+    """
+    relayed = {getattr(signal, name) for name in RELAYED_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
+    pid = os.fork()
+    if pid == 0:
+        be_a_worker(serve_one, relayed)       # never returns
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
+    return pid
+
+
+def be_a_worker(serve_one, relayed: set) -> None:
+    """In a forked child: take a worker's signals, serve, and leave the process."""
+    global SHUTDOWN_SIGNALS
+    # Ctrl+C in a terminal goes to the whole process group: a worker ignores
+    # it and waits for the SIGTERM its parent relays, so that one Ctrl+C
+    # never counts twice (which would stop it at once).
+    SHUTDOWN_SIGNALS = ("SIGTERM",)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)      # until the server's own
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
+    code = 1
+    try:
+        serve_one()
+        code = 0
+    except LifespanFailure as error:
+        log.error("%s", error)
+        code = error.status
+    finally:
+        os._exit(code)
 
 
 # =============================================================================
@@ -4518,7 +4530,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_arg_parser().parse_args(argv)
-    if args.log_level == "trace":     # as uvicorn: the most detailed level
+    if args.log_level == "trace":     # the most detailed level: debug and --trace
         args.log_level, args.trace = "debug", True
     logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
     if args.env_file:
@@ -4536,9 +4548,8 @@ def main(argv: list[str] | None = None) -> int:
         # Limit: --workers share one socket and the parent cannot tell when a
         # worker has started, so it listens from the outset: clients that come
         # before the first worker is ready wait in the backlog.
-        listen_now = interface == "wsgi" or config.workers > 1
         listener = make_listener(args.host, args.port, args.backlog, args.uds, args.fd,
-                                 listen=listen_now)
+                                 listen=interface == "wsgi" or config.workers > 1)
     except (AppImportError, ValueError) as error:
         log.error("%s", error)
         return 1
@@ -4546,16 +4557,27 @@ def main(argv: list[str] | None = None) -> int:
         reason = "address already in use" if error.errno == errno.EADDRINUSE else error
         log.error("cannot listen on %s: %s", args.uds or f"{args.host}:{args.port}", reason)
         return 1
-    host, port = listen_address(listener)
-    scheme = "https" if config.ssl_certfile else "http"
-    where = f"unix:{host}" if port is None else "%s://%s:%d" % (
-        scheme, f"[{host}]" if ":" in host else host, port)
+    where = listen_url(listener, config)
 
     def announce() -> None:
         """The start-up line, once connections are accepted."""
         log.info("serving %s app %s on %s (Ctrl+C to quit)", interface.upper(), spec, where)
 
-    config.port = port or 0
+    config.port = listen_address(listener)[1] or 0
+    return serve_until_stopped(app, interface, config, listener, announce)
+
+
+def listen_url(listener: socket.socket, config: Config) -> str:
+    """Where the server listens, for the start-up line: a URL, or unix:PATH."""
+    host, port = listen_address(listener)
+    scheme = "https" if config.ssl_certfile else "http"
+    return f"unix:{host}" if port is None else "%s://%s:%d" % (
+        scheme, f"[{host}]" if ":" in host else host, port)
+
+
+def serve_until_stopped(app, interface: str, config: Config, listener: socket.socket,
+                        announce) -> int:
+    """Serve in this process or in --workers; return the exit status."""
     try:
         if config.workers > 1:
             announce()
