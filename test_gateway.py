@@ -9153,3 +9153,17 @@ def test_ws_a_message_ending_in_a_bfinal_block_leaves_the_next_one_readable():
     with pytest.raises(gateway.WebSocketError) as caught:
         codec.decompress(trailing.compress(b"x") + trailing.flush() + b"junk", 100, True)
     assert caught.value.code == 1007
+
+
+# -- the file as a reference: every section number names its spec -------------
+
+
+def test_every_spec_section_number_names_its_spec():
+    # A student who copies one section of gateway.py out must be able to tell
+    # "§5.2" of RFC 6455 from section 5 of the file: a spec section number
+    # ("§x.y") comes after the name of its spec on the same line.
+    with open(gateway.__file__, encoding="utf-8") as source:
+        bare = [(number, line.strip()) for number, line in enumerate(source, 1)
+                for match in re.finditer(r"§\d+(?:\.\d+)+", line)
+                if not re.search(r"RFC ?\d{4}", line[:match.start()])]
+    assert bare == []
