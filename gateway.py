@@ -224,6 +224,7 @@ class HTTPError(Exception):
     """The request is unacceptable; `status` is what the client will be told."""
 
     def __init__(self, status: int, reason: str, headers: tuple = ()) -> None:
+        """The status and reason to answer with, and any extra response fields."""
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
@@ -328,6 +329,7 @@ class EndOfMessage:
     """The event after the last body byte of a request."""
 
     def __repr__(self) -> str:
+        """Shown as END, the name of its one instance."""
         return "END"
 
 
@@ -532,6 +534,7 @@ class RequestParser:
     """Incremental HTTP/1.1 request parser: feed() bytes, take next_event()s."""
 
     def __init__(self, limits: Config = DEFAULTS) -> None:
+        """An empty buffer, waiting for the head of the first request."""
         self.buffer = bytearray()
         self.state = "head"   # head, body, chunk-size, chunk-data, chunk-end,
         #                       trailers, or error
@@ -576,6 +579,10 @@ class RequestParser:
     # -- the head -------------------------------------------------------------
 
     def _read_head(self) -> Request | None:
+        """The next request head, parsed, or None until its empty line arrives.
+
+        RFC 9112 §2.2: empty lines before the request-line are skipped. The limits
+        are checked before the head is whole; once parsed, its body comes next."""
         buffer = self.buffer
         if not buffer:
             return None            # the usual case between requests
@@ -636,6 +643,9 @@ class RequestParser:
             raise HTTPError(431, "request header fields too large")   # RFC 6585 §5
 
     def _start_body(self, request: Request) -> None:
+        """Reset the body counters and go to chunked framing or a Content-Length body.
+
+        A Content-Length body (0: none) is counted against the body limit at once."""
         self.body_size = 0
         self.trailer_bytes = self.trailer_lines = 0
         if request.chunked:
@@ -655,6 +665,8 @@ class RequestParser:
     # -- a Content-Length body (RFC 9112 §6.2) ---------------------------------
 
     def _read_body(self) -> bytes | EndOfMessage | None:
+        """RFC 9112 §6.2: the next piece of a Content-Length body, END after its
+        last byte, or None until more bytes come."""
         if self.remaining == 0:
             self.state = "head"
             return END
@@ -682,6 +694,10 @@ class RequestParser:
     # -- a chunked body (RFC 9112 §7.1) ----------------------------------------
 
     def _read_chunked(self) -> bytes | EndOfMessage | None:
+        """RFC 9112 §7.1: the next piece of chunk-data, END after the trailers, or None.
+
+        The states go chunk-size -> chunk-data -> chunk-end (the CRLF after the
+        data) -> chunk-size, until a chunk of size 0 leads to the trailers."""
         while True:
             if self.state == "chunk-size":
                 if not self._read_chunk_size():
@@ -724,6 +740,10 @@ class RequestParser:
         return line
 
     def _read_chunk_size(self) -> bool:
+        """Read one chunk-size line (RFC 9112 §7.1); False until it is whole.
+
+        RFC 9112 §7.1.1: its chunk extensions are checked and then ignored. Size 0
+        is the last-chunk: the trailer section comes next."""
         line = self._take_crlf_line(MAX_CHUNK_LINE,
                                     HTTPError(400, "chunk size line too long"))
         if line is None:
@@ -740,6 +760,7 @@ class RequestParser:
         return True
 
     def _read_trailers(self) -> EndOfMessage | None:
+        """The trailer section up to its empty line: END, or None until it is whole."""
         # RFC 9112 §7.1.2: trailer fields are read, checked like header fields,
         # and dropped: RFC 9110 §6.5.1 forbids merging them into the headers.
         while True:
@@ -833,6 +854,7 @@ class Response:
 
     def __init__(self, method: str, version: str, keep_alive: bool,
                  config: Config | None = None) -> None:
+        """A response not yet started, for a request with this method and version."""
         self.method = method
         self.version = version          # the request's: "1.0" or "1.1"
         self.keep_alive = keep_alive    # may turn False in head() and end()
@@ -1064,6 +1086,7 @@ class WSGIInput:
 
     def __init__(self, conn: WSGIConnection, parts: list[bytes], expect_continue: bool,
                  unread: int | None) -> None:
+        """Holds the body bytes in `parts`; `unread` more are due (None: unknown)."""
         self.conn = conn
         self.ready = threading.Condition()
         self.buffer = bytearray(b"".join(parts))
@@ -1080,6 +1103,7 @@ class WSGIInput:
 
     # Runs on: the loop thread.
     def feed(self, data: bytes, unread: int | None) -> None:
+        """Add body bytes, wake read(); past HIGH_WATER (no read() waiting) the loop pauses."""
         with self.ready:
             self.buffer += data
             self.unread = unread
@@ -1088,6 +1112,8 @@ class WSGIInput:
 
     def finish(self, error: Exception | None = None,
                refusal: HTTPError | None = None) -> None:
+        """The body has ended: whole, or cut short by `error` (e.g. a disconnect)
+        or by `refusal` (the client's framing error)."""
         with self.ready:
             self.complete = True
             self.error = error
@@ -1125,6 +1151,7 @@ class WSGIInput:
                 raise self.error
 
     def _take(self, size: int) -> bytes:
+        """Cut `size` bytes off the buffer; below LOW_WATER, let a paused loop read on."""
         with self.ready:
             data = bytes(self.buffer[:size])
             del self.buffer[:size]
@@ -1136,6 +1163,8 @@ class WSGIInput:
         return data
 
     def read(self, size: int | None = -1) -> bytes:
+        """PEP 3333 "Input and Error Streams": `size` bytes (fewer only at the end
+        of the body), or all the rest; b"" once the body is over."""
         if size is None or size < 0:
             self._wait(lambda buffer: False)          # the whole rest
             return self._take(len(self.buffer))
@@ -1143,6 +1172,8 @@ class WSGIInput:
         return self._take(size)
 
     def readline(self, size: int | None = -1) -> bytes:
+        """PEP 3333 "Input and Error Streams": one line, up to and including its
+        LF, or less if the body ends first or `size` is reached."""
         limit = size if size is not None and size >= 0 else sys.maxsize
         self._wait(lambda buffer: b"\n" in buffer or len(buffer) >= limit)
         newline = self.buffer.find(b"\n")
@@ -1150,6 +1181,7 @@ class WSGIInput:
         return self._take(min(end, limit))
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
+        """The rest of the lines; with a `hint`, stop once they total that many bytes."""
         lines, total = [], 0
         for line in self:
             lines.append(line)
@@ -1159,6 +1191,7 @@ class WSGIInput:
         return lines
 
     def __iter__(self):
+        """Line by line, as PEP 3333 "Input and Error Streams" asks of wsgi.input."""
         while True:
             line = self.readline()
             if not line:
@@ -1171,6 +1204,8 @@ class WSGIResponse:
 
     def __init__(self, conn: WSGIConnection, request: Request,
                  body: WSGIInput | None) -> None:
+        """Nothing sent yet; the response keeps the connection alive if the
+        request allows it and the server is not stopping."""
         self.conn = conn
         self.body = body         # None: the body was whole before the app ran
         # While the server shuts down, each response says "Connection: close".
@@ -1315,6 +1350,7 @@ class WSGICall:
     def __init__(self, conn: WSGIConnection, request: Request, environ: dict,
                  started: float, client: tuple | None = None,
                  body: WSGIInput | None = None) -> None:
+        """A call not made yet: no result and no iterator."""
         self.conn = conn
         self.client = client             # as the app sees it (proxies considered)
         self.request = request
@@ -1325,6 +1361,10 @@ class WSGICall:
         self.iterator = None
 
     def run(self) -> None:
+        """Call the app, or resume its parked iteration, and send each item.
+
+        Returns early, with the call parked, while the client is slow to read.
+        PEP 3333 "Error Handling": any exception ends the request in wsgi_failure()."""
         conn, response = self.conn, self.response
         try:
             if self.iterator is None:
@@ -1398,6 +1438,7 @@ class FileWrapper:
     """wsgi.file_wrapper (PEP 3333, "Optional Platform-Specific File Handling")."""
 
     def __init__(self, filelike, block_size: int = 8192) -> None:
+        """Wraps a file-like object, to be read in blocks of `block_size` bytes."""
         self.filelike = filelike
         self.block_size = block_size
 
@@ -1418,6 +1459,7 @@ class FileWrapper:
             return False
 
     def close(self) -> None:
+        """Close the wrapped file, if it has a close()."""
         if hasattr(self.filelike, "close"):   # PEP 3333: close() is passed on
             self.filelike.close()
 
@@ -1426,9 +1468,11 @@ class FileRegion:
     """Part of a file that the loop sends with os.sendfile(), zero-copy."""
 
     def __init__(self, fd: int, offset: int, count: int) -> None:
+        """`count` bytes of the open file `fd`, from `offset` on, still to send."""
         self.fd, self.offset, self.count = fd, offset, count
 
     def __len__(self) -> int:
+        """The bytes still to send."""
         return self.count
 
     def send_to(self, sock: socket.socket) -> int:
@@ -1513,6 +1557,7 @@ class WSGIConnection:
     """
 
     def __init__(self, server: WSGIServer, sock: socket.socket, client: tuple) -> None:
+        """A new connection: idle, with an empty parser and nothing to send."""
         self.server = server
         self.sock = sock
         self.client = client if isinstance(client, tuple) else None   # None: unix
@@ -1538,6 +1583,7 @@ class WSGIConnection:
         self.worker_done = False
 
     def _reset(self) -> None:
+        """Forget the last request: the connection is ready for the next one."""
         self.request: Request | None = None
         self.body_parts: list[bytes] = []
         self.body: WSGIInput | None = None
@@ -1551,6 +1597,8 @@ class WSGIConnection:
     # -- reading ---------------------------------------------------------------
 
     def on_event(self, mask: int) -> None:
+        """The selector's callback: a TLS handshake step, or read, then write;
+        then watch for what comes next and read what TLS has already decrypted."""
         if self.state == "handshake":
             self.handshake()
             return
@@ -1588,6 +1636,9 @@ class WSGIConnection:
                 self.watch()
 
     def on_readable(self) -> None:
+        """Read what the client sent and parse it; an empty read is its FIN.
+
+        While closing (RFC 9112 §9.6), bytes are discarded until that FIN."""
         try:
             data = self.sock.recv(RECV_BYTES)
         except WOULD_BLOCK:
@@ -1607,6 +1658,8 @@ class WSGIConnection:
         self.process()
 
     def on_eof(self) -> None:
+        """The client sent FIN: close if there is nothing to answer, fail a body still
+        arriving (RFC 9112 §8), or else let the response go out."""
         self.peer_eof = True
         if self.state == "idle" or not (self.submitted or self.done):
             self.close()    # idle, mid-head or mid-spool: nothing to answer
@@ -1647,6 +1700,10 @@ class WSGIConnection:
             self.submit()
 
     def start_request(self, request: Request) -> None:
+        """Begin serving a request head: the connection is now busy.
+
+        A chunked body is spooled first, so that the app gets its length; with
+        "Expect: 100-continue", the 100 goes out at once (RFC 9110 §10.1.1)."""
         self.state, self.request = "busy", request
         self.started = time.monotonic()
         if self.trace:
@@ -1894,6 +1951,7 @@ class WSGIConnection:
             selectors.EVENT_WRITE if self.sending else 0))
 
     def _set_events(self, events: int) -> None:
+        """Register, modify or unregister the socket so the selector watches `events`."""
         if events == self.events:
             return
         if self.events == 0:
@@ -2041,6 +2099,7 @@ class WorkerPool:
     """
 
     def __init__(self, count: int) -> None:
+        """Start `count` worker threads, with nothing queued."""
         tune_malloc()
         self.jobs: collections.deque = collections.deque()    # (queued at, function)
         self.lock = threading.Lock()         # guards jobs, sleeping and stopping
@@ -2054,6 +2113,7 @@ class WorkerPool:
             thread.start()
 
     def submit(self, function) -> None:
+        """Queue a call, stamped with the time; wake_workers() wakes a worker for it."""
         with self.lock:
             self.jobs.append((time.monotonic(), function))
 
@@ -2070,6 +2130,8 @@ class WorkerPool:
             return min(longest, WORKER_WAIT_SECONDS)
 
     def _work(self) -> None:
+        """A worker thread: run queued calls, oldest first; when none is left,
+        sleep on a lock of its own until woken; end once stopping and the queue is empty."""
         bell = threading.Lock()
         bell.acquire()               # held: acquire() again sleeps until a release()
         while True:
@@ -2100,6 +2162,8 @@ class WSGIServer:
     """Serves one WSGI app on a listening socket until shutdown() is called."""
 
     def __init__(self, app, listener: socket.socket, config: Config | None = None):
+        """The selector, the worker pool and the wake-up socketpair, ready for
+        serve_forever(); no connection yet."""
         self.app = app
         self.listener = listener
         self.config = config or Config()
@@ -2291,6 +2355,7 @@ class WSGIServer:
                 pass
 
     def on_wake(self) -> None:
+        """Empty the wake-up socket, then run on_wake() of each connection woken."""
         try:
             self.wake_reader.recv(4096)
         except BlockingIOError:
@@ -2302,6 +2367,7 @@ class WSGIServer:
                 self.guarded(conn, conn.on_wake)
 
     def check_timeouts(self, now: float) -> None:
+        """Have each open connection check its own timeouts."""
         for conn in list(self.connections):
             if not conn.closed:
                 self.guarded(conn, conn.check_timeouts, now)
@@ -2329,6 +2395,7 @@ class WSGIServer:
             pass
 
     def close_all(self) -> None:
+        """Close every connection, stop the workers, then the selector and sockets."""
         for conn in list(self.connections):
             conn.close()
         self.pool.stop()
@@ -2420,6 +2487,7 @@ class HTTPCycle:
     """
 
     def __init__(self, conn: ASGIConnection, request: Request) -> None:
+        """A response not started yet ("start"); its head waits for the first body message."""
         self.conn = conn
         self.request = request
         # While the server shuts down, each response says "Connection: close".
@@ -2439,6 +2507,8 @@ class HTTPCycle:
 
     @property
     def keep_alive(self) -> bool:
+        """May the connection serve another request? Only after a complete response,
+        with the whole body received, no framing error and no disconnect."""
         return (self.state == "done" and self.response.keep_alive and self.body_done
                 and not self.disconnected and self.conn.error is None)
 
@@ -2802,6 +2872,7 @@ class ASGIConnection:
 
     def __init__(self, server: ASGIServer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
+        """A new connection, idle: waiting for its first request head."""
         self.app = server.app
         self.config = server.config
         self.reader = reader
@@ -3230,6 +3301,7 @@ class WebSocketError(Exception):
     """The peer broke RFC 6455; `code` is the close code to answer with."""
 
     def __init__(self, code: int, reason: str) -> None:
+        """`code` is the close code to send (RFC 6455 §7.4.1); `reason` says why."""
         super().__init__(f"{code} {reason}")
         self.code = code
         self.reason = reason
@@ -3303,6 +3375,7 @@ class PerMessageDeflate:
     """RFC 7692: compress each message with zlib's raw DEFLATE."""
 
     def __init__(self, reset_each_message: bool, window_bits: int = 15) -> None:
+        """A fresh compressor and decompressor, as negotiated (RFC 7692 §7.1)."""
         self.reset = reset_each_message        # server_no_context_takeover
         self.window_bits = window_bits         # server_max_window_bits
         self.compressor = zlib.compressobj(6, zlib.DEFLATED, -window_bits)
@@ -3346,6 +3419,8 @@ class PerMessageDeflate:
         return False
 
     def compress(self, data: bytes) -> bytes:
+        """RFC 7692 §7.2.1: one message, deflated; with server_no_context_takeover,
+        each message starts from a fresh compressor."""
         if self.reset:
             self.compressor = zlib.compressobj(6, zlib.DEFLATED, -self.window_bits)
         data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
@@ -3382,6 +3457,7 @@ class FrameParser:
     """
 
     def __init__(self, max_size: int, deflate: PerMessageDeflate | None = None) -> None:
+        """An empty buffer, and no message being reassembled."""
         self.buffer = bytearray()
         self.max_size = max_size
         self.deflate = deflate
@@ -3392,9 +3468,11 @@ class FrameParser:
         self.text = None            # incremental UTF-8 decoder for text
 
     def feed(self, data: bytes) -> None:
+        """Add bytes received from the client."""
         self.buffer += data
 
     def next_message(self) -> tuple | None:
+        """The next whole message (see the class docstring), or None until more bytes."""
         while True:
             frame = self._take_frame()
             if frame is None:
@@ -3433,6 +3511,9 @@ class FrameParser:
         return first, first & OPCODE, payload
 
     def _on_frame(self, first: int, opcode: int, payload: bytes) -> tuple | None:
+        """Check a frame's RSV bits and opcode (RFC 6455 §5.2, RFC 6455 §5.4).
+
+        Returns a control message, a finished data message, or None mid-message."""
         rsv1 = bool(first & RSV1)
         if first & RSV23 or (rsv1 and (self.deflate is None or opcode not in
                                        (OP_TEXT, OP_BINARY))):
@@ -3453,6 +3534,9 @@ class FrameParser:
         return self._add_fragment(payload, bool(first & FIN))
 
     def _add_fragment(self, payload: bytes, final: bool) -> tuple | None:
+        """RFC 6455 §5.4: add a data frame's payload; the whole message once FIN is set.
+
+        Inflates it if compressed (RFC 7692), and checks size and UTF-8 as it goes."""
         if self.compressed:
             payload = self.deflate.decompress(payload, self.max_size - self.size, final)
         self.size += len(payload)
@@ -3473,6 +3557,8 @@ class FrameParser:
         return message
 
     def _on_control(self, first: int, opcode: int, payload: bytes) -> tuple:
+        """RFC 6455 §5.5: a ping, pong or close frame as a message; a close code
+        must be one an endpoint may send (RFC 6455 §7.4)."""
         if len(payload) > 125 or not first & FIN:   # RFC 6455 §5.5
             raise WebSocketError(1002, "control frames are short and not fragmented")
         if opcode == OP_PING:
@@ -3496,6 +3582,7 @@ class WebSocketCycle:
     """One WebSocket connection on the ASGI path (ASGI websocket scope)."""
 
     def __init__(self, conn: ASGIConnection, request: Request, key: bytes) -> None:
+        """A handshake not answered yet ("connecting"); websocket.connect is queued."""
         self.conn = conn
         self.request = request
         self.key = key
@@ -3519,6 +3606,8 @@ class WebSocketCycle:
         self.last_event = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
 
     def scope(self) -> dict:
+        """ASGI websocket "Connection Scope": the http scope, with ws or wss, the
+        offered subprotocols and the "websocket.http.response" extension."""
         scope = self.conn.scope_for(self.request)
         tls = scope["extensions"].get("tls")
         scope.update(type="websocket", scheme="wss" if scope["scheme"] == "https" else "ws",
@@ -3570,6 +3659,8 @@ class WebSocketCycle:
         return self.last_event
 
     async def send(self, message: dict) -> None:
+        """ASGI websocket send(): accept, send, close or a denial response, each only
+        in its state; once the WebSocket is closed, raises ClientDisconnected."""
         kind = message["type"]
         if self.state in ("closing", "closed"):
             raise ClientDisconnected("the WebSocket is closed")   # spec 2.4
@@ -3816,6 +3907,8 @@ class Lifespan:
                                   EXIT_SHUTDOWN_FAILED)
 
     async def run(self) -> None:
+        """The app's lifespan call. ASGI Lifespan spec: if it raises before startup
+        completes, lifespan is unsupported (with --lifespan on, startup() fails)."""
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
                  "state": self.state}
         try:
@@ -3864,6 +3957,7 @@ def asgi3_app(app, interface: str = "auto"):
         return app                          # already ASGI 3: app(scope, receive, send)
 
     async def asgi3(scope, receive, send):
+        """The ASGI 3 call: make the ASGI 2 instance for this scope, then await it."""
         instance = app(scope)
         await instance(receive, send)
     return asgi3
@@ -3914,11 +4008,13 @@ class Trace:
     """
 
     def __init__(self) -> None:
+        """The next connection number, its start time, and whether to colour."""
         self.id = next(TRACE_IDS)
         self.start = time.monotonic()
         self.colour = sys.stderr.isatty() and "NO_COLOR" not in os.environ
 
     def __call__(self, kind: str, text: str) -> None:
+        """Log `text`, one trace line per line of it, tagged with `kind`."""
         elapsed = time.monotonic() - self.start
         for line in text.split("\n"):    # not splitlines(): it also splits at \x85
             line = f"#{self.id} +{elapsed:.3f}s {kind} {printable(line)}"
@@ -3946,11 +4042,13 @@ def brief(value, limit: int = 80) -> str:
 def traced(trace: Trace, receive, send):
     """Wrap ASGI receive() and send() so that every message is traced."""
     async def traced_receive():
+        """receive(), then trace the message."""
         message = await receive()
         trace("app", "receive " + brief(message, 200))
         return message
 
     async def traced_send(message):
+        """Trace the message, then send() it."""
         trace("app", "send " + brief(message, 200))
         await send(message)
     return traced_receive, traced_send
@@ -4496,6 +4594,8 @@ def run_reloader(argv: list[str]) -> int:
                                                              if a != "--reload"]
 
     def snapshot() -> dict:
+        """Modification times of the .py files under ".", but not in hidden folders
+        or __pycache__."""
         times = {}
         for folder, dirs, files in os.walk("."):
             dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
