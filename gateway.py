@@ -1308,7 +1308,9 @@ class WSGIResponse:
 # control characters. RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ).
 # Policy: HTAB passes (the RFC allows it and it cannot end a line); other C0
 # controls and DEL do not. A str pattern: obs-text is U+0080-U+00FF.
-WSGI_STATUS = re.compile(r"[1-9][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
+# RFC 9110 §15: a status code is 100-599, and a 1xx is an interim response,
+# never the final one an app's status starts: so 200-599, as for ASGI.
+WSGI_STATUS = re.compile(r"[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
 
 
 def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
@@ -3727,11 +3729,11 @@ class WebSocketCycle:
     async def deny(self, message: dict) -> None:
         """ASGI "websocket.http.response" extension: answer with plain HTTP."""
         if message["type"] == "websocket.http.response.start" and self.denial is None:
+            status = check_asgi_status(message["status"])       # checked as for http,
+            headers = check_asgi_headers(message.get("headers", []))   # before any change
             self.denial = Response("GET", "1.1", keep_alive=False, config=self.conn.config)
             self.state = "denying"
-            await self.conn.write(self.denial.head(
-                message["status"], check_asgi_headers(message.get("headers", [])),
-                time.time()))
+            await self.conn.write(self.denial.head(status, headers, time.time()))
         elif message["type"] == "websocket.http.response.body" and self.denial:
             await self.conn.write(self.denial.body(message.get("body", b"")))
             if not message.get("more_body", False):

@@ -2289,9 +2289,11 @@ WSGI_BAD_STATUSES = ["200\x00OK", "200 O\x00K", "200 OK\r", "200 OK\n", "200 OK\
                      "200 O\x01K", "200 O\x08K", "200 O\x0bK", "200 O\x0cK", "200 O\x1bK",
                      "200 O\x1fK", "200 O\x7fK", "200\tOK", " 200 OK", "2000 OK", "20 OK",
                      "099 OK", "\uff12\uff10\uff10 OK",
-                     "200 OK\u0100", "200 OK\u2028"]   # PEP 3333 "Unicode Issues": latin-1
+                     "200 OK\u0100", "200 OK\u2028",    # PEP 3333 "Unicode Issues": latin-1
+                     "100 Continue", "101 Switching Protocols", "199 x",   # RFC 9110 §15:
+                     "600 x", "999 !~"]                    # interim, or not a status code
 WSGI_GOOD_STATUSES = ["200 OK", "200 ", "599 x", "200 O\tK", "200 caf\xe9 \x80\xff",
-                      "404 Not  Found ", "999 !~"]
+                      "404 Not  Found ", "299 !~"]
 
 
 @pytest.mark.parametrize("status", WSGI_BAD_STATUSES, ids=repr)
@@ -6171,6 +6173,31 @@ def test_ws_denial_response_is_sent_exactly():
                     b"Server: gateway\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
                     b"\r\n3\r\nden\r\n3\r\nied\r\n0\r\n\r\n")
     assert len(errors) == 1 and isinstance(errors[0], (RuntimeError, OSError))   # SPEC E-08
+
+
+@pytest.mark.parametrize("status", [101, 600, True, "401"])
+def test_ws_denial_status_is_checked_as_for_http(status):
+    # ASGI "WebSocket Denial Response": websocket.http.response.start is an
+    # http.response.start; its status gets the same check (an int, 200-599).
+    errors: list = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        try:
+            await send({"type": "websocket.http.response.start", "status": status,
+                        "headers": []})
+        except (TypeError, ValueError) as error:
+            errors.append(error)
+            await send({"type": "websocket.http.response.start", "status": 403,
+                        "headers": []})
+            await send({"type": "websocket.http.response.body", "body": b""})
+
+    with running_server("asgi", app, **ASGI_NO_DATE) as port:
+        data = asgi_request_and_close(port, ws_handshake())
+    assert data.startswith(b"HTTP/1.1 403 Forbidden\r\n"), data
+    assert len(errors) == 1
 
 
 # -- messages -------------------------------------------------------------------
