@@ -4483,6 +4483,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       "(default: %(default)s)")
     sock.add_argument("--root-path", default="", metavar="PATH",
                       help="mount point of the app (SCRIPT_NAME / root_path)")
+    add_tls_and_proxy_options(parser)
+    add_logging_options(parser.add_argument_group("logging and headers"))
+    add_asgi_options(parser.add_argument_group("ASGI"))
+    add_defaulted(parser.add_argument_group("limits (going over one gets the status shown)"),
+                  int, LIMIT_OPTIONS)
+    add_defaulted(parser.add_argument_group("timeouts, in seconds"), float, TIMEOUT_OPTIONS)
+    return parser
+
+
+def add_tls_and_proxy_options(parser: argparse.ArgumentParser) -> None:
+    """The TLS options, and whom to trust behind a proxy."""
     tls = parser.add_argument_group("TLS")
     tls.add_argument("--ssl-certfile", metavar="PATH", help="certificate (PEM)")
     tls.add_argument("--ssl-keyfile", metavar="PATH", help="private key (PEM)")
@@ -4495,7 +4506,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--forwarded-allow-ips", default="127.0.0.1", metavar="LIST",
                        help="comma list of addresses and CIDR ranges, or * "
                        "(default: %(default)s)")
-    logs = parser.add_argument_group("logging and headers")
+
+
+def add_logging_options(logs) -> None:
+    """The options of the log, --trace and the extra response headers."""
     logs.add_argument("--trace", action="store_true",
                       help="show the protocol: heads, environ/scope, ASGI messages")
     logs.add_argument("--log-level", default="info",
@@ -4510,7 +4524,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       metavar="NAME:VALUE", help="add this header to every response")
     logs.add_argument("--no-server-header", dest="server_header", action="store_false")
     logs.add_argument("--no-date-header", dest="date_header", action="store_false")
-    asgi = parser.add_argument_group("ASGI")
+
+
+def add_asgi_options(asgi) -> None:
+    """The options of the ASGI path: lifespan, interface and WebSocket."""
     asgi.add_argument("--lifespan", choices=["auto", "on", "off"], default="auto",
                       help="run the app's lifespan startup and shutdown; auto: only if "
                       "the app supports it (default: %(default)s)")
@@ -4528,36 +4545,34 @@ def build_arg_parser() -> argparse.ArgumentParser:
     asgi.add_argument("--ws-per-message-deflate", choices=["true", "false"],
                       default="true", help="offer permessage-deflate compression "
                       "(RFC 7692) to clients that ask (default: %(default)s)")
-    limits = parser.add_argument_group("limits (going over one gets the status shown)")
-    limits.add_argument("--limit-request-line", type=int, default=MAX_REQUEST_LINE,
-                        metavar="BYTES", help="request-line, 414 (default: %(default)s)")
-    limits.add_argument("--limit-request-head", type=int, default=MAX_HEAD_BYTES,
-                        metavar="BYTES", help="request head, 431 (default: %(default)s)")
-    limits.add_argument("--limit-request-fields", type=int, default=MAX_FIELD_LINES,
-                        metavar="N", help="header fields, 431 (default: %(default)s)")
-    limits.add_argument("--limit-request-body", type=int, default=None, metavar="BYTES",
-                        help="request body, 413 (default: no limit)")
-    limits.add_argument("--limit-spool", type=int, default=MAX_SPOOL_BYTES, metavar="BYTES",
-                        help="a chunked body the WSGI path stores before calling the "
-                        "app, 413 (default: %(default)s)")
-    limits.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
-                        help="open connections, 503 (default: no limit)")
-    timeouts = parser.add_argument_group("timeouts, in seconds")
-    timeouts.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_SECONDS,
-                          metavar="S", help="idle between requests (default: %(default)s)")
-    timeouts.add_argument("--timeout-request-head", type=float, default=HEAD_SECONDS,
-                          metavar="S", help="to receive a whole head, 408 "
-                          "(default: %(default)s)")
-    timeouts.add_argument("--timeout-read", type=float, default=READ_SECONDS, metavar="S",
-                          help="without body bytes while reading a body, 408 "
-                          "(default: %(default)s)")
-    timeouts.add_argument("--timeout-write", type=float, default=WRITE_SECONDS, metavar="S",
-                          help="a response may stay unread (default: %(default)s)")
-    timeouts.add_argument("--timeout-graceful-shutdown", type=float,
-                          default=GRACEFUL_SECONDS, metavar="S",
-                          help="requests in progress may finish during shutdown "
-                          "(default: %(default)s)")
-    return parser
+
+
+# Options whose default is the Config field of the same name: (option, metavar,
+# what the value bounds and what going over it gets). Config's defaults are §1's.
+LIMIT_OPTIONS = [
+    ("--limit-request-line", "BYTES", "request-line, 414"),
+    ("--limit-request-head", "BYTES", "request head, 431"),
+    ("--limit-request-fields", "N", "header fields, 431"),
+    ("--limit-request-body", "BYTES", "request body, 413"),
+    ("--limit-spool", "BYTES", "a chunked body the WSGI path stores for the app, 413"),
+    ("--limit-concurrency", "N", "open connections, 503"),
+]
+TIMEOUT_OPTIONS = [
+    ("--timeout-keep-alive", "S", "idle between requests"),
+    ("--timeout-request-head", "S", "to receive a whole head, 408"),
+    ("--timeout-read", "S", "without body bytes while reading a body, 408"),
+    ("--timeout-write", "S", "a response may stay unread"),
+    ("--timeout-graceful-shutdown", "S", "requests in progress may finish during shutdown"),
+]
+
+
+def add_defaulted(group, kind, rows: list) -> None:
+    """Add options of one type whose defaults are Config's (None: no limit)."""
+    for option, metavar, text in rows:
+        default = getattr(DEFAULTS, option[2:].replace("-", "_"))
+        shown = "no limit" if default is None else "%(default)s"
+        group.add_argument(option, type=kind, default=default, metavar=metavar,
+                           help=f"{text} (default: {shown})")
 
 
 def config_from(args: argparse.Namespace) -> Config:
