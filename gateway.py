@@ -1499,9 +1499,11 @@ def send_file(wrapper: FileWrapper, response: WSGIResponse) -> bytes:
     conn = response.conn
     conn.put(response._head())
     if response.response.framing == "length":      # not for HEAD, 204, 304
+        # PEP 3333 "Handling the Content-Length Header": as for an iterable,
+        # sending stops once the declared length is sent (a longer file is fine).
         count = min(count, response.response.length)
-        response.response.length -= count
         if count:
+            response.response.count(count)         # for end() and the access log
             conn.put(FileRegion(fd, offset, count))
     conn.wait_until_sent()     # close() may only close the file after this
     return response.response.end()

@@ -4284,6 +4284,27 @@ def test_wsgi_file_wrapper_sends_from_the_current_position(tmp_path):
         assert filelike.reads == 0       # sent by the loop, not read by a worker
 
 
+def test_wsgi_file_wrapper_bytes_sent_are_in_the_access_log(tmp_path, caplog):
+    # The access line counts the file's bytes sent by sendfile() too; a file
+    # longer than the app's Content-Length stops there, as an iterable would
+    # (PEP 3333 "Handling the Content-Length Header"), and the connection stays.
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    path = tmp_path / "data.bin"
+    path.write_bytes(WSGI_FILE_DATA)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "100")])
+        return environ["wsgi.file_wrapper"](open(path, "rb"))
+
+    with wsgi_serve(app) as (port, _):
+        raw = exchange(port, wsgi_get(close=False) + wsgi_get())
+    one = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nServer: gateway\r\n"
+    assert raw == (one + b"\r\n" + WSGI_FILE_DATA[:100] + one + b"Connection: close\r\n\r\n"
+                   + WSGI_FILE_DATA[:100])
+    access = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert len(access) == 2 and all('"GET / HTTP/1.1" 200 100 ' in line for line in access)
+
+
 def test_wsgi_file_wrapper_head_has_no_body(tmp_path):
     path = tmp_path / "data.bin"
     path.write_bytes(WSGI_FILE_DATA)
