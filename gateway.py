@@ -571,6 +571,23 @@ class RequestParser:
             return max(0, self.remaining - len(self.buffer))
         return 0 if self.state == "head" else None
 
+    def drop_body(self) -> int | None:
+        """Read and drop the body bytes in the buffer; None once the body has ended.
+
+        RFC 9112 §9.3: the next request on a connection starts after this
+        request's body, so a body the app left unread is skipped this way
+        (while can_drain() allows) before the next head is parsed. Returns
+        how many body bytes it dropped, or None at the end of the body.
+        """
+        dropped = 0
+        while True:
+            event = self.next_event()
+            if event is None:
+                return dropped
+            if type(event) is not bytes:
+                return None
+            dropped += len(event)
+
     @property
     def has_partial_request(self) -> bool:
         """True if some bytes of an unfinished request have arrived."""
@@ -842,6 +859,19 @@ def can_drain(unread: int | None) -> bool:
     try, and close if more than DRAIN_BYTES come.
     """
     return unread is None or unread <= DRAIN_BYTES
+
+
+def must_close(stopping: bool, body_done: bool, continue_pending: bool,
+               unread: int | None) -> bool:
+    """Must a response that starts now say "Connection: close"?
+
+    The one close decision of both servers, taken as the head goes out:
+    a server that is stopping answers no more requests; RFC 9110 §10.1.1:
+    a client still waiting for "100 Continue" will not send the body we
+    never asked for, so the connection cannot find the next request; and
+    RFC 9112 §9.3: a large unread body is not worth skipping (can_drain).
+    """
+    return stopping or not body_done and (continue_pending or not can_drain(unread))
 
 
 def encode_chunk(data: bytes) -> bytes:
