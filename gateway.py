@@ -2467,30 +2467,40 @@ def set_nodelay(sock: socket.socket) -> bool:
 # One HTTPCycle per request: it builds the scope, and its receive() and send()
 # are what the app awaits. receive() pulls body bytes through the parser only
 # when the app asks (that is the flow control); send() frames the response
-# with §4 and waits for the socket to drain.
+# with section 4 (Writing responses) and waits for the socket to drain. The
+# HTTP/1.1 decisions are not made here but in sections 3 and 4: must_close()
+# and RequestParser.drop_body().
 # =============================================================================
 
 
 def build_scope(request: Request, server: tuple, client: tuple | None, config: Config,
-                state: dict, scheme: str = "http") -> dict:
-    """The ASGI http scope for one request ("HTTP Connection Scope").
+                lifespan_state: dict, scheme: str = "http") -> dict:
+    """The ASGI http scope for one request (ASGI HTTP "HTTP Connection Scope").
 
-    A scope lives for one request, not for the connection: each request on a
-    keep-alive connection gets a new one (and a new call of the app).
+    ASGI "Applications": a new dict for each call of the app, and each request
+    on a keep-alive connection is one call. "path" is percent-decoded, then
+    UTF-8 decoded; "raw_path" and "query_string" are the bytes the client sent.
+
+    >>> request = parse_head(b"GET /api/caf%C3%A9?q=1 HTTP/1.1\\r\\nHost: example.org")
+    >>> scope = build_scope(request, ("127.0.0.1", 8000), ("10.0.0.7", 51000),
+    ...                     Config(root_path="/api/"), {})
+    >>> scope["path"], scope["root_path"], scope["raw_path"], scope["query_string"]
+    ('/api/café', '/api', b'/api/caf%C3%A9', b'q=1')
+    >>> scope["headers"], scope["client"], scope["server"]
+    ([[b'host', b'example.org']], ['10.0.0.7', 51000], ['127.0.0.1', 8000])
     """
-    # "path" is percent-decoded and then UTF-8 decoded; "raw_path" and
-    # "query_string" stay the bytes the client sent. Policy: invalid UTF-8 in
-    # the path becomes U+FFFD rather than a 400: the app still decides, and
-    # raw_path keeps the exact bytes.
+    # Policy: invalid UTF-8 in the path becomes U+FFFD rather than a 400: the
+    # app still decides, and raw_path keeps the exact bytes. ASGI HTTP "WSGI
+    # Compatibility": root_path is SCRIPT_NAME, split as in section 5 (WSGI).
     root_path, path_info = split_root_path(config.root_path,
                                            unquote(request.path.decode("ascii")))
     return {
         "type":         "http",
-        "asgi":         {"version": "3.0", "spec_version": "2.5"},
+        "asgi":         {"version": "3.0", "spec_version": "2.5"},  # "Spec Versions"
         "http_version": request.version,              # "1.0" or "1.1"
         "method":       request.method,               # as sent (RFC 9110 §9.1)
         "scheme":       scheme,
-        "path":         root_path + path_info,        # the whole path (§5 split_root_path)
+        "path":         root_path + path_info,        # the whole path
         "raw_path":     request.path,
         "query_string": request.query,                # after "?", still encoded
         "root_path":    root_path,                    # WSGI's SCRIPT_NAME
@@ -2498,8 +2508,10 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
         "headers":      [[name, value] for name, value in request.headers],
         "client":       list(client) if client else None,
         "server":       list(server),
-        "state":        dict(state),    # ASGI Lifespan spec: a shallow copy
-        # ASGI "Extensions": what send() takes beyond the core messages.
+        "state":        dict(lifespan_state),  # ASGI Lifespan "Lifespan State": a copy
+        # ASGI "Extensions": exactly those send() implements. HTTP/2's push and
+        # the test-only debug are never advertised (ASGI extensions "HTTP/2
+        # Server Push", "Debug"); "tls" is added by the connection (section 8).
         "extensions":   {"http.response.trailers": {}, "http.response.pathsend": {},
                          "http.response.early_hint": {}, "http.response.zerocopysend": {}},
     }
@@ -2508,36 +2520,40 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
 class HTTPCycle:
     """One request and its response on the ASGI path.
 
-    The response moves through these states as the app calls send():
+    The response moves through these states as the app calls send() (ASGI
+    HTTP "Response Start" and "Response Body", ASGI extensions "HTTP Trailers"):
 
         start --http.response.start--> body --body, more_body=False--> done
-                                       body --last body, trailers=True--> trailers
-                                   trailers --more_trailers=False------> done
+                                        body --last body, trailers=True--> trailers
+                                    trailers --more_trailers=False-------> done
+        start or body --the app fails before any byte went out----------> failed
 
-    and "failed" when the server answered with an error of its own instead.
-    An http.response.zerocopysend is a body message whose bytes come from a
-    file. An http.response.early_hint changes no state: it is sent (as a 103)
-    only while the head is still held back.
+    "failed" means the server answered with an error of its own (fail()).
+    Beside the state, what the cycle knows about the request and the client:
+
+        start          the app's (status, headers), until the head goes out
+        head_written   the head went out, with the first body bytes (take_head)
+        trailers       None, or the trailer fields collected so far
+        body_done      the app has received the whole request body
+        send_continue  "100 Continue" is still owed (RFC 9110 §10.1.1)
+        disconnected   the client has gone, or its body was malformed or late
+        response_done  set at "done": wakes a receive() waiting for disconnect
     """
 
     def __init__(self, conn: ASGIConnection, request: Request) -> None:
-        """A response not started yet ("start"); its head waits for the first body message."""
+        """A response not started yet ("start"); its head waits for the first body."""
         self.conn = conn
         self.request = request
-        # While the server shuts down, each response says "Connection: close".
-        keep_alive = request.keep_alive and not conn.stopping.is_set()
-        self.response = Response(request.method, request.version, keep_alive,
+        self.response = Response(request.method, request.version, request.keep_alive,
                                  conn.config)
-        self.state = "start"          # see the class docstring
-        # ASGI "Response Start": nothing may be sent before the first body
-        # message, so the head waits here and goes out with it, in one write.
-        self.head = b""
+        self.state = "start"
+        self.start: tuple = ()
         self.head_written = False
-        self.trailers: list | None = None   # http.response.trailers expected
-        self.body_done = False        # the app has received the whole body
+        self.trailers: list | None = None
+        self.body_done = False
+        self.send_continue = request.expect_continue
         self.disconnected = False
         self.response_done = asyncio.Event()
-        self.send_continue = request.expect_continue
 
     @property
     def keep_alive(self) -> bool:
@@ -2547,44 +2563,10 @@ class HTTPCycle:
                 and not self.disconnected and self.conn.error is None)
 
     async def run(self) -> None:
-        """Call the app; answer 500 if it fails before its response starts."""
+        """Call the app for this request, answer or skip what it left, log it."""
         scope = self.conn.scope_for(self.request)
         started = time.monotonic()
-        failure = None
-        try:
-            receive, send = self.receive, self.send
-            if self.conn.trace:
-                receive, send = traced(self.conn.trace, receive, send)
-            await self.conn.app(scope, receive, send)
-        except ClientDisconnected:
-            self.disconnected = True
-        except BaseException as error:
-            if self.conn.cancelled_by_server(error):
-                raise                 # the server is shutting down: not the app's fault
-            # ASGI spec, "Error Handling": an exception from the app is logged and
-            # answered as an internal error; the connection ends below. Policy:
-            # SystemExit, KeyboardInterrupt, GeneratorExit and a CancelledError
-            # the app raises itself count as app errors too, so no app can stop
-            # the server or leave its client without an answer.
-            log.exception("error in ASGI app for %s %s", scope["method"],
-                          printable(scope["path"]))
-            failure = HTTPError(500, "the application failed")
-        else:
-            # A send() that found the connection closed raised ClientDisconnected
-            # (ASGI HTTP "Disconnected Client - send exception"); the app may have
-            # caught it and returned.
-            self.disconnected = self.disconnected or self.conn.writer.transport.is_closing()
-            if self.state in ("start", "body") and self.disconnected:
-                # Policy: a client that leaves (or sends a malformed body) before
-                # its response is complete is no server error: DEBUG only.
-                log.debug("no complete response to %s %s: %s", scope["method"],
-                          printable(scope["path"]),
-                          self.conn.error.reason if self.conn.error else "the client left")
-            elif self.state == "start":
-                log.error("ASGI app returned without sending a response")
-                failure = HTTPError(500, "the application sent no response")
-            elif self.state == "body":
-                log.error("ASGI app returned before its response was complete")
+        failure = await self.call_app(scope)
         failure = self.conn.error or failure   # a malformed body is the real cause
         if failure is not None:
             await self.fail(failure)
@@ -2597,93 +2579,121 @@ class HTTPCycle:
         log_access(self.conn.config, scope["client"], self.request,
                    self.response.status if answered else "-", self.response.sent, started)
 
+    async def call_app(self, scope: dict) -> HTTPError | None:
+        """ASGI "Applications": await app(scope, receive, send), once per request.
+
+        ASGI "Error Handling": an app that raises, or returns before its
+        response started, is logged and answered with a 500 (the error
+        returned); one that returns mid-response leaves a connection to close.
+        """
+        receive, send = self.receive, self.send
+        if self.conn.trace:
+            receive, send = traced(self.conn.trace, receive, send)
+        try:
+            await self.conn.app(scope, receive, send)
+        except ClientDisconnected:
+            # ASGI HTTP "Disconnected Client - send exception": it is ours, the
+            # app let it out: no error.
+            self.disconnected = True
+            return None
+        except BaseException as error:
+            if self.conn.cancelled_by_server(error):
+                raise                 # the server is shutting down: not the app's fault
+            # Policy: SystemExit, KeyboardInterrupt, GeneratorExit and a
+            # CancelledError the app raises itself count as app errors too, so
+            # no app can stop the server or leave its client without an answer.
+            log.exception("error in ASGI app for %s %s", scope["method"],
+                          printable(scope["path"]))
+            return HTTPError(500, "the application failed")
+        # The app may have caught a send()'s ClientDisconnected and returned.
+        self.disconnected = self.disconnected or self.conn.writer.transport.is_closing()
+        if self.state in ("start", "body") and self.disconnected:
+            # Policy: a client that leaves (or sends a malformed body) before
+            # its response is complete is no server error: DEBUG only.
+            log.debug("no complete response to %s %s: %s", scope["method"],
+                      printable(scope["path"]),
+                      self.conn.error.reason if self.conn.error else "the client left")
+        elif self.state == "start":
+            log.error("ASGI app returned without sending a response")
+            return HTTPError(500, "the application sent no response")
+        elif self.state == "body":
+            log.error("ASGI app returned before its response was complete")
+        return None
+
     async def skip_unread_body(self) -> None:
-        """RFC 9112 §9.3: read and drop a body the app did not read, so that the
-        next request can be found (only when can_drain(); else we close)."""
-        parser = self.conn.parser
+        """RFC 9112 §9.3: drop the body the app left unread (up to DRAIN_BYTES),
+        so that the next request can be found; if it cannot be, we close."""
         dropped = 0
-        while not self.body_done and self.response.keep_alive and dropped <= DRAIN_BYTES:
+        while self.response.keep_alive and dropped <= DRAIN_BYTES:
             try:
-                event = parser.next_event()
-            except HTTPError:
-                return              # the connection closes; the answer is sent
-            if type(event) is bytes:
-                dropped += len(event)
-            if event is None:
-                try:
-                    data = await asyncio.wait_for(self.conn.read(),
-                                                  self.conn.config.timeout_read)
-                except asyncio.TimeoutError:
+                more = self.conn.parser.drop_body()      # section 3
+                if more is None:
+                    self.body_done = True                # the next request is next
                     return
-                if not data:
+                dropped += more
+                if not await self.conn.read_more(self.conn.config.timeout_read):
                     return
-                parser.feed(data)
-            self.body_done = event is END
+            except (HTTPError, asyncio.TimeoutError):
+                return      # a malformed or stalled body: the connection closes
 
     async def fail(self, error: HTTPError) -> None:
-        """Send an error response if no part of the response went out yet."""
+        """Answer `error` instead, if no byte of the app's response went out yet."""
         if self.head_written or (self.disconnected and self.conn.error is None):
             return
-        data = error_response(error.status, error.reason, time.time(), self.conn.config)
-        if self.conn.trace:
-            self.conn.trace.head("!", data)
-        try:
-            await self.conn.write(data)
-        except ClientDisconnected:
-            self.disconnected = True      # no one is left to answer: not an error
-            log.debug("client left before its %d answer", error.status)
-            return
-        self.state = "failed"
-        self.response.status = error.status      # for the access log
+        if await self.conn.answer(error):
+            self.state = "failed"
+            self.response.status = error.status      # for the access log
+        else:
+            self.disconnected = True                  # no one is left to answer
 
     # -- receive ---------------------------------------------------------------
 
     async def receive(self) -> dict:
-        """ASGI HTTP spec: "Request - receive event", then "Disconnect"."""
+        """ASGI HTTP "Request - receive event", then "Disconnect - receive event"."""
         if self.body_done or self.disconnected:
-            # After the body: wait until the response is done or the client
-            # leaves, then say http.disconnect (now, and on every later call).
             await self.wait_for_disconnect()
             return {"type": "http.disconnect"}
-        if self.send_continue:
-            self.send_continue = False
-            if not self.conn.parser.buffer:    # RFC 9110 §10.1.1
-                await self.conn.write(CONTINUE)
+        # RFC 9110 §10.1.1: the client waits for "100 Continue" before it sends
+        # the body; ask for it now that the app wants it, unless some has come.
+        continue_owed, self.send_continue = self.send_continue, False
+        if continue_owed and not self.conn.parser.buffer:
+            await self.conn.write(CONTINUE)
         return await self.read_body()
 
     async def read_body(self) -> dict:
-        """All the body bytes the parser has now, reading the socket if it has none."""
+        """All the body bytes the parser has now, reading the socket if it has none.
+
+        ASGI HTTP "Request - receive event": the body is streamed, de-chunked
+        by the parser (RFC 9112 §7.1). The socket is read only when the app
+        asks for more, so a slow app slows its client down (backpressure).
+        """
         parts = []
-        parser = self.conn.parser
-        while True:
-            try:
-                event = parser.next_event()
-            except HTTPError as error:
-                self.conn.error = error      # answered after the app returns
-                self.disconnected = True
-                return {"type": "http.disconnect"}
-            if event is END:
-                self.body_done = True
-                return {"type": "http.request", "body": b"".join(parts),
-                        "more_body": False}
-            if event is not None:
-                parts.append(event)
-                continue
-            if parts:
-                return {"type": "http.request", "body": b"".join(parts),
-                        "more_body": True}
-            try:
-                data = await asyncio.wait_for(self.conn.read(), self.conn.config.timeout_read)
-            except asyncio.TimeoutError:
-                self.conn.error = HTTPError(408, "request body not received in time")
-                data = b""
-            if not data:
-                self.disconnected = True     # RFC 9112 §8: incomplete body
-                return {"type": "http.disconnect"}
-            parser.feed(data)
+        try:
+            while True:
+                event = self.conn.parser.next_event()
+                if event is END or (event is None and parts):
+                    self.body_done = event is END
+                    return {"type": "http.request", "body": b"".join(parts),
+                            "more_body": not self.body_done}
+                if event is not None:
+                    parts.append(event)      # body bytes, de-chunked
+                elif not await self.conn.read_more(self.conn.config.timeout_read):
+                    break                    # RFC 9112 §8: an incomplete body
+        except HTTPError as error:
+            self.conn.error = error          # answered after the app returns
+        except asyncio.TimeoutError:
+            self.conn.error = HTTPError(408, "request body not received in time")
+        self.disconnected = True
+        return {"type": "http.disconnect"}
 
     async def wait_for_disconnect(self) -> None:
-        """Wait for the response to finish, noticing if the client goes away."""
+        """ASGI HTTP "Disconnect - receive event": wait until the response is
+        complete or the client has gone, whichever comes first.
+
+        Only a read notices that the client has gone, so one races the
+        response (ASGIConnection.start_read); what it brings is the next
+        pipelined request, kept in the parser.
+        """
         conn = self.conn
         while not self.disconnected and self.state not in ("done", "failed"):
             if conn.eof or len(conn.parser.buffer) > MAX_HEAD_BYTES:
@@ -2693,71 +2703,74 @@ class HTTPCycle:
             finished = asyncio.ensure_future(self.response_done.wait())
             await asyncio.wait([reading, finished], return_when=asyncio.FIRST_COMPLETED)
             finished.cancel()
-            if reading.done():
-                data = await conn.read()         # takes the finished read
-                if data:
-                    conn.parser.feed(data)       # the next pipelined request
-                else:
-                    self.disconnected = True
+            if reading.done():                     # read_more() takes it over
+                self.disconnected = not await conn.read_more(None)
 
     # -- send ------------------------------------------------------------------
 
     async def send(self, message: dict) -> None:
-        """ASGI HTTP spec: one "http.response.start", then "http.response.body"s."""
+        """ASGI HTTP "Response Start" once, then "Response Body" and extensions.
+
+        ASGI "Error Handling": a message out of order, or of a type we did not
+        advertise, raises here, in the app; extra keys are ignored (.get).
+        """
         kind = message["type"]
-        if self.disconnected:
-            raise ClientDisconnected("the client has disconnected")  # spec 2.4
-        if kind == "http.response.start":
-            if self.state != "start":
-                raise RuntimeError(f"ASGI: 'http.response.start' sent twice ({self.state})")
+        if self.disconnected:   # ASGI HTTP "Disconnected Client - send exception"
+            raise ClientDisconnected("the client has disconnected")
+        if kind == "http.response.start" and self.state == "start":
+            # ASGI HTTP "Response Start": the head waits for the first body
+            # message, so that an app failing before it still gets a 500.
             self.start = (check_asgi_status(message["status"]),
                           check_asgi_headers(message.get("headers", [])))
-            self.head = self.response.head(*self.start, time.time())
-            self.state = "body"
+            for name, value in self.start[1]:
+                field_line(name, value)   # RFC 9112 §11.1: a bad field raises now
             self.trailers = [] if message.get("trailers", False) else None
-        elif kind == "http.response.body":
-            if self.state == "start":
-                raise RuntimeError("ASGI: 'http.response.body' before 'http.response.start'")
-            if self.state != "body":
-                return          # ASGI HTTP spec: ignored once the response is done
-            await self.send_body(message.get("body", b""), message.get("more_body", False))
+            self.state = "body"
+        elif kind == "http.response.body" and self.state != "start":
+            if self.state == "body":    # ASGI HTTP "Response Body": later ones, ignored
+                await self.send_body(message)
+        elif kind == "http.response.zerocopysend" and self.state != "start":
+            if self.state == "body":    # ASGI extensions "Zero Copy Send": as a body
+                await self.send_zerocopy(message)
+        elif kind == "http.response.pathsend" and self.state == "body":
+            await self.send_path(message["path"])
+        elif kind == "http.response.early_hint" and self.state != "start":
+            await self.send_early_hint(message["links"])
         elif kind == "http.response.trailers" and self.state == "trailers":
             await self.send_trailers(check_asgi_headers(message.get("headers", [])),
                                      message.get("more_trailers", False))
-        elif kind == "http.response.pathsend" and self.state == "body":
-            await self.send_path(message["path"])
-        elif kind == "http.response.zerocopysend" and self.state != "start":
-            # ASGI extensions "Zero Copy Send": it acts as a body message, so
-            # once the response is complete it is ignored like one.
-            if self.state == "body":
-                await self.send_zerocopy(message)
-        elif kind == "http.response.early_hint" and self.state != "start":
-            await self.send_early_hint(message["links"])
         else:
-            raise RuntimeError(f"ASGI: unexpected message type {kind!r} for http "
-                               f"(response {self.state})")
+            raise RuntimeError(f"ASGI: unexpected {kind!r} (response {self.state})")
 
-    async def send_body(self, body: bytes, more_body: bool) -> None:
-        """ASGI "Response Body": the first one takes the held-back head along."""
-        if type(body) is not bytes:
+    async def send_body(self, message: dict) -> None:
+        """ASGI HTTP "Response Body": the first one takes the held-back head along.
+
+        RFC 9110 §9.3.2: a HEAD response's body bytes are taken, not sent
+        (Response.body frames them to nothing).
+        """
+        body = message.get("body", b"")
+        if type(body) is not bytes:     # ASGI "Strings and Unicode": bytes only
             raise TypeError(f"ASGI: body must be bytes, not {type(body).__name__}")
-        await self.write_body(self.take_head() + self.response.body(body), more_body)
+        await self.write_body(self.take_head() + self.response.body(body),
+                              message.get("more_body", False))
 
     def take_head(self) -> bytes:
-        """The held-back head, for the first body bytes to go out with; then b""."""
-        if not self.head_written and (self.conn.stopping.is_set() or not self.body_done and (
-                self.send_continue or not can_drain(self.conn.parser.unread_body()))):
-            # RFC 9110 §10.1.1: answering before asking for the body means the
-            # client will not send it; a large unread body is not worth
-            # skipping; and a draining server answers no more. So: we close.
-            self.send_continue = False
+        """The response head, built now that the first body bytes go out; then b"".
+
+        ASGI HTTP "Response Start": the head was held back until now, so the
+        close decision (section 4 must_close) sees what the app has read.
+        """
+        if self.head_written:
+            return b""
+        if must_close(self.conn.stopping.is_set(), self.body_done, self.send_continue,
+                      self.conn.parser.unread_body()):
             self.response.keep_alive = False
-            self.head = self.response.head(*self.start, time.time())
-        if self.conn.trace and self.head:
-            self.conn.trace.head("<", self.head)
-        data, self.head = self.head, b""
+        self.send_continue = False           # no 1xx after the final response
+        head = self.response.head(*self.start, time.time())
         self.head_written = True
-        return data
+        if self.conn.trace:
+            self.conn.trace.head("<", head)
+        return head
 
     async def write_body(self, data: bytes, more_body: bool) -> None:
         """Write body bytes; with the last ones, what ends the response."""
@@ -2772,10 +2785,11 @@ class HTTPCycle:
             self.response_done.set()
 
     async def send_trailers(self, headers: list, more_trailers: bool) -> None:
-        """ASGI "HTTP Trailers" extension: fields after the last body bytes.
+        """ASGI extensions "HTTP Trailers": fields after the last body bytes.
 
-        RFC 9110 §6.5.1 and §10.1.4: they go on the wire only in a chunked
-        response to a client that said "TE: trailers"; otherwise, dropped.
+        RFC 9110 §6.5.1 and §10.1.4, RFC 9112 §7.1.2: they go on the wire only
+        in a chunked response to a client that said "TE: trailers"; otherwise
+        they are dropped and the response ends as usual.
         """
         self.trailers += headers
         if more_trailers:
@@ -2786,13 +2800,13 @@ class HTTPCycle:
         self.response_done.set()
 
     async def send_early_hint(self, links) -> None:
-        """ASGI "Early Hints" extension: a 103 response ahead of the final one.
+        """ASGI extensions "Early Hints": a 103 response ahead of the final one.
 
         RFC 8297: each link becomes one Link field of an interim response. The
-        links are checked like the app's headers (§4 field_line) even when the
-        hint is then dropped, so a bad one raises here whoever the client is.
+        links are checked like the app's headers (section 4 field_line) even
+        when the hint is then dropped, so a bad one raises whoever the client is.
         """
-        lines = [STATUS_LINES[103]]
+        lines = [b"HTTP/1.1 103 Early Hints"]
         for link in links:
             if type(link) is not bytes:
                 raise TypeError(f"ASGI: early hint links must be bytes: {link!r}")
@@ -2809,7 +2823,7 @@ class HTTPCycle:
         await self.conn.write(data)
 
     async def send_zerocopy(self, message: dict) -> None:
-        """ASGI "Zero Copy Send" extension: a body message whose bytes are in a file.
+        """ASGI extensions "Zero Copy Send": a body message whose bytes are in a file.
 
         It may come any number of times, between body messages. The file is
         the app's: the server never closes it.
@@ -2823,7 +2837,7 @@ class HTTPCycle:
         await self.write_body(data, message.get("more_body", False))
 
     async def send_path(self, path: str) -> None:
-        """ASGI "Path Send" extension: the server sends a file by its path."""
+        """ASGI extensions "Path Send": the server sends a file by its path."""
         with open(path, "rb") as file:
             data = await self.send_file(file, 0, None)
         await self.write_body(data, more_body=False)
@@ -2836,24 +2850,22 @@ class HTTPCycle:
         open, positioned after the last byte sent. Returns what is still to be
         written: the head, if no body bytes went out.
         """
-        fd = file.fileno()          # a file of the OS, not a BytesIO: before the head
-        if offset is None:
-            offset = file.tell()
-        left = max(0, os.fstat(fd).st_size - offset)
+        size = os.fstat(file.fileno()).st_size   # not a file of the OS: before the head
+        offset = file.tell() if offset is None else offset
+        left = max(0, size - offset)
         count = left if count is None else min(count, left)   # no more than it has
         data = self.take_head()
-        response = self.response
-        count = response.allow(count)      # §4: none for HEAD; Content-Length overrun
+        count = self.response.allow(count)   # section 4: none for HEAD; CL overrun
         if not count:
             return data
-        if (response.framing == "length" and self.conn.scheme == "http"
+        if (self.response.framing == "length" and self.conn.scheme == "http"
                 and hasattr(os, "sendfile")):
-            # Zero copy (sendfile(2), like §6's FileRegion): only where the file's
-            # bytes go out as they are, so not through TLS or chunk framing. A
-            # file that ends early sends less; Response.end() then closes.
+            # Zero copy (sendfile(2)): only where the file's bytes go out as they
+            # are, so not through TLS or chunk framing. A file that ends early
+            # sends less; Response.end() then closes.
             if data:
                 await self.conn.write(data)
-            response.count(await self.conn.sendfile(file, offset, count))
+            self.response.count(await self.conn.sendfile(file, offset, count))
             return b""
         file.seek(offset)
         while count:
@@ -2861,7 +2873,7 @@ class HTTPCycle:
             if not block:
                 break               # the file ended early: Response.end() judges
             count -= len(block)
-            await self.conn.write(data + response.body(block))
+            await self.conn.write(data + self.response.body(block))
             data = b""
         return data
 
@@ -2883,7 +2895,11 @@ def check_asgi_status(status) -> int:
 
 
 def check_asgi_headers(headers) -> list[tuple[bytes, bytes]]:
-    """ASGI HTTP spec: headers are an iterable of [name, value] byte strings."""
+    """ASGI HTTP "Response Start": headers are an iterable of [name, value] pairs.
+
+    ASGI "Strings and Unicode": both are byte strings, never str. Their case
+    does not matter: section 4 compares names case-insensitively.
+    """
     checked = []
     for name, value in headers:
         if type(name) is not bytes or type(value) is not bytes:
@@ -2914,22 +2930,21 @@ class ASGIConnection:
         self.server_address = server.address
         self.stopping = server.stopping
         self.loop = server.loop
-        self.state = server.lifespan.state
+        self.lifespan_state = server.lifespan.state   # the app's, from its startup
         self.idle = True             # waiting for a request, not serving one
+        self.idle_since: float | None = None   # waiting, with no byte of it yet, since
         self.websocket: WebSocketCycle | None = None
         self.trace = Trace() if self.config.trace else None
-        self.idle_since: float | None = None   # waiting for a request since
         peer = writer.get_extra_info("peername")
         self.client = tuple(peer[:2]) if isinstance(peer, tuple) else None  # None: unix
         ssl_object = writer.get_extra_info("ssl_object")
-        self.scheme = "https" if ssl_object is not None else "http"
-        # ASGI TLS extension: only on a TLS connection; the same for all its requests.
-        self.tls = None if ssl_object is None else tls_extension(ssl_object,
-                                                                 server.server_cert)
+        self.scheme = "http" if ssl_object is None else "https"
+        # ASGI "TLS" extension: on TLS connections only, the same for each request.
+        self.tls = ssl_object and tls_extension(ssl_object, server.server_cert)
         self.parser = RequestParser(self.config)
-        self.pending_read: asyncio.Future | None = None
-        self.eof = False
-        self.error: HTTPError | None = None
+        self.pending_read: asyncio.Future | None = None   # see start_read()
+        self.eof = False             # the client has closed its side
+        self.error: HTTPError | None = None     # a malformed or late request body
         self.cancelled = False       # the server has cancelled this connection's task
 
     def cancelled_by_server(self, error: BaseException) -> bool:
@@ -2946,7 +2961,18 @@ class ASGIConnection:
         return self.cancelled or (cancelling is not None and cancelling() > 0)
 
     async def run(self, refusal: HTTPError | None = None) -> None:
-        """Serve requests until the connection closes; or answer `refusal`."""
+        """Serve requests until the connection closes; or answer `refusal`.
+
+        RFC 9112 §9.3, persistence: one request at a time, the next one read
+        only once the last response is complete (ASGI HTTP "HTTP Connection
+        Scope": a new scope and app call for each):
+
+            idle --head--> HTTPCycle --complete, keep_alive--> idle
+            idle --EOF, idle timeout, stopping--> close()
+            HTTPCycle --must close (section 4 must_close) or incomplete--> close()
+            idle --"Upgrade: websocket" head--> WebSocketCycle (section 9) --> close()
+            idle --bad or slow head (HTTPError)--> answer(error) --> close()
+        """
         try:
             if refusal is not None:
                 raise refusal
@@ -2956,62 +2982,61 @@ class ASGIConnection:
                 if request is None:
                     break
                 self.idle = False
-                if is_websocket_request(request):
-                    # RFC 6455 §4.2.1; after it, the connection speaks frames.
+                if is_websocket_request(request):    # RFC 6455 §4.2.1
                     self.websocket = WebSocketCycle(self, request, check_handshake(request))
                     await self.websocket.run()
                     break
                 cycle = HTTPCycle(self, request)
                 await cycle.run()
                 if not cycle.keep_alive:
-                    break       # RFC 9112 §9.3, or the body was not all read
+                    break
         except HTTPError as error:
-            data = error_response(error.status, error.reason, time.time(), self.config,
-                                  error.headers)
-            if self.trace:
-                self.trace.head("!", data)
-            try:
-                await self.write(data)
-            except OSError:     # ClientDisconnected, too
-                # Policy: a client that is gone before its error answer (e.g. one
-                # that reset as its 408 fired) is no server error: DEBUG only.
-                log.debug("client left before its %d answer", error.status)
-        except (ClientDisconnected, OSError):
-            pass
+            await self.answer(error)
+        except OSError:
+            pass                 # ClientDisconnected too: no one left to answer
         finally:
             await self.close()
 
+    async def answer(self, error: HTTPError) -> bool:
+        """Write the server's own error response; False if the client has gone."""
+        data = error_response(error.status, error.reason, time.time(), self.config,
+                              error.headers)
+        if self.trace:
+            self.trace.head("!", data)
+        try:
+            await self.write(data)
+        except OSError:          # ClientDisconnected too
+            # Policy: a client that is gone before its error answer (e.g. one
+            # that reset as its 408 fired) is no server error: DEBUG only.
+            log.debug("client left before its %d answer", error.status)
+            return False
+        return True
+
     async def next_request(self) -> Request | None:
         """The next request head, or None if the client leaves or stays idle."""
-        loop = self.loop   # not get_running_loop(): that costs a getpid() call
-        deadline = loop.time() + self.config.timeout_request_head
-        while True:
-            event = self.parser.next_event()
-            if event is not None:
-                return event
-            if not self.parser.buffer:
-                # RFC 9112 §9.5: an idle connection may be closed; the server's
-                # close_idle() does it. (A timer per request cost ~8% in cProfile.)
-                self.idle_since = loop.time()
-                try:
-                    data = await self.read()
-                finally:
-                    self.idle_since = None
-            else:
-                try:   # part of a head: it must be complete by the deadline
-                    data = await asyncio.wait_for(self.read(), deadline - loop.time())
-                except asyncio.TimeoutError:
-                    # RFC 9110 §15.5.9: 408 for a head that is too slow (slowloris).
-                    raise HTTPError(408, "request head not received in time") from None
-            if not data:
-                return None       # RFC 9112 §9.5: close quietly, even mid-head
-            self.parser.feed(data)
+        deadline = self.loop.time() + self.config.timeout_request_head
+        while (request := self.parser.next_event()) is None:
+            # RFC 9112 §9.5: an idle connection may be closed. close_idle() does
+            # it for every connection, one timer for all. A head under way gets
+            # a deadline instead: RFC 9110 §15.5.9, 408 for a slow head (slowloris).
+            between = not self.parser.buffer
+            self.idle_since = self.loop.time() if between else None
+            try:
+                if not await self.read_more(None if between
+                                            else deadline - self.loop.time()):
+                    return None   # RFC 9112 §9.5: close quietly, even mid-head
+            except asyncio.TimeoutError:
+                raise HTTPError(408, "request head not received in time") from None
+            finally:
+                self.idle_since = None
+        return request
 
     def scope_for(self, request: Request) -> dict:
-        """The scope for a request on this connection, proxies considered (§11)."""
+        """The scope for a request on this connection, proxies considered
+        (section 11: behind_proxy)."""
         client, scheme, host = behind_proxy(request, self.client, self.scheme, self.config)
-        scope = build_scope(request, self.server_address, client, self.config, self.state,
-                            scheme)
+        scope = build_scope(request, self.server_address, client, self.config,
+                            self.lifespan_state, scheme)
         if host:
             scope["headers"] = [[n, host.encode("latin-1") if n == b"host" else v]
                                 for n, v in scope["headers"]]
@@ -3024,7 +3049,18 @@ class ASGIConnection:
         return scope
 
     def start_read(self) -> asyncio.Future:
-        """Start (or return) the one read that may wait on the socket."""
+        """Start the one read that may wait on the socket, or return it if started.
+
+        asyncio's StreamReader allows one waiting read at a time. A read that
+        races something else (HTTPCycle.wait_for_disconnect) may lose the race
+        and still be waiting; it is not cancelled, which could lose bytes it had
+        just received, but kept here, and the next read() takes it over:
+
+            receive() waits for http.disconnect    start_read(): pending_read
+            the app's response completes           pending_read still waits
+            next_request() calls read()            read() awaits pending_read
+            the next request's bytes arrive        pending_read -> those bytes
+        """
         if self.pending_read is None:
             self.pending_read = asyncio.ensure_future(self.reader.read(RECV_BYTES))
         return self.pending_read
@@ -3039,29 +3075,42 @@ class ASGIConnection:
         self.eof = not data
         return data
 
+    async def read_more(self, timeout: float | None) -> bool:
+        """read() into the parser; False at EOF. TimeoutError after `timeout`
+        seconds (None: no limit)."""
+        data = await asyncio.wait_for(self.read(), timeout)
+        self.parser.feed(data)
+        return bool(data)
+
     async def write(self, data: bytes) -> None:
         """Write and wait for the socket to drain (backpressure).
 
-        ASGI "Response Body": the server hands the data to the send buffer
+        ASGI HTTP "Response Body": the server hands the data to the send buffer
         before send() returns; waiting while the buffer is full is what keeps
         a fast app from piling up a slow client's response in memory.
         """
-        transport = self.writer.transport
-        if transport.is_closing():
+        if self.writer.transport.is_closing():
             raise ClientDisconnected("the client has disconnected")
-        transport.write(data)      # what StreamWriter.write() does, one call less
+        self.writer.write(data)
         try:
-            buffered = transport.get_write_buffer_size()
-            if buffered == 0:
-                return          # all went to the socket (the usual case): no drain()
-            if buffered <= transport.get_write_buffer_limits()[1]:
-                await self.writer.drain()        # not paused: returns at once
-                return
-            await asyncio.wait_for(self.writer.drain(), self.config.timeout_write)
+            await self.drain()
         except OSError as error:
             raise ClientDisconnected(str(error)) from error
+
+    async def drain(self) -> None:
+        """await writer.drain(), but give up on a client that does not read.
+
+        Limit: --timeout-write. Only a drain that will wait needs a timeout,
+        and asyncio.wait_for() costs a task: so it is used only then.
+        """
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+            await self.writer.drain()        # below the high-water mark: no wait
+            return
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.config.timeout_write)
         except asyncio.TimeoutError:
-            transport.abort()     # Limit: the client does not read its response
+            transport.abort()
             raise ClientDisconnected("response not read in time") from None
 
     async def sendfile(self, file, offset: int, count: int) -> int:
@@ -3106,7 +3155,11 @@ class ASGIConnection:
 
 
 class ASGIServer:
-    """Serves one ASGI app on a listening socket until shutdown() is called."""
+    """Serves one ASGI app on a listening socket until shutdown() is called.
+
+    ASGI Lifespan spec (its introduction): the lifespan call and every
+    connection run on one event loop, the one serve() runs on.
+    """
 
     def __init__(self, app, listener: socket.socket, config: Config | None = None,
                  ready=None):
@@ -3122,8 +3175,8 @@ class ASGIServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping: asyncio.Event | None = None
         self.connections: dict[asyncio.Task, ASGIConnection] = {}
-        self.forced = False
-        self.stop_early = False
+        self.forced = False          # a second shutdown(): no lifespan shutdown
+        self.stop_early = False      # shutdown() came before serve()
         self.starting = threading.Lock()
         self.out_of_fds: float | None = None   # loop time accept() last failed
         self.next_handler = None     # the loop's exception handler before ours
@@ -3135,7 +3188,7 @@ class ASGIServer:
             self.stopping = asyncio.Event()
             self.loop = asyncio.get_running_loop()
             if self.stop_early:
-                self.stopping.set()  # shutdown() came before serve()
+                self.stopping.set()
         # Policy: the signal handlers come before the lifespan startup, which
         # may take long or never end: SIGTERM or Ctrl+C during it stops us
         # (start_up()) instead of killing the process.
@@ -3143,9 +3196,10 @@ class ASGIServer:
         self.loop.set_exception_handler(self.on_loop_error)
         restore_signals = on_signals(self.shutdown, self.loop)
         try:
-            # ASGI Lifespan "Startup Complete": no connection is accepted before
-            # it. asyncio.start_server() is what calls listen(): a listener that
-            # make_listener() only bound refuses clients until then.
+            # ASGI Lifespan "Startup - receive event": no connection is accepted
+            # before the startup is complete. asyncio.start_server() is what
+            # calls listen(): a listener make_listener() only bound refuses
+            # clients until then.
             if not await self.start_up():
                 return
             tls = {}
@@ -3197,8 +3251,8 @@ class ASGIServer:
             return True
         # Policy: a shutdown during the startup is obeyed at once: the server
         # stops without serving, and the command line exits 0 as after any
-        # requested stop. ASGI Lifespan "Shutdown" follows a completed startup
-        # only, so lifespan.shutdown is not sent.
+        # requested stop. ASGI Lifespan "Shutdown - receive event" follows a
+        # completed startup only, so lifespan.shutdown is not sent.
         log.warning("shutdown requested during the application startup: "
                     "stopping without serving")
         return False
@@ -3215,7 +3269,7 @@ class ASGIServer:
                 if conn.idle_since is not None and now - conn.idle_since > timeout:
                     conn.writer.transport.abort()    # its read() returns b""
             if now - last_trim >= MEMORY_TRIM_SECONDS:
-                release_memory()      # §6: the heap's free pages, back to the system
+                release_memory()      # section 6: free heap pages, back to the system
                 last_trim = now
 
     async def drain(self) -> None:
@@ -3225,9 +3279,9 @@ class ASGIServer:
                 self.cancel(task)
             elif conn.websocket is not None:   # RFC 6455 §7.4.1: 1001 "going away"
                 asyncio.ensure_future(conn.websocket.close(1001, "server shutting down"))
-        busy = list(self.connections)
-        if busy:
-            await asyncio.wait(busy, timeout=self.config.timeout_graceful_shutdown)
+        if self.connections:
+            await asyncio.wait(list(self.connections),
+                               timeout=self.config.timeout_graceful_shutdown)
         for task in list(self.connections):
             self.cancel(task)   # out of time: cut them off
         await asyncio.gather(*self.connections, return_exceptions=True)
@@ -3265,15 +3319,12 @@ class ASGIServer:
             writer.transport.abort()
             return
         task = asyncio.current_task()
-        conn = ASGIConnection(self, reader, writer)
-        self.connections[task] = conn
-        refusal = None
+        conn = self.connections[task] = ASGIConnection(self, reader, writer)
         limit = self.config.limit_concurrency
-        if limit is not None and len(self.connections) > limit:
-            # Limit: RFC 9110 §15.6.4, 503 while we have too many clients.
-            refusal = HTTPError(503, "too many connections")
+        crowded = limit is not None and len(self.connections) > limit
         try:
-            await conn.run(refusal)
+            # Limit: RFC 9110 §15.6.4, 503 while we have too many clients.
+            await conn.run(HTTPError(503, "too many connections") if crowded else None)
         except asyncio.CancelledError:
             pass           # shutdown() cancelled us; the connection is closed
         except Exception:  # a bug of ours: log it, keep serving the others
