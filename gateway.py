@@ -2496,7 +2496,8 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
                                            unquote(request.path.decode("ascii")))
     return {
         "type":         "http",
-        "asgi":         {"version": "3.0", "spec_version": "2.5"},  # "Spec Versions"
+        # ASGI HTTP "Spec Versions": 2.5 is the one with every 2.x feature.
+        "asgi":         {"version": "3.0", "spec_version": "2.5"},
         "http_version": request.version,              # "1.0" or "1.1"
         "method":       request.method,               # as sent (RFC 9110 §9.1)
         "scheme":       scheme,
@@ -2512,8 +2513,9 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
         # ASGI "Extensions": exactly those send() implements. HTTP/2's push and
         # the test-only debug are never advertised (ASGI extensions "HTTP/2
         # Server Push", "Debug"); "tls" is added by the connection (section 8).
-        "extensions":   {"http.response.trailers": {}, "http.response.pathsend": {},
-                         "http.response.early_hint": {}, "http.response.zerocopysend": {}},
+        "extensions":   {"http.response.trailers": {}, "http.response.early_hint": {},
+                         "http.response.pathsend": {},
+                         "http.response.zerocopysend": {}},
     }
 
 
@@ -2577,7 +2579,8 @@ class HTTPCycle:
         # bytes) when it was sent nothing because it left first.
         answered = self.head_written or self.state == "failed"
         log_access(self.conn.config, scope["client"], self.request,
-                   self.response.status if answered else "-", self.response.sent, started)
+                   self.response.status if answered else "-", self.response.sent,
+                   started)
 
     async def call_app(self, scope: dict) -> HTTPError | None:
         """ASGI "Applications": await app(scope, receive, send), once per request.
@@ -2640,11 +2643,9 @@ class HTTPCycle:
         """Answer `error` instead, if no byte of the app's response went out yet."""
         if self.head_written or (self.disconnected and self.conn.error is None):
             return
-        if await self.conn.answer(error):
+        if await self.conn.answer(error):            # False: the client has gone
             self.state = "failed"
             self.response.status = error.status      # for the access log
-        else:
-            self.disconnected = True                  # no one is left to answer
 
     # -- receive ---------------------------------------------------------------
 
@@ -2733,7 +2734,8 @@ class HTTPCycle:
             if self.state == "body":    # ASGI extensions "Zero Copy Send": as a body
                 await self.send_zerocopy(message)
         elif kind == "http.response.pathsend" and self.state == "body":
-            await self.send_path(message["path"])
+            with open(message["path"], "rb") as file:   # ASGI extensions "Path Send"
+                await self.send_file(file, 0, None, more_body=False)
         elif kind == "http.response.early_hint" and self.state != "start":
             await self.send_early_hint(message["links"])
         elif kind == "http.response.trailers" and self.state == "trailers":
@@ -2759,6 +2761,7 @@ class HTTPCycle:
 
         ASGI HTTP "Response Start": the head was held back until now, so the
         close decision (section 4 must_close) sees what the app has read.
+        Response.head drops the app's Transfer-Encoding: the server frames.
         """
         if self.head_written:
             return b""
@@ -2833,32 +2836,24 @@ class HTTPCycle:
             if value is not None and (type(value) is not int or value < 0):
                 raise ValueError(f"ASGI: zerocopysend offset and count must be "
                                  f"integers >= 0: {value!r}")
-        data = await self.send_file(message["file"], offset, count)
-        await self.write_body(data, message.get("more_body", False))
+        await self.send_file(message["file"], offset, count,
+                             message.get("more_body", False))
 
-    async def send_path(self, path: str) -> None:
-        """ASGI extensions "Path Send": the server sends a file by its path."""
-        with open(path, "rb") as file:
-            data = await self.send_file(file, 0, None)
-        await self.write_body(data, more_body=False)
-
-    async def send_file(self, file, offset: int | None, count: int | None) -> bytes:
+    async def send_file(self, file, offset: int | None, count: int | None,
+                        more_body: bool) -> None:
         """Send `count` bytes of `file` from `offset` as body bytes, head first.
 
         ASGI extensions "Zero Copy Send": `offset` None is the file's current
         position, `count` None its end (as is a `count` past it). The file stays
-        open, positioned after the last byte sent. Returns what is still to be
-        written: the head, if no body bytes went out.
+        open, positioned after the last byte sent.
         """
         size = os.fstat(file.fileno()).st_size   # not a file of the OS: before the head
         offset = file.tell() if offset is None else offset
         left = max(0, size - offset)
-        count = left if count is None else min(count, left)   # no more than it has
         data = self.take_head()
-        count = self.response.allow(count)   # section 4: none for HEAD; CL overrun
-        if not count:
-            return data
-        if (self.response.framing == "length" and self.conn.scheme == "http"
+        # Section 4 allow(): nothing for HEAD, and no more than Content-Length.
+        count = self.response.allow(left if count is None else min(count, left))
+        if (count and self.response.framing == "length" and self.conn.scheme == "http"
                 and hasattr(os, "sendfile")):
             # Zero copy (sendfile(2)): only where the file's bytes go out as they
             # are, so not through TLS or chunk framing. A file that ends early
@@ -2866,16 +2861,15 @@ class HTTPCycle:
             if data:
                 await self.conn.write(data)
             self.response.count(await self.conn.sendfile(file, offset, count))
-            return b""
-        file.seek(offset)
-        while count:
-            block = file.read(min(count, RECV_BYTES))      # never past `count`
-            if not block:
-                break               # the file ended early: Response.end() judges
-            count -= len(block)
-            await self.conn.write(data + self.response.body(block))
             data = b""
-        return data
+        elif count:
+            file.seek(offset)
+            # Never past `count`; a file that ends early: Response.end() judges.
+            while count and (block := file.read(min(count, RECV_BYTES))):
+                count -= len(block)
+                await self.conn.write(data + self.response.body(block))
+                data = b""
+        await self.write_body(data, more_body)
 
 
 def check_asgi_status(status) -> int:
@@ -2955,10 +2949,9 @@ class ASGIConnection:
         cancelling() count also catches a cancel from outside the server (e.g.
         asyncio.run() on Ctrl+C, where no signal handler could be installed).
         """
-        if not isinstance(error, asyncio.CancelledError):
-            return False
         cancelling = getattr(asyncio.current_task(), "cancelling", None)   # 3.11+
-        return self.cancelled or (cancelling is not None and cancelling() > 0)
+        return isinstance(error, asyncio.CancelledError) and (
+            self.cancelled or (cancelling is not None and cancelling() > 0))
 
     async def run(self, refusal: HTTPError | None = None) -> None:
         """Serve requests until the connection closes; or answer `refusal`.
@@ -2971,6 +2964,8 @@ class ASGIConnection:
             idle --EOF, idle timeout, stopping--> close()
             HTTPCycle --must close (section 4 must_close) or incomplete--> close()
             idle --"Upgrade: websocket" head--> WebSocketCycle (section 9) --> close()
+
+        Any other Upgrade is served as plain http (RFC 9110 §7.8).
             idle --bad or slow head (HTTPError)--> answer(error) --> close()
         """
         try:
@@ -2983,7 +2978,8 @@ class ASGIConnection:
                     break
                 self.idle = False
                 if is_websocket_request(request):    # RFC 6455 §4.2.1
-                    self.websocket = WebSocketCycle(self, request, check_handshake(request))
+                    key = check_handshake(request)
+                    self.websocket = WebSocketCycle(self, request, key)
                     await self.websocket.run()
                     break
                 cycle = HTTPCycle(self, request)
@@ -3034,7 +3030,8 @@ class ASGIConnection:
     def scope_for(self, request: Request) -> dict:
         """The scope for a request on this connection, proxies considered
         (section 11: behind_proxy)."""
-        client, scheme, host = behind_proxy(request, self.client, self.scheme, self.config)
+        client, scheme, host = behind_proxy(request, self.client, self.scheme,
+                                            self.config)
         scope = build_scope(request, self.server_address, client, self.config,
                             self.lifespan_state, scheme)
         if host:
@@ -3069,7 +3066,7 @@ class ASGIConnection:
         """The next bytes from the client; b"" at EOF or on a broken connection."""
         pending, self.pending_read = self.pending_read, None
         try:
-            data = await (pending if pending is not None else self.reader.read(RECV_BYTES))
+            data = await (self.reader.read(RECV_BYTES) if pending is None else pending)
         except OSError:
             data = b""
         self.eof = not data
@@ -3278,7 +3275,8 @@ class ASGIServer:
             if conn.idle:
                 self.cancel(task)
             elif conn.websocket is not None:   # RFC 6455 §7.4.1: 1001 "going away"
-                asyncio.ensure_future(conn.websocket.close(1001, "server shutting down"))
+                closing = conn.websocket.close(1001, "server shutting down")
+                asyncio.ensure_future(closing)
         if self.connections:
             await asyncio.wait(list(self.connections),
                                timeout=self.config.timeout_graceful_shutdown)
@@ -3346,7 +3344,7 @@ class ASGIServer:
             pass            # the loop has already ended: nothing is left to stop
 
     def _stop(self) -> None:
-        """Runs on: the loop. Start the drain; if it has begun, cut off every connection."""
+        """Runs on: the loop. Start the drain; once begun, cut off every connection."""
         if self.stopping.is_set():
             self.forced = True
             for task in self.connections:
