@@ -9215,3 +9215,75 @@ def test_every_spec_section_number_names_its_spec():
                 for match in re.finditer(r"§\d+(?:\.\d+)+", line)
                 if not re.search(r"RFC ?\d{4}", line[:match.start()])]
     assert bare == []
+
+
+# --- teaching edition: ASGI (§7-§8) ---
+
+
+def test_asgi_build_scope_docstring_example_runs():
+    # The example in build_scope's docstring is part of the teaching text.
+    import doctest
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(gateway.build_scope,
+                                             globs=dict(vars(gateway))):
+        runner.run(test)
+    failed, attempted = runner.summarize(verbose=False)
+    assert attempted >= 4 and failed == 0
+
+
+@pytest.mark.parametrize("target", [b"/api/x", b"/x"])
+@pytest.mark.parametrize("root_path", ["/api", "/api/"])
+def test_asgi_scope_splits_root_path_as_wsgi_does(root_path, target):
+    # ASGI HTTP "WSGI Compatibility": root_path is SCRIPT_NAME and path is the
+    # whole path, split by the same rule as the WSGI environ (split_root_path).
+    request = gateway.parse_head(b"GET " + target + b" HTTP/1.1\r\nHost: t")
+    scope = gateway.build_scope(request, ("127.0.0.1", 80), None,
+                                gateway.Config(root_path=root_path), {})
+    environ_split = gateway.split_root_path(root_path, target.decode())
+    assert (scope["root_path"], scope["path"]) == ("/api", "/api/x")
+    assert scope["root_path"] + scope["path"][len(scope["root_path"]):] == \
+        "".join(environ_split)
+
+
+def test_asgi_close_is_decided_when_the_head_goes_out():
+    # The head waits for the first body message (ASGI HTTP "Response Start"),
+    # so must_close() sees the body the app read after http.response.start:
+    # the 100-continue is no longer pending and the connection is kept.
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"5")]})
+        message = await receive()
+        await send({"type": "http.response.body", "body": message["body"]})
+
+    with running_server("asgi", app) as port, connect(port) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        reader = ResponseReader(sock)
+        assert reader.read_head()[0] == 100
+        sock.sendall(b"hello")
+        status, headers, _ = reader.read_head()
+        assert (status, reader.read_exact(5)) == (200, b"hello")
+        assert b"connection" not in headers
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+        assert reader.read_head()[0] == 200 and reader.read_exact(3) == b"abc"
+
+
+def test_asgi_connection_keeps_the_lifespan_state_under_its_own_name():
+    # "state" means a state machine elsewhere in gateway.py; the lifespan's
+    # dict is lifespan_state, and each scope gets a shallow copy of it.
+    server = gateway.ASGIServer(echo_asgi.app, gateway.make_listener("127.0.0.1", 0))
+    server.listener.close()
+    server.lifespan.state["db"] = "pool"
+
+    class Writer:
+        """The one thing a new connection asks of its StreamWriter."""
+        def get_extra_info(self, name):
+            return None
+
+    conn = gateway.ASGIConnection(server, None, Writer())
+    scope = conn.scope_for(gateway.parse_head(b"GET / HTTP/1.1\r\nHost: t"))
+    assert conn.lifespan_state is server.lifespan.state
+    assert not hasattr(conn, "state")
+    assert scope["state"] == {"db": "pool"} and scope["state"] is not conn.lifespan_state
