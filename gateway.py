@@ -2934,7 +2934,7 @@ class ASGIConnection:
         ssl_object = writer.get_extra_info("ssl_object")
         self.scheme = "http" if ssl_object is None else "https"
         # ASGI "TLS" extension: on TLS connections only, the same for each request.
-        self.tls = ssl_object and tls_extension(ssl_object, server.server_cert)
+        self.tls = tls_extension(ssl_object, server.server_cert) if ssl_object else None
         self.parser = RequestParser(self.config)
         self.pending_read: asyncio.Future | None = None   # see start_read()
         self.eof = False             # the client has closed its side
@@ -3048,10 +3048,10 @@ class ASGIConnection:
     def start_read(self) -> asyncio.Future:
         """Start the one read that may wait on the socket, or return it if started.
 
-        asyncio's StreamReader allows one waiting read at a time. A read that
-        races something else (HTTPCycle.wait_for_disconnect) may lose the race
-        and still be waiting; it is not cancelled, which could lose bytes it had
-        just received, but kept here, and the next read() takes it over:
+        asyncio's StreamReader allows one waiting read at a time. The read that
+        races the response in HTTPCycle.wait_for_disconnect may still be waiting
+        when the response completes (or when the app cancels its receive()). It
+        is kept here, not cancelled, and the next read() takes it over:
 
             receive() waits for http.disconnect    start_read(): pending_read
             the app's response completes           pending_read still waits
