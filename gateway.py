@@ -70,8 +70,8 @@ from http import HTTPStatus
 from urllib.parse import unquote, unquote_to_bytes
 import zlib
 
-__all__ = ["Config", "Limits", "HTTPError", "Request", "RequestParser", "Response", "END",
-           "parse_head", "error_response", "WSGIServer", "ASGIServer", "serve",
+__all__ = ["Config", "Limits", "HTTPError", "Request", "RequestParser", "Response",
+           "END", "parse_head", "error_response", "WSGIServer", "ASGIServer", "serve",
            "make_listener", "main"]
 
 log = logging.getLogger("gateway")   # configured by the command line (section 12)
@@ -80,9 +80,8 @@ log = logging.getLogger("gateway")   # configured by the command line (section 1
 # §1  Imports, limits and constants
 #
 # Every number the server uses lives here, with its unit and the status code
-# that going over it produces. Limits (below) holds the few that the parser
-# and the writer read; Config extends it with the rest, so the command line
-# (section 12) can change any of them.
+# that going over it produces. Limits holds the ones the parser and the writer
+# read; Config extends it, and the command line (section 12) can change both.
 # =============================================================================
 
 SERVER_NAME = b"gateway"
@@ -92,8 +91,8 @@ MAX_REQUEST_LINE = 8 * 1024      # bytes, request-line          -> 414 (RFC 9112
 MAX_HEAD_BYTES = 64 * 1024       # bytes, request-line + fields -> 431 (RFC 6585 §5)
 MAX_FIELD_LINES = 100            # field lines in one head      -> 431
 MAX_METHOD_BYTES = 32            # longer than any method we know -> 501 (RFC 9112 §3)
-MAX_EMPTY_LINES = 8              # empty lines before a request-line -> 400 (RFC 9112 §2.2)
-MAX_CHUNK_LINE = 4 * 1024        # bytes, chunk-size + chunk-ext -> 400 (RFC 9112 §7.1.1)
+MAX_EMPTY_LINES = 8              # before a request-line -> 400 (RFC 9112 §2.2)
+MAX_CHUNK_LINE = 4 * 1024        # bytes, chunk-size + ext -> 400 (RFC 9112 §7.1.1)
 MAX_SIZE_DIGITS = 16             # hex digits in a chunk-size, so it cannot overflow
 MAX_LENGTH_DIGITS = 18           # decimal digits in a Content-Length -> 413
 
@@ -103,8 +102,7 @@ LOW_WATER = 64 * 1024            # ... and the level at which we resume it
 BACKLOG = 2048                   # pending connections the kernel may queue
 # When it cannot take one more connection (the selector is full, or accept()
 # ran out of descriptors) the server stops watching its listener for a while;
-# new clients wait in that backlog meanwhile (see the accept loop of section 6,
-# WSGI server, and on_loop_error in section 8, ASGI server).
+# new clients wait in that backlog meanwhile (sections 6 and 8, the servers).
 SELECT_SOCKETS = 512 if os.name == "nt" else 1024   # FD_SETSIZE: select() watches
 #                                  this many sockets (Windows), or descriptors below
 #                                  it (POSIX) -> the WSGI loop stops accepting
@@ -122,9 +120,8 @@ SENDFILE_BYTES = 1024 * 1024     # most bytes one os.sendfile() call may send
 # do not hold up the rest, few enough that GIL hand-offs stay cheap.
 WSGI_THREADS = 8                 # worker threads that call WSGI applications
 # Policy: a queued app call waits this long for a busy worker before one more
-# sleeping worker is woken (WorkerPool, section 6). So a request that comes
-# while every awake worker is inside a slow app call starts up to 2 ms late;
-# waking a thread for every request instead made the threads fight over the GIL.
+# sleeping worker is woken (WorkerPool, section 6): a request may start 2 ms
+# late, but waking a thread for every request makes the threads fight over the GIL.
 WORKER_WAIT_SECONDS = 0.002
 
 # Timeouts, in seconds. Each one bounds how long one client can hold on to a
@@ -146,9 +143,7 @@ WS_CLOSE_SECONDS = 5.0           # to wait for the peer's Close (RFC 6455 §7.1.
 
 @dataclass
 class Limits:
-    """What the parser (section 3) and the writer (section 4) are told.
-
-    Config extends it, so a Config goes wherever a Limits is asked for."""
+    """What the parser (section 3) and writer (section 4) read; Config adds the rest."""
 
     limit_request_line: int = MAX_REQUEST_LINE
     limit_request_head: int = MAX_HEAD_BYTES
@@ -156,7 +151,7 @@ class Limits:
     limit_request_body: int | None = None     # bytes -> 413; None: no limit
     server_header: bool = True                # send "Server: gateway"
     date_header: bool = True                  # send "Date: ..."
-    headers: list = field(default_factory=list)   # (name, value) bytes, every response
+    headers: list = field(default_factory=list)   # (name, value) bytes: --header
 
     def __post_init__(self) -> None:
         """Refuse extra headers (--header) that would break every response head.
@@ -170,8 +165,8 @@ class Limits:
                                 f"bytes: {name!r}: {value!r}")
             try:
                 field_line(name, value)
-                if name.lower() in CONNECTION_FIELDS or name.lower() == b"content-length":
-                    raise ValueError(f"{name.decode('latin-1')} is the server's to send")
+                if name.lower() in (*CONNECTION_FIELDS, b"content-length"):
+                    raise ValueError(f"{name.decode()} is the server's to send")
             except ValueError as error:
                 raise ValueError(f"extra header (--header): {error}") from None
 
@@ -215,7 +210,7 @@ class Config(Limits):
         """Refuse what no server could run with: no threads, or bad extra headers."""
         if self.threads < 1:
             # A pool of no threads would queue every WSGI request for ever.
-            raise ValueError(f"--threads must be 1 or more (1: one app call at a time), "
+            raise ValueError("--threads must be 1 or more (1: one app call at a time), "
                              f"not {self.threads}")
         super().__post_init__()
 
@@ -268,17 +263,15 @@ def printable(text: str) -> str:
 # Bytes in, events out. RequestParser.feed() takes bytes as they arrive, and
 # next_event() hands back, in order: one Request (the head), the body as
 # `bytes` pieces, then END; or None when it needs more bytes. Any split of the
-# input, down to one byte at a time, gives the same events. The parser only
-# moves on to the next pipelined request when asked for the next event, so the
-# server decides when to read it. Nothing here touches a socket or a clock.
+# input, down to one byte at a time, gives the same events. The parser moves
+# on to a pipelined request only when asked for the next event, so the server
+# decides when to read it. Nothing here touches a socket, a thread or a clock.
 # =============================================================================
 
-# Limit: these patterns run on client bytes, so each must take time linear in
-# its input. Where two neighbouring parts can both take a run of bytes (OWS
-# before a value that may hold blanks too), a failing match tries every way
-# of splitting the run between them: quadratic time. So each byte has one
-# part to go to (or, for the BWS in a chunk-ext, one of two), and alternatives
-# differ in their first byte.
+# Limit: these patterns run on client bytes, so each must take linear time.
+# Two neighbouring parts that can both take a run of bytes make a failing
+# match try every split of the run (quadratic time); so each byte has one part
+# to go to (a chunk-ext's BWS, two), and alternatives differ in their first byte.
 
 # RFC 9110 §5.6.2   token = 1*tchar
 #   tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." /
@@ -291,15 +284,15 @@ TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 REQUEST_LINE = re.compile(rb"(?P<method>" + TOKEN + rb") (?P<target>[!-\"$-~]+) "
                           rb"(?P<version>HTTP/[0-9]\.[0-9])")
 
-# RFC 9112 §3.2.2  absolute-form = absolute-URI; we take http and https only,
-#   and split it at the end of the authority (the first "/" or "?").
+# RFC 9112 §3.2.2 absolute-form = absolute-URI; we take http and https only,
+#   and split it where the authority ends (at the first "/" or "?").
 ABSOLUTE_FORM = re.compile(rb"(?i:https?)://(?P<authority>[^/?]*)(?P<rest>.*)", re.S)
 
 # RFC 9112 §5   field-line = field-name ":" OWS field-value OWS
 # RFC 9110 §5.5 field-value: visible characters, SP, HTAB and obs-text
-#   (%x80-FF); never NUL, CR, LF or another CTL. The OWS on both sides is
-#   matched as part of the value and stripped afterwards: a separate OWS
-#   pattern would compete with the value for the same blanks.
+#   (%x80-FF); never NUL, CR, LF or another CTL. The OWS is matched as part
+#   of the value and stripped afterwards: a separate OWS pattern would compete
+#   with the value for the same blanks.
 FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
 FIELD_LINE = re.compile(rb"(?P<name>" + TOKEN + rb"):(?P<value>" + FIELD_VALUE + rb")")
 
@@ -312,19 +305,20 @@ HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)
 #                  ext-val    = token / quoted-string
 # Blanks after an ext-name are tried for "=", then for the next ";": twice at
 # most. In a quoted-string, "\" always starts a quoted-pair, never qdtext.
-QUOTED_STRING = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
-CHUNK_LINE = re.compile(rb"(?P<size>[0-9A-Fa-f]+)(?:[ \t]*;[ \t]*" + TOKEN +
-                        rb"(?:[ \t]*=[ \t]*(?:" + TOKEN + rb"|" + QUOTED_STRING + rb"))?)*")
+QUOTED_STRING = (rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]'
+                 rb'|\\[\t\x20-\x7e\x80-\xff])*"')
+CHUNK_EXT = (rb"(?:[ \t]*;[ \t]*" + TOKEN
+             + rb"(?:[ \t]*=[ \t]*(?:" + TOKEN + rb"|" + QUOTED_STRING + rb"))?)*")
+CHUNK_LINE = re.compile(rb"(?P<size>[0-9A-Fa-f]+)" + CHUNK_EXT)
 
-# RFC 9112 §2.2: the head ends at its first empty line. The LF that ends the
-# last field line comes first, then the empty line: CRLF or (Leniency, as the
-# RFC allows) a bare LF. So the end of a head is "\n\r\n" or "\n\n".
+# RFC 9112 §2.2: the head ends at its first empty line: the LF that ends the
+# last field line, then CRLF or (Leniency, as the RFC allows) a bare LF.
 END_OF_HEAD = re.compile(rb"\n\r?\n")
 
 
 @dataclass
 class Request:
-    """A parsed request head: RFC 9112 §3 request-line plus RFC 9112 §5 field lines."""
+    """A parsed request head: the RFC 9112 §3 request-line and §5 field lines."""
 
     method: str                           # "GET", case kept (RFC 9110 §9.1)
     target: bytes                         # b"/search?q=1", as sent
@@ -355,13 +349,9 @@ def field_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]
 
 
 def comma_list(values: list[bytes]) -> list[bytes]:
-    """RFC 9110 §5.6.1: split "a, b" lists, drop empty members, lower-case them.
-
-    >>> comma_list([b"keep-alive, ,Upgrade", b"close"])
-    [b'keep-alive', b'upgrade', b'close']
-    """
-    items = (item.strip(b" \t").lower() for value in values for item in value.split(b","))
-    return [item for item in items if item]
+    """RFC 9110 §5.6.1: split "a, b" lists, drop empty members, lower-case them."""
+    items = [item.strip(b" \t") for value in values for item in value.split(b",")]
+    return [item.lower() for item in items if item]
 
 
 def parse_request_line(line: bytes) -> tuple[str, bytes, str]:
@@ -388,21 +378,17 @@ def parse_request_line(line: bytes) -> tuple[str, bytes, str]:
 def split_target(method: str, target: bytes) -> tuple[bytes, bytes, bytes | None]:
     """RFC 9112 §3.2: the four forms of request-target -> (path, query, authority).
 
-    `authority` is None unless the target is in absolute-form.
-
-    >>> split_target("GET", b"http://example.com?q=1")
-    (b'/', b'q=1', b'example.com')
-    """
+    `authority` is None unless the target is in absolute-form."""
     if method == "CONNECT":
         # Policy: authority-form (RFC 9112 §3.2.3) is for proxies; this is not one.
         raise HTTPError(501, "CONNECT is not supported")
     if target == b"*":
-        if method != "OPTIONS":      # RFC 9112 §3.2.4: asterisk-form is for OPTIONS only
+        if method != "OPTIONS":      # RFC 9112 §3.2.4: asterisk-form, for OPTIONS only
             raise HTTPError(400, "'*' is only allowed with OPTIONS")
         return b"*", b"", None
     authority = None
     if target[:1] != b"/":
-        # RFC 9112 §3.2.2: a server MUST accept absolute-form, and its authority
+        # RFC 9112 §3.2.2: a server MUST accept absolute-form, whose authority
         # then stands in for Host (RFC 9112 §3.3).
         match = ABSOLUTE_FORM.fullmatch(target)
         if match is None:
@@ -419,16 +405,12 @@ def split_target(method: str, target: bytes) -> tuple[bytes, bytes, bytes | None
 
 
 def parse_field_line(line: bytes) -> tuple[bytes, bytes]:
-    r"""RFC 9112 §5: one "Name: value" line -> (lower-case name, value).
-
-    >>> parse_field_line(b"Content-Type: \ttext/plain ")
-    (b'content-type', b'text/plain')
-    """
+    """RFC 9112 §5: one "Name: value" line -> (lower-case name, value)."""
     match = FIELD_LINE.fullmatch(line)
     if match is None:
         if line[:1] in (b" ", b"\t"):
             # RFC 9112 §5.2: obs-fold is deprecated; we may reject it with 400.
-            # RFC 9112 §2.2: so may a first field line that starts with one.
+            # RFC 9112 §2.2: so may whitespace before the first field line.
             raise HTTPError(400, "obsolete line folding is not accepted")
         # Covers "Name : v" (RFC 9112 §5.1 MUST reject), a missing colon, and
         # CR, LF, NUL or other control characters in a value (RFC 9110 §5.5).
@@ -447,7 +429,7 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
     (False, 5)
     """
     te_fields = fields[b"transfer-encoding"]
-    te = comma_list(te_fields)      # RFC 9112 §6.1: codings, in the order applied
+    te = comma_list(te_fields)      # RFC 9112 §6.1: the codings, in the order applied
     cl = fields[b"content-length"]
     if te_fields and cl:
         # (3) Policy: the RFC lets Transfer-Encoding win and says the message
@@ -457,7 +439,7 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
     if te_fields:
         if not te:
             raise HTTPError(400, "empty Transfer-Encoding")
-        if version == "1.0":     # RFC 9112 §6.1: TE in a 1.0 request means faulty framing
+        if version == "1.0":     # RFC 9112 §6.1: then TE means faulty framing
             raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if te[-1] != b"chunked":  # (4) MUST answer 400: the length is unknowable
             raise HTTPError(400, "chunked is not the final transfer coding")
@@ -499,13 +481,17 @@ FRAMING_FIELDS = (b"host", b"content-length", b"transfer-encoding", b"connection
                   b"expect")
 
 
-def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
-    r"""Parse one request head, up to the LF that ends its last line, into a Request.
+def framing_fields(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    """The values of each of FRAMING_FIELDS, in order."""
+    fields = {name: [] for name in FRAMING_FIELDS}
+    for name, value in headers:     # one pass over the headers, not one per field
+        if name in fields:
+            fields[name].append(value)
+    return fields
 
-    >>> request = parse_head(b"GET /a?b HTTP/1.0\r\nHost: x\r\nConnection: keep-alive")
-    >>> request.path, request.query, request.headers[0], request.keep_alive
-    (b'/a', b'b', (b'host', b'x'), True)
-    """
+
+def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
+    """Parse one request head, up to the LF that ends its last line, into a Request."""
     # RFC 9112 §2.2: lines end in CRLF. Leniency: a bare LF also ends a line,
     # as the RFC allows. One CR is taken off each line; a CR anywhere else
     # fails the patterns (400). bytes.splitlines() would split at a lone CR.
@@ -518,7 +504,7 @@ def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
         raise HTTPError(431, "too many header fields")    # Limit: RFC 6585 §5
     # RFC 9110 §5.3: every field line is kept, in wire order, never merged.
     headers = [parse_field_line(line) for line in lines[1:]]
-    fields = {name: field_values(headers, name) for name in FRAMING_FIELDS}
+    fields = framing_fields(headers)
     check_host(version, fields[b"host"])
     if authority is not None:
         # RFC 9112 §3.2.2: the server "MUST ignore the received Host header
@@ -544,26 +530,21 @@ def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
 class RequestParser:
     r"""Incremental HTTP/1.1 request parser: feed() bytes, take next_event()s.
 
-    A state machine; `state` says what the next bytes must be, and READERS
+    A state machine: `state` says what the next bytes must be, and READERS
     (at the end of the class) which method reads them:
 
-              +----------------------------- END ---------------------+
-              v                                                       |
-            head --(Content-Length, or none: 0)--> body --(all read)--+
-              |                                                       |
-          (chunked)                                                   |
-              v                                                       |
-     +--> chunk-size --(size 0)--> trailers --(empty line)-- END -----+
-     |        |
-     |    (size > 0)
-     |        v
-     |    chunk-data --(size bytes)--> chunk-end
-     |                                   |
-     +---------------(CRLF)--------------+
+      head --(Content-Length; none is 0)--> body --(all of it, then END)--> head
+       |
+    (chunked)
+       v
+      chunk-size --(size 0)--> trailers --(empty line, then END)--> head
+       |      ^
+    (size > 0) +-----------------(CRLF)-----------------+
+       v                                                |
+      chunk-data --(size bytes)--> chunk-end -----------+
 
     From any state, an HTTPError leads to "error", for good: after a framing
-    error no byte on the connection can be trusted. The chunked states follow
-    RFC 9112 §7.1:
+    error no byte on the connection can be trusted. RFC 9112 §7.1:
 
         chunked-body = *chunk last-chunk trailer-section CRLF
         chunk        = chunk-size [ chunk-ext ] CRLF chunk-data CRLF
@@ -587,8 +568,7 @@ class RequestParser:
         self.empty_lines = 0      # empty lines skipped before this request-line
         self.last_head = b""      # the head last parsed, as sent (for --trace)
         self.remaining = 0        # body or chunk-data bytes still to come
-        self.body_size = 0        # body bytes of this request, for the 413 limit
-        self.trailer_bytes = self.trailer_lines = 0   # for the 431 limits
+        self.body_size = self.trailer_bytes = self.trailer_lines = 0   # for 413, 431
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the client."""
@@ -598,7 +578,7 @@ class RequestParser:
         """The next event, or None if more bytes are needed. Raises HTTPError.
 
         A reader that only moves on (past a chunk-size line, or the CRLF after
-        chunk-data) calls next_event() again for the next state's reader."""
+        chunk-data) calls next_event() again, for the next state's reader."""
         if self.state == "error":
             raise HTTPError(400, "the connection is in an error state")
         try:
@@ -616,11 +596,9 @@ class RequestParser:
     def drop_body(self) -> int | None:
         """Read and drop the body bytes in the buffer; None once the body has ended.
 
-        RFC 9112 §9.3: the next request on a connection starts after this
-        request's body, so both servers skip a body the app left unread this
-        way (while can_drain() allows) before the next head is parsed. Returns
-        how many body bytes it dropped, or None at the end of the body.
-        """
+        RFC 9112 §9.3: the next request starts after this request's body, so
+        both servers skip a body the app left unread this way (while
+        can_drain() allows). Returns how many body bytes it dropped."""
         dropped = 0
         while type(event := self.next_event()) is bytes:
             dropped += len(event)
@@ -644,6 +622,8 @@ class RequestParser:
 
         RFC 9110 §5.3: a Request is an event only once its whole head is here."""
         buffer = self.buffer
+        if not buffer:
+            return None            # nothing of the next request yet
         # RFC 9112 §2.2: "a server SHOULD ignore at least one empty line (CRLF)
         # received prior to the request-line". Policy: at most MAX_EMPTY_LINES.
         while buffer.startswith((b"\r\n", b"\n")):
@@ -665,19 +645,19 @@ class RequestParser:
         return request
 
     def _take_head(self) -> bytes | None:
-        r"""Cut the head off the buffer, up to the LF of its last line; None until whole.
+        r"""Cut the head off the buffer, up to its last line's LF; None until whole.
 
-        The search resumes where the last one stopped, so a head that comes
-        one byte at a time is still searched in linear time. An example:
+        The search resumes at `scanned_up_to`, so a head that comes one byte
+        at a time is still searched in linear time. An example:
 
             G E T   /   H T T P / 1 . 1 \r \n H o s t :   a \r \n \r \n
             0                           14 15 16            23 24 25 26
 
-        END_OF_HEAD finds "\n\r\n" at 24: the head is bytes 0 to 23 (the CR
-        of its last line included; parse_head takes it off), and all 27 bytes
-        leave the buffer. Had only bytes 0 to 25 come, the end could not be
-        seen yet, but the head could be no shorter than 24 = 26 - 2 bytes,
-        and its end could start at 24 at the earliest: the 2 bytes of slack.
+        END_OF_HEAD finds "\n\r\n" at 24: the head is bytes 0 to 23 (parse_head
+        takes off the CR of its last line) and all 27 bytes leave the buffer.
+        Had only bytes 0 to 25 come, the head could be no shorter than 24 =
+        26 - 2 bytes, and its end could start at 24 at the earliest: hence
+        the 2 bytes of slack in the 431 check and in `scanned_up_to`.
         """
         match = END_OF_HEAD.search(self.buffer, self.scanned_up_to)
         end = match.start() if match else len(self.buffer) - 2
@@ -686,16 +666,15 @@ class RequestParser:
             self.scanned_up_to = max(0, end)
             return None
         self.scanned_up_to = 0
-        head = self._take(match.end())
-        return head[:end]
+        return self._take(match.end())[:end]
 
     def _check_head_limits(self, end: int) -> None:
         """Limit: refuse a head that is, or can only become, too long.
 
-        `end` is where the head ends, or the least it can end at (see
-        _take_head). The request-line is measured without its CRLF, which may
-        be on its way: a line of exactly the limit has its LF at index
-        limit + 1. So every split of the same bytes gets the same answer."""
+        `end` is where the head ends, or the least it can end at (_take_head).
+        The request-line is measured without its CRLF, which may be on its
+        way: a line of exactly the limit has its LF at index limit + 1. So
+        every split of the same bytes gets the same answer."""
         buffer = self.buffer
         newline = buffer.find(b"\n", 0, self.limits.limit_request_line + 2)
         line_end = newline if newline >= 0 else len(buffer)   # or more
@@ -716,13 +695,13 @@ class RequestParser:
         if limit is not None and self.body_size > limit:
             raise HTTPError(413, "request body too large")
 
-    # -- the body: Content-Length (RFC 9112 §6.2) or chunked (RFC 9112 §7.1) ----
+    # -- the body: Content-Length (RFC 9112 §6.2) or chunked (RFC 9112 §7.1) ---
 
     def _read_data(self) -> bytes | EndOfMessage | None:
-        """States "body" and "chunk-data": the next piece of body bytes.
+        """States "body" and "chunk-data": the next piece of the body's bytes.
 
-        A Content-Length body (state "body") ends with END; a chunk's data
-        (which is never empty) with the CRLF of state "chunk-end"."""
+        A Content-Length body ends with END; a chunk's data (never empty)
+        goes on to state "chunk-end", the CRLF after it."""
         if self.remaining == 0:     # in state "body" only
             self.state = "head"
             return END
@@ -739,7 +718,7 @@ class RequestParser:
 
         RFC 9112 §7.1.1: the chunk extensions are checked, then ignored. Size 0
         is the last-chunk: the trailer section comes next."""
-        line = self._take_line(MAX_CHUNK_LINE, HTTPError(400, "chunk size line too long"))
+        line = self._take_line(MAX_CHUNK_LINE, "chunk size line too long", 400)
         if line is None:
             return None
         match = CHUNK_LINE.fullmatch(line)
@@ -753,8 +732,8 @@ class RequestParser:
         return self.next_event()
 
     def _read_chunk_end(self) -> bytes | EndOfMessage | None:
-        """State "chunk-end": the CRLF after chunk-data, exactly, then the next size."""
-        if self._take_line(0, HTTPError(400, "chunk data not followed by CRLF")) is None:
+        """State "chunk-end": the CRLF after chunk-data, exactly; then the next size."""
+        if self._take_line(0, "chunk data not followed by CRLF", 400) is None:
             return None
         self.state = "chunk-size"
         return self.next_event()
@@ -765,8 +744,7 @@ class RequestParser:
         # and dropped: RFC 9110 §6.5.1 forbids merging them into the headers.
         limits = self.limits
         while True:
-            line = self._take_line(limits.limit_request_head,
-                                   HTTPError(431, "trailer field too large"))
+            line = self._take_line(limits.limit_request_head, "trailer field too large")
             if line is None:
                 return None
             if not line:
@@ -780,14 +758,14 @@ class RequestParser:
                 raise HTTPError(431, "trailer section too large")   # Limit
             parse_field_line(line)
 
-    def _take_line(self, limit: int, error: HTTPError) -> bytes | None:
+    def _take_line(self, limit: int, too_long: str, status: int = 431) -> bytes | None:
         """Cut one CRLF-ended line of at most `limit` bytes off the buffer, or None.
 
-        Raises `error` once the line is sure to be longer than `limit`."""
+        A line sure to be longer is refused with `status` and `too_long`."""
         end = self.buffer.find(b"\r\n", self.scanned_up_to, limit + 2)
         if end < 0:
             if len(self.buffer) > limit + 1:    # room for a line and its CR
-                raise error                     # Limit (section 1)
+                raise HTTPError(status, too_long)     # Limit (section 1)
             # Bytes already searched are not searched again, but the last one
             # may be the CR of a CRLF whose LF is still to come.
             self.scanned_up_to = max(0, len(self.buffer) - 1)
@@ -801,6 +779,7 @@ class RequestParser:
             raise HTTPError(400, "bare LF in chunked framing")
         return line
 
+    # The reader of each state; "error" has none (next_event raises).
     READERS = {"head": _read_head, "body": _read_data, "chunk-size": _read_chunk_size,
                "chunk-data": _read_data, "chunk-end": _read_chunk_end,
                "trailers": _read_trailers}
@@ -864,9 +843,8 @@ def http_date_of_second(second: int) -> bytes:
 def can_drain(unread: int | None) -> bool:
     """Policy: after a response, is the rest of an unread body cheap to skip?
 
-    RFC 9112 §9.3: the next request starts after this body. Up to DRAIN_BYTES
-    we read and drop it (RequestParser.drop_body) to keep the connection;
-    beyond that the response says "Connection: close". A chunked body's size
+    RFC 9112 §9.3: the next request starts after this body. We skip up to
+    DRAIN_BYTES (RequestParser.drop_body), else close. A chunked body's size
     is unknown (None): we try, and close if more than DRAIN_BYTES come."""
     return unread is None or unread <= DRAIN_BYTES
 
@@ -1032,10 +1010,10 @@ def error_response(status: int, message: str, now: float,
     [b'Connection: close', b'', b'400 Bad Request: no Host\n']
     """
     body = f"{status} {REASONS.get(status, b'').decode()}: {message}\n".encode()
+    fields = [(b"Content-Type", b"text/plain; charset=utf-8"),
+              (b"Content-Length", b"%d" % len(body)), *headers]
     response = Response("GET", "1.1", keep_alive=False, config=config)
-    head = response.head(status, [(b"Content-Type", b"text/plain; charset=utf-8"),
-                                  (b"Content-Length", b"%d" % len(body)), *headers], now)
-    return head + body
+    return response.head(status, fields, now) + body
 
 
 # RFC 9110 §15.2.1; never sent to an HTTP/1.0 client (RFC 9110 §15.2), which
