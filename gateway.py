@@ -268,10 +268,10 @@ def printable(text: str) -> str:
 # decides when to read it. Nothing here touches a socket, a thread or a clock.
 # =============================================================================
 
-# Limit: these patterns run on client bytes, so each must take linear time.
-# Two neighbouring parts that can both take a run of bytes make a failing
-# match try every split of the run (quadratic time); so each byte has one part
-# to go to (a chunk-ext's BWS, two), and alternatives differ in their first byte.
+# Limit: these patterns run on client bytes, so each must take linear time. Two
+# neighbours that can both take a run of bytes make a failing match try every
+# split of it (quadratic); so each byte has one part to go to (a chunk-ext's BWS,
+# two), and alternatives differ in their first byte.
 
 # RFC 9110 §5.6.2   token = 1*tchar
 #   tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." /
@@ -281,6 +281,7 @@ TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # RFC 9112 §3   request-line = method SP request-target SP HTTP-version
 # RFC 9112 §3.2 the target has no whitespace, no CTL and no "#" (a fragment is
 #               never sent), so: visible ASCII except "#".
+# RFC 9112 §2.3 HTTP-version = "HTTP/" DIGIT "." DIGIT, case-sensitive.
 REQUEST_LINE = re.compile(rb"(?P<method>" + TOKEN + rb") (?P<target>[!-\"$-~]+) "
                           rb"(?P<version>HTTP/[0-9]\.[0-9])")
 
@@ -319,7 +320,6 @@ END_OF_HEAD = re.compile(rb"\n\r?\n")
 @dataclass
 class Request:
     """A parsed request head: the RFC 9112 §3 request-line and §5 field lines."""
-
     method: str                           # "GET", case kept (RFC 9110 §9.1)
     target: bytes                         # b"/search?q=1", as sent
     path: bytes                           # b"/search", still percent-encoded
@@ -334,7 +334,6 @@ class Request:
 
 class EndOfMessage:
     """The event after the last body byte of a request."""
-
     def __repr__(self) -> str:
         """Shown as END, the name of its one instance."""
         return "END"
@@ -365,20 +364,16 @@ def parse_request_line(line: bytes) -> tuple[str, bytes, str]:
         raise HTTPError(400, "malformed request line")
     method, target, version = match.group("method", "target", "version")
     if version[:7] != b"HTTP/1.":
-        # RFC 9110 §15.6.6: 505 for a major version we do not speak. This also
-        # answers an HTTP/2 connection preface ("PRI * HTTP/2.0").
+        # RFC 9110 §15.6.6: 505, also to an HTTP/2 preface ("PRI * HTTP/2.0").
         raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
     if len(method) > MAX_METHOD_BYTES:
         raise HTTPError(501, "method too long")    # Limit: RFC 9112 §3
-    # RFC 9110 §2.5: a higher minor version "SHOULD" be processed as the
-    # highest minor version we implement, so HTTP/1.2 is handled as 1.1.
+    # RFC 9110 §2.5: a higher minor version "SHOULD" be handled as ours: 1.1.
     return method.decode("ascii"), target, "1.0" if version == b"HTTP/1.0" else "1.1"
 
 
 def split_target(method: str, target: bytes) -> tuple[bytes, bytes, bytes | None]:
-    """RFC 9112 §3.2: the four forms of request-target -> (path, query, authority).
-
-    `authority` is None unless the target is in absolute-form."""
+    """RFC 9112 §3.2: the four forms of request-target -> (path, query, authority)."""
     if method == "CONNECT":
         # Policy: authority-form (RFC 9112 §3.2.3) is for proxies; this is not one.
         raise HTTPError(501, "CONNECT is not supported")
@@ -388,8 +383,7 @@ def split_target(method: str, target: bytes) -> tuple[bytes, bytes, bytes | None
         return b"*", b"", None
     authority = None
     if target[:1] != b"/":
-        # RFC 9112 §3.2.2: a server MUST accept absolute-form, whose authority
-        # then stands in for Host (RFC 9112 §3.3).
+        # RFC 9112 §3.2.2: a server MUST accept absolute-form (a proxy's form).
         match = ABSOLUTE_FORM.fullmatch(target)
         if match is None:
             raise HTTPError(400, "malformed request target")
@@ -399,7 +393,7 @@ def split_target(method: str, target: bytes) -> tuple[bytes, bytes, bytes | None
         if not authority or b"@" in authority or HOST.fullmatch(authority) is None \
                 or authority.startswith(b":"):
             raise HTTPError(400, "malformed authority in the request target")
-        target = target if target[:1] == b"/" else b"/" + target   # empty path: "/"
+        target = target if target[:1] == b"/" else b"/" + target   # RFC 9112 §3.2.2
     path, _, query = target.partition(b"?")   # RFC 9112 §3.2.1: split at the first "?"
     return path, query, authority
 
@@ -409,21 +403,20 @@ def parse_field_line(line: bytes) -> tuple[bytes, bytes]:
     match = FIELD_LINE.fullmatch(line)
     if match is None:
         if line[:1] in (b" ", b"\t"):
-            # RFC 9112 §5.2: obs-fold is deprecated; we may reject it with 400.
-            # RFC 9112 §2.2: so may whitespace before the first field line.
+            # RFC 9112 §5.2: obs-fold may get 400; RFC 9112 §2.2: so may line one.
             raise HTTPError(400, "obsolete line folding is not accepted")
         # Covers "Name : v" (RFC 9112 §5.1 MUST reject), a missing colon, and
         # CR, LF, NUL or other control characters in a value (RFC 9110 §5.5).
         raise HTTPError(400, "malformed header field")
-    # RFC 9112 §5.1, RFC 9110 §5.6.3: OWS is SP and HTAB only, so not strip().
+    # RFC 9110 §5.1: names are case-insensitive, so lower-cased. RFC 9112 §5.1,
+    # RFC 9110 §5.6.3: OWS is SP and HTAB only, so not strip().
     return match["name"].lower(), match["value"].strip(b" \t")
 
 
 def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, int]:
     """Where does this request's body end? RFC 9112 §6.3, items (3) to (7).
 
-    `fields` maps the lower-case names of FRAMING_FIELDS to their values.
-    Returns (chunked, content_length).
+    Takes framing_fields(); returns (chunked, content_length).
 
     >>> body_framing("1.1", {b"transfer-encoding": [], b"content-length": [b"5, 5"]})
     (False, 5)
@@ -432,7 +425,7 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
     te = comma_list(te_fields)      # RFC 9112 §6.1: the codings, in the order applied
     cl = fields[b"content-length"]
     if te_fields and cl:
-        # (3) Policy: the RFC lets Transfer-Encoding win and says the message
+        # RFC 9112 §6.3 (3). Policy: the RFC lets Transfer-Encoding win, saying it
         # "ought to be handled as an error". A proxy in front may have used the
         # other one (request smuggling, RFC 9112 §11.2), so we refuse and close.
         raise HTTPError(400, "both Transfer-Encoding and Content-Length")
@@ -441,7 +434,7 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
             raise HTTPError(400, "empty Transfer-Encoding")
         if version == "1.0":     # RFC 9112 §6.1: then TE means faulty framing
             raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if te[-1] != b"chunked":  # (4) MUST answer 400: the length is unknowable
+        if te[-1] != b"chunked":  # RFC 9112 §6.3 (4): MUST answer 400, no length
             raise HTTPError(400, "chunked is not the final transfer coding")
         if te.count(b"chunked") > 1:   # RFC 9112 §6.1, §7.1: chunked is applied once
             raise HTTPError(400, "chunked applied twice")
@@ -449,8 +442,8 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
             raise HTTPError(501, "only the chunked transfer coding is supported")
         return True, 0
     if cl:
-        # (5) RFC 9110 §8.6: Content-Length = 1*DIGIT. Equal values ("5, 5" or
-        # two lines) may be taken as one; different ones are an error.
+        # RFC 9112 §6.3 (5), RFC 9110 §8.6: Content-Length = 1*DIGIT. Equal values
+        # ("5, 5", or two lines) may be taken as one; different ones are an error.
         values = {item.strip(b" \t") for value in cl for item in value.split(b",")}
         if len(values) != 1:
             raise HTTPError(400, "conflicting Content-Length values")
@@ -460,7 +453,7 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
         if len(value.lstrip(b"0")) > MAX_LENGTH_DIGITS:
             raise HTTPError(413, "Content-Length too large")   # Limit: RFC 9110 §8.6
         return False, int(value)       # (6) that many bytes
-    return False, 0      # (7) neither: a request has no body
+    return False, 0      # RFC 9112 §6.3 (7): neither, so a request has no body
 
 
 def check_host(version: str, hosts: list[bytes]) -> None:
@@ -475,8 +468,7 @@ def check_host(version: str, hosts: list[bytes]) -> None:
         raise HTTPError(400, "malformed Host header")
 
 
-# The fields that decide how a request is framed and answered (RFC 9112 §3.2,
-# RFC 9112 §6, RFC 9112 §9.3, RFC 9110 §10.1.1).
+# The fields that frame a request (RFC 9112 §3.2, §6, §9.3; RFC 9110 §10.1.1).
 FRAMING_FIELDS = (b"host", b"content-length", b"transfer-encoding", b"connection",
                   b"expect")
 
@@ -492,9 +484,8 @@ def framing_fields(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes
 
 def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
     """Parse one request head, up to the LF that ends its last line, into a Request."""
-    # RFC 9112 §2.2: lines end in CRLF. Leniency: a bare LF also ends a line,
-    # as the RFC allows. One CR is taken off each line; a CR anywhere else
-    # fails the patterns (400). bytes.splitlines() would split at a lone CR.
+    # RFC 9112 §2.2: lines end in CRLF; Leniency: or in a bare LF. One CR is taken
+    # off each line; any other CR fails the patterns (400), never splits a line.
     lines = [line[:-1] if line[-1:] == b"\r" else line for line in head.split(b"\n")]
     if len(lines[0]) > limits.limit_request_line:
         raise HTTPError(414, "request line too long")   # Limit: RFC 9112 §3
@@ -512,12 +503,12 @@ def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
         headers = [(name, value) for name, value in headers if name != b"host"]
         headers.append((b"host", authority))
     chunked, content_length = body_framing(version, fields)
-    # RFC 9112 §9.3: HTTP/1.1 is persistent unless "close"; HTTP/1.0 only
-    # with an explicit "keep-alive".
+    # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; 1.0 only with "keep-alive".
     connection = comma_list(fields[b"connection"])
     keep_alive = b"close" not in connection and (version == "1.1"
                                                  or b"keep-alive" in connection)
-    # RFC 9110 §10.1.1: 100-continue only means something for HTTP/1.1.
+    # RFC 9110 §10.1.1: 100-continue only means something for HTTP/1.1; any
+    # other expectation gets 417 (RFC 9110 §15.5.18).
     expect_continue = False
     if fields[b"expect"] and version == "1.1":
         if any(item != b"100-continue" for item in comma_list(fields[b"expect"])):
@@ -543,8 +534,8 @@ class RequestParser:
        v                                                |
       chunk-data --(size bytes)--> chunk-end -----------+
 
-    From any state, an HTTPError leads to "error", for good: after a framing
-    error no byte on the connection can be trusted. RFC 9112 §7.1:
+    An HTTPError leads to "error" for good: no later byte can be trusted.
+    The chunked body, RFC 9112 §7.1:
 
         chunked-body = *chunk last-chunk trailer-section CRLF
         chunk        = chunk-size [ chunk-ext ] CRLF chunk-data CRLF
@@ -558,7 +549,6 @@ class RequestParser:
     >>> parser.next_event().target, parser.next_event(), parser.next_event()
     (b'/echo', b'hello', END)
     """
-
     def __init__(self, limits: Limits = LIMITS) -> None:
         """An empty buffer, waiting for the head of the first request."""
         self.buffer = bytearray()
@@ -575,10 +565,7 @@ class RequestParser:
         self.buffer += data
 
     def next_event(self) -> Request | bytes | EndOfMessage | None:
-        """The next event, or None if more bytes are needed. Raises HTTPError.
-
-        A reader that only moves on (past a chunk-size line, or the CRLF after
-        chunk-data) calls next_event() again, for the next state's reader."""
+        """The next event, or None if more bytes are needed. Raises HTTPError."""
         if self.state == "error":
             raise HTTPError(400, "the connection is in an error state")
         try:
@@ -594,11 +581,10 @@ class RequestParser:
         return 0 if self.state == "head" else None
 
     def drop_body(self) -> int | None:
-        """Read and drop the body bytes in the buffer; None once the body has ended.
+        """Drop the body bytes buffered: how many, or None once the body has ended.
 
-        RFC 9112 §9.3: the next request starts after this request's body, so
-        both servers skip a body the app left unread this way (while
-        can_drain() allows). Returns how many body bytes it dropped."""
+        RFC 9112 §9.3: the next request starts after this body, so both servers
+        skip a body the app left unread this way (while can_drain() allows)."""
         dropped = 0
         while type(event := self.next_event()) is bytes:
             dropped += len(event)
@@ -614,8 +600,6 @@ class RequestParser:
         data = bytes(self.buffer[:size])
         del self.buffer[:size]
         return data
-
-    # -- the head (RFC 9112 §2.2, §3, §5) --------------------------------------
 
     def _read_head(self) -> Request | None:
         """State "head": the next request's head, parsed, or None until it is whole.
@@ -672,9 +656,8 @@ class RequestParser:
         """Limit: refuse a head that is, or can only become, too long.
 
         `end` is where the head ends, or the least it can end at (_take_head).
-        The request-line is measured without its CRLF, which may be on its
-        way: a line of exactly the limit has its LF at index limit + 1. So
-        every split of the same bytes gets the same answer."""
+        The request-line is measured without its CRLF, which may be on its way
+        (so its LF is looked for up to index limit + 1): any split, one answer."""
         buffer = self.buffer
         newline = buffer.find(b"\n", 0, self.limits.limit_request_line + 2)
         line_end = newline if newline >= 0 else len(buffer)   # or more
@@ -695,13 +678,8 @@ class RequestParser:
         if limit is not None and self.body_size > limit:
             raise HTTPError(413, "request body too large")
 
-    # -- the body: Content-Length (RFC 9112 §6.2) or chunked (RFC 9112 §7.1) ---
-
     def _read_data(self) -> bytes | EndOfMessage | None:
-        """States "body" and "chunk-data": the next piece of the body's bytes.
-
-        A Content-Length body ends with END; a chunk's data (never empty)
-        goes on to state "chunk-end", the CRLF after it."""
+        """States "body" (RFC 9112 §6.2, then END) and "chunk-data": body bytes."""
         if self.remaining == 0:     # in state "body" only
             self.state = "head"
             return END
@@ -714,10 +692,7 @@ class RequestParser:
         return data
 
     def _read_chunk_size(self) -> bytes | EndOfMessage | None:
-        """State "chunk-size": chunk-size [ chunk-ext ] CRLF, then the data.
-
-        RFC 9112 §7.1.1: the chunk extensions are checked, then ignored. Size 0
-        is the last-chunk: the trailer section comes next."""
+        """State "chunk-size" (RFC 9112 §7.1.1: any chunk-ext is checked, ignored)."""
         line = self._take_line(MAX_CHUNK_LINE, "chunk size line too long", 400)
         if line is None:
             return None
@@ -726,13 +701,13 @@ class RequestParser:
             raise HTTPError(400, "malformed chunk size line")
         if len(match["size"]) > MAX_SIZE_DIGITS:
             raise HTTPError(400, "chunk size too large")   # Limit: no overflow
-        self.remaining = int(match["size"], 16)   # 1*HEXDIG: int() alone takes "0x1"
+        self.remaining = int(match["size"], 16)   # RFC 9112 §7.1: 1*HEXDIG, checked
         self._count_body(self.remaining)
         self.state = "chunk-data" if self.remaining else "trailers"
         return self.next_event()
 
     def _read_chunk_end(self) -> bytes | EndOfMessage | None:
-        """State "chunk-end": the CRLF after chunk-data, exactly; then the next size."""
+        """State "chunk-end": the CRLF after chunk-data (RFC 9112 §7.1), exactly."""
         if self._take_line(0, "chunk data not followed by CRLF", 400) is None:
             return None
         self.state = "chunk-size"
@@ -759,23 +734,19 @@ class RequestParser:
             parse_field_line(line)
 
     def _take_line(self, limit: int, too_long: str, status: int = 431) -> bytes | None:
-        """Cut one CRLF-ended line of at most `limit` bytes off the buffer, or None.
-
-        A line sure to be longer is refused with `status` and `too_long`."""
+        """Cut a CRLF-ended line of at most `limit` bytes off the buffer, or None."""
         end = self.buffer.find(b"\r\n", self.scanned_up_to, limit + 2)
         if end < 0:
             if len(self.buffer) > limit + 1:    # room for a line and its CR
                 raise HTTPError(status, too_long)     # Limit (section 1)
-            # Bytes already searched are not searched again, but the last one
-            # may be the CR of a CRLF whose LF is still to come.
+            # Searched bytes are not searched again; the last may be a CRLF's CR.
             self.scanned_up_to = max(0, len(self.buffer) - 1)
             return None
         self.scanned_up_to = 0
         line = self._take(end + 2)[:-2]
         if b"\n" in line:
-            # Policy: a bare LF is accepted in the head, but inside chunked
-            # framing only CRLF is (RFC 9112 §7.1): leniency here enables
-            # request smuggling (RFC 9112 §11.2).
+            # Policy: a bare LF is accepted in the head, not in chunked framing
+            # (RFC 9112 §7.1): leniency there enables smuggling (RFC 9112 §11.2).
             raise HTTPError(400, "bare LF in chunked framing")
         return line
 
@@ -928,7 +899,7 @@ class Response:
     def _choose_framing(self, status: int, length: int | None) -> str:
         """RFC 9112 §6.3: how the client will find the end of this body."""
         if self.method == "HEAD" or status < 200 or status in (204, 304):
-            return "none"       # (1) never a body, whatever the app sends
+            return "none"       # RFC 9112 §6.3 (1): no body, whatever the app sends
         if length is not None:
             self.length = length
             return "length"     # (6) the app gave the size
