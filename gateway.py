@@ -65,23 +65,23 @@ except ImportError:     # a Python built without OpenSSL: no TLS, all else works
     ssl = None
     WOULD_BLOCK = (BlockingIOError,)
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import unquote, unquote_to_bytes
 import zlib
 
-__all__ = [
-    "Config", "HTTPError", "Request", "RequestParser", "Response", "END",
-    "parse_head", "error_response", "WSGIServer", "ASGIServer", "serve",
-    "make_listener", "main",
-]
+__all__ = ["Config", "Limits", "HTTPError", "Request", "RequestParser", "Response",
+           "END", "parse_head", "error_response", "WSGIServer", "ASGIServer", "serve",
+           "make_listener", "main"]
 
-log = logging.getLogger("gateway")   # configured by the command line (§9)
+log = logging.getLogger("gateway")   # configured by the command line (section 12)
 
 # =============================================================================
 # §1  Imports, limits and constants
 #
 # Every number the server uses lives here, with its unit and the status code
-# that going over it produces. Config (below) lets the command line change them.
+# that going over it produces. Limits holds the ones the parser and the writer
+# read; Config extends it, and the command line (section 12) can change both.
 # =============================================================================
 
 SERVER_NAME = b"gateway"
@@ -91,8 +91,8 @@ MAX_REQUEST_LINE = 8 * 1024      # bytes, request-line          -> 414 (RFC 9112
 MAX_HEAD_BYTES = 64 * 1024       # bytes, request-line + fields -> 431 (RFC 6585 §5)
 MAX_FIELD_LINES = 100            # field lines in one head      -> 431
 MAX_METHOD_BYTES = 32            # longer than any method we know -> 501 (RFC 9112 §3)
-MAX_EMPTY_LINES = 8              # empty lines before a request-line -> 400 (RFC 9112 §2.2)
-MAX_CHUNK_LINE = 4 * 1024        # bytes, chunk-size + chunk-ext -> 400 (RFC 9112 §7.1.1)
+MAX_EMPTY_LINES = 8              # before a request-line -> 400 (RFC 9112 §2.2)
+MAX_CHUNK_LINE = 4 * 1024        # bytes, chunk-size + ext -> 400 (RFC 9112 §7.1.1)
 MAX_SIZE_DIGITS = 16             # hex digits in a chunk-size, so it cannot overflow
 MAX_LENGTH_DIGITS = 18           # decimal digits in a Content-Length -> 413
 
@@ -102,7 +102,7 @@ LOW_WATER = 64 * 1024            # ... and the level at which we resume it
 BACKLOG = 2048                   # pending connections the kernel may queue
 # When it cannot take one more connection (the selector is full, or accept()
 # ran out of descriptors) the server stops watching its listener for a while;
-# new clients wait in that backlog meanwhile (§6 accept, §8 on_loop_error).
+# new clients wait in that backlog meanwhile (sections 6 and 8, the servers).
 SELECT_SOCKETS = 512 if os.name == "nt" else 1024   # FD_SETSIZE: select() watches
 #                                  this many sockets (Windows), or descriptors below
 #                                  it (POSIX) -> the WSGI loop stops accepting
@@ -120,9 +120,8 @@ SENDFILE_BYTES = 1024 * 1024     # most bytes one os.sendfile() call may send
 # do not hold up the rest, few enough that GIL hand-offs stay cheap.
 WSGI_THREADS = 8                 # worker threads that call WSGI applications
 # Policy: a queued app call waits this long for a busy worker before one more
-# sleeping worker is woken (§6 WorkerPool). So a request that comes while every
-# awake worker is inside a slow app call starts up to 2 ms late; waking a thread
-# for every request instead made them fight over the GIL (hello: -20% req/s).
+# sleeping worker is woken (WorkerPool, section 6): a request may start 2 ms
+# late, but waking a thread for every request makes the threads fight over the GIL.
 WORKER_WAIT_SECONDS = 0.002
 
 # Timeouts, in seconds. Each one bounds how long one client can hold on to a
@@ -143,20 +142,44 @@ WS_CLOSE_SECONDS = 5.0           # to wait for the peer's Close (RFC 6455 §7.1.
 
 
 @dataclass
-class Config:
+class Limits:
+    """What the parser (section 3) and writer (section 4) read; Config adds the rest."""
+
+    limit_request_line: int = MAX_REQUEST_LINE
+    limit_request_head: int = MAX_HEAD_BYTES
+    limit_request_fields: int = MAX_FIELD_LINES
+    limit_request_body: int | None = None     # bytes -> 413; None: no limit
+    server_header: bool = True                # send "Server: gateway"
+    date_header: bool = True                  # send "Date: ..."
+    headers: list = field(default_factory=list)   # (name, value) bytes: --header
+
+    def __post_init__(self) -> None:
+        """Refuse extra headers (--header) that would break every response head.
+
+        RFC 9112 §11.1: they get field_line()'s check once, here. Policy: the
+        fields that frame the body or describe the connection are the
+        server's (RFC 9112 §6, RFC 9110 §7.6.1), so they are refused too."""
+        for name, value in self.headers:
+            if type(name) is not bytes or type(value) is not bytes:
+                raise TypeError(f"extra header (--header): name and value must be "
+                                f"bytes: {name!r}: {value!r}")
+            try:
+                field_line(name, value)
+                if name.lower() in (*CONNECTION_FIELDS, b"content-length"):
+                    raise ValueError(f"{name.decode()} is the server's to send")
+            except ValueError as error:
+                raise ValueError(f"extra header (--header): {error}") from None
+
+
+@dataclass
+class Config(Limits):
     """The knobs of one server; the defaults are the constants above."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int = WSGI_THREADS
     root_path: str = ""
-    server_header: bool = True
-    date_header: bool = True
     backlog: int = BACKLOG
-    limit_request_line: int = MAX_REQUEST_LINE
-    limit_request_head: int = MAX_HEAD_BYTES
-    limit_request_fields: int = MAX_FIELD_LINES
-    limit_request_body: int | None = None     # bytes -> 413; None: no limit
     limit_spool: int = MAX_SPOOL_BYTES        # bytes of a chunked WSGI body -> 413
     limit_concurrency: int | None = None      # connections -> 503; None: no limit
     timeout_keep_alive: float = KEEP_ALIVE_SECONDS
@@ -180,43 +203,29 @@ class Config:
     proxy_headers: bool = False
     forwarded_allow_ips: str = "127.0.0.1"
     access_log: bool = True
-    access_log_format: str = ""                # "" means ACCESS_LOG_FORMAT (§11)
-    headers: list = field(default_factory=list)   # (name, value) bytes, every response
-    trace: bool = False                        # log the protocol as it happens (§11)
+    access_log_format: str = ""      # "" means ACCESS_LOG_FORMAT (section 11)
+    trace: bool = False              # log the protocol as it happens (section 11)
 
     def __post_init__(self) -> None:
-        """Refuse what no server could run with: no threads, or extra headers
-        (--header) that would break every response head.
-
-        RFC 9112 §11.1: extra headers get the check an app's fields get
-        (field_line, §4), once here rather than on each response. Policy: the
-        fields that frame the body or describe the connection are the
-        server's (RFC 9112 §6, RFC 9110 §7.6.1), so they are refused as well.
-        """
+        """Refuse what no server could run with: no threads, or bad extra headers."""
         if self.threads < 1:
             # A pool of no threads would queue every WSGI request for ever.
-            raise ValueError(f"--threads must be 1 or more (1: one app call at a time), "
+            raise ValueError("--threads must be 1 or more (1: one app call at a time), "
                              f"not {self.threads}")
-        for name, value in self.headers:
-            if type(name) is not bytes or type(value) is not bytes:
-                raise TypeError(f"extra header (--header): name and value must be "
-                                f"bytes: {name!r}: {value!r}")
-            try:
-                field_line(name, value)
-                if name.lower() in CONNECTION_FIELDS or name.lower() == b"content-length":
-                    raise ValueError(f"{name.decode('latin-1')} is the server's to send")
-            except ValueError as error:
-                raise ValueError(f"extra header (--header): {error}") from None
+        super().__post_init__()
 
 
+LIMITS = Limits()
 DEFAULTS = Config()
 
 
 # =============================================================================
 # §2  Errors
 #
-# One exception means "the client broke HTTP". Only §3 raises it; each server
-# catches it in one place, answers with its status, and closes the connection.
+# HTTPError: "answer this status, then close". The parser (section 3) raises
+# it for a request that breaks HTTP; sections 6 to 9 raise it for what only a
+# server sees (a slow client, a full disk, a failed app, a refused WebSocket
+# handshake). The catcher answers with error_response() (section 4).
 # =============================================================================
 
 
@@ -232,7 +241,9 @@ class HTTPError(Exception):
 
 
 class ClientDisconnected(ConnectionError):
-    """The client went away (ASGI HTTP spec 2.4: an OSError subclass)."""
+    """The client went away: the OSError subclass that ASGI send() raises then.
+
+    ASGI "HTTP & WebSocket" spec, "Disconnected Client - send exception"."""
 
 
 def printable(text: str) -> str:
@@ -252,17 +263,15 @@ def printable(text: str) -> str:
 # Bytes in, events out. RequestParser.feed() takes bytes as they arrive, and
 # next_event() hands back, in order: one Request (the head), the body as
 # `bytes` pieces, then END; or None when it needs more bytes. Any split of the
-# input, down to one byte at a time, gives the same events. The parser only
-# moves on to the next pipelined request when asked for the next event, so the
-# server decides when to read it.
+# input, down to one byte at a time, gives the same events. The parser moves
+# on to a pipelined request only when asked for the next event, so the server
+# decides when to read it. Nothing here touches a socket, a thread or a clock.
 # =============================================================================
 
-# Limit: these patterns run on client bytes, so each must take time linear in
-# its input. Where two neighbouring parts can both take a run of bytes (OWS
-# before a value that may hold blanks too), a failing match tries every way
-# of splitting the run between them: quadratic time. So each byte has one
-# part to go to (or, for the BWS in a chunk-ext, one of two), and alternatives
-# differ in their first byte.
+# Limit: these patterns run on client bytes, so each must take linear time. Two
+# neighbours that can both take a run of bytes make a failing match try every
+# split of it (quadratic); so each byte has one part to go to (a chunk-ext's BWS,
+# two), and alternatives differ in their first byte.
 
 # RFC 9110 §5.6.2   token = 1*tchar
 #   tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." /
@@ -272,28 +281,24 @@ TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # RFC 9112 §3   request-line = method SP request-target SP HTTP-version
 # RFC 9112 §3.2 the target has no whitespace, no CTL and no "#" (a fragment is
 #               never sent), so: visible ASCII except "#".
-REQUEST_LINE = re.compile(
-    rb"(?P<method>" + TOKEN + rb") "
-    rb"(?P<target>[!-\"$-~]+) "
-    rb"(?P<version>HTTP/[0-9]\.[0-9])"
-)
+# RFC 9112 §2.3 HTTP-version = "HTTP/" DIGIT "." DIGIT, case-sensitive.
+REQUEST_LINE = re.compile(rb"(?P<method>" + TOKEN + rb") (?P<target>[!-\"$-~]+) "
+                          rb"(?P<version>HTTP/[0-9]\.[0-9])")
+
+# RFC 9112 §3.2.2 absolute-form = absolute-URI; we take http and https only,
+#   and split it where the authority ends (at the first "/" or "?").
+ABSOLUTE_FORM = re.compile(rb"(?i:https?)://(?P<authority>[^/?]*)(?P<rest>.*)", re.S)
 
 # RFC 9112 §5   field-line = field-name ":" OWS field-value OWS
 # RFC 9110 §5.5 field-value: visible characters, SP, HTAB and obs-text
-#   (%x80-FF); never NUL, CR, LF or another CTL. The OWS on both sides is
-#   matched as part of the value and stripped afterwards: a separate OWS
-#   pattern would compete with the value for the same blanks.
+#   (%x80-FF); never NUL, CR, LF or another CTL. The OWS is matched as part
+#   of the value and stripped afterwards: a separate OWS pattern would compete
+#   with the value for the same blanks.
 FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
 FIELD_LINE = re.compile(rb"(?P<name>" + TOKEN + rb"):(?P<value>" + FIELD_VALUE + rb")")
-# All the field lines of a head at once: "field-line *( CRLF field-line )".
-# One match for the whole head costs less than one per line (8.9 -> 7.7 us to
-# parse a 10-field request); the per-line pattern then only says what is wrong.
-FIELD_LINES = re.compile(rb"%s:%s(?:\r\n%s:%s)*" % (TOKEN, FIELD_VALUE, TOKEN, FIELD_VALUE))
 
 # RFC 9112 §3.2 + RFC 3986 §3.2.2: Host = uri-host [ ":" port ]
-HOST = re.compile(
-    rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?"
-)
+HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 
 # RFC 9112 §7.1    chunk      = chunk-size [ chunk-ext ] CRLF chunk-data CRLF
 #                  chunk-size = 1*HEXDIG
@@ -301,18 +306,20 @@ HOST = re.compile(
 #                  ext-val    = token / quoted-string
 # Blanks after an ext-name are tried for "=", then for the next ";": twice at
 # most. In a quoted-string, "\" always starts a quoted-pair, never qdtext.
-QUOTED_STRING = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
-CHUNK_LINE = re.compile(
-    rb"(?P<size>[0-9A-Fa-f]+)"
-    rb"(?:[ \t]*;[ \t]*" + TOKEN +
-    rb"(?:[ \t]*=[ \t]*(?:" + TOKEN + rb"|" + QUOTED_STRING + rb"))?)*"
-)
+QUOTED_STRING = (rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]'
+                 rb'|\\[\t\x20-\x7e\x80-\xff])*"')
+CHUNK_EXT = (rb"(?:[ \t]*;[ \t]*" + TOKEN
+             + rb"(?:[ \t]*=[ \t]*(?:" + TOKEN + rb"|" + QUOTED_STRING + rb"))?)*")
+CHUNK_LINE = re.compile(rb"(?P<size>[0-9A-Fa-f]+)" + CHUNK_EXT)
+
+# RFC 9112 §2.2: the head ends at its first empty line: the LF that ends the
+# last field line, then CRLF or (Leniency, as the RFC allows) a bare LF.
+END_OF_HEAD = re.compile(rb"\n\r?\n")
 
 
-@dataclass       # not frozen: frozen=True makes __init__ 4x slower (1.1 -> 0.25 us)
+@dataclass
 class Request:
-    """A parsed request head: RFC 9112 §3 request-line plus §5 field lines."""
-
+    """A parsed request head: the RFC 9112 §3 request-line and §5 field lines."""
     method: str                           # "GET", case kept (RFC 9110 §9.1)
     target: bytes                         # b"/search?q=1", as sent
     path: bytes                           # b"/search", still percent-encoded
@@ -327,7 +334,6 @@ class Request:
 
 class EndOfMessage:
     """The event after the last body byte of a request."""
-
     def __repr__(self) -> str:
         """Shown as END, the name of its one instance."""
         return "END"
@@ -343,63 +349,51 @@ def field_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]
 
 def comma_list(values: list[bytes]) -> list[bytes]:
     """RFC 9110 §5.6.1: split "a, b" lists, drop empty members, lower-case them."""
-    items = []
-    for value in values:
-        for item in value.split(b","):
-            item = item.strip(b" \t").lower()
-            if item:
-                items.append(item)
-    return items
+    items = [item.strip(b" \t") for value in values for item in value.split(b",")]
+    return [item.lower() for item in items if item]
 
 
 def parse_request_line(line: bytes) -> tuple[str, bytes, str]:
-    """RFC 9112 §3: split the request-line into method, target and version."""
+    """RFC 9112 §3: split the request-line into method, target and version.
+
+    >>> parse_request_line(b"GET /search?q=1 HTTP/1.2")
+    ('GET', b'/search?q=1', '1.1')
+    """
     match = REQUEST_LINE.fullmatch(line)
-    if match is None:
-        # RFC 9112 §3: exactly one SP between the three parts, nothing else.
+    if match is None:     # RFC 9112 §3: exactly one SP between the parts, nothing else
         raise HTTPError(400, "malformed request line")
     method, target, version = match.group("method", "target", "version")
     if version[:7] != b"HTTP/1.":
-        # RFC 9110 §15.6.6: 505 for a major version we do not speak. This also
-        # answers an HTTP/2 connection preface ("PRI * HTTP/2.0").
+        # RFC 9110 §15.6.6: 505, also to an HTTP/2 preface ("PRI * HTTP/2.0").
         raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
-    if version != b"HTTP/1.0":
-        # RFC 9110 §2.5: a higher minor version "SHOULD" be processed as the
-        # highest minor version we implement, so HTTP/1.2 is handled as 1.1.
-        version = b"HTTP/1.1"
     if len(method) > MAX_METHOD_BYTES:
         raise HTTPError(501, "method too long")    # Limit: RFC 9112 §3
-    return method.decode("ascii"), target, version[5:].decode("ascii")
+    # RFC 9110 §2.5: a higher minor version "SHOULD" be handled as ours: 1.1.
+    return method.decode("ascii"), target, "1.0" if version == b"HTTP/1.0" else "1.1"
 
 
 def split_target(method: str, target: bytes) -> tuple[bytes, bytes, bytes | None]:
-    """RFC 9112 §3.2: the four forms of request-target -> (path, query, authority).
-
-    `authority` is None unless the target is in absolute-form.
-    """
+    """RFC 9112 §3.2: the four forms of request-target -> (path, query, authority)."""
     if method == "CONNECT":
         # Policy: authority-form (RFC 9112 §3.2.3) is for proxies; this is not one.
         raise HTTPError(501, "CONNECT is not supported")
     if target == b"*":
-        if method != "OPTIONS":      # RFC 9112 §3.2.4: asterisk-form is for OPTIONS only
+        if method != "OPTIONS":      # RFC 9112 §3.2.4: asterisk-form, for OPTIONS only
             raise HTTPError(400, "'*' is only allowed with OPTIONS")
         return b"*", b"", None
     authority = None
     if target[:1] != b"/":
-        # RFC 9112 §3.2.2: absolute-form, "http://host/path?q", MUST be accepted by a
-        # server, and its authority then stands in for Host (RFC 9112 §3.2.2, §3.3).
-        scheme, sep, rest = target.partition(b"://")
-        if not sep or scheme.lower() not in (b"http", b"https"):
+        # RFC 9112 §3.2.2: a server MUST accept absolute-form (a proxy's form).
+        match = ABSOLUTE_FORM.fullmatch(target)
+        if match is None:
             raise HTTPError(400, "malformed request target")
-        slash = min(i for i in (rest.find(b"/"), rest.find(b"?"), len(rest)) if i >= 0)
-        authority, target = rest[:slash], rest[slash:]
-        # RFC 9110 §4.2.1: an empty host MUST be rejected; §4.2.4: userinfo
+        authority, target = match.group("authority", "rest")
+        # RFC 9110 §4.2.1: an empty host MUST be rejected; RFC 9110 §4.2.4: userinfo
         # SHOULD be treated as an error; and the port must be digits (RFC 9112 §3.2).
         if not authority or b"@" in authority or HOST.fullmatch(authority) is None \
                 or authority.startswith(b":"):
             raise HTTPError(400, "malformed authority in the request target")
-        if target[:1] != b"/":
-            target = b"/" + target   # an empty path means "/" (RFC 9112 §3.2.2)
+        target = target if target[:1] == b"/" else b"/" + target   # RFC 9112 §3.2.2
     path, _, query = target.partition(b"?")   # RFC 9112 §3.2.1: split at the first "?"
     return path, query, authority
 
@@ -409,56 +403,57 @@ def parse_field_line(line: bytes) -> tuple[bytes, bytes]:
     match = FIELD_LINE.fullmatch(line)
     if match is None:
         if line[:1] in (b" ", b"\t"):
-            # RFC 9112 §5.2: obs-fold is deprecated; we may reject it with 400.
+            # RFC 9112 §5.2: obs-fold may get 400; RFC 9112 §2.2: so may line one.
             raise HTTPError(400, "obsolete line folding is not accepted")
         # Covers "Name : v" (RFC 9112 §5.1 MUST reject), a missing colon, and
         # CR, LF, NUL or other control characters in a value (RFC 9110 §5.5).
         raise HTTPError(400, "malformed header field")
-    return match["name"].lower(), match["value"].strip(b" \t")   # RFC 9112 §5: OWS
+    # RFC 9110 §5.1: names are case-insensitive, so lower-cased. RFC 9112 §5.1,
+    # RFC 9110 §5.6.3: OWS is SP and HTAB only, so not strip().
+    return match["name"].lower(), match["value"].strip(b" \t")
 
 
 def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, int]:
     """Where does this request's body end? RFC 9112 §6.3, items (3) to (7).
 
-    `fields` maps the lower-case names of FRAMING_FIELDS to their values.
-    Returns (chunked, content_length).
+    Takes framing_fields(); returns (chunked, content_length).
+
+    >>> body_framing("1.1", {b"transfer-encoding": [], b"content-length": [b"5, 5"]})
+    (False, 5)
     """
     te_fields = fields[b"transfer-encoding"]
-    te = comma_list(te_fields)
+    te = comma_list(te_fields)      # RFC 9112 §6.1: the codings, in the order applied
     cl = fields[b"content-length"]
     if te_fields and cl:
-        # (3) Policy: the RFC lets Transfer-Encoding win and says the message
+        # RFC 9112 §6.3 (3). Policy: the RFC lets Transfer-Encoding win, saying it
         # "ought to be handled as an error". A proxy in front may have used the
         # other one (request smuggling, RFC 9112 §11.2), so we refuse and close.
         raise HTTPError(400, "both Transfer-Encoding and Content-Length")
     if te_fields:
         if not te:
             raise HTTPError(400, "empty Transfer-Encoding")
-        if version == "1.0":     # RFC 9112 §6.1: TE in a 1.0 request means faulty framing
+        if version == "1.0":     # RFC 9112 §6.1: then TE means faulty framing
             raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if te[-1] != b"chunked":  # (4) MUST answer 400: the length is unknowable
+        if te[-1] != b"chunked":  # RFC 9112 §6.3 (4): MUST answer 400, no length
             raise HTTPError(400, "chunked is not the final transfer coding")
-        if te.count(b"chunked") > 1:      # RFC 9112 §7.1: chunked only once
+        if te.count(b"chunked") > 1:   # RFC 9112 §6.1, §7.1: chunked is applied once
             raise HTTPError(400, "chunked applied twice")
         if len(te) > 1:   # RFC 9112 §6.1: a coding we do not implement -> 501
             raise HTTPError(501, "only the chunked transfer coding is supported")
         return True, 0
     if cl:
-        # (5) Content-Length = 1*DIGIT. Several equal values ("5, 5" or two
-        # lines) are allowed; different or malformed ones are an error. We check
-        # isdigit() first: int() would also take "+5", " 5" and "1_0".
-        value = cl[0]
-        if len(cl) > 1 or b"," in value:
-            values = {item.strip(b" \t") for value in cl for item in value.split(b",")}
-            if len(values) != 1:
-                raise HTTPError(400, "conflicting Content-Length values")
-            value = values.pop()
-        if not (value.isdigit() and value.isascii()):
+        # RFC 9112 §6.3 (5), RFC 9110 §8.6: Content-Length = 1*DIGIT. Equal values
+        # ("5, 5", or two lines) may be taken as one; different ones are an error.
+        values = {item.strip(b" \t") for value in cl for item in value.split(b",")}
+        if len(values) != 1:
+            raise HTTPError(400, "conflicting Content-Length values")
+        value = values.pop()
+        if not (value.isdigit() and value.isascii()):   # int() takes "+5" and "1_0"
             raise HTTPError(400, "malformed Content-Length")
         if len(value.lstrip(b"0")) > MAX_LENGTH_DIGITS:
-            raise HTTPError(413, "Content-Length too large")   # Limit
-        return False, int(value)
-    return False, 0      # (7) neither: a request has no body
+            raise HTTPError(413, "Content-Length too large")   # Limit: RFC 9110 §8.6
+        return False, int(value)       # (6) that many bytes
+    return False, 0      # RFC 9112 §6.3 (7): neither, so a request has no body
 
 
 def check_host(version: str, hosts: list[bytes]) -> None:
@@ -473,40 +468,34 @@ def check_host(version: str, hosts: list[bytes]) -> None:
         raise HTTPError(400, "malformed Host header")
 
 
-# The fields that decide how a request is framed and answered (RFC 9112 §3.2, §6, §9).
+# The fields that frame a request (RFC 9112 §3.2, §6, §9.3; RFC 9110 §10.1.1).
 FRAMING_FIELDS = (b"host", b"content-length", b"transfer-encoding", b"connection",
                   b"expect")
 
 
-def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
-    """Parse one request head (without its empty last line) into a Request."""
-    # RFC 9112 §2.2: lines end in CRLF. Leniency: a bare LF also ends a line, as
-    # the RFC allows; a CR anywhere else fails the patterns below (400). The
-    # head stops before its last LF, so a CR at its very end is the last line's
-    # CRLF. Exactly one CR is taken off each line: a second one is a bare CR.
-    end = len(head) - 1 if head[-1:] == b"\r" else len(head)
-    lines = head[:end].split(b"\r\n")
-    bare_lf = len(lines) <= head.count(b"\n")    # some LF without its CR
-    if bare_lf:
-        lines = [line[:-1] if line[-1:] == b"\r" else line for line in head.split(b"\n")]
+def framing_fields(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    """The values of each of FRAMING_FIELDS, in order."""
+    fields = {name: [] for name in FRAMING_FIELDS}
+    for name, value in headers:     # one pass over the headers, not one per field
+        if name in fields:
+            fields[name].append(value)
+    return fields
+
+
+def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
+    """Parse one request head, up to the LF that ends its last line, into a Request."""
+    # RFC 9112 §2.2: lines end in CRLF; Leniency: or in a bare LF. One CR is taken
+    # off each line; any other CR fails the patterns (400), never splits a line.
+    lines = [line[:-1] if line[-1:] == b"\r" else line for line in head.split(b"\n")]
     if len(lines[0]) > limits.limit_request_line:
         raise HTTPError(414, "request line too long")   # Limit: RFC 9112 §3
     method, target, version = parse_request_line(lines[0])
     path, query, authority = split_target(method, target)
     if len(lines) - 1 > limits.limit_request_fields:
         raise HTTPError(431, "too many header fields")    # Limit: RFC 6585 §5
-    if len(lines) > 1 and not bare_lf and FIELD_LINES.fullmatch(head, len(lines[0]) + 2, end):
-        # RFC 9112 §5: all well-formed, so "name:" OWS value OWS splits simply.
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.append((name.lower(), value.strip(b" \t")))
-    else:
-        headers = [parse_field_line(line) for line in lines[1:]]   # finds the bad one
-    fields = {name: [] for name in FRAMING_FIELDS}   # one pass, not one per rule
-    for name, value in headers:
-        if name in FRAMING_FIELDS:
-            fields[name].append(value)
+    # RFC 9110 §5.3: every field line is kept, in wire order, never merged.
+    headers = [parse_field_line(line) for line in lines[1:]]
+    fields = framing_fields(headers)
     check_host(version, fields[b"host"])
     if authority is not None:
         # RFC 9112 §3.2.2: the server "MUST ignore the received Host header
@@ -514,16 +503,15 @@ def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
         headers = [(name, value) for name, value in headers if name != b"host"]
         headers.append((b"host", authority))
     chunked, content_length = body_framing(version, fields)
+    # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; 1.0 only with "keep-alive".
     connection = comma_list(fields[b"connection"])
-    if version == "1.1":   # RFC 9112 §9.3: persistent unless "close"
-        keep_alive = b"close" not in connection
-    else:                  # HTTP/1.0: only with an explicit "keep-alive"
-        keep_alive = b"keep-alive" in connection and b"close" not in connection
-    # RFC 9110 §10.1.1: 100-continue only means something for HTTP/1.1.
+    keep_alive = b"close" not in connection and (version == "1.1"
+                                                 or b"keep-alive" in connection)
+    # RFC 9110 §10.1.1: 100-continue only means something for HTTP/1.1; any
+    # other expectation gets 417 (RFC 9110 §15.5.18).
     expect_continue = False
     if fields[b"expect"] and version == "1.1":
-        expect = comma_list(fields[b"expect"])
-        if any(item != b"100-continue" for item in expect):
+        if any(item != b"100-continue" for item in comma_list(fields[b"expect"])):
             raise HTTPError(417, "only 'Expect: 100-continue' is supported")
         expect_continue = chunked or content_length > 0   # no 100 for an empty body
     return Request(method, target, path, query, version, headers,
@@ -531,21 +519,46 @@ def parse_head(head: bytes, limits: Config = DEFAULTS) -> Request:
 
 
 class RequestParser:
-    """Incremental HTTP/1.1 request parser: feed() bytes, take next_event()s."""
+    r"""Incremental HTTP/1.1 request parser: feed() bytes, take next_event()s.
 
-    def __init__(self, limits: Config = DEFAULTS) -> None:
+    A state machine: `state` says what the next bytes must be, and READERS
+    (at the end of the class) which method reads them:
+
+      head --(Content-Length; none is 0)--> body --(all of it, then END)--> head
+       |
+    (chunked)
+       v
+      chunk-size --(size 0)--> trailers --(empty line, then END)--> head
+       |      ^
+    (size > 0) +-----------------(CRLF)-----------------+
+       v                                                |
+      chunk-data --(size bytes)--> chunk-end -----------+
+
+    An HTTPError leads to "error" for good: no later byte can be trusted.
+    The chunked body, RFC 9112 §7.1:
+
+        chunked-body = *chunk last-chunk trailer-section CRLF
+        chunk        = chunk-size [ chunk-ext ] CRLF chunk-data CRLF
+        last-chunk   = 1*("0") [ chunk-ext ] CRLF
+
+    >>> parser = RequestParser()
+    >>> parser.feed(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Le")
+    >>> parser.next_event() is None          # the head is not whole yet
+    True
+    >>> parser.feed(b"ngth: 5\r\n\r\nhello")
+    >>> parser.next_event().target, parser.next_event(), parser.next_event()
+    (b'/echo', b'hello', END)
+    """
+    def __init__(self, limits: Limits = LIMITS) -> None:
         """An empty buffer, waiting for the head of the first request."""
         self.buffer = bytearray()
-        self.state = "head"   # head, body, chunk-size, chunk-data, chunk-end,
-        #                       trailers, or error
-        self.remaining = 0    # body or chunk bytes still to come
-        self.body_size = 0    # bytes of this request's body seen so far
+        self.state = "head"       # one of the states drawn above
         self.limits = limits
-        self.search_from = 0  # where to resume looking for the end of the head,
-        #                       or of a chunk-size or trailer line
-        self.trailer_bytes = self.trailer_lines = 0
-        self.empty_lines = 0  # empty lines skipped before this request-line
-        self.last_head = b""
+        self.scanned_up_to = 0    # no end of head (or of a chunk line) before this
+        self.empty_lines = 0      # empty lines skipped before this request-line
+        self.last_head = b""      # the head last parsed, as sent (for --trace)
+        self.remaining = 0        # body or chunk-data bytes still to come
+        self.body_size = self.trailer_bytes = self.trailer_lines = 0   # for 413, 431
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the client."""
@@ -556,13 +569,9 @@ class RequestParser:
         if self.state == "error":
             raise HTTPError(400, "the connection is in an error state")
         try:
-            if self.state == "head":
-                return self._read_head()
-            if self.state == "body":
-                return self._read_body()
-            return self._read_chunked()
+            return self.READERS[self.state](self)
         except HTTPError:
-            self.state = "error"    # nothing after a framing error is trusted
+            self.state = "error"
             raise
 
     def unread_body(self) -> int | None:
@@ -572,37 +581,33 @@ class RequestParser:
         return 0 if self.state == "head" else None
 
     def drop_body(self) -> int | None:
-        """Read and drop the body bytes in the buffer; None once the body has ended.
+        """Drop the body bytes buffered: how many, or None once the body has ended.
 
-        RFC 9112 §9.3: the next request on a connection starts after this
-        request's body, so a body the app left unread is skipped this way
-        (while can_drain() allows) before the next head is parsed. Returns
-        how many body bytes it dropped, or None at the end of the body.
-        """
+        RFC 9112 §9.3: the next request starts after this body, so both servers
+        skip a body the app left unread this way (while can_drain() allows)."""
         dropped = 0
-        while True:
-            event = self.next_event()
-            if event is None:
-                return dropped
-            if type(event) is not bytes:
-                return None
+        while type(event := self.next_event()) is bytes:
             dropped += len(event)
+        return dropped if event is None else None
 
     @property
     def has_partial_request(self) -> bool:
         """True if some bytes of an unfinished request have arrived."""
         return self.state != "head" or bool(self.buffer)
 
-    # -- the head -------------------------------------------------------------
+    def _take(self, size: int) -> bytes:
+        """Cut up to `size` bytes off the front of the buffer."""
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
 
     def _read_head(self) -> Request | None:
-        """The next request head, parsed, or None until its empty line arrives.
+        """State "head": the next request's head, parsed, or None until it is whole.
 
-        RFC 9112 §2.2: empty lines before the request-line are skipped. The limits
-        are checked before the head is whole; once parsed, its body comes next."""
+        RFC 9110 §5.3: a Request is an event only once its whole head is here."""
         buffer = self.buffer
         if not buffer:
-            return None            # the usual case between requests
+            return None            # nothing of the next request yet
         # RFC 9112 §2.2: "a server SHOULD ignore at least one empty line (CRLF)
         # received prior to the request-line". Policy: at most MAX_EMPTY_LINES.
         while buffer.startswith((b"\r\n", b"\n")):
@@ -610,67 +615,61 @@ class RequestParser:
             self.empty_lines += 1
             if self.empty_lines > MAX_EMPTY_LINES:
                 raise HTTPError(400, "too many empty lines before the request")
-        end, size = self._find_end_of_head()
-        self._check_head_limits(end)
-        if end < 0:
+        head = self._take_head()
+        if head is None:
             return None
-        head = self.last_head = self._take(end)   # kept for --trace
-        del buffer[:size]
-        self.search_from = 0
+        self.last_head = head
         self.empty_lines = 0
         request = parse_head(head, self.limits)
-        self._start_body(request)
+        self.body_size = self.trailer_bytes = self.trailer_lines = 0
+        self.remaining = request.content_length     # 0 if chunked
+        self.state = "chunk-size" if request.chunked else "body"
+        if not request.chunked:
+            self._count_body(request.content_length)   # known at once
         return request
 
-    def _find_end_of_head(self) -> tuple[int, int]:
-        """Find the empty line that ends the head: (index, its length) or (-1, 0)."""
-        buffer = self.buffer
-        crlf = buffer.find(b"\n\r\n", self.search_from)   # the usual "\r\n\r\n"
-        stop = crlf if crlf >= 0 else len(buffer)
-        lf = buffer.find(b"\n\n", self.search_from, stop + 1)   # bare LF lines
-        if lf >= 0:
-            return lf, 2
-        if crlf >= 0:
-            return crlf, 3
-        self.search_from = max(0, len(buffer) - 2)
-        return -1, 0
+    def _take_head(self) -> bytes | None:
+        r"""Cut the head off the buffer, up to its last line's LF; None until whole.
+
+        The search resumes at `scanned_up_to`, so a head that comes one byte
+        at a time is still searched in linear time. An example:
+
+            G E T   /   H T T P / 1 . 1 \r \n H o s t :   a \r \n \r \n
+            0                           14 15 16            23 24 25 26
+
+        END_OF_HEAD finds "\n\r\n" at 24: the head is bytes 0 to 23 (parse_head
+        takes off the CR of its last line) and all 27 bytes leave the buffer.
+        Had only bytes 0 to 25 come, the head could be no shorter than 24 =
+        26 - 2 bytes, and its end could start at 24 at the earliest: hence
+        the 2 bytes of slack in the 431 check and in `scanned_up_to`.
+        """
+        match = END_OF_HEAD.search(self.buffer, self.scanned_up_to)
+        end = match.start() if match else len(self.buffer) - 2
+        self._check_head_limits(end)
+        if match is None:
+            self.scanned_up_to = max(0, end)
+            return None
+        self.scanned_up_to = 0
+        return self._take(match.end())[:end]
 
     def _check_head_limits(self, end: int) -> None:
         """Limit: refuse a head that is, or can only become, too long.
 
-        `end` is where the head ends, or -1 while it is incomplete. The checks
-        allow for the line endings still to come, so that any split of the
-        same bytes gets the same answer.
-        """
+        `end` is where the head ends, or the least it can end at (_take_head).
+        The request-line is measured without its CRLF, which may be on its way
+        (so its LF is looked for up to index limit + 1): any split, one answer."""
         buffer = self.buffer
-        max_line = self.limits.limit_request_line
-        newline = buffer.find(b"\n", 0, max_line + 2)
-        if newline < 0:           # the request-line is at least this long:
-            line_length = len(buffer) - 1 if buffer[-1:] == b"\r" else len(buffer)
-        else:
-            line_length = newline - 1 if buffer[newline - 1:newline] == b"\r" else newline
-        first_line = buffer[: max(0, min(line_length, MAX_METHOD_BYTES + 1))]
-        if len(first_line) > MAX_METHOD_BYTES and b" " not in first_line:
+        newline = buffer.find(b"\n", 0, self.limits.limit_request_line + 2)
+        line_end = newline if newline >= 0 else len(buffer)   # or more
+        if buffer[line_end - 1:line_end] == b"\r":
+            line_end -= 1          # the CR of its CRLF (or, last, perhaps so)
+        method = buffer[: min(line_end, MAX_METHOD_BYTES + 1)]
+        if len(method) > MAX_METHOD_BYTES and b" " not in method:
             raise HTTPError(501, "method too long")   # Limit: RFC 9112 §3, before 414
-        if line_length > max_line:
-            raise HTTPError(414, "request line too long")     # RFC 9112 §3
-        # The head ends at `end`; while incomplete, no earlier than 2 bytes
-        # before the end of the buffer (a "\n\r" may have arrived already).
-        if (end if end >= 0 else len(buffer) - 2) > self.limits.limit_request_head:
+        if line_end > self.limits.limit_request_line:
+            raise HTTPError(414, "request line too long")     # Limit: RFC 9112 §3
+        if end > self.limits.limit_request_head:
             raise HTTPError(431, "request header fields too large")   # RFC 6585 §5
-
-    def _start_body(self, request: Request) -> None:
-        """Reset the body counters and go to chunked framing or a Content-Length body.
-
-        A Content-Length body (0: none) is counted against the body limit at once."""
-        self.body_size = 0
-        self.trailer_bytes = self.trailer_lines = 0
-        if request.chunked:
-            self.state = "chunk-size"
-        else:
-            self._count_body(request.content_length)
-            self.state = "body"
-            self.remaining = request.content_length
 
     def _count_body(self, size: int) -> None:
         """Limit: the configured maximum body size -> 413 (RFC 9110 §15.5.14)."""
@@ -679,110 +678,48 @@ class RequestParser:
         if limit is not None and self.body_size > limit:
             raise HTTPError(413, "request body too large")
 
-    # -- a Content-Length body (RFC 9112 §6.2) ---------------------------------
-
-    def _read_body(self) -> bytes | EndOfMessage | None:
-        """RFC 9112 §6.2: the next piece of a Content-Length body, END after its
-        last byte, or None until more bytes come."""
-        if self.remaining == 0:
+    def _read_data(self) -> bytes | EndOfMessage | None:
+        """States "body" (RFC 9112 §6.2, then END) and "chunk-data": body bytes."""
+        if self.remaining == 0:     # in state "body" only
             self.state = "head"
             return END
         if not self.buffer:
             return None
         data = self._take(self.remaining)
         self.remaining -= len(data)
+        if self.remaining == 0 and self.state == "chunk-data":
+            self.state = "chunk-end"
         return data
 
-    def _take(self, size: int) -> bytes:
-        """Cut up to `size` bytes off the front of the buffer, copying them once.
-
-        bytes(buffer[:size]) would copy them twice: parsing a 256 KiB body that
-        arrives in 64 KiB pieces took 38 us that way, 20.5 us this way.
-        """
-        buffer = self.buffer
-        if size >= len(buffer):
-            data = bytes(buffer)      # the usual case in a body: all we have
-            buffer.clear()
-        else:
-            data = bytes(memoryview(buffer)[:size])
-            del buffer[:size]
-        return data
-
-    # -- a chunked body (RFC 9112 §7.1) ----------------------------------------
-
-    def _read_chunked(self) -> bytes | EndOfMessage | None:
-        """RFC 9112 §7.1: the next piece of chunk-data, END after the trailers, or None.
-
-        The states go chunk-size -> chunk-data -> chunk-end (the CRLF after the
-        data) -> chunk-size, until a chunk of size 0 leads to the trailers."""
-        while True:
-            if self.state == "chunk-size":
-                if not self._read_chunk_size():
-                    return None
-            elif self.state == "chunk-data":
-                if not self.buffer:
-                    return None
-                data = self._take(self.remaining)
-                self.remaining -= len(data)
-                if self.remaining == 0:
-                    self.state = "chunk-end"
-                return data
-            elif self.state == "chunk-end":
-                if len(self.buffer) < 2:
-                    return None
-                if self.buffer[:2] != b"\r\n":   # chunk-data CRLF, exactly
-                    raise HTTPError(400, "chunk data not followed by CRLF")
-                del self.buffer[:2]
-                self.state = "chunk-size"
-            else:
-                return self._read_trailers()
-
-    def _take_crlf_line(self, limit: int, error: HTTPError) -> bytes | None:
-        """Cut one CRLF-terminated line off the buffer, or None if incomplete."""
-        end = self.buffer.find(b"\r\n", self.search_from, limit + 2)
-        if end < 0:
-            if len(self.buffer) > limit + 1:    # room for a line and its CR
-                raise error                     # Limit: §1
-            # Bytes already searched are not searched again, but the last one
-            # may be the CR of a CRLF whose LF is still to come.
-            self.search_from = max(0, len(self.buffer) - 1)
-            return None
-        self.search_from = 0
-        line = self._take(end)
-        del self.buffer[:2]
-        if b"\n" in line:
-            # Policy: a bare LF is accepted in the head, but inside chunked
-            # framing only CRLF is (lenient chunk parsing enables smuggling).
-            raise HTTPError(400, "bare LF in chunked framing")
-        return line
-
-    def _read_chunk_size(self) -> bool:
-        """Read one chunk-size line (RFC 9112 §7.1); False until it is whole.
-
-        RFC 9112 §7.1.1: its chunk extensions are checked and then ignored. Size 0
-        is the last-chunk: the trailer section comes next."""
-        line = self._take_crlf_line(MAX_CHUNK_LINE,
-                                    HTTPError(400, "chunk size line too long"))
+    def _read_chunk_size(self) -> bytes | EndOfMessage | None:
+        """State "chunk-size" (RFC 9112 §7.1.1: any chunk-ext is checked, ignored)."""
+        line = self._take_line(MAX_CHUNK_LINE, "chunk size line too long", 400)
         if line is None:
-            return False
+            return None
         match = CHUNK_LINE.fullmatch(line)
         if match is None:
             raise HTTPError(400, "malformed chunk size line")
-        size = match["size"]
-        if len(size) > MAX_SIZE_DIGITS:
+        if len(match["size"]) > MAX_SIZE_DIGITS:
             raise HTTPError(400, "chunk size too large")   # Limit: no overflow
-        self.remaining = int(size, 16)     # checked to be 1*HEXDIG above
+        self.remaining = int(match["size"], 16)   # RFC 9112 §7.1: 1*HEXDIG, checked
         self._count_body(self.remaining)
         self.state = "chunk-data" if self.remaining else "trailers"
-        return True
+        return self.next_event()
+
+    def _read_chunk_end(self) -> bytes | EndOfMessage | None:
+        """State "chunk-end": the CRLF after chunk-data (RFC 9112 §7.1), exactly."""
+        if self._take_line(0, "chunk data not followed by CRLF", 400) is None:
+            return None
+        self.state = "chunk-size"
+        return self.next_event()
 
     def _read_trailers(self) -> EndOfMessage | None:
-        """The trailer section up to its empty line: END, or None until it is whole."""
+        """State "trailers": field lines up to the empty line, then END."""
         # RFC 9112 §7.1.2: trailer fields are read, checked like header fields,
         # and dropped: RFC 9110 §6.5.1 forbids merging them into the headers.
+        limits = self.limits
         while True:
-            line = self._take_crlf_line(self.limits.limit_request_head,
-                                        HTTPError(431, "trailer field too large"))
+            line = self._take_line(limits.limit_request_head, "trailer field too large")
             if line is None:
                 return None
             if not line:
@@ -790,28 +727,59 @@ class RequestParser:
                 return END
             self.trailer_bytes += len(line) + 2
             self.trailer_lines += 1
-            if self.trailer_lines > self.limits.limit_request_fields:
+            if self.trailer_lines > limits.limit_request_fields:
                 raise HTTPError(431, "too many trailer fields")   # Limit, as for heads
-            if self.trailer_bytes > self.limits.limit_request_head:
+            if self.trailer_bytes > limits.limit_request_head:
                 raise HTTPError(431, "trailer section too large")   # Limit
             parse_field_line(line)
+
+    def _take_line(self, limit: int, too_long: str, status: int = 431) -> bytes | None:
+        """Cut a CRLF-ended line of at most `limit` bytes off the buffer, or None."""
+        end = self.buffer.find(b"\r\n", self.scanned_up_to, limit + 2)
+        if end < 0:
+            if len(self.buffer) > limit + 1:    # room for a line and its CR
+                raise HTTPError(status, too_long)     # Limit (section 1)
+            # Searched bytes are not searched again; the last may be a CRLF's CR.
+            self.scanned_up_to = max(0, len(self.buffer) - 1)
+            return None
+        self.scanned_up_to = 0
+        line = self._take(end + 2)[:-2]
+        if b"\n" in line:
+            # Policy: a bare LF is accepted in the head, not in chunked framing
+            # (RFC 9112 §7.1): leniency there enables smuggling (RFC 9112 §11.2).
+            raise HTTPError(400, "bare LF in chunked framing")
+        return line
+
+    # The reader of each state; "error" has none (next_event raises).
+    READERS = {"head": _read_head, "body": _read_data, "chunk-size": _read_chunk_size,
+               "chunk-data": _read_data, "chunk-end": _read_chunk_end,
+               "trailers": _read_trailers}
 
 
 # =============================================================================
 # §4  Writing responses - RFC 9112 §4, §6, §7.1, §9
 #
 # Response is the one response serializer: it picks the framing, adds the
-# headers the server owns, and turns app bytes into wire bytes. It is pure:
-# it returns bytes and takes the clock as an argument.
+# headers the server owns, and turns app bytes into wire bytes. It does no
+# I/O: it returns bytes and takes the clock as an argument. Two things it
+# does besides: it logs an app that breaks its own Content-Length (log.error,
+# where that is found), and http_date() remembers the last date it formatted.
 # =============================================================================
 
 REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
-# RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
-STATUS_LINES = {status: b"HTTP/1.1 %d %s" % (status, reason)
-                for status, reason in REASONS.items()}
+
+
+def status_line(status: int, reason: bytes | None = None) -> bytes:
+    """RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ].
+
+    RFC 9112 §2.3, RFC 9110 §15.2: always "HTTP/1.1", the version we speak,
+    even to an HTTP/1.0 client; the SP stays even when the reason is empty."""
+    return b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"") if reason is None
+                                else reason)
+
 
 # RFC 9110 §7.6.1: these describe one connection, not the message. The server
-# writes its own; the app's are dropped (ASGI) or refused (PEP 3333, §5).
+# writes its own; the app's are dropped (ASGI) or refused (section 5, WSGI).
 CONNECTION_FIELDS = {b"connection", b"keep-alive", b"transfer-encoding"}
 
 # RFC 9112 §11.1 (response splitting): nothing from the app may end a line, so
@@ -829,66 +797,68 @@ def field_line(name: bytes, value: bytes) -> bytes:
     return line
 
 
-# RFC 9110 §5.6.7: the names are English whatever the locale, so not strftime().
-DAY_NAMES = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")  # tm_wday 0..6
-MONTH_NAMES = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
-               b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
-# [second, its IMF-fixdate]; None matches no second, 0 (1970-01-01) included.
-_date_cache = [None, b""]
-
-
 def http_date(now: float) -> bytes:
-    """RFC 9110 §5.6.7: IMF-fixdate, e.g. b"Sun, 06 Nov 1994 08:49:37 GMT"."""
-    second = int(now)
-    if second > now:               # int() rounds -1.5 up to -1; the date is of -2
-        second -= 1
-    if _date_cache[0] != second:   # formatted once a second, not per request
-        t = time.gmtime(second)
-        _date_cache[:] = [second, b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (
-            DAY_NAMES[t.tm_wday], t.tm_mday, MONTH_NAMES[t.tm_mon - 1], t.tm_year,
-            t.tm_hour, t.tm_min, t.tm_sec)]
-    return _date_cache[1]
+    """RFC 9110 §5.6.7: the IMF-fixdate of the second `now` falls in (its floor)."""
+    return http_date_of_second(int(now // 1))
+
+
+@functools.lru_cache(maxsize=1)    # formats the date once a second, not per response
+def http_date_of_second(second: int) -> bytes:
+    """b"Sun, 06 Nov 1994 08:49:37 GMT": English names whatever the locale."""
+    return formatdate(second, usegmt=True).encode("ascii")
 
 
 def can_drain(unread: int | None) -> bool:
     """Policy: after a response, is the rest of an unread body cheap to skip?
 
-    RFC 9112 §9.3: the next request starts after this body. Up to DRAIN_BYTES
-    we read and drop it to keep the connection; beyond that the response says
-    "Connection: close" instead. A chunked body's size is unknown (None): we
-    try, and close if more than DRAIN_BYTES come.
-    """
+    RFC 9112 §9.3: the next request starts after this body. We skip up to
+    DRAIN_BYTES (RequestParser.drop_body), else close. A chunked body's size
+    is unknown (None): we try, and close if more than DRAIN_BYTES come."""
     return unread is None or unread <= DRAIN_BYTES
 
 
 def must_close(stopping: bool, body_done: bool, continue_pending: bool,
                unread: int | None) -> bool:
-    """Must a response that starts now say "Connection: close"?
+    """Must a response that starts now say "Connection: close"? Both servers ask.
 
-    The one close decision of both servers, taken as the head goes out:
-    a server that is stopping answers no more requests; RFC 9110 §10.1.1:
-    a client still waiting for "100 Continue" will not send the body we
-    never asked for, so the connection cannot find the next request; and
-    RFC 9112 §9.3: a large unread body is not worth skipping (can_drain).
-    """
+    Yes if the server is stopping; or if the body is not all read and either
+    the client still waits for "100 Continue" (RFC 9110 §10.1.1: it will not
+    send the body we never asked for, so the next request cannot be found)
+    or the rest is too large to skip (RFC 9112 §9.3, can_drain)."""
     return stopping or not body_done and (continue_pending or not can_drain(unread))
 
 
 def encode_chunk(data: bytes) -> bytes:
-    """RFC 9112 §7.1: chunk = chunk-size CRLF chunk-data CRLF."""
+    r"""RFC 9112 §7.1: chunk = chunk-size CRLF chunk-data CRLF, the size in hex.
+
+    >>> encode_chunk(b"hello, world")
+    b'c\r\nhello, world\r\n'
+    """
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 class Response:
-    """Frames one response: status line, fields, then body bytes (RFC 9112 §4-§7)."""
+    r"""Frames one response: status line, fields, then body bytes (RFC 9112 §4-§7).
+
+    >>> response = Response("GET", "1.1", keep_alive=True)
+    >>> print(*response.head(200, [], now=0.0).split(b"\r\n"), sep="\n")
+    b'HTTP/1.1 200 OK'
+    b'Date: Thu, 01 Jan 1970 00:00:00 GMT'
+    b'Server: gateway'
+    b'Transfer-Encoding: chunked'
+    b''
+    b''
+    >>> response.body(b"hi"), response.end()
+    (b'2\r\nhi\r\n', b'0\r\n\r\n')
+    """
 
     def __init__(self, method: str, version: str, keep_alive: bool,
-                 config: Config | None = None) -> None:
+                 config: Limits | None = None) -> None:
         """A response not yet started, for a request with this method and version."""
         self.method = method
         self.version = version          # the request's: "1.0" or "1.1"
         self.keep_alive = keep_alive    # may turn False in head() and end()
-        self.config = config or Config()
+        self.config = config or LIMITS  # date_header, server_header, headers
         self.framing = ""               # "none", "length", "chunked" or "close"
         self.length = 0                 # Content-Length still owed (if "length")
         self.status = 0                 # for the access log ...
@@ -898,17 +868,13 @@ class Response:
     def head(self, status: int, headers: list[tuple[bytes, bytes]],
              now: float, reason: bytes | None = None) -> bytes:
         """The status line and header section for a final (>= 200) response."""
-        if reason is None and status in STATUS_LINES:
-            lines = [STATUS_LINES[status]]     # made once: Response.head 3.0 -> 2.3 us
-        else:
-            lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"") if reason is None
-                                          else reason)]
+        lines = [status_line(status, reason)]
         self.status = status
         length = None
         own = set()     # names of the app's fields that the server also adds
         for name, value in headers:
             line = field_line(name, value)
-            lname = name.lower()
+            lname = name.lower()     # RFC 9110 §5.1: names are case-insensitive
             if lname in CONNECTION_FIELDS:
                 if lname == b"connection" and b"close" in comma_list([value]):
                     self.keep_alive = False      # the app asked us to close
@@ -916,6 +882,8 @@ class Response:
             if lname == b"content-length":
                 if status < 200 or status == 204:
                     continue     # RFC 9110 §8.6: never on 1xx and 204
+                # RFC 9110 §8.6, §9.3.2: kept on HEAD and 304 (the size a GET
+                # would get), and never added by us when the app gave none.
                 if not value.isdigit() or length not in (None, int(value)):
                     raise ValueError(f"invalid Content-Length: {value!r}")
                 length = int(value)
@@ -928,7 +896,7 @@ class Response:
     def _choose_framing(self, status: int, length: int | None) -> str:
         """RFC 9112 §6.3: how the client will find the end of this body."""
         if self.method == "HEAD" or status < 200 or status in (204, 304):
-            return "none"       # (1) never a body, whatever the app sends
+            return "none"       # RFC 9112 §6.3 (1): no body, whatever the app sends
         if length is not None:
             self.length = length
             return "length"     # (6) the app gave the size
@@ -946,7 +914,7 @@ class Response:
             lines.append(b"Server: " + SERVER_NAME)     # RFC 9110 §10.2.4
         lines += [name + b": " + value for name, value in self.config.headers
                   if name.lower() not in own]           # --header
-        if self.framing == "chunked":
+        if self.framing == "chunked":    # RFC 9112 §6.1: never to HTTP/1.0
             lines.append(b"Transfer-Encoding: chunked")
         if not self.keep_alive:
             lines.append(b"Connection: close")          # RFC 9112 §9.6
@@ -957,15 +925,12 @@ class Response:
     def body(self, data: bytes) -> bytes:
         """Frame a piece of the body; b"" for nothing to send."""
         if not data or self.framing == "none":
-            return b""           # an empty chunk would end a chunked body
-        if self.framing == "length" and len(data) > self.length:
-            data = data[: self.allow(len(data))]
-        self.sent += len(data)   # count(), written out: body() is on every response's path
-        if self.framing == "chunked":
-            return encode_chunk(data)
-        if self.framing == "length":
-            self.length -= len(data)
-        return data
+            return b""           # RFC 9112 §7.1: an empty chunk would end the body
+        size = self.allow(len(data))
+        if size < len(data):
+            data = data[:size]
+        self.count(size)
+        return encode_chunk(data) if self.framing == "chunked" else data
 
     def allow(self, size: int) -> int:
         """How many of `size` more body bytes may go out (bytes or a file region)."""
@@ -1003,16 +968,25 @@ class Response:
 
 
 def error_response(status: int, message: str, now: float,
-                   config: Config | None = None, headers: tuple = ()) -> bytes:
-    """A short text/plain response that the server writes itself, then closes."""
+                   config: Limits | None = None, headers: tuple = ()) -> bytes:
+    r"""A short text/plain response that the server writes itself, then closes.
+
+    RFC 9110 §15.5, §15.6: a 4xx or 5xx, with a short text. RFC 9112 §9.6:
+    "Connection: close", as the request's framing may be out of sync.
+
+    >>> error_response(400, "no Host", now=0.0).split(b"\r\n")[-3:]
+    [b'Connection: close', b'', b'400 Bad Request: no Host\n']
+    """
     body = f"{status} {REASONS.get(status, b'').decode()}: {message}\n".encode()
+    fields = [(b"Content-Type", b"text/plain; charset=utf-8"),
+              (b"Content-Length", b"%d" % len(body)), *headers]
     response = Response("GET", "1.1", keep_alive=False, config=config)
-    head = response.head(status, [(b"Content-Type", b"text/plain; charset=utf-8"),
-                                  (b"Content-Length", b"%d" % len(body)), *headers], now)
-    return head + body
+    return response.head(status, fields, now) + body
 
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"   # RFC 9110 §15.2.1
+# RFC 9110 §15.2.1; never sent to an HTTP/1.0 client (RFC 9110 §15.2), which
+# is why parse_head sets expect_continue for HTTP/1.1 requests only.
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 # =============================================================================

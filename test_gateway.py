@@ -9287,3 +9287,81 @@ def test_asgi_connection_keeps_the_lifespan_state_under_its_own_name():
     assert conn.lifespan_state is server.lifespan.state
     assert not hasattr(conn, "state")
     assert scope["state"] == {"db": "pool"} and scope["state"] is not conn.lifespan_state
+
+# --- teaching edition: core (§1-§4) ---
+
+
+def core_excerpt() -> str:
+    """gateway.py from its first line up to the section 5 banner: sections 1-4."""
+    with open(gateway.__file__, encoding="utf-8") as source:
+        text = source.read()
+    return text[:re.search(r"^# §5 ", text, re.M).start()]
+
+
+def test_sections_1_to_4_run_on_their_own(monkeypatch):
+    # The parser and the writer, cut out with the module header, run alone and
+    # their examples pass: they name nothing defined after section 4. (A fresh
+    # module, because @dataclass looks its class's module up in sys.modules.)
+    import builtins
+    import doctest
+    import symtable
+    import types
+    text = core_excerpt()
+    module = types.ModuleType("excerpt")
+    monkeypatch.setitem(sys.modules, "excerpt", module)
+    namespace = module.__dict__
+    exec(compile(text, "excerpt", "exec"), namespace)
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+    for name, value in list(namespace.items()):
+        if getattr(value, "__module__", None) == "excerpt":
+            for test in finder.find(value, name, module=False, globs=namespace):
+                runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.attempted > 0 and results.failed == 0
+    tables, used = [symtable.symtable(text, "excerpt", "exec")], set()
+    while tables:           # every global name that any function or class reads
+        table = tables.pop()
+        tables += table.get_children()
+        used |= {symbol.get_name() for symbol in table.get_symbols()
+                 if symbol.is_global() and symbol.is_referenced()}
+    assert used - set(namespace) - set(dir(builtins)) == set()
+
+
+def test_doctests_in_gateway_pass():
+    import doctest
+    results = doctest.testmod(gateway)
+    assert results.failed == 0 and results.attempted >= 10
+
+
+def test_head_terminator_and_line_endings_match_the_leniency_rules():
+    # RFC 9112 §2.2: the head ends at "\n\r\n" or "\n\n", whichever comes first;
+    # one CR is taken off each line, and a CR left anywhere else is refused.
+    def head(raw):
+        parser = RequestParser()
+        parser.feed(raw)
+        return parser.next_event(), bytes(parser.buffer)
+    request, rest = head(b"GET / HTTP/1.1\nHost: a\n\r\nX")
+    assert request.headers == [(b"host", b"a")] and rest == b"X"
+    request, rest = head(b"GET / HTTP/1.1\r\nHost: a\r\n\nX")
+    assert request.headers == [(b"host", b"a")] and rest == b"X"
+    with pytest.raises(HTTPError):
+        head(b"GET / HTTP/1.1\r\nHost: a\r\r\n\r\n")
+
+
+def test_http_date_is_cached_per_second_only():
+    # The per-second cache holds the last second alone; 0.0 is a second like any other.
+    gateway.http_date_of_second.cache_clear()
+    assert http_date(0.0) == b"Thu, 01 Jan 1970 00:00:00 GMT"
+    assert http_date(0.9) == http_date(0.0)
+    assert http_date(-0.5) == b"Wed, 31 Dec 1969 23:59:59 GMT"
+
+
+def test_limits_is_what_parser_and_writer_read_and_config_extends_it():
+    limits = gateway.Limits(limit_request_fields=1, date_header=False)
+    parser = RequestParser(limits)
+    parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\n")
+    with pytest.raises(HTTPError) as caught:
+        parser.next_event()
+    assert caught.value.status == 431
+    assert b"Date:" not in Response("GET", "1.1", True, limits).head(200, [], 0.0)
+    assert isinstance(Config(), gateway.Limits)
