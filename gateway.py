@@ -4252,8 +4252,8 @@ def cipher_suite(context, name: str) -> int | None:
 def rfc4514_name(subject) -> str:
     """A DN from the "subject" of ssl's getpeercert() as an RFC 4514 string.
 
-    RFC 4514 §2.1: the RDNs are written last first, joined by ","; RFC 4514
-    §2.2: the attributes of one RDN are joined by "+", each as type=value.
+    RFC 4514 §2.1: the RDNs are written last first, joined by ",".
+    RFC 4514 §2.2: the attributes of one RDN are joined by "+", as type=value.
     """
     return ",".join("+".join(RFC4514_TYPES.get(kind, kind) + "=" + rfc4514_value(value)
                              for kind, value in rdn)
@@ -4445,11 +4445,18 @@ class AppImportError(Exception):
 
 
 def import_app(spec: str, factory: bool = False):
-    """Import "module:attr" (attr may be dotted; default: app, then application)."""
+    """Import "module:attr" (attr may be dotted; default: app, then application).
+
+    Each way this can fail gets a message that says which: no such module, an
+    error while the module runs (its own failing import included), or no such
+    attribute. main() logs it and exits with status 1.
+    """
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
+        # The module itself (or a package on its path) is missing, not
+        # something that it imports.
         if error.name and module_name.startswith(error.name):
             raise AppImportError(f"cannot import module {module_name!r}: "
                                  "no such module") from None
@@ -4513,7 +4520,7 @@ def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
                     handler = lambda number, frame: loop.call_soon_threadsafe(stop)
             else:
                 handler = lambda number, frame: stop()
-            replaced[signum] = signal.signal(signum, handler)
+            replaced[signum] = signal.signal(signum, handler)    # returns the old one
         except (RuntimeError, ValueError, OSError) as error:
             log.warning("cannot handle %s (%s): it will not stop the server gracefully",
                         signum.name, error)
@@ -4533,7 +4540,7 @@ def serve(app, interface: str = "asgi", host: str = "127.0.0.1", port: int = 800
                                          config.fd)
     if interface == "wsgi":
         if ready is not None:
-            ready()
+            ready()             # the WSGI server accepts as soon as it runs
         WSGIServer(app, listener, config).serve_forever()
     elif interface == "asgi":
         asyncio.run(ASGIServer(app, listener, config, ready).serve())
@@ -4541,9 +4548,10 @@ def serve(app, interface: str = "asgi", host: str = "127.0.0.1", port: int = 800
         raise ValueError(f"interface must be 'wsgi' or 'asgi', not {interface!r}")
 
 
-# The options that set a Config field (section 1), each with its help: --name
-# sets the field `name`, and the default is the field's. A switch that is on by
-# default is turned off with --no-name. A metavar "a|b" means: one of these words.
+# The help of every option that sets a Config field (section 1): (metavar, help).
+# add_config_options() makes the options from Config's fields; this table only
+# says what each one means. A metavar "a|b" lists the only values allowed; ""
+# marks a switch, which takes no value.
 OPTION_HELP = {
     "--host": ("HOST", "address to listen on"),
     "--port": ("PORT", "port to listen on, 0 for any free one"),
@@ -4557,8 +4565,7 @@ OPTION_HELP = {
     "--ssl-keyfile": ("PATH", "TLS private key (PEM)"),
     "--ssl-keyfile-password": ("TEXT", "password of the TLS private key"),
     "--ssl-ca-certs": ("PATH", "CA certificates to check client certificates with"),
-    "--proxy-headers": ("", "trust Forwarded / X-Forwarded-* from "
-                        "--forwarded-allow-ips"),
+    "--proxy-headers": ("", "trust Forwarded, X-Forwarded-* of --forwarded-allow-ips"),
     "--forwarded-allow-ips": ("LIST", "comma list of addresses and CIDR ranges, or *"),
     "--trace": ("", "show the protocol: heads, environ/scope, ASGI messages"),
     "--no-access-log": ("", "no line per request on the gateway.access logger"),
@@ -4567,13 +4574,12 @@ OPTION_HELP = {
                             + ACCESS_LOG_FORMAT.replace("%", "%%") + ")"),
     "--no-server-header": ("", "send no Server header"),
     "--no-date-header": ("", "send no Date header"),
-    "--lifespan": ("auto|on|off", "run the app's lifespan startup and shutdown; "
-                   "auto: only if the app supports it"),
-    "--interface": ("auto|asgi3|asgi2", "ASGI 3 (single callable) or ASGI 2 (double); "
-                    "auto detects"),
+    "--lifespan": ("auto|on|off", "ASGI lifespan; auto: only if the app supports it"),
+    "--interface": ("auto|asgi3|asgi2", "ASGI 3 or 2 (double callable); auto detects"),
     "--ws-max-size": ("BYTES", "largest WebSocket message, else close 1009"),
     "--ws-ping-interval": ("S", "send a WebSocket ping this often; 0: never"),
     "--ws-ping-timeout": ("S", "close (1011) if no pong comes this soon"),
+    # Going over a limit gets the status shown (section 1 has the reasons).
     "--limit-request-line": ("BYTES", "longest request-line, else 414"),
     "--limit-request-head": ("BYTES", "largest request head, else 431"),
     "--limit-request-fields": ("N", "most header fields, else 431"),
@@ -4589,12 +4595,18 @@ OPTION_HELP = {
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    """The options: the app and how to load it, then one per Config field."""
+    """The options: first those of the command line itself (which app, how to
+    load it, logging), then one per Config field.
+
+    argparse checks types and choices, and ends a run with a usage error
+    (exit status 2) before anything else happens.
+    """
     parser = argparse.ArgumentParser(
         prog="gateway.py",
         description="Serve a WSGI or ASGI app over HTTP/1.1 (standard library only).",
         epilog="example: python gateway.py --asgi echo_asgi:app --port 8000")
     add = parser.add_argument
+    # Not Config fields: which app to serve, how to load it, and the log set-up.
     app = parser.add_mutually_exclusive_group(required=True)
     app.add_argument("--asgi", metavar="MODULE:ATTR", help="serve this ASGI 3 app")
     app.add_argument("--wsgi", metavar="MODULE:ATTR", help="serve this WSGI app")
@@ -4608,7 +4620,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--log-level", default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
         help="trace: debug, and --trace too (default: %(default)s)")
-    # Two fields whose option differs in kind; config_from() converts them.
+    # Two Config fields whose options take another form than the field's value:
+    # config_from() converts them.
     add("--header", dest="headers", action="append", default=[], metavar="NAME:VALUE",
         help="add this header to every response (repeatable)")
     add("--ws-per-message-deflate", choices=["true", "false"], default="true",
@@ -4622,8 +4635,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per Config field in OPTION_HELP: --limit-request-line sets
-    limit_request_line; its type and default are the field's."""
+    """One option per Config field, with its help from OPTION_HELP.
+
+    The field limit_request_line becomes --limit-request-line, which sets it;
+    the option's default is the field's default, and its type the field's
+    annotation. A bool field is a switch: off by default, --trace turns it
+    on; on by default, --no-date-header turns it off.
+    """
     defaults = Config()
     for field_ in dataclasses.fields(Config):
         default = getattr(defaults, field_.name)
@@ -4639,13 +4657,20 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         annotation = str(field_.type)
         kind = float if "float" in annotation else int if "int" in annotation else str
         choices = metavar.split("|") if "|" in metavar else None
+        # None ("no limit", "not set") and "" have no value worth showing.
         shown = "" if default in (None, "") else " (default: %(default)s)"
         parser.add_argument(option, type=kind, default=default, choices=choices,
                             metavar=None if choices else metavar, help=text + shown)
 
 
 def config_from(args: argparse.Namespace) -> Config:
-    """Turn parsed options into a Config: same names, three values converted."""
+    """Turn parsed options into a Config: same names, three values converted.
+
+    --ws-ping-interval 0 means no pings (None), --ws-per-message-deflate is a
+    word, and each --header NAME:VALUE becomes a (name, value) pair of bytes.
+    Config itself refuses what no server could run with: its ValueError ends
+    the run with exit status 1.
+    """
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                if hasattr(args, f.name)}
     options["ws_ping_interval"] = args.ws_ping_interval or None       # 0: no pings
@@ -4661,7 +4686,12 @@ def config_from(args: argparse.Namespace) -> Config:
 
 
 def load_env_file(path: str) -> None:
-    """--env-file: KEY=VALUE lines; blank lines and # comments are skipped."""
+    """--env-file: KEY=VALUE lines into os.environ, for the app to read.
+
+    Blank lines and # comments are skipped; a value in matching quotes loses
+    them. The file is read after the options are parsed, so it sets nothing
+    of gateway's own (not even the default of --workers).
+    """
     with open(path, encoding="utf-8") as lines:
         for line in lines:
             line = line.strip()
@@ -4678,6 +4708,7 @@ def source_times() -> dict:
     hidden folders or __pycache__."""
     times = {}
     for folder, dirs, files in os.walk("."):
+        # Pruning `dirs` in place is how os.walk() is told to skip a folder.
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
         for path in [os.path.join(folder, name) for name in files
                      if name.endswith(".py")]:
@@ -4690,8 +4721,12 @@ def source_times() -> dict:
 
 def run_reloader(argv: list[str]) -> int:
     """--reload: run the server in a child process; restart it when a .py file
-    under the current directory changes (by polling modification times, once a
-    second: the standard library has no file watcher)."""
+    under the current directory changes.
+
+    A new process is the one sure way to load changed code: a module imported
+    again does not change the objects made from the old one. The files are
+    polled once a second, because the standard library has no file watcher.
+    """
     command = [sys.executable, os.path.abspath(__file__)] + [a for a in argv
                                                              if a != "--reload"]
     seen = source_times()
@@ -4706,6 +4741,8 @@ def run_reloader(argv: list[str]) -> int:
                 child.wait()
                 child = subprocess.Popen(command)
     except KeyboardInterrupt:
+        # From a terminal, Ctrl+C reached the child too (one process group);
+        # terminate()'s SIGTERM is then its second signal: it stops at once.
         child.terminate()
         child.wait()
         return 0
@@ -4714,23 +4751,24 @@ def run_reloader(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line (steps 1-4 above, then 5-6); return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_arg_parser().parse_args(argv)
+    args = build_arg_parser().parse_args(argv)                     # step 1
     if args.log_level == "trace":     # the most detailed level: debug and --trace
         args.log_level, args.trace = "debug", True
+    # The one place that sets up logging: the sections above only log.
     logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
     if args.env_file:
         load_env_file(args.env_file)
     if args.reload:
-        return run_reloader(argv)
-    if args.workers > 1 and not hasattr(os, "fork"):
+        return run_reloader(argv)       # a child runs main() again, without --reload
+    if args.workers > 1 and not hasattr(os, "fork"):     # Windows has no fork()
         log.error("--workers needs os.fork(), which this platform does not have")
         return 1
-    sys.path.insert(0, os.path.abspath(args.app_dir))
+    sys.path.insert(0, os.path.abspath(args.app_dir))    # --app-dir's modules first
     interface, spec = ("asgi", args.asgi) if args.asgi else ("wsgi", args.wsgi)
     try:
-        config = config_from(args)
-        app = import_app(spec, args.factory)
-        # Limit: --workers share one socket and the parent cannot tell when a
+        config = config_from(args)                                   # step 2
+        app = import_app(spec, args.factory)                         # step 3
+        # Step 4. Limit: --workers share one socket and the parent cannot tell when a
         # worker has started, so it listens from the outset: clients that come
         # before the first worker is ready wait in the backlog.
         listener = make_listener(args.host, args.port, args.backlog, args.uds, args.fd,
@@ -4748,12 +4786,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve_until_stopped(app, interface: str, spec: str, config: Config,
                         listener: socket.socket) -> int:
-    """Steps 5-6: serve in this process or in --workers; return the exit status."""
+    """Steps 5-6: serve in this process or in --workers; return the exit status.
+
+    0 after a graceful stop; EXIT_STARTUP_FAILED (3) or EXIT_SHUTDOWN_FAILED (4)
+    when the ASGI lifespan failed (section 10), in this process or a worker.
+    """
     host, port = listen_address(listener)
     scheme = "https" if config.ssl_certfile else "http"
     where = f"unix:{host}" if port is None else "%s://%s:%d" % (
         scheme, f"[{host}]" if ":" in host else host, port)
-    config.port = port or 0
+    config.port = port or 0             # the port that --port 0 picked; 0: unix socket
 
     def announce() -> None:
         """The start-up line, once connections are accepted."""
