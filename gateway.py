@@ -4023,31 +4023,33 @@ def asgi3_app(app, interface: str = "auto"):
 # =============================================================================
 # §11  Operations - logging, proxies, TLS, sockets and worker processes
 #
-# What running gateway for real needs around the protocol: an access log,
-# trusting a proxy in front, TLS, unix and inherited sockets, and a parent
-# process that keeps N forked workers on one listening socket.
+# What running gateway for real needs around the protocol: an access log and
+# --trace, trusting a proxy in front, TLS, listening sockets, and a parent
+# process that keeps N forked workers on one listening socket. The servers of
+# sections 6 and 8 call in here; nothing here calls back into them.
 # =============================================================================
 
-access_log = logging.getLogger("gateway.access")
+# -- The access log and --trace -----------------------------------------------
 
-# The fields an --access-log-format may use, with the default format.
-ACCESS_LOG_FORMAT = '%(client)s - "%(request_line)s" %(status)s %(bytes)s %(duration_ms).1fms'
+access_log = logging.getLogger("gateway.access")
+# The fields an --access-log-format may use, and the default format.
+ACCESS_LOG_FORMAT = ('%(client)s - "%(request_line)s" %(status)s %(bytes)s '
+                     '%(duration_ms).1fms')
 
 
 def log_access(config: Config, client, request: Request, status: int | str, size: int,
                started: float) -> None:
     """One access log line per request (client, request line, status, bytes, ms);
-    status "-" for a request that got no response."""
+    status "-" for a request that got no response. Both servers call it."""
     if not config.access_log or not access_log.isEnabledFor(logging.INFO):
         return     # checked first: building the line costs more than this test
-    fields = {
+    access_log.info(config.access_log_format or ACCESS_LOG_FORMAT, {
         "client": "%s:%s" % tuple(client[:2]) if client else "-",
         "request_line": printable(f"{request.method} {request.target.decode('latin-1')}"
                                   f" HTTP/{request.version}"),
         "status": status, "bytes": size,
         "duration_ms": (time.monotonic() - started) * 1000.0,
-    }
-    access_log.info(config.access_log_format or ACCESS_LOG_FORMAT, fields)
+    })
 
 
 trace_log = logging.getLogger("gateway.trace")
@@ -4111,6 +4113,9 @@ def traced(trace: Trace, receive, send):
     return traced_receive, traced_send
 
 
+# -- Behind a proxy: Forwarded (RFC 7239) and X-Forwarded-* -------------------
+
+
 def trusted_proxy(address: str | None, config: Config) -> bool:
     """Is this peer one of --forwarded-allow-ips? (a unix socket peer always is)"""
     if address is None or "*" in config.forwarded_allow_ips:
@@ -4131,24 +4136,28 @@ def node_address(node: str) -> str:
 
 
 def forwarded_hops(headers: list[tuple[bytes, bytes]]) -> list[dict[str, str]]:
-    """The proxies' record of the request's path, client first: for/proto/host."""
+    """The proxies' record of the request's path, client first: for/proto/host.
+
+    RFC 7239 §4: Forwarded = 1#forwarded-element, and
+    forwarded-element = forwarded-pair *( ";" forwarded-pair ), each pair
+    token "=" value. Only without a Forwarded field are the older, unwritten
+    X-Forwarded-For (a list), -Proto and -Host (last value wins) read.
+    """
     hops = []
-    for value in field_values(headers, b"forwarded"):    # RFC 7239 wins
-        for element in value.decode("latin-1").split(","):   # §4: 1#element
-            hop = {}
-            for pair in element.split(";"):                  # §4: pairs by ";"
-                name, _, text = pair.strip().partition("=")
-                hop[name.lower()] = text.strip().strip('"')
-            if "for" in hop:
+    for value in field_values(headers, b"forwarded"):
+        for element in value.decode("latin-1").split(","):      # RFC 7239 §4: 1#
+            pairs = (pair.strip().partition("=") for pair in element.split(";"))
+            # Leniency: a quoted-string value loses its quotes, not its escapes.
+            hop = {name.lower(): text.strip().strip('"') for name, _, text in pairs}
+            if "for" in hop:                                     # RFC 7239 §5.2
                 hop["for"] = node_address(hop["for"])
             hops.append(hop)
     if hops:
         return hops
-    extra = {}      # the de-facto X-Forwarded-* headers (last value wins)
-    for name, key in ((b"x-forwarded-proto", "proto"), (b"x-forwarded-host", "host")):
-        values = field_values(headers, name)
-        if values:
-            extra[key] = values[-1].decode("latin-1").strip()
+    extra = {key: field_values(headers, b"x-forwarded-" + key.encode())
+             for key in ("proto", "host")}
+    extra = {key: values[-1].decode("latin-1").strip()        # the last one wins
+             for key, values in extra.items() if values}
     addresses = comma_list(field_values(headers, b"x-forwarded-for"))
     return [dict(extra, **{"for": a.decode("latin-1")}) for a in addresses] or (
         [extra] if extra else [])
@@ -4157,9 +4166,10 @@ def forwarded_hops(headers: list[tuple[bytes, bytes]]) -> list[dict[str, str]]:
 def behind_proxy(request: Request, client, scheme: str, config: Config):
     """--proxy-headers: who the client really is, per a proxy we trust.
 
-    Returns (client, scheme, host or None). Headers from an untrusted peer
-    are ignored. The right-most address that is not itself a trusted proxy is
-    the client: everything left of it could have been forged by that client.
+    Returns (client, scheme, host or None); both servers call it for every
+    request. Headers from an untrusted peer are ignored. RFC 7239 §8.1: any
+    node on the way may have written them, so the right-most address that is
+    not itself a trusted proxy is the client; all left of it may be forged.
     """
     if not config.proxy_headers or not trusted_proxy(client[0] if client else None,
                                                      config):
@@ -4167,12 +4177,15 @@ def behind_proxy(request: Request, client, scheme: str, config: Config):
     hops = forwarded_hops(request.headers)
     if not hops:
         return client, scheme, None
-    for hop in reversed(hops):
-        if not trusted_proxy(hop.get("for"), config):
-            break
+    # The right-most hop that a trusted proxy did not add; if all did, the first.
+    hop = next((hop for hop in reversed(hops)
+                if not trusted_proxy(hop.get("for"), config)), hops[0])
     address = hop.get("for")
     return ((address, 0) if address else client), hop.get("proto", scheme).lower(), \
         hop.get("host")
+
+
+# -- TLS, and the ASGI extensions "TLS" scope value ---------------------------
 
 
 def make_ssl_context(config: Config):
@@ -4184,13 +4197,14 @@ def make_ssl_context(config: Config):
                             config.ssl_keyfile_password)
     if config.ssl_ca_certs:
         # Policy: ask for a client certificate and check it, but let clients
-        # without one in (uvicorn's --ssl-cert-reqs 1); the app sees which.
+        # without one in (CERT_OPTIONAL, not CERT_REQUIRED): the app sees in
+        # the TLS scope value who sent one, and decides what that is worth.
         context.load_verify_locations(config.ssl_ca_certs)
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 
-# ASGI TLS extension, tls_version: the protocol's own number, as on the wire.
+# ASGI extensions "TLS", tls_version: the protocol's own number, as on the wire.
 TLS_VERSIONS = {"SSLv3": 0x0300, "TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303,
                 "TLSv1.3": 0x0304}
 # RFC 4514 §3: the attribute types that a DN string names by a short name.
@@ -4216,8 +4230,9 @@ def read_server_cert(certfile: str) -> str | None:
 def tls_extension(ssl_object, server_cert: str | None) -> dict:
     """scope["extensions"]["tls"] for one connection, after its handshake.
 
-    ASGI TLS extension: the value describes the connection, so it is worked
-    out once for all of its requests.
+    ASGI extensions "TLS": present only on TLS connections, with these six
+    keys. The value describes the connection, so it is worked out once for
+    all of its requests.
     """
     leaf = ssl_object.getpeercert(binary_form=True)
     chain, name = [], None
@@ -4244,13 +4259,15 @@ def tls_extension(ssl_object, server_cert: str | None) -> dict:
 def cipher_suite(context, name: str) -> int | None:
     """The IANA number of the cipher suite OpenSSL calls `name`.
 
-    ASGI TLS extension, cipher_suite: the two bytes of the TLS registry as one
-    16-bit number. ssl only gives the name; the context's get_ciphers() gives
-    ids of OpenSSL's form 0x0300XXXX, whose low 16 bits are that number. The
-    list is read when a name is first seen, and kept (a name not in it, as None).
+    ASGI extensions "TLS", cipher_suite: the two bytes of the TLS registry as
+    one 16-bit number. ssl only gives the name; the context's get_ciphers()
+    gives ids of OpenSSL's form 0x0300XXXX, whose low 16 bits are that number.
+    The list is read when a name is first seen, and kept (a name not in it, as
+    None).
     """
     if name not in CIPHER_SUITES:
-        CIPHER_SUITES.update((c["name"], c["id"] & 0xFFFF) for c in context.get_ciphers())
+        CIPHER_SUITES.update((c["name"], c["id"] & 0xFFFF)
+                             for c in context.get_ciphers())
         CIPHER_SUITES.setdefault(name, None)
     return CIPHER_SUITES[name]
 
@@ -4258,8 +4275,8 @@ def cipher_suite(context, name: str) -> int | None:
 def rfc4514_name(subject) -> str:
     """A DN from the "subject" of ssl's getpeercert() as an RFC 4514 string.
 
-    RFC 4514 §2.1: the RDNs are written last first, joined by ","; §2.2: the
-    attributes of one RDN are joined by "+", each as type=value.
+    RFC 4514 §2.1: the RDNs are written last first, joined by ",".
+    RFC 4514 §2.2: the attributes of one RDN are joined by "+", as type=value.
     """
     return ",".join("+".join(RFC4514_TYPES.get(kind, kind) + "=" + rfc4514_value(value)
                              for kind, value in rdn)
@@ -4277,6 +4294,9 @@ def rfc4514_value(value: str) -> str:
     return "".join(escaped)
 
 
+# -- Listening sockets --------------------------------------------------------
+
+
 def make_listener(host: str, port: int, backlog: int = BACKLOG, uds: str | None = None,
                   fd: int | None = None, listen: bool = True) -> socket.socket:
     """A listening socket: TCP (port 0 picks a free one), unix, or inherited.
@@ -4288,32 +4308,29 @@ def make_listener(host: str, port: int, backlog: int = BACKLOG, uds: str | None 
     """
     if fd is not None:
         sock = socket.socket(fileno=fd)        # e.g. from systemd
-        if listen:
-            sock.listen(backlog)
-        return sock
-    if uds is not None:
+    elif uds is not None:
         if not hasattr(socket, "AF_UNIX"):
             raise OSError(errno.EAFNOSUPPORT, "unix sockets are not available here")
         if os.path.exists(uds) and stat.S_ISSOCK(os.stat(uds).st_mode):
             os.unlink(uds)                     # a stale socket from a past run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(uds)
+    else:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         if listen:
-            sock.listen(backlog)
-        return sock
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            return socket.create_server((host, port), family=family, backlog=backlog)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:            # the options socket.create_server() sets, without listen()
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
     if listen:
-        return socket.create_server((host, port), family=family, backlog=backlog)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:                # the options socket.create_server() sets, without listen()
-        if os.name == "posix":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
+        sock.listen(backlog)
     return sock
 
 
@@ -4323,12 +4340,30 @@ def listen_address(listener: socket.socket) -> tuple:
     return (name, None) if isinstance(name, str) else tuple(name[:2])
 
 
-# The signals on_signals() (§12) turns into a shutdown, by name: a platform may
-# lack one. run_workers() leaves a worker only SIGTERM.
+def set_nodelay(sock: socket.socket) -> bool:
+    """Send small responses at once instead of waiting for Nagle's algorithm.
+
+    False if the socket is dead already: macOS refuses the option (EINVAL) on
+    a connection the client reset before we got to it.
+    """
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            return False
+    return True
+
+
+# -- --workers: a parent process and N forked workers -------------------------
+#
+# The parent binds the socket, forks the workers (each one runs serve() on the
+# inherited socket; the kernel hands each new connection to one of them) and
+# then only waits: it relays SIGINT/SIGTERM to them as SIGTERM, replaces one
+# that dies, and exits with the status of a lifespan that failed in one.
+
+# The signals on_signals() (section 12) turns into a graceful shutdown, by
+# name: a platform may lack one. A worker keeps only SIGTERM (be_a_worker()).
 SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM")
-
-
-RELAYED_SIGNALS = ("SIGINT", "SIGTERM")    # what run_workers() passes on
 
 
 def run_workers(count: int, serve_one) -> int:
@@ -4358,16 +4393,17 @@ def run_workers(count: int, serve_one) -> int:
         pid, status = os.wait()
         children.discard(pid)
         code = os.waitstatus_to_exitcode(status)
-        if code == EXIT_STARTUP_FAILED and not stopping:   # it cannot start: stop them all
-            result = code
-            stop(signal.SIGTERM, None)
-        elif not stopping:
-            log.warning("worker %d died (exit %d); starting another", pid, code)
-            children.add(fork_worker(serve_one))
-        elif code in (EXIT_STARTUP_FAILED, EXIT_SHUTDOWN_FAILED) and not result:
+        if stopping:
             # ASGI Lifespan "Shutdown Failed" (or a startup that failed as we
             # stopped) in one worker: the whole server exits non-zero.
+            if code in (EXIT_STARTUP_FAILED, EXIT_SHUTDOWN_FAILED) and not result:
+                result = code
+        elif code == EXIT_STARTUP_FAILED:     # it cannot start: stop them all
             result = code
+            stop(signal.SIGTERM, None)
+        else:
+            log.warning("worker %d died (exit %d); starting another", pid, code)
+            children.add(fork_worker(serve_one))
     return result
 
 
@@ -4378,7 +4414,7 @@ def fork_worker(serve_one) -> int:
     parent's handler (it would relay the signal to its brothers a second
     time), and it may not get to run at all before a signal arrives.
     """
-    relayed = {getattr(signal, name) for name in RELAYED_SIGNALS}
+    relayed = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
     pid = os.fork()
     if pid == 0:
@@ -4409,7 +4445,21 @@ def be_a_worker(serve_one, relayed: set) -> None:
 
 
 # =============================================================================
-# §12  Command line
+# §12  Command line - options in, an exit status out
+#
+# main(argv) turns the options into a Config and a listening socket, serves
+# until a signal stops it, and returns the exit status; the sections above
+# never read sys.argv. How a run goes:
+#
+#   1. parse the options (build_arg_parser): every Config field is one;
+#      --env-file fills os.environ, --reload hands over to run_reloader()
+#   2. config_from(): the Config, whose checks refuse a bad value   -> exit 1
+#   3. import_app(): the app named "module:attr"                     -> exit 1
+#   4. make_listener() (section 11): bind the socket                 -> exit 1
+#   5. serve_until_stopped(): serve() in this process, or, with
+#      --workers N, run_workers() forks N processes that each serve()
+#   6. the server installs on_signals() and serves until SIGTERM or Ctrl+C,
+#      then drains: exit 0, or 3 / 4 if the ASGI lifespan failed
 # =============================================================================
 
 
@@ -4418,15 +4468,23 @@ class AppImportError(Exception):
 
 
 def import_app(spec: str, factory: bool = False):
-    """Import "module:attr" (attr may be dotted; default: app, then application)."""
+    """Import "module:attr" (attr may be dotted; default: app, then application).
+
+    Each way this can fail gets a message that says which: no such module, an
+    error while the module runs (its own failing import included), or no such
+    attribute. main() logs it and exits with status 1.
+    """
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
+        # The module itself (or a package on its path) is missing, not
+        # something that it imports.
         if error.name and module_name.startswith(error.name):
             raise AppImportError(f"cannot import module {module_name!r}: "
                                  "no such module") from None
-        raise AppImportError(f"error while importing {module_name!r}: {error}") from None
+        raise AppImportError(f"error while importing {module_name!r}: {error}") \
+            from None
     except Exception as error:
         raise AppImportError(f"error while importing {module_name!r}: "
                              f"{type(error).__name__}: {error}") from None
@@ -4443,18 +4501,25 @@ def import_app(spec: str, factory: bool = False):
 
 
 def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
-    """Call stop() on SIGINT and SIGTERM (main thread only); return a function
-    that puts back the handlers this replaced with signal.signal().
+    """Call stop() on SIGINT and SIGTERM; return a function that puts back the
+    handlers this replaced with signal.signal(). This is how signals stop the
+    server, in one place:
 
-    The first signal starts a graceful shutdown, a second one ends it at once.
-    Policy: both mean that even when they came in ignored, as a shell starts a
-    background job (`gateway.py ... &` in a script) with SIGINT ignored; only a
-    worker of run_workers() leaves SIGINT to its parent (SHUTDOWN_SIGNALS).
-    With a `loop`, stop() runs in it: through loop.add_signal_handler(), or,
-    where a loop has none (Windows), through a plain handler that hands the
-    call to the loop. That handler also replaces the one asyncio.run() puts on
-    SIGINT (3.11+), which would cancel the server instead of draining it.
-    A server in another thread gets no handlers: Ctrl+C is its caller's.
+    - The first SIGTERM or Ctrl+C (SIGINT) calls stop(), the server's
+      shutdown(): it stops accepting and lets requests in progress finish for
+      --timeout-graceful-shutdown. A second one calls it again, which cuts off
+      every connection at once.
+    - With --workers, the parent relays SIGINT/SIGTERM to each worker as
+      SIGTERM (run_workers()); a worker ignores SIGINT, because a Ctrl+C in a
+      terminal reaches the whole process group and must count once.
+    - Policy: both signals mean "stop" even when they came in ignored, as a
+      shell starts a background job (`gateway.py ... &` in a script) with
+      SIGINT ignored.
+    - With a `loop`, stop() runs in it: through loop.add_signal_handler(), or,
+      where a loop has none (Windows), through a plain handler that hands the
+      call to the loop. That handler also replaces the one asyncio.run() puts
+      on SIGINT (3.11+), which would cancel the server instead of draining it.
+    - A server in another thread gets no handlers: Ctrl+C is its caller's.
     """
     replaced = {}
 
@@ -4466,10 +4531,9 @@ def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
 
     if threading.current_thread() is not threading.main_thread():
         return restore
-    for name in SHUTDOWN_SIGNALS:
-        signum = getattr(signal, name, None)
-        if signum is None:
-            continue                    # e.g. a platform without SIGTERM
+    # (a platform may lack one of them, e.g. SIGTERM)
+    for signum in [getattr(signal, name) for name in SHUTDOWN_SIGNALS
+                   if hasattr(signal, name)]:
         try:
             if loop is not None:
                 try:
@@ -4479,24 +4543,27 @@ def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
                     handler = lambda number, frame: loop.call_soon_threadsafe(stop)
             else:
                 handler = lambda number, frame: stop()
-            replaced[signum] = signal.signal(signum, handler)
+            replaced[signum] = signal.signal(signum, handler)    # returns the old one
         except (RuntimeError, ValueError, OSError) as error:
             log.warning("cannot handle %s (%s): it will not stop the server gracefully",
-                        name, error)
+                        signum.name, error)
     return restore
 
 
 def serve(app, interface: str = "asgi", host: str = "127.0.0.1", port: int = 8000,
           config: Config | None = None, listener: socket.socket | None = None,
           ready=None) -> None:
-    """Serve `app` ("wsgi" or "asgi") until interrupted. Blocks. `ready()`, if
-    given, is called once connections are accepted (after the ASGI lifespan
-    startup)."""
+    """Serve `app` ("wsgi" or "asgi") until stopped: steps 5-6 for one process.
+
+    Blocks. `ready()`, if given, is called once connections are accepted
+    (after the ASGI lifespan startup). Without a listener, one is made.
+    """
     config = config or Config(host=host, port=port)
-    listener = listener or make_listener(host, port, config.backlog, config.uds, config.fd)
+    listener = listener or make_listener(host, port, config.backlog, config.uds,
+                                         config.fd)
     if interface == "wsgi":
         if ready is not None:
-            ready()
+            ready()             # the WSGI server accepts as soon as it runs
         WSGIServer(app, listener, config).serve_forever()
     elif interface == "asgi":
         asyncio.run(ASGIServer(app, listener, config, ready).serve())
@@ -4504,150 +4571,150 @@ def serve(app, interface: str = "asgi", host: str = "127.0.0.1", port: int = 800
         raise ValueError(f"interface must be 'wsgi' or 'asgi', not {interface!r}")
 
 
+# The help of every option that sets a Config field (section 1): (metavar, help).
+# add_config_options() makes the options from Config's fields; this table only
+# says what each one means. A metavar "a|b" lists the only values allowed; ""
+# marks a switch, which takes no value.
+OPTION_HELP = {
+    "--host": ("HOST", "address to listen on"),
+    "--port": ("PORT", "port to listen on, 0 for any free one"),
+    "--uds": ("PATH", "listen on this unix socket instead"),
+    "--fd": ("N", "serve an inherited listening socket (e.g. from systemd)"),
+    "--backlog": ("N", "pending connections the kernel may queue"),
+    "--workers": ("N", "worker processes; $WEB_CONCURRENCY sets the default"),
+    "--threads": ("N", "WSGI worker threads per process; 1: one app call at a time"),
+    "--root-path": ("PATH", "mount point of the app (SCRIPT_NAME / root_path)"),
+    "--ssl-certfile": ("PATH", "TLS certificate (PEM)"),
+    "--ssl-keyfile": ("PATH", "TLS private key (PEM)"),
+    "--ssl-keyfile-password": ("TEXT", "password of the TLS private key"),
+    "--ssl-ca-certs": ("PATH", "CA certificates to check client certificates with"),
+    "--proxy-headers": ("", "trust Forwarded, X-Forwarded-* of --forwarded-allow-ips"),
+    "--forwarded-allow-ips": ("LIST", "comma list of addresses and CIDR ranges, or *"),
+    "--trace": ("", "show the protocol: heads, environ/scope, ASGI messages"),
+    "--no-access-log": ("", "no line per request on the gateway.access logger"),
+    "--access-log-format": ("FMT", "%%-format over client, request_line, status, "
+                            "bytes, duration_ms (default: "
+                            + ACCESS_LOG_FORMAT.replace("%", "%%") + ")"),
+    "--no-server-header": ("", "send no Server header"),
+    "--no-date-header": ("", "send no Date header"),
+    "--lifespan": ("auto|on|off", "ASGI lifespan; auto: only if the app supports it"),
+    "--interface": ("auto|asgi3|asgi2", "ASGI 3 or 2 (double callable); auto detects"),
+    "--ws-max-size": ("BYTES", "largest WebSocket message, else close 1009"),
+    "--ws-ping-interval": ("S", "send a WebSocket ping this often; 0: never"),
+    "--ws-ping-timeout": ("S", "close (1011) if no pong comes this soon"),
+    # Going over a limit gets the status shown (section 1 has the reasons).
+    "--limit-request-line": ("BYTES", "longest request-line, else 414"),
+    "--limit-request-head": ("BYTES", "largest request head, else 431"),
+    "--limit-request-fields": ("N", "most header fields, else 431"),
+    "--limit-request-body": ("BYTES", "largest request body, else 413 (default: none)"),
+    "--limit-spool": ("BYTES", "largest chunked body the WSGI path stores, else 413"),
+    "--limit-concurrency": ("N", "most open connections, else 503 (default: none)"),
+    "--timeout-keep-alive": ("S", "seconds idle between requests"),
+    "--timeout-request-head": ("S", "seconds to receive a whole head, else 408"),
+    "--timeout-read": ("S", "seconds without body bytes while reading one, else 408"),
+    "--timeout-write": ("S", "seconds a response may stay unread"),
+    "--timeout-graceful-shutdown": ("S", "seconds requests may go on during shutdown"),
+}
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    """The options; each `dest` is the name of a Config field (§1)."""
+    """The options: first those of the command line itself (which app, how to
+    load it, logging), then one per Config field.
+
+    argparse checks types and choices, and ends a run with a usage error
+    (exit status 2) before anything else happens.
+    """
     parser = argparse.ArgumentParser(
         prog="gateway.py",
         description="Serve a WSGI or ASGI app over HTTP/1.1 (standard library only).",
         epilog="example: python gateway.py --asgi echo_asgi:app --port 8000")
     add = parser.add_argument
+    # Not Config fields: which app to serve, how to load it, and the log set-up.
     app = parser.add_mutually_exclusive_group(required=True)
     app.add_argument("--asgi", metavar="MODULE:ATTR", help="serve this ASGI 3 app")
     app.add_argument("--wsgi", metavar="MODULE:ATTR", help="serve this WSGI app")
-    add("--factory", action="store_true", help="ATTR is a callable that returns the app")
+    add("--factory", action="store_true",
+        help="ATTR is a callable that returns the app")
     add("--app-dir", default=".", metavar="DIR",
         help="directory to import the app from (default: current)")
     add("--env-file", metavar="PATH", help="read KEY=VALUE lines into the environment")
     add("--reload", action="store_true",
         help="restart when a .py file under the current directory changes")
-    sock = parser.add_argument_group("sockets")
-    sock.add_argument("--host", default="127.0.0.1",
-                      help="address to listen on (default: %(default)s)")
-    sock.add_argument("--port", type=int, default=8000,
-                      help="port to listen on, 0 for any free one (default: %(default)s)")
-    sock.add_argument("--uds", metavar="PATH", help="listen on this unix socket instead")
-    sock.add_argument("--fd", type=int, metavar="N",
-                      help="serve an inherited listening socket (e.g. from systemd)")
-    sock.add_argument("--backlog", type=int, default=BACKLOG,
-                      help="pending connections the kernel may queue (default: %(default)s)")
-    sock.add_argument("--workers", type=int,
-                      default=int(os.environ.get("WEB_CONCURRENCY", 1)),
-                      help="worker processes (default: $WEB_CONCURRENCY or 1)")
-    sock.add_argument("--threads", type=int, default=WSGI_THREADS,
-                      help="WSGI worker threads per process; 1: one app call at a time "
-                      "(default: %(default)s)")
-    sock.add_argument("--root-path", default="", metavar="PATH",
-                      help="mount point of the app (SCRIPT_NAME / root_path)")
-    add_tls_and_proxy_options(parser)
-    add_logging_options(parser.add_argument_group("logging and headers"))
-    add_asgi_options(parser.add_argument_group("ASGI"))
-    add_defaulted(parser.add_argument_group("limits (going over one gets the status shown)"),
-                  int, LIMIT_OPTIONS)
-    add_defaulted(parser.add_argument_group("timeouts, in seconds"), float, TIMEOUT_OPTIONS)
+    add("--log-level", default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="trace: debug, and --trace too (default: %(default)s)")
+    # Two Config fields whose options take another form than the field's value:
+    # config_from() converts them.
+    add("--header", dest="headers", action="append", default=[], metavar="NAME:VALUE",
+        help="add this header to every response (repeatable)")
+    add("--ws-per-message-deflate", choices=["true", "false"], default="true",
+        help="offer permessage-deflate compression (RFC 7692) to clients that ask "
+        "(default: %(default)s)")
+    add_config_options(parser)
+    # Policy: $WEB_CONCURRENCY, which hosting platforms set to the number of
+    # processes to run, is the default of --workers.
+    parser.set_defaults(workers=int(os.environ.get("WEB_CONCURRENCY", 1)))
     return parser
 
 
-def add_tls_and_proxy_options(parser: argparse.ArgumentParser) -> None:
-    """The TLS options, and whom to trust behind a proxy."""
-    tls = parser.add_argument_group("TLS")
-    tls.add_argument("--ssl-certfile", metavar="PATH", help="certificate (PEM)")
-    tls.add_argument("--ssl-keyfile", metavar="PATH", help="private key (PEM)")
-    tls.add_argument("--ssl-keyfile-password", metavar="TEXT")
-    tls.add_argument("--ssl-ca-certs", metavar="PATH",
-                     help="CA certificates to check client certificates with")
-    proxy = parser.add_argument_group("behind a proxy")
-    proxy.add_argument("--proxy-headers", action="store_true",
-                       help="trust Forwarded / X-Forwarded-* from --forwarded-allow-ips")
-    proxy.add_argument("--forwarded-allow-ips", default="127.0.0.1", metavar="LIST",
-                       help="comma list of addresses and CIDR ranges, or * "
-                       "(default: %(default)s)")
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per Config field, with its help from OPTION_HELP.
 
-
-def add_logging_options(logs) -> None:
-    """The options of the log, --trace and the extra response headers."""
-    logs.add_argument("--trace", action="store_true",
-                      help="show the protocol: heads, environ/scope, ASGI messages")
-    logs.add_argument("--log-level", default="info",
-                      choices=["critical", "error", "warning", "info", "debug", "trace"],
-                      help="trace: debug, and --trace too (default: %(default)s)")
-    logs.add_argument("--no-access-log", dest="access_log", action="store_false",
-                      help="no line per request on the gateway.access logger")
-    logs.add_argument("--access-log-format", default=ACCESS_LOG_FORMAT, metavar="FMT",
-                      help="%%-format over client, request_line, status, bytes, "
-                      "duration_ms (default: %(default)s)")
-    logs.add_argument("--header", dest="headers", action="append", default=[],
-                      metavar="NAME:VALUE", help="add this header to every response")
-    logs.add_argument("--no-server-header", dest="server_header", action="store_false")
-    logs.add_argument("--no-date-header", dest="date_header", action="store_false")
-
-
-def add_asgi_options(asgi) -> None:
-    """The options of the ASGI path: lifespan, interface and WebSocket."""
-    asgi.add_argument("--lifespan", choices=["auto", "on", "off"], default="auto",
-                      help="run the app's lifespan startup and shutdown; auto: only if "
-                      "the app supports it (default: %(default)s)")
-    asgi.add_argument("--interface", choices=["auto", "asgi3", "asgi2"], default="auto",
-                      help="ASGI 3 (single callable) or ASGI 2 (double); auto detects "
-                      "(default: %(default)s)")
-    asgi.add_argument("--ws-max-size", type=int, default=WS_MAX_SIZE, metavar="BYTES",
-                      help="largest WebSocket message, else close 1009 (default: %(default)s)")
-    asgi.add_argument("--ws-ping-interval", type=float, default=WS_PING_SECONDS,
-                      metavar="S", help="send a WebSocket ping this often; 0: never "
-                      "(default: %(default)s)")
-    asgi.add_argument("--ws-ping-timeout", type=float, default=WS_PING_SECONDS,
-                      metavar="S", help="close (1011) if no pong comes this soon "
-                      "(default: %(default)s)")
-    asgi.add_argument("--ws-per-message-deflate", choices=["true", "false"],
-                      default="true", help="offer permessage-deflate compression "
-                      "(RFC 7692) to clients that ask (default: %(default)s)")
-
-
-# Options whose default is the Config field of the same name: (option, metavar,
-# what the value bounds and what going over it gets). Config's defaults are §1's.
-LIMIT_OPTIONS = [
-    ("--limit-request-line", "BYTES", "request-line, 414"),
-    ("--limit-request-head", "BYTES", "request head, 431"),
-    ("--limit-request-fields", "N", "header fields, 431"),
-    ("--limit-request-body", "BYTES", "request body, 413"),
-    ("--limit-spool", "BYTES", "a chunked body the WSGI path stores for the app, 413"),
-    ("--limit-concurrency", "N", "open connections, 503"),
-]
-TIMEOUT_OPTIONS = [
-    ("--timeout-keep-alive", "S", "idle between requests"),
-    ("--timeout-request-head", "S", "to receive a whole head, 408"),
-    ("--timeout-read", "S", "without body bytes while reading a body, 408"),
-    ("--timeout-write", "S", "a response may stay unread"),
-    ("--timeout-graceful-shutdown", "S", "requests in progress may finish during shutdown"),
-]
-
-
-def add_defaulted(group, kind, rows: list) -> None:
-    """Add options of one type whose defaults are Config's (None: no limit)."""
-    for option, metavar, text in rows:
-        default = getattr(DEFAULTS, option[2:].replace("-", "_"))
-        shown = "no limit" if default is None else "%(default)s"
-        group.add_argument(option, type=kind, default=default, metavar=metavar,
-                           help=f"{text} (default: {shown})")
+    The field limit_request_line becomes --limit-request-line, which sets it;
+    the option's default is the field's default, and its type the field's
+    annotation. A bool field is a switch: off by default, --trace turns it
+    on; on by default, --no-date-header turns it off.
+    """
+    defaults = Config()
+    for field_ in dataclasses.fields(Config):
+        default = getattr(defaults, field_.name)
+        option = ("--no-" if default is True else "--") + field_.name.replace("_", "-")
+        if option not in OPTION_HELP:
+            continue            # headers, ws_per_message_deflate: written above
+        metavar, text = OPTION_HELP[option]
+        if isinstance(default, bool):     # a switch: --trace on, --no-date-header off
+            action = "store_false" if default else "store_true"
+            parser.add_argument(option, dest=field_.name, action=action, help=text)
+            continue
+        # The value's type is the annotation's: "int | None" is int, "str" is str.
+        annotation = str(field_.type)
+        kind = float if "float" in annotation else int if "int" in annotation else str
+        choices = metavar.split("|") if "|" in metavar else None
+        # None ("no limit", "not set") and "" have no value worth showing.
+        shown = "" if default in (None, "") else " (default: %(default)s)"
+        parser.add_argument(option, type=kind, default=default, choices=choices,
+                            metavar=None if choices else metavar, help=text + shown)
 
 
 def config_from(args: argparse.Namespace) -> Config:
-    """Turn parsed options into a Config: same names, a few conversions."""
+    """Turn parsed options into a Config: same names, three values converted.
+
+    --ws-ping-interval 0 means no pings (None), --ws-per-message-deflate is a
+    word, and each --header NAME:VALUE becomes a (name, value) pair of bytes.
+    Config itself refuses what no server could run with: its ValueError ends
+    the run with exit status 1.
+    """
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                if hasattr(args, f.name)}
-    options["ws_ping_interval"] = args.ws_ping_interval or None
+    options["ws_ping_interval"] = args.ws_ping_interval or None       # 0: no pings
     options["ws_per_message_deflate"] = args.ws_per_message_deflate == "true"
-    headers = []
+    options["headers"] = []
     for item in args.headers:
         name, sep, value = item.partition(":")
         if not sep:
             raise ValueError(f"--header needs NAME:VALUE, not {item!r}")
-        headers.append((name.strip().encode("latin-1"), value.strip().encode("latin-1")))
-    options["headers"] = headers
+        options["headers"].append((name.strip().encode("latin-1"),
+                                   value.strip().encode("latin-1")))
     return Config(**options)
 
 
 def load_env_file(path: str) -> None:
-    """--env-file: KEY=VALUE lines; blank lines and # comments are skipped."""
+    """--env-file: KEY=VALUE lines into os.environ, for the app to read.
+
+    Blank lines and # comments are skipped; a value in matching quotes loses
+    them. The file is read after the options are parsed, so it sets nothing
+    of gateway's own (not even the default of --workers).
+    """
     with open(path, encoding="utf-8") as lines:
         for line in lines:
             line = line.strip()
@@ -4659,65 +4726,72 @@ def load_env_file(path: str) -> None:
                 os.environ[key.strip()] = value
 
 
+def source_times() -> dict:
+    """--reload: the modification times of the .py files under ".", but not in
+    hidden folders or __pycache__."""
+    times = {}
+    for folder, dirs, files in os.walk("."):
+        # Pruning `dirs` in place is how os.walk() is told to skip a folder.
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        for path in [os.path.join(folder, name) for name in files
+                     if name.endswith(".py")]:
+            try:
+                times[path] = os.stat(path).st_mtime
+            except OSError:
+                pass            # deleted since os.walk() listed it
+    return times
+
+
 def run_reloader(argv: list[str]) -> int:
     """--reload: run the server in a child process; restart it when a .py file
-    under the current directory changes (by polling modification times)."""
+    under the current directory changes.
+
+    A new process is the one sure way to load changed code: a module imported
+    again does not change the objects made from the old one. The files are
+    polled once a second, because the standard library has no file watcher.
+    """
     command = [sys.executable, os.path.abspath(__file__)] + [a for a in argv
                                                              if a != "--reload"]
-
-    def snapshot() -> dict:
-        """Modification times of the .py files under ".", but not in hidden folders
-        or __pycache__."""
-        times = {}
-        for folder, dirs, files in os.walk("."):
-            dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
-            for name in files:
-                if name.endswith(".py"):
-                    path = os.path.join(folder, name)
-                    try:
-                        times[path] = os.stat(path).st_mtime
-                    except OSError:
-                        pass
-        return times
-
-    seen = snapshot()
+    seen = source_times()
     child = subprocess.Popen(command)
     try:
         while True:
-            time.sleep(1.0)       # polling: the standard library has no file watcher
-            now = snapshot()
-            if now != seen:
+            time.sleep(1.0)
+            if source_times() != seen:
                 log.info("a .py file changed; restarting")
-                seen = now
+                seen = source_times()
                 child.terminate()
                 child.wait()
                 child = subprocess.Popen(command)
     except KeyboardInterrupt:
+        # From a terminal, Ctrl+C reached the child too (one process group);
+        # terminate()'s SIGTERM is then its second signal: it stops at once.
         child.terminate()
         child.wait()
         return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line (steps 1-4 above, then 5-6); return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_arg_parser().parse_args(argv)
+    args = build_arg_parser().parse_args(argv)                     # step 1
     if args.log_level == "trace":     # the most detailed level: debug and --trace
         args.log_level, args.trace = "debug", True
+    # The one place that sets up logging: the sections above only log.
     logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
     if args.env_file:
         load_env_file(args.env_file)
     if args.reload:
-        return run_reloader(argv)
-    if args.workers > 1 and not hasattr(os, "fork"):
+        return run_reloader(argv)       # a child runs main() again, without --reload
+    if args.workers > 1 and not hasattr(os, "fork"):     # Windows has no fork()
         log.error("--workers needs os.fork(), which this platform does not have")
         return 1
-    sys.path.insert(0, os.path.abspath(args.app_dir))
+    sys.path.insert(0, os.path.abspath(args.app_dir))    # --app-dir's modules first
     interface, spec = ("asgi", args.asgi) if args.asgi else ("wsgi", args.wsgi)
     try:
-        config = config_from(args)
-        app = import_app(spec, args.factory)
-        # Limit: --workers share one socket and the parent cannot tell when a
+        config = config_from(args)                                   # step 2
+        app = import_app(spec, args.factory)                         # step 3
+        # Step 4. Limit: --workers share one socket and the parent cannot tell when a
         # worker has started, so it listens from the outset: clients that come
         # before the first worker is ready wait in the backlog.
         listener = make_listener(args.host, args.port, args.backlog, args.uds, args.fd,
@@ -4727,35 +4801,40 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as error:
         reason = "address already in use" if error.errno == errno.EADDRINUSE else error
-        log.error("cannot listen on %s: %s", args.uds or f"{args.host}:{args.port}", reason)
+        where = args.uds or f"{args.host}:{args.port}"
+        log.error("cannot listen on %s: %s", where, reason)
         return 1
-    where = listen_url(listener, config)
+    return serve_until_stopped(app, interface, spec, config, listener)
+
+
+def serve_until_stopped(app, interface: str, spec: str, config: Config,
+                        listener: socket.socket) -> int:
+    """Steps 5-6: serve in this process or in --workers; return the exit status.
+
+    0 after a graceful stop; EXIT_STARTUP_FAILED (3) or EXIT_SHUTDOWN_FAILED (4)
+    when the ASGI lifespan failed (section 10), in this process or a worker.
+    """
+    host, port = listen_address(listener)
+    scheme = "https" if config.ssl_certfile else "http"
+    where = f"unix:{host}" if port is None else "%s://%s:%d" % (
+        scheme, f"[{host}]" if ":" in host else host, port)
+    config.port = port or 0             # the port that --port 0 picked; 0: unix socket
 
     def announce() -> None:
         """The start-up line, once connections are accepted."""
-        log.info("serving %s app %s on %s (Ctrl+C to quit)", interface.upper(), spec, where)
+        log.info("serving %s app %s on %s (Ctrl+C to quit)", interface.upper(), spec,
+                 where)
 
-    config.port = listen_address(listener)[1] or 0
-    return serve_until_stopped(app, interface, config, listener, announce)
+    def serve_one() -> None:
+        """Serve in this process; ready() is announce(), but once for all --workers."""
+        serve(app, interface, config=config, listener=listener,
+              ready=None if config.workers > 1 else announce)
 
-
-def listen_url(listener: socket.socket, config: Config) -> str:
-    """Where the server listens, for the start-up line: a URL, or unix:PATH."""
-    host, port = listen_address(listener)
-    scheme = "https" if config.ssl_certfile else "http"
-    return f"unix:{host}" if port is None else "%s://%s:%d" % (
-        scheme, f"[{host}]" if ":" in host else host, port)
-
-
-def serve_until_stopped(app, interface: str, config: Config, listener: socket.socket,
-                        announce) -> int:
-    """Serve in this process or in --workers; return the exit status."""
     try:
         if config.workers > 1:
             announce()
-            return run_workers(config.workers,
-                               lambda: serve(app, interface, config=config, listener=listener))
-        serve(app, interface, config=config, listener=listener, ready=announce)
+            return run_workers(config.workers, serve_one)
+        serve_one()
     except KeyboardInterrupt:
         pass             # where no signal handler could be installed
     except LifespanFailure as error:

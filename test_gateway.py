@@ -9365,3 +9365,83 @@ def test_limits_is_what_parser_and_writer_read_and_config_extends_it():
     assert caught.value.status == 431
     assert b"Date:" not in Response("GET", "1.1", True, limits).head(200, [], 0.0)
     assert isinstance(Config(), gateway.Limits)
+
+# --- teaching edition: operations and command line (§11-§12) ---
+
+
+def cli_args(*options: str):
+    """The parsed command line `--wsgi m:app` plus `options` (nothing imported)."""
+    return gateway.build_arg_parser().parse_args(["--wsgi", "m:app", *options])
+
+
+def test_cli_every_config_field_is_an_option_whose_default_is_the_fields(monkeypatch):
+    # Section 12: the options are made from Config's fields, so a command line
+    # with no options gives Config() itself, field for field.
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    dests = {action.dest for action in gateway.build_arg_parser()._actions}
+    assert {f.name for f in dataclasses.fields(gateway.Config)} <= dests
+    assert gateway.config_from(cli_args()) == gateway.Config()
+
+
+def test_cli_each_help_row_names_a_config_field():
+    # A row of OPTION_HELP whose option no field makes would never show up.
+    fields = {f.name for f in dataclasses.fields(gateway.Config)}
+    for option in gateway.OPTION_HELP:
+        name = option.removeprefix("--").removeprefix("no-").replace("-", "_")
+        assert name in fields, option
+
+
+def test_cli_help_explains_every_option():
+    parser = gateway.build_arg_parser()
+    assert all(action.help for action in parser._actions)
+    text = parser.format_help()
+    for option in [*gateway.OPTION_HELP, "--header", "--ws-per-message-deflate",
+                   "--asgi", "--wsgi", "--factory", "--app-dir", "--env-file",
+                   "--reload", "--log-level"]:
+        assert option in text, option
+
+
+def test_cli_option_types_come_from_the_field_annotations():
+    config = gateway.config_from(cli_args(
+        "--port", "0", "--limit-request-body", "10", "--timeout-read", "1.5",
+        "--uds", "/tmp/x.sock", "--fd", "3", "--lifespan", "on", "--no-date-header",
+        "--trace", "--ws-ping-interval", "0", "--ws-per-message-deflate", "false",
+        "--header", "X-A: 1"))
+    assert (config.port, config.limit_request_body, config.timeout_read, config.uds,
+            config.fd, config.lifespan) == (0, 10, 1.5, "/tmp/x.sock", 3, "on")
+    assert (config.date_header, config.trace, config.ws_ping_interval,
+            config.ws_per_message_deflate, config.headers) == (
+        False, True, None, False, [(b"X-A", b"1")])
+
+
+@pytest.mark.parametrize("options", [
+    ("--port", "eighty"), ("--limit-request-body", "1.5"), ("--timeout-read", "soon"),
+    ("--lifespan", "maybe"), ("--interface", "asgi4"), ("--ws-per-message-deflate", "yes"),
+    ("--no-trace",), ("--date-header",)])
+def test_cli_a_bad_value_is_a_usage_error(options, capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli_args(*options)
+    assert caught.value.code == 2
+
+
+def test_cli_a_header_without_a_colon_is_refused():
+    with pytest.raises(ValueError, match="--header needs NAME:VALUE"):
+        gateway.config_from(cli_args("--header", "X-A 1"))
+
+
+def test_cli_workers_default_is_web_concurrency(monkeypatch):
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    assert gateway.config_from(cli_args()).workers == 3
+    assert gateway.config_from(cli_args("--workers", "2")).workers == 2
+
+
+def test_ops_set_nodelay_on_tcp_and_unix_sockets():
+    # Section 11: TCP_NODELAY on a TCP connection; any other socket is left alone.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname()) as client:
+            assert gateway.set_nodelay(client) is True
+            assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    if hasattr(socket, "AF_UNIX"):
+        left, right = socket.socketpair(socket.AF_UNIX)
+        with left, right:
+            assert gateway.set_nodelay(left) is True
