@@ -1099,7 +1099,8 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
 
 
 def add_header_variables(environ: dict, headers: list[tuple[bytes, bytes]]) -> None:
-    """PEP 3333 "environ Variables" (after CGI): CONTENT_TYPE, CONTENT_LENGTH, HTTP_*."""
+    """PEP 3333 "environ Variables" (after CGI): CONTENT_TYPE, CONTENT_LENGTH,
+    and an HTTP_ variable for each other field."""
     for name, value in headers:
         key = environ_key(name)
         if key is None:
@@ -1232,7 +1233,7 @@ class WSGIInput:
                 raise self.error      # RFC 9112 §8: never a short body as a whole one
 
     def _take(self, size: int) -> bytes:
-        """Cut `size` bytes off the buffer; below LOW_WATER, let a paused loop read on."""
+        """Cut `size` bytes off the buffer; below LOW_WATER, a paused loop reads on."""
         with self.ready:
             data = bytes(self.buffer[:size])
             del self.buffer[:size]
@@ -1262,22 +1263,17 @@ class WSGIInput:
         return self._take(min(end, limit))
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
-        """The rest of the lines; with a `hint`, stop once they total that many bytes."""
-        lines, total = [], 0
+        """The rest of the lines; with a `hint`, stop once they total that many."""
+        lines = []
         for line in self:
             lines.append(line)
-            total += len(line)
-            if hint is not None and 0 < hint <= total:
+            if hint is not None and 0 < hint <= sum(map(len, lines)):
                 break
         return lines
 
     def __iter__(self):
         """Line by line, as PEP 3333 "Input and Error Streams" asks of wsgi.input."""
-        while True:
-            line = self.readline()
-            if not line:
-                return
-            yield line
+        return iter(self.readline, b"")
 
 
 class WSGIResponse:
@@ -1331,7 +1327,8 @@ class WSGIResponse:
             # PEP 3333 "Specification Details": a body with no start_response()
             # is the app's error (a 500, in wsgi_failure).
             raise AssertionError("the app sent a body before calling start_response()")
-        done, pending, unread = self.body.response_starts() if self.body else (True, False, 0)
+        done, pending, unread = (self.body.response_starts() if self.body
+                                 else (True, False, 0))   # body read before the call
         if must_close(self.conn.server.stopping.is_set(), done, pending, unread):
             self.response.keep_alive = False
         code, _, reason = self.status.partition(" ")
@@ -1444,8 +1441,9 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
         # "Unicode Issues": str values are latin-1 (encode() raises otherwise).
         pair = name.encode("latin-1"), value.encode("latin-1")
         field_line(*pair)
-        if name.lower() in ("connection", "keep-alive", "transfer-encoding", "upgrade",
-                            "te", "trailer", "proxy-authenticate", "proxy-authorization"):
+        if name.lower() in ("connection", "keep-alive", "transfer-encoding",
+                            "upgrade", "te", "trailer", "proxy-authenticate",
+                            "proxy-authorization"):
             # PEP 3333, "Other HTTP Features": hop-by-hop headers are the server's.
             raise ValueError(f"hop-by-hop header not allowed in a WSGI app: {name!r}")
         encoded.append(pair)
@@ -1508,80 +1506,6 @@ class WSGICall:
         log_access(self.conn.server.config, self.client, self.request, status,
                    response.response.sent, self.started)
         self.conn.finish(final, response.response.keep_alive)   # last: see finish()
-
-
-class FileWrapper:
-    """wsgi.file_wrapper (PEP 3333, "Optional Platform-Specific File Handling")."""
-
-    def __init__(self, filelike, block_size: int = 8192) -> None:
-        """Wraps a file-like object, to be read in blocks of `block_size` bytes."""
-        self.filelike = filelike
-        self.block_size = block_size
-
-    def __iter__(self):
-        """The portable way: read blocks (used when sendfile() cannot be)."""
-        while True:
-            block = self.filelike.read(self.block_size)
-            if not block:
-                return
-            yield block
-
-    def sendable(self) -> bool:
-        """Can the loop hand this file to os.sendfile()? (a real, regular file)"""
-        try:
-            return (hasattr(os, "sendfile")
-                    and stat.S_ISREG(os.fstat(self.filelike.fileno()).st_mode))
-        except (AttributeError, OSError, ValueError):
-            return False
-
-    def close(self) -> None:
-        """Close the wrapped file, if it has a close()."""
-        if hasattr(self.filelike, "close"):   # PEP 3333: close() is passed on
-            self.filelike.close()
-
-
-class FileRegion:
-    """`count` bytes of the open file `fd` from `offset` on, for the loop to
-    send with os.sendfile(): the kernel copies them, not Python."""
-
-    def __init__(self, fd: int, offset: int, count: int) -> None:
-        """A region still to send."""
-        self.fd, self.offset, self.count = fd, offset, count
-
-    def __len__(self) -> int:
-        """The bytes still to send."""
-        return self.count
-
-    def send_to(self, sock: socket.socket) -> int:
-        """Runs on: the loop thread. Send some of it; return the bytes sent."""
-        sent = os.sendfile(sock.fileno(), self.fd, self.offset,
-                           min(self.count, SENDFILE_BYTES))
-        if sent == 0:     # the file is shorter than promised: we cannot go on
-            raise OSError("file ended before its Content-Length")
-        self.offset += sent
-        self.count -= sent
-        return sent
-
-
-def send_file(wrapper: FileWrapper, response: WSGIResponse) -> None:
-    """PEP 3333 "Optional Platform-Specific File Handling": send a wrapped file
-    from its current position, by os.sendfile() on the loop thread."""
-    filelike = wrapper.filelike
-    fd = filelike.fileno()
-    offset = filelike.tell() if hasattr(filelike, "tell") else 0
-    count = max(0, os.fstat(fd).st_size - offset)
-    if not has_length(response.headers):
-        response.headers.append((b"Content-Length", b"%d" % count))
-    conn = response.conn
-    conn.put(response._head())
-    if response.response.framing == "length":      # not for HEAD, 204, 304
-        # "Handling the Content-Length Header": as for an iterable, sending
-        # stops once the declared length is sent (a longer file is fine).
-        count = min(count, response.response.length)
-        if count:
-            response.response.count(count)         # for end() and the access log
-            conn.put(FileRegion(fd, offset, count))
-    conn.wait_until_sent()     # close() may only close the file after this
 
 
 def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
@@ -1884,7 +1808,8 @@ class WSGIConnection:
                                          self.parser.unread_body())
         self.body_parts = []
         client, scheme, host = behind_proxy(request, self.client, self.scheme, config)
-        environ = build_environ(request, body, self.server.address, client, config, scheme)
+        environ = build_environ(request, body, self.server.address, client, config,
+                                scheme)
         if host:
             environ["HTTP_HOST"] = host
         if self.spool is not None:
@@ -2117,34 +2042,6 @@ class WSGIConnection:
         if self.body is not None:
             self.body.finish(ClientDisconnected("connection closed"))
 
-    def check_timeouts(self, now: float) -> None:
-        """Close (or answer 408) a connection that has waited too long (the
-        timeouts of section 1). RFC 9112 §9.5: idle connections may close."""
-        config = self.server.config
-        if self.state == "closing":
-            if now - self.since > LINGER_SECONDS:
-                self.close()
-        elif self.state == "handshake":
-            if now - self.since > config.timeout_request_head:
-                self.close()      # a TLS handshake that never finishes
-        elif self.sending and now - self.last_write > config.timeout_write:
-            self.close()          # the client does not read what we send
-        elif self.state == "idle":
-            if not self.parser.has_partial_request:
-                if now - self.since > config.timeout_keep_alive:
-                    self.close()
-            elif now - self.since > config.timeout_request_head:
-                # RFC 9110 §15.5.9: 408 for a head that takes too long (slowloris).
-                self.on_bad_request(HTTPError(408, "request head not received in time"))
-                self.watch()
-        elif self.state == "draining":
-            if now - self.last_read > config.timeout_read:
-                self.close()
-        elif (self.waiting_for_body() and self.events & selectors.EVENT_READ
-              and now - self.last_read > config.timeout_read):
-            self.on_bad_request(HTTPError(408, "request body not received in time"))
-            self.watch()
-
 
 # =============================================================================
 # §6b  WSGI server - the selectors loop, wake-ups and the worker pool
@@ -2202,6 +2099,80 @@ class WorkerPool:
             self.submit(None)
 
 
+class FileWrapper:
+    """wsgi.file_wrapper (PEP 3333, "Optional Platform-Specific File Handling")."""
+
+    def __init__(self, filelike, block_size: int = 8192) -> None:
+        """Wraps a file-like object, to be read in blocks of `block_size` bytes."""
+        self.filelike = filelike
+        self.block_size = block_size
+
+    def __iter__(self):
+        """The portable way: read blocks (used when sendfile() cannot be)."""
+        while True:
+            block = self.filelike.read(self.block_size)
+            if not block:
+                return
+            yield block
+
+    def sendable(self) -> bool:
+        """Can the loop hand this file to os.sendfile()? (a real, regular file)"""
+        try:
+            return (hasattr(os, "sendfile")
+                    and stat.S_ISREG(os.fstat(self.filelike.fileno()).st_mode))
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def close(self) -> None:
+        """Close the wrapped file, if it has a close()."""
+        if hasattr(self.filelike, "close"):   # PEP 3333: close() is passed on
+            self.filelike.close()
+
+
+class FileRegion:
+    """`count` bytes of the open file `fd` from `offset` on, for the loop to
+    send with os.sendfile(): the kernel copies them, not Python."""
+
+    def __init__(self, fd: int, offset: int, count: int) -> None:
+        """A region still to send."""
+        self.fd, self.offset, self.count = fd, offset, count
+
+    def __len__(self) -> int:
+        """The bytes still to send."""
+        return self.count
+
+    def send_to(self, sock: socket.socket) -> int:
+        """Runs on: the loop thread. Send some of it; return the bytes sent."""
+        sent = os.sendfile(sock.fileno(), self.fd, self.offset,
+                           min(self.count, SENDFILE_BYTES))
+        if sent == 0:     # the file is shorter than promised: we cannot go on
+            raise OSError("file ended before its Content-Length")
+        self.offset += sent
+        self.count -= sent
+        return sent
+
+
+def send_file(wrapper: FileWrapper, response: WSGIResponse) -> None:
+    """PEP 3333 "Optional Platform-Specific File Handling": send a wrapped file
+    from its current position, by os.sendfile() on the loop thread."""
+    filelike = wrapper.filelike
+    fd = filelike.fileno()
+    offset = filelike.tell() if hasattr(filelike, "tell") else 0
+    count = max(0, os.fstat(fd).st_size - offset)
+    if not has_length(response.headers):
+        response.headers.append((b"Content-Length", b"%d" % count))
+    conn = response.conn
+    conn.put(response._head())
+    if response.response.framing == "length":      # not for HEAD, 204, 304
+        # "Handling the Content-Length Header": as for an iterable, sending
+        # stops once the declared length is sent (a longer file is fine).
+        count = min(count, response.response.length)
+        if count:
+            response.response.count(count)         # for end() and the access log
+            conn.put(FileRegion(fd, offset, count))
+    conn.wait_until_sent()     # close() may only close the file after this
+
+
 def release_memory() -> None:
     """Give the C heap's free pages back to the system (glibc's malloc_trim).
 
@@ -2243,7 +2214,8 @@ class WSGIServer:
         self.selector = selectors.DefaultSelector()
         self.connections: set[WSGIConnection] = set()
         self.pool = WorkerPool(self.config.threads)
-        self.ssl_context = make_ssl_context(self.config) if self.config.ssl_certfile else None
+        self.ssl_context = (make_ssl_context(self.config) if self.config.ssl_certfile
+                            else None)
         self.running = True          # shutdown() may come before serve_forever()
         self.stopping = threading.Event()   # set: answer no new request
         self.forced = False
@@ -2365,7 +2337,8 @@ class WSGIServer:
             # Limit: POSIX select() cannot take it: all lower descriptors are
             # in use (the app holds some). Try again later, or once one closes.
             sock.close()
-            self.stop_accepting("no descriptor below %d free for select()" % SELECT_SOCKETS,
+            self.stop_accepting("no descriptor below %d free for select()"
+                                % SELECT_SOCKETS,
                                 until=time.monotonic() + ACCEPT_PAUSE_SECONDS)
             return
         conn = None
@@ -2436,10 +2409,39 @@ class WSGIServer:
                 self.guarded(conn, conn.on_wake)
 
     def check_timeouts(self, now: float) -> None:
-        """Have each open connection check its own timeouts."""
+        """Check each open connection's timeouts (expire)."""
         for conn in list(self.connections):
             if not conn.closed:
-                self.guarded(conn, conn.check_timeouts, now)
+                self.guarded(conn, self.expire, conn, now)
+
+    def expire(self, conn: WSGIConnection, now: float) -> None:
+        """Runs on: the loop. Close (or answer 408) a connection that has waited
+        too long (the timeouts of section 1). RFC 9112 §9.5: an idle connection
+        may close; RFC 9112 §9.6: the lingering close ends."""
+        config = self.config
+        if conn.state == "closing":
+            if now - conn.since > LINGER_SECONDS:
+                conn.close()
+        elif conn.state == "handshake":
+            if now - conn.since > config.timeout_request_head:
+                conn.close()      # a TLS handshake that never finishes
+        elif conn.sending and now - conn.last_write > config.timeout_write:
+            conn.close()          # the client does not read what we send
+        elif conn.state == "idle":
+            if not conn.parser.has_partial_request:
+                if now - conn.since > config.timeout_keep_alive:
+                    conn.close()
+            elif now - conn.since > config.timeout_request_head:
+                # RFC 9110 §15.5.9: 408 for a head that takes too long (slowloris).
+                conn.on_bad_request(HTTPError(408, "request head not received in time"))
+                conn.watch()
+        elif conn.state == "draining":
+            if now - conn.last_read > config.timeout_read:
+                conn.close()
+        elif (conn.waiting_for_body() and conn.events & selectors.EVENT_READ
+              and now - conn.last_read > config.timeout_read):
+            conn.on_bad_request(HTTPError(408, "request body not received in time"))
+            conn.watch()
 
     def guarded(self, conn: WSGIConnection, handler, *args) -> None:
         """Run one connection's handler. Nothing that happens on one connection
