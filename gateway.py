@@ -1545,7 +1545,7 @@ def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
 #   WSGICall (a parked call: nobody's)      running it      at a time
 #   WSGIServer.woken and wake_sent          any thread      WSGIServer.wake_lock
 #   WSGIServer.stopping (the loop sets it)  loop + worker   a threading.Event
-#   WorkerPool.jobs                         loop + worker   WorkerPool.ready
+#   WorkerPool.jobs and sleeping            loop + worker   WorkerPool.lock
 #
 # A worker never reads the loop's state, and only the loop closes a
 # connection: a worker's response may say "Connection: close", and the
@@ -2055,48 +2055,81 @@ class WSGIConnection:
 
 
 class WorkerPool:
-    """A few threads that run WSGI app calls in turn, oldest first.
+    """A few threads that run WSGI app calls, oldest first.
 
-    Runs on: the loop (submit, stop) and its workers (work). With one thread
-    (--threads 1) the calls run one after another (PEP 3333 "Thread
-    Support"); a call parked for a slow reader (WSGIConnection.park_if_full)
-    has given its thread back, so the next request runs meanwhile.
+    Runs on: the loop (submit, wake_workers, stop) and its workers (_work).
+    The plain pool (a queue, N threads, a None each to stop) would wake a
+    thread for every request; here an awake worker runs queued calls one
+    after another and sleeps only when none is left, on a lock of its own,
+    and the loop wakes a sleeper just before it waits in select(): one when
+    calls are queued and every worker sleeps, and one more each
+    WORKER_WAIT_SECONDS while the oldest call has waited that long (the awake
+    ones are busy in apps). What it buys: fewer thread switches and fights
+    over the GIL per request (bench/README.md has the figures).
+
+    With one thread (--threads 1, PEP 3333 "Thread Support") the calls run
+    one after another, oldest first. A call parked for a slow reader
+    (WSGIConnection.park_if_full) has given its thread back, so the next
+    request runs meanwhile and the parked one resumes after it.
     """
 
     def __init__(self, count: int) -> None:
         """Start `count` worker threads, with nothing queued."""
-        self.jobs: collections.deque = collections.deque()
-        self.ready = threading.Condition()     # guards jobs
-        self.threads = [threading.Thread(target=self.work, daemon=True,
+        self.jobs: collections.deque = collections.deque()    # (queued at, function)
+        self.lock = threading.Lock()         # guards jobs, sleeping and stopping
+        self.sleeping: list[threading.Lock] = []   # the held lock of each sleeper
+        self.last_wake = 0.0
+        self.stopping = False
+        self.threads = [threading.Thread(target=self._work, daemon=True,
                                          name=f"gateway-worker-{n}")
                         for n in range(count)]
         for thread in self.threads:
             thread.start()
 
     def submit(self, function) -> None:
-        """Queue a call (None: a worker's signal to end) and wake one worker."""
-        with self.ready:
-            self.jobs.append(function)
-            self.ready.notify()
+        """Queue a call, stamped with the time; wake_workers() wakes a worker for it."""
+        with self.lock:
+            self.jobs.append((time.monotonic(), function))
 
-    def work(self) -> None:
-        """A worker thread: run queued calls until it takes a None."""
+    def wake_workers(self, now: float, longest: float) -> float:
+        """Wake a sleeper if the queue needs one; return how long select() may wait."""
+        with self.lock:
+            if not (self.jobs and self.sleeping):
+                return longest
+            overdue = (now - self.jobs[0][0] >= WORKER_WAIT_SECONDS
+                       and now - self.last_wake >= WORKER_WAIT_SECONDS)
+            if len(self.sleeping) == len(self.threads) or overdue:
+                self.sleeping.pop().release()
+                self.last_wake = now
+            return min(longest, WORKER_WAIT_SECONDS)
+
+    def _work(self) -> None:
+        """A worker thread: run queued calls, oldest first; when none is left,
+        sleep on a lock of its own until woken; end once stopping and idle."""
+        bell = threading.Lock()
+        bell.acquire()               # held: acquire() again sleeps until a release()
         while True:
-            with self.ready:
-                while not self.jobs:
-                    self.ready.wait()
-                job = self.jobs.popleft()
+            with self.lock:
+                job = self.jobs.popleft()[1] if self.jobs else None
+                if job is None:
+                    if self.stopping:
+                        return
+                    self.sleeping.append(bell)
             if job is None:
-                return
+                bell.acquire()
+                continue
             try:
                 job()
             except BaseException:   # WSGICall catches the app's; this is ours
                 log.exception("internal error in a worker thread")
 
     def stop(self) -> None:
-        """Let the workers finish what is queued, then end: a None for each."""
-        for _ in self.threads:
-            self.submit(None)
+        """Let the workers finish what is queued, then end."""
+        with self.lock:
+            self.stopping = True
+            for bell in self.sleeping:
+                bell.release()
+            self.sleeping.clear()
 
 
 class FileWrapper:
@@ -2260,7 +2293,7 @@ class WSGIServer:
 
     def run_once(self) -> None:
         """One turn of the loop: wait for sockets, handle them, check the clocks."""
-        timeout = self.tick
+        timeout = self.pool.wake_workers(time.monotonic(), self.tick)
         if not self.accepting and not self.stopping.is_set():
             timeout = max(0.0, min(timeout, self.resume_at - time.monotonic()))
         for key, mask in self.selector.select(timeout):
