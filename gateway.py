@@ -2517,20 +2517,6 @@ def out_of(error: OSError) -> str:
     return "out of %s (%s)" % (what, errno.errorcode[error.errno])
 
 
-def set_nodelay(sock: socket.socket) -> bool:
-    """Send small responses at once instead of waiting for Nagle's algorithm.
-
-    False if the socket is dead already: macOS refuses the option (EINVAL) on
-    a connection the client reset before we got to it.
-    """
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            return False
-    return True
-
-
 # =============================================================================
 # §7  ASGI HTTP adapter - ASGI "HTTP & WebSocket" spec, http scope
 #
