@@ -992,10 +992,11 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # =============================================================================
 # §5  WSGI adapter - PEP 3333
 #
-# What a worker thread does for one request: build the environ, call the app,
-# hand the response bytes to the connection, and always close() the result.
-# Nothing here touches a socket: bytes go to the loop thread through
-# WSGIConnection.put() and WSGIConnection.finish() (§6).
+# What a worker thread does for one request, in the PEP's order: build the
+# environ, call the app, hand each piece of the response on, and always
+# close() the result. Nothing here touches a socket: bytes go to the loop
+# thread through the connection's put() and finish() (section 6, WSGI
+# connections), which is also where a call waits while the client reads.
 # =============================================================================
 
 
@@ -1006,7 +1007,10 @@ def split_root_path(root_path: str, path: str) -> tuple[str, str]:
     PATH_INFO is the whole path, SCRIPT_NAME never ends in "/", and PATH_INFO
     is empty or starts with "/". ASGI HTTP "Connection Scope": root_path is
     WSGI's SCRIPT_NAME and path is the whole path, root_path included; so
-    build_scope (§7) uses script_name and script_name + path_info.
+    build_scope (section 7) uses script_name and script_name + path_info.
+
+    >>> split_root_path("/api/", "/api/users"), split_root_path("/api", "/apix")
+    (('/api', '/users'), ('/api', '/apix'))
     """
     script_name = root_path.rstrip("/")       # "/api/" and "/api" are one mount point
     # The prefix counts only as whole segments: "/apix" is not under "/api".
@@ -1019,7 +1023,21 @@ def split_root_path(root_path: str, path: str) -> tuple[str, str]:
 
 def build_environ(request: Request, body, server: tuple, client: tuple | None,
                   config: Config, scheme: str = "http") -> dict:
-    """The PEP 3333 environ for one request ("environ Variables")."""
+    r"""The PEP 3333 environ for one request: a new dict ("environ Variables").
+
+    Every CGI-style value is a str of latin-1 code points ("A Note On String
+    Types", "Unicode Issues"); the wsgi.* values follow the PEP's table.
+
+    >>> parser = RequestParser()
+    >>> parser.feed(b"GET /api/caf%C3%A9?q=a+b HTTP/1.1\r\nHost: example\r\n"
+    ...             b"X-Id: 7\r\nX-Id: 8\r\n\r\n")
+    >>> environ = build_environ(parser.next_event(), io.BytesIO(), ("example", 80),
+    ...                         ("10.0.0.1", 5000), Config(root_path="/api"))
+    >>> environ["SCRIPT_NAME"], environ["PATH_INFO"], environ["QUERY_STRING"]
+    ('/api', '/cafÃ©', 'q=a+b')
+    >>> environ["HTTP_X_ID"], environ["SERVER_PORT"], environ["REMOTE_PORT"]
+    ('7, 8', '80', '5000')
+    """
     # PEP 3333, "Unicode Issues": native strings hold the bytes as latin-1.
     script_name, path_info = split_root_path(
         config.root_path, unquote_to_bytes(request.path).decode("latin-1"))
@@ -1027,7 +1045,7 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
         "REQUEST_METHOD":        request.method,
         "SCRIPT_NAME":           script_name,
         "PATH_INFO":             path_info,
-        "QUERY_STRING":          request.query.decode("latin-1"),
+        "QUERY_STRING":          request.query.decode("latin-1"),   # not decoded
         "SERVER_NAME":           str(server[0]),
         "SERVER_PORT":           str(server[1] or 0),   # 0: a unix socket
         "SERVER_PROTOCOL":       "HTTP/" + request.version,
@@ -1035,16 +1053,18 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
         "wsgi.version":          (1, 0),
         "wsgi.url_scheme":       scheme,
         "wsgi.input":            body,
-        "wsgi.errors":           sys.stderr,
+        "wsgi.errors":           sys.stderr,   # "Input and Error Streams": text
         # PEP 3333 "Thread Support": true if another thread may call the app
         # while this call runs; --threads 1 calls it on one thread only.
         "wsgi.multithread":      config.threads > 1,
         "wsgi.multiprocess":     config.workers > 1,
         "wsgi.run_once":         False,
-        "wsgi.input_terminated": True,   # wsgi.input ends where the body ends
+        # Not in PEP 3333: a key frameworks read as "wsgi.input ends where
+        # the body ends, so read to EOF", which ours always does.
+        "wsgi.input_terminated": True,
         "wsgi.file_wrapper":     FileWrapper,
     }
-    if client is not None:       # PEP 3333 leaves out what does not apply
+    if client is not None:   # "environ Variables": leave out what does not apply
         environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = str(client[0]), str(client[1])
     if scheme == "https":
         environ["HTTPS"] = "on"
@@ -1053,7 +1073,8 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
 
 
 def add_header_variables(environ: dict, headers: list[tuple[bytes, bytes]]) -> None:
-    """PEP 3333 (after CGI): CONTENT_TYPE, CONTENT_LENGTH and HTTP_* variables."""
+    """PEP 3333 "environ Variables" (after CGI): CONTENT_TYPE, CONTENT_LENGTH,
+    and an HTTP_ variable for each other field."""
     for name, value in headers:
         key = environ_key(name)
         if key is None:
@@ -1065,17 +1086,41 @@ def add_header_variables(environ: dict, headers: list[tuple[bytes, bytes]]) -> N
             environ[key] = text
 
 
-# The same few field names come in every request: a small cache makes 7 of them
-# 3.8 -> 1.4 us. Bounded, so that made-up names only push others out.
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)   # cached: the same few names come in every request
 def environ_key(name: bytes) -> str | None:
-    """b"user-agent" -> "HTTP_USER_AGENT" (PEP 3333, after CGI); None: leave it out."""
+    """b"user-agent" -> "HTTP_USER_AGENT" (RFC 3875 §4.1.18); None: leave it out."""
     if b"_" in name:
-        # Policy: "X_Forwarded_For" would become the same HTTP_ key as
-        # "X-Forwarded-For", so a client could spoof what a proxy set.
+        # Policy: RFC 3875 §4.1.18 turns "-" into "_", so "X_Forwarded_For"
+        # would become the same key as "X-Forwarded-For", and a client could
+        # spoof what a proxy set. Such a field is left out.
         return None
     key = name.decode("latin-1").upper().replace("-", "_")
     return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+
+
+def call_wsgi_app(app, environ: dict, response: WSGIResponse):
+    """One PEP 3333 application call, in the order of "Specification Details".
+
+    Read this first; wsgiref's BaseHandler.run() has the same shape. It is a
+    generator only so that it can pause: it yields after each piece of body
+    it hands on, and there its caller may set the call aside while a slow
+    client reads (WSGICall.resume). Errors propagate, after close().
+    """
+    # "Specification Details": called once, positionally; start_response()
+    # may run now or in the first next() of the result.
+    result = app(environ, response.start_response)
+    try:
+        if response.send_whole(result):    # a one-item list, or a file
+            return
+        for data in result:   # "Specification Details": only iter, len, close
+            if data:          # "Buffering and Streaming": empty items send nothing
+                response.send(data)
+                if response.length_sent():
+                    return    # "Handling the Content-Length Header": it is all sent
+                yield
+    finally:
+        if hasattr(result, "close"):   # "Specification Details": always called
+            response.close_result(result)
 
 
 class WSGIInput:
@@ -1100,14 +1145,15 @@ class WSGIInput:
         self.unread = unread       # bytes the loop has not received yet
         self.paused = False        # the loop stopped reading: we are full
         self.waiting = False       # the app waits in read() for more than we hold
-        # RFC 9110 §10.1.1: the client waits for "100 Continue" before it sends
-        # the body. We send it when the app first reads, so an app that answers
-        # without reading (say, 401) spares the client the upload.
+        # RFC 9110 §10.1.1, PEP 3333 "HTTP 1.1 Expect/Continue": the client
+        # waits for "100 Continue" before it sends the body. It goes out when
+        # the app first reads, so an app that answers without reading (say,
+        # 401) spares the client the upload.
         self.send_continue = expect_continue and not parts
 
     # Runs on: the loop thread.
     def feed(self, data: bytes, unread: int | None) -> None:
-        """Add body bytes, wake read(); past HIGH_WATER (no read() waiting) the loop pauses."""
+        """Add body bytes, wake read(); past HIGH_WATER (no read() waiting) pause."""
         with self.ready:
             self.buffer += data
             self.unread = unread
@@ -1124,18 +1170,24 @@ class WSGIInput:
             self.refusal = refusal
             self.ready.notify()
 
-    # Runs on: a worker thread.
-    def drainable(self) -> bool:
-        """Could the loop skip what the app leaves unread? (§4 can_drain)"""
+    def full(self) -> bool:
+        """Should the loop stop reading this body until the app has read some?"""
         with self.ready:
-            return self.complete or can_drain(self.unread)
+            return self.paused
+
+    # Runs on: a worker thread.
+    def response_starts(self) -> tuple[bool, bool, int | None]:
+        """(body complete, 100 Continue still owed, bytes not received) for
+        must_close(), as the final response starts; no 100 may follow it."""
+        pending, self.send_continue = self.send_continue, False
+        with self.ready:
+            return self.complete, pending, self.unread
 
     def refused(self) -> HTTPError | None:
         """The client's framing error that ended this body early, if any."""
         with self.ready:
             return self.refusal
 
-    # Runs on: a worker thread.
     def _wait(self, enough) -> None:
         """Wait until enough(buffer) is true or no more bytes will come."""
         if self.send_continue:
@@ -1152,10 +1204,10 @@ class WSGIInput:
                 self.ready.wait()
             self.waiting = False
             if self.error is not None and not enough(self.buffer):
-                raise self.error
+                raise self.error      # RFC 9112 §8: never a short body as a whole one
 
     def _take(self, size: int) -> bytes:
-        """Cut `size` bytes off the buffer; below LOW_WATER, let a paused loop read on."""
+        """Cut `size` bytes off the buffer; below LOW_WATER, a paused loop reads on."""
         with self.ready:
             data = bytes(self.buffer[:size])
             del self.buffer[:size]
@@ -1185,41 +1237,36 @@ class WSGIInput:
         return self._take(min(end, limit))
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
-        """The rest of the lines; with a `hint`, stop once they total that many bytes."""
-        lines, total = [], 0
+        """The rest of the lines; with a `hint`, stop once they total that many."""
+        lines = []
         for line in self:
             lines.append(line)
-            total += len(line)
-            if hint is not None and 0 < hint <= total:
+            if hint is not None and 0 < hint <= sum(map(len, lines)):
                 break
         return lines
 
     def __iter__(self):
         """Line by line, as PEP 3333 "Input and Error Streams" asks of wsgi.input."""
-        while True:
-            line = self.readline()
-            if not line:
-                return
-            yield line
+        return iter(self.readline, b"")
 
 
 class WSGIResponse:
-    """start_response() and write() for one request. Runs on: a worker thread."""
+    """start_response() and write() for one request (PEP 3333), framed by the
+    Response of section 4 (Writing responses). Runs on: a worker thread."""
 
     def __init__(self, conn: WSGIConnection, request: Request,
                  body: WSGIInput | None) -> None:
-        """Nothing sent yet; the response keeps the connection alive if the
-        request allows it and the server is not stopping."""
+        """Nothing sent yet, and no status: start_response() gives it."""
         self.conn = conn
         self.body = body         # None: the body was whole before the app ran
-        # While the server shuts down, each response says "Connection: close".
-        keep_alive = request.keep_alive and not conn.server.stopping
-        self.response = Response(request.method, request.version, keep_alive,
+        self.method = request.method
+        self.response = Response(request.method, request.version, request.keep_alive,
                                  conn.server.config)
         self.status: str | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_sent = False
         self.called = False      # start_response() was called, even if it raised
+        self.last = b""          # a one-item body, sent with the end (send_whole)
 
     def start_response(self, status: str, headers: list, exc_info=None):
         """PEP 3333, "The start_response() Callable"."""
@@ -1238,7 +1285,7 @@ class WSGIResponse:
         self.status = status
         if self.conn.trace:
             self.conn.trace("app", f"start_response({status!r}, {headers!r})")
-        return self.app_write
+        return self.write
 
     def _head(self) -> bytes:
         """The response head, the first time body bytes are ready for it.
@@ -1246,22 +1293,18 @@ class WSGIResponse:
         PEP 3333, "The start_response() Callable": start_response() only
         stores the status and headers; they go out with the first non-empty
         body bytes (or when the app is done), so an app can still replace
-        them with an error page until then.
+        them with an error page until then. The server adds Date and Server
+        (Response.head). Whether this is the connection's last response is
+        the shared rule, must_close() in section 4.
         """
         if self.status is None:
+            # PEP 3333 "Specification Details": a body with no start_response()
+            # is the app's error (a 500, in wsgi_failure).
             raise AssertionError("the app sent a body before calling start_response()")
-        body = self.body
-        if body is not None and body.send_continue:
-            # RFC 9110 §10.1.1: we answer before asking for the body, so the
-            # client will not send it; say that we close instead of reading.
-            body.send_continue = False
+        done, pending, unread = (self.body.response_starts() if self.body
+                                 else (True, False, 0))   # body read before the call
+        if must_close(self.conn.server.stopping.is_set(), done, pending, unread):
             self.response.keep_alive = False
-        if body is not None and not body.drainable():
-            self.response.keep_alive = False
-        # A flag the loop sets once, read without a lock: if this read is
-        # stale, the head says keep-alive and the loop closes all the same.
-        if self.conn.server.stopping:
-            self.response.keep_alive = False    # draining: this is the last one
         code, _, reason = self.status.partition(" ")
         head = self.response.head(int(code), self.headers, time.time(),
                                   reason.encode("latin-1"))
@@ -1270,42 +1313,77 @@ class WSGIResponse:
             self.conn.trace.head("<", head)
         return head
 
-    def write(self, data: bytes, wait: bool = True) -> None:
-        """PEP 3333, "The write() Callable": queued in order before we return.
-
-        For the app's write() (app_write) and for the items of its iterable.
-        """
-        if type(data) is not bytes:
+    def send(self, data: bytes, wait: bool = False) -> None:
+        """Queue a piece of body, the head first; with `wait`, as write() must,
+        wait for room. RFC 9110 §9.3.2: for HEAD, Response drops the body."""
+        if type(data) is not bytes:    # PEP 3333 "Unicode Issues": bytes only
             raise TypeError(f"WSGI body must be bytes, not {type(data).__name__}")
         head = b"" if self.head_sent else self._head()
         if self.conn.trace:
             self.conn.trace("app", "body " + brief(data))
         self.conn.put(head + self.response.body(data), wait)
 
-    def app_write(self, data: bytes) -> None:
-        """The write() callable that start_response() returns to the app.
+    def write(self, data: bytes) -> None:
+        """PEP 3333, "The write() Callable": queued in order before it returns.
 
-        PEP 3333, "Handling the Content-Length Header": writing past the
-        declared Content-Length is an error raised to the app. Policy: the
-        bytes that still fit go out first, so the client gets the whole body
-        it was promised; the connection then closes (Response.body).
+        "Handling the Content-Length Header": writing past the declared
+        Content-Length is an error raised to the app. Policy: the bytes that
+        still fit go out first, so the client gets the whole body it was
+        promised; the connection then closes (Response.allow).
         """
         dropped = self.response.dropped
-        self.write(data)
+        self.send(data, wait=True)
         if self.response.dropped > dropped:
             raise ValueError(f"write() past Content-Length: "
                              f"{self.response.dropped - dropped} bytes not sent")
+
+    def send_whole(self, result) -> bool:
+        """Take a result that need not be iterated: False if it must be."""
+        if self.head_sent:
+            return False
+        if type(result) is FileWrapper and result.sendable() and not self.conn.tls:
+            send_file(result, self)
+            return True
+        try:
+            if len(result) != 1:
+                return False
+        except TypeError:      # PEP 3333: only len(), iter() and close() are used
+            return False
+        # PEP 3333, "Handling the Content-Length Header": a one-item body has
+        # a known length, so the client can keep the connection open.
+        self.last = next(iter(result))
+        # RFC 9110 §8.6, §9.3.2: for HEAD, Content-Length must be the GET
+        # body's length. What the app returned for HEAD (often b"") does not
+        # tell it, so the server adds none; the app's own is kept.
+        if (self.status is not None and type(self.last) is bytes
+                and self.method != "HEAD" and not has_length(self.headers)):
+            self.headers.append((b"Content-Length", b"%d" % len(self.last)))
+        return True
 
     def length_sent(self) -> bool:
         """Is all of the declared Content-Length sent? Then the body is done."""
         return self.response.framing == "length" and not self.response.length
 
-    def final_bytes(self, last: bytes = b"") -> bytes:
-        """The rest of the response once the app is done: head, `last`, end."""
-        if type(last) is not bytes:
-            raise TypeError(f"WSGI body must be bytes, not {type(last).__name__}")
+    def close_result(self, result) -> None:
+        """Call the result's close(). Policy: if it fails, the response (whole
+        by then) still goes out, and the connection closes after it."""
+        try:
+            result.close()
+        except BaseException:
+            log.exception("error in the close() of a WSGI result")
+            self.response.keep_alive = False
+
+    def final_bytes(self) -> bytes:
+        """The rest of the response once the app is done: head, last item, end."""
+        if type(self.last) is not bytes:   # PEP 3333 "Unicode Issues"
+            raise TypeError(f"WSGI body must be bytes, not {type(self.last).__name__}")
         head = b"" if self.head_sent else self._head()
-        return head + self.response.body(last) + self.response.end()
+        return head + self.response.body(self.last) + self.response.end()
+
+
+def has_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Did the app give a Content-Length? (field names are case-insensitive)"""
+    return any(name.lower() == b"content-length" for name, _ in headers)
 
 
 # PEP 3333 "The start_response() Callable": a code, one space, a reason, and no
@@ -1318,7 +1396,8 @@ WSGI_STATUS = re.compile(r"[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
 
 
 def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
-    """PEP 3333: the status is "NNN reason", headers a list of (str, str)."""
+    """PEP 3333 "The start_response() Callable": the status is "NNN reason",
+    the headers a list of (str, str) tuples; anything else raises here."""
     if type(status) is not str or WSGI_STATUS.fullmatch(status) is None:
         raise ValueError(f"WSGI status must look like '200 OK', not {status!r}")
     if type(headers) is not list:
@@ -1331,12 +1410,14 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
         if type(name) is not str or type(value) is not str:
             raise TypeError(f"WSGI header name and value must be str: {item!r}")
         # PEP 3333: "servers should check for errors in the headers at the time
-        # start_response is called", so field_line() (§4, RFC 9112 §11.1) runs
+        # start_response is called", so field_line() (RFC 9112 §11.1) runs
         # here, while the app can still catch the error, as well as in head().
+        # "Unicode Issues": str values are latin-1 (encode() raises otherwise).
         pair = name.encode("latin-1"), value.encode("latin-1")
         field_line(*pair)
-        if name.lower() in ("connection", "keep-alive", "transfer-encoding", "upgrade",
-                            "te", "trailer", "proxy-authenticate", "proxy-authorization"):
+        if name.lower() in ("connection", "keep-alive", "transfer-encoding",
+                            "upgrade", "te", "trailer", "proxy-authenticate",
+                            "proxy-authorization"):
             # PEP 3333, "Other HTTP Features": hop-by-hop headers are the server's.
             raise ValueError(f"hop-by-hop header not allowed in a WSGI app: {name!r}")
         encoded.append(pair)
@@ -1344,100 +1425,685 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
 
 
 class WSGICall:
-    """One PEP 3333 application call, from start_response() to close().
+    """call_wsgi_app() on the worker threads, parked while the client reads.
 
-    Runs on: a worker thread. PEP 3333, "Buffering and Streaming": each item
-    is handed on before the next is asked for. While the client is slow to
-    read, iteration pauses: run() parks the call with the connection and
-    returns, so a slow client holds no thread; the loop hands the call back
-    to a worker once the client has caught up.
+    Runs on: one worker thread at a time (none while parked). PEP 3333,
+    "Buffering and Streaming": each piece of body is handed on before the
+    next is asked for. When more than HIGH_WATER bytes wait for a slow
+    client, resume() leaves the call with the connection at one of
+    call_wsgi_app's pauses and returns, so a slow client holds no thread;
+    the loop submits resume() again once the client has caught up.
     """
 
     def __init__(self, conn: WSGIConnection, request: Request, environ: dict,
                  started: float, client: tuple | None = None,
                  body: WSGIInput | None = None) -> None:
-        """A call not made yet: no result and no iterator."""
+        """A call not made yet."""
         self.conn = conn
         self.client = client             # as the app sees it (proxies considered)
         self.request = request
         self.environ = environ
         self.started = started
         self.response = WSGIResponse(conn, request, body)
-        self.result = None
-        self.iterator = None
+        self.steps = call_wsgi_app(conn.server.app, environ, self.response)
 
     def run(self) -> None:
-        """Call the app, or resume its parked iteration, and send each item.
+        """Make the call, unless the client reset while it was queued (a FIN
+        alone is no reason: a half-closed client still reads)."""
+        if self.conn.is_closed():
+            self.end(b"")
+        else:
+            self.resume()
 
-        Returns early, with the call parked, while the client is slow to read.
-        PEP 3333 "Error Handling": any exception ends the request in wsgi_failure()."""
-        conn, response = self.conn, self.response
+    def resume(self) -> None:
+        """Run the call on to its end, or until it parks.
+
+        PEP 3333 "Error Handling": any exception ends it in wsgi_failure().
+        BaseException too: sys.exit() or a KeyboardInterrupt raised by an app
+        ends that request, not a worker thread.
+        """
         try:
-            if self.iterator is None:
-                # The client reset while this call was queued: skip the app.
-                # (An unlocked read: if it is stale, put() raises instead.) A
-                # FIN alone is no reason: a half-closed client still reads.
-                if conn.closed:
-                    raise ClientDisconnected("client went away")
-                self.result = conn.server.app(self.environ, response.start_response)
-                final = self.first_result()
-                if final is not None:
-                    self.end(final, response.response.keep_alive)
-                    return
-            for data in self.iterator:
-                if data:      # PEP 3333: empty items send nothing, not even headers
-                    response.write(data, wait=False)
-                    if response.length_sent():
-                        break     # PEP 3333 "Handling the Content-Length Header"
-                if conn.park_if_full(self):
-                    return            # resumed by the loop when the client catches up
-            self.end(response.final_bytes(), response.response.keep_alive)
+            for _ in self.steps:
+                if self.conn.park_if_full(self):
+                    return        # resumed by the loop when the client catches up
+            final = self.response.final_bytes()
         except BaseException as error:
-            # PEP 3333, "Error Handling". BaseException too: sys.exit() or a
-            # KeyboardInterrupt raised by an app ends that request, not a
-            # worker thread (the pool would shrink, and the client would wait).
-            self.end(wsgi_failure(conn, response, self.environ, error), False)
+            final = wsgi_failure(self.conn, self.response, self.environ, error)
+        self.end(final)
 
-    def first_result(self) -> bytes | None:
-        """Send a one-item or file result whole; else prepare to iterate."""
-        result, response = self.result, self.response
-        if (type(result) is FileWrapper and result.sendable() and not self.conn.tls
-                and not response.head_sent):
-            return send_file(result, response)
-        try:
-            single = len(result) == 1
-        except TypeError:      # PEP 3333: only len(), iter() and close() are used
-            single = False
-        if single and not response.head_sent:
-            # PEP 3333, "Handling the Content-Length Header": a one-item body
-            # has a known length, so the client can keep the connection open.
-            body = next(iter(result))
-            # RFC 9110 §8.6, §9.3.2: for HEAD, Content-Length must be the GET
-            # body's length. What the app returned for HEAD (often b"") does
-            # not tell it, so the server adds none; the app's own is kept.
-            if (response.status is not None and type(body) is bytes
-                    and self.request.method != "HEAD" and not any(
-                        name.lower() == b"content-length" for name, _ in response.headers)):
-                response.headers.append((b"Content-Length", b"%d" % len(body)))
-            return response.final_bytes(body)
-        self.iterator = iter(result)
-        return None
-
-    def end(self, final: bytes, keep_alive: bool) -> None:
-        """close() the result, hand over the last bytes, log the request."""
-        try:
-            if hasattr(self.result, "close"):  # PEP 3333: always, even after errors
-                self.result.close()
-        except BaseException:  # the response itself is whole: send it, then close
-            log.exception("error in the close() of a WSGI result")
-            keep_alive = False
-        conn, response = self.conn, self.response
+    def end(self, final: bytes) -> None:
+        """Log the request and hand the last bytes to the loop."""
+        response = self.response
         # Policy: the access line shows what the client was sent: the app's
         # status, or our error answer's; "-" when it left before either.
         status = response.response.status if response.head_sent or final else "-"
-        log_access(conn.server.config, self.client, self.request, status,
+        log_access(self.conn.server.config, self.client, self.request, status,
                    response.response.sent, self.started)
-        conn.finish(final, keep_alive)     # last: the loop may then end the server
+        self.conn.finish(final, response.response.keep_alive)   # last: see finish()
+
+
+def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
+                 error: BaseException) -> bytes:
+    """PEP 3333, "Error Handling": a 500 if nothing was sent, else cut it short."""
+    response.response.keep_alive = False
+    refusal = response.body.refused() if response.body is not None else None
+    if refusal is None and isinstance(error, ClientDisconnected):
+        return b""                 # nobody is left to answer: not an error
+    if refusal is None:
+        log.exception("error in WSGI app for %s %s", environ["REQUEST_METHOD"],
+                      printable(environ["PATH_INFO"]))
+    if response.head_sent:
+        return b""    # the client sees an incomplete message, then EOF
+    # The body was malformed (then that is the answer), or the app failed.
+    status, reason = (refusal.status, refusal.reason) if refusal else (
+        500, "the application failed")
+    response.response.status = status          # for the access log
+    return error_response(status, reason, time.time(), conn.server.config)
+
+
+# =============================================================================
+# §6  WSGI connections - one client socket on the selectors loop
+#
+# The loop thread owns every socket: it reads, parses and writes. WSGI apps
+# block, so each app call runs on a worker thread (section 5, WSGI adapter).
+# The two threads share only what this table names, each under its lock:
+#
+#   state                                   owner           guarded by
+#   --------------------------------------  --------------  --------------------
+#   the socket, parser, `sending`, `state`  the loop        nothing: one thread
+#   and the other flags of WSGIConnection
+#   outbox, unsent, parked, finished        loop + worker   WSGIConnection.room
+#   closed (only the loop writes it)        loop + worker   WSGIConnection.room
+#   WSGIInput's buffer and flags            loop + worker   WSGIInput.ready
+#   WSGIInput.send_continue, WSGIResponse,  the worker      nothing: one thread
+#   WSGICall (a parked call: nobody's)      running it      at a time
+#   WSGIServer.woken and wake_sent          any thread      WSGIServer.wake_lock
+#   WSGIServer.stopping (the loop sets it)  loop + worker   a threading.Event
+#   WorkerPool.jobs and sleeping            loop + worker   WorkerPool.lock
+#
+# A worker never reads the loop's state, and only the loop closes a
+# connection: a worker's response may say "Connection: close", and the
+# loop acts on it. Both directions are bounded: the loop stops reading a
+# body the app has not consumed, and a worker waits (or parks its call)
+# while too much of its output is unsent.
+# =============================================================================
+
+
+class WSGIConnection:
+    """One client socket. Runs on: the loop thread, unless a method says so.
+
+    Its states, and what moves it from one to the next:
+
+      handshake --TLS done--> idle --head--> reading --> app --finished--> sending
+                               ^                                              |
+                               +--- draining <--- body left unread ----------+
+                               +------------------- keep-alive -------------+
+                                                    closing <--- close -----+
+
+    idle      waiting for a request head (some of it may have arrived).
+    reading   a head is parsed; a chunked body is spooled whole first (the
+              app then gets its length); any other request goes to a worker
+              at once, with what has arrived of its body.
+    app       a worker runs the call; body bytes go on into its WSGIInput.
+    sending   the worker has finished (or the loop answers for itself, e.g.
+              a 400): the last bytes go out, then end_response() decides.
+    draining  skipping a body the app left unread (RFC 9112 §9.3).
+    closing   our FIN is sent; we read and discard until the client's.
+    And `closed`, from any state: the socket is gone.
+
+    Flags, all the loop's: `body_complete` (no more body bytes will reach
+    the app: all arrived, or it failed), `keep_alive` (may this connection
+    serve another request: cleared by a refused request, and by a worker
+    whose response said "Connection: close"), `peer_eof` (the client sent
+    FIN: only requests already in the buffer remain). Shared with the
+    worker, under `room`: `outbox` (bytes put() and not yet taken),
+    `unsent` (bytes queued and not yet sent), `parked` (a WSGICall waiting
+    for the client), `finished` (the worker's keep-alive answer once it is
+    done) and `closed`.
+    """
+
+    def __init__(self, server: WSGIServer, sock: socket.socket, client: tuple) -> None:
+        """A new connection, with an empty parser and nothing to send."""
+        self.server = server
+        self.sock = sock
+        self.client = client if isinstance(client, tuple) else None   # None: unix
+        self.tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
+        self.scheme = "https" if self.tls else "http"
+        self.state = "handshake" if self.tls else "idle"
+        self.wants = selectors.EVENT_READ    # what the TLS handshake waits for
+        self.events = 0                      # what the selector watches for us
+        self.parser = RequestParser(server.config)
+        self.sending: collections.deque = collections.deque()  # bytearray, FileRegion
+        self.since = time.monotonic()    # start of this idle or closing phase
+        self.last_read = self.since      # last time bytes came in
+        self.last_write = self.since     # last time sending made progress
+        self.peer_eof = False
+        self.trace = Trace() if server.config.trace else None
+        self.room = threading.Condition()   # guards the five below
+        self.outbox: list = []
+        self.unsent = 0
+        self.parked: WSGICall | None = None
+        self.finished: bool | None = None
+        self.closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the last request: the connection is ready for the next one."""
+        self.request: Request | None = None
+        self.body_parts: list[bytes] = []    # body bytes that came with the head
+        self.body: WSGIInput | None = None   # a body still arriving, for the app
+        self.spool: tempfile.SpooledTemporaryFile | None = None   # a chunked body
+        self.body_complete = False
+        self.keep_alive = True
+
+    def waiting_for_body(self) -> bool:
+        """Is a request's body still arriving (for the spool or the app)?"""
+        return self.state in ("reading", "app", "sending") and not self.body_complete
+
+    def ready_to_submit(self) -> bool:
+        """Can the request go to a worker? (a chunked body only once spooled)"""
+        return self.state == "reading" and (self.body_complete or self.spool is None)
+
+    # -- reading ---------------------------------------------------------------
+
+    def on_event(self, mask: int) -> None:
+        """The selector's callback: a TLS handshake step, or read, then write;
+        then watch for what comes next and read what TLS has already decrypted."""
+        if self.state == "handshake":
+            self.handshake()
+            return
+        if mask & selectors.EVENT_READ:
+            self.on_readable()
+        if mask & selectors.EVENT_WRITE and not self.closed:
+            self.flush()
+        if not self.closed:
+            self.watch()
+            self.read_pending()
+
+    def handshake(self) -> None:
+        """TLS: one non-blocking step of the handshake; the loop never waits."""
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.wants = selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            self.wants = selectors.EVENT_WRITE
+        except OSError:            # includes ssl.SSLError: a bad or plain client
+            self.close()
+            return
+        else:
+            self.state, self.since = "idle", time.monotonic()
+        self.watch()
+        self.read_pending()
+
+    def read_pending(self) -> None:
+        """TLS: bytes already decrypted wake no select(); read them now."""
+        while (self.tls and not self.closed and self.events & selectors.EVENT_READ
+               and self.sock.pending()):
+            self.on_readable()
+            if not self.closed:
+                self.watch()
+
+    def on_readable(self) -> None:
+        """Read what the client sent and parse it; an empty read is its FIN."""
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except WOULD_BLOCK:
+            return
+        except OSError:              # e.g. a reset: nothing can be sent either
+            self.close()
+            return
+        if self.state == "closing":
+            if not data:
+                self.close()          # RFC 9112 §9.6: the lingering close is over
+        elif not data:
+            self.on_eof()
+        else:
+            self.last_read = time.monotonic()
+            self.parser.feed(data)
+            self.process()
+
+    def on_eof(self) -> None:
+        """The client sent FIN: close if there is nothing to answer, fail a body
+        still arriving, or else let the response go out (a half-close)."""
+        self.peer_eof = True
+        if self.state in ("idle", "reading", "draining"):
+            self.close()    # idle, mid-head or mid-spool: nothing to answer
+        elif self.waiting_for_body():
+            # RFC 9112 §8: an incomplete body is never reported as complete.
+            self.fail_body(ClientDisconnected("client closed mid-body"))
+
+    def process(self) -> None:
+        """Parse what has arrived, then hand a request that is ready to a worker."""
+        try:
+            while self.parse_one():
+                pass
+        except HTTPError as error:
+            self.on_bad_request(error)
+        if self.ready_to_submit():
+            self.submit()
+
+    def parse_one(self) -> bool:
+        """One step: skip unread body, start a request, or pass body bytes on.
+        False when more bytes are needed, or none are wanted now."""
+        if self.state == "draining":
+            if self.parser.drop_body() is not None:
+                return False                  # RFC 9112 §9.3: more body to skip
+            self.state, self.since = "idle", time.monotonic()
+        if self.state == "idle":
+            request = self.parser.next_event()
+            if request is not None:
+                self.start_request(request)
+            return request is not None
+        if not self.waiting_for_body() or (self.body is not None and self.body.full()):
+            return False
+        event = self.parser.next_event()
+        if event is None:
+            return False
+        if event is END:
+            self.body_complete = True
+            if self.body is not None:
+                self.body.finish()
+        elif self.body is not None:
+            self.body.feed(event, self.parser.unread_body())
+        elif self.spool is not None:
+            self.write_spool(event)
+        else:
+            self.body_parts.append(event)
+        return True
+
+    def start_request(self, request: Request) -> None:
+        """Begin serving a request head: read its body, for the spool or the app."""
+        self.state, self.request = "reading", request
+        self.started = time.monotonic()
+        if self.trace:
+            self.trace.head(">", self.parser.last_head)
+        if request.chunked:
+            # Policy: many frameworks read exactly CONTENT_LENGTH bytes and see
+            # no body without it, so a chunked body is collected first (in
+            # memory, then on disk) and the app gets its length, against the
+            # letter of PEP 3333 "environ Variables". --limit-spool bounds it.
+            self.spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+            if request.expect_continue:     # RFC 9110 §10.1.1: we will read it
+                self.queue_own(CONTINUE)
+
+    def write_spool(self, data: bytes) -> None:
+        """Add de-chunked body bytes to the spool; what cannot be kept is refused."""
+        if self.spool.tell() + len(data) > self.server.config.limit_spool:
+            # Limit: one client must not fill the temporary directory.
+            raise HTTPError(413, "chunked request body too large")  # RFC 9110 §15.5.14
+        try:
+            self.spool.write(data)
+        except OSError as error:
+            # The disk is full, or the file too large for it, or we are out of
+            # file descriptors: that request fails, the server goes on.
+            log.warning("cannot store a chunked request body: %s", error)
+            if error.errno == errno.EFBIG:
+                raise HTTPError(413, "request body too large to store") from None
+            if error.errno in STORAGE_FULL:
+                # RFC 9110 §15.6.4: 503, a condition that is likely temporary.
+                raise HTTPError(503, "no room to store the request body") from None
+            raise HTTPError(500, "cannot store the request body") from None
+
+    def close_spool(self) -> None:
+        """Close the spool file. A disk that refused its bytes may refuse the
+        last flush too: the file is closed all the same, and that is enough."""
+        try:
+            self.spool.close()
+        except OSError:
+            pass
+
+    def on_bad_request(self, error: HTTPError) -> None:
+        """Answer a request the parser refused, then close (RFC 9112 §9.6)."""
+        self.keep_alive = False
+        if self.state in ("idle", "reading", "draining"):   # the app never saw it
+            self.send_now(error_response(error.status, error.reason, time.time(),
+                                         self.server.config))
+        else:                      # the app is reading the body: stop it there
+            self.fail_body(ClientDisconnected("malformed request body"), error)
+
+    def fail_body(self, error: Exception, refusal: HTTPError | None = None) -> None:
+        """The body will never be complete: wake the app's read() with `error`."""
+        self.body_complete = True
+        if self.body is not None:
+            self.body.finish(error, refusal)
+
+    def submit(self) -> None:
+        """Hand the request to a worker thread, with what we have of its body."""
+        request, config = self.request, self.server.config
+        self.state, self.last_read = "app", time.monotonic()
+        if self.spool is not None:
+            body, length = self.spool, self.spool.tell()   # de-chunked, whole
+            body.seek(0)
+        elif self.body_complete:
+            body = io.BytesIO(b"".join(self.body_parts))   # no waiting needed
+        else:
+            body = self.body = WSGIInput(self, self.body_parts, request.expect_continue,
+                                         self.parser.unread_body())
+        self.body_parts = []
+        client, scheme, host = behind_proxy(request, self.client, self.scheme, config)
+        environ = build_environ(request, body, self.server.address, client, config,
+                                scheme)
+        if host:
+            environ["HTTP_HOST"] = host
+        if self.spool is not None:
+            environ["CONTENT_LENGTH"] = str(length)
+        if self.trace:
+            self.trace.mapping("environ", environ)
+        call = WSGICall(self, request, environ, self.started, client, self.body)
+        self.server.pool.submit(call.run)
+
+    # -- the worker's side: runs on a worker thread ----------------------------
+
+    def put(self, data: bytes | FileRegion, wait: bool = True) -> None:
+        """Runs on: a worker. Queue bytes to send; with `wait`, first wait
+        while more than HIGH_WATER bytes are unsent."""
+        with self.room:
+            self._wait_for_room(HIGH_WATER if wait else sys.maxsize)
+            self.outbox.append(data)
+            self.unsent += len(data)
+        self.server.wake(self)
+
+    def wait_until_sent(self) -> None:
+        """Runs on: a worker. Wait until everything put() so far is sent."""
+        with self.room:
+            self._wait_for_room(0)
+
+    def _wait_for_room(self, limit: int) -> None:
+        """Runs on: a worker holding `room`. Wait until at most `limit` bytes
+        are unsent; the client has gone if the connection closed meanwhile."""
+        while self.unsent > limit and not self.closed:
+            self.room.wait()
+        if self.closed:
+            raise ClientDisconnected("client went away")
+
+    def park_if_full(self, call: WSGICall) -> bool:
+        """Runs on: a worker. Too much unsent? Then leave `call` with us (the
+        loop resubmits it once the client has read enough) and say so."""
+        with self.room:
+            if self.unsent <= HIGH_WATER or self.closed:
+                return False          # closed: the next put() raises instead
+            self.parked = call
+        self.server.wake(self)     # the loop may have sent it all meanwhile
+        return True
+
+    def finish(self, data: bytes, keep_alive: bool) -> None:
+        """Runs on: a worker. The last bytes of the response; the worker is done
+        with this connection (so nothing may follow: the loop may now close it)."""
+        with self.room:
+            self.outbox.append(data)
+            self.unsent += len(data)
+            self.finished = keep_alive
+        self.server.wake(self)
+
+    def is_closed(self) -> bool:
+        """Runs on: a worker. Has the loop closed this connection?"""
+        with self.room:
+            return self.closed
+
+    # -- writing ---------------------------------------------------------------
+
+    def on_wake(self) -> None:
+        """A worker put bytes, finished, or read enough of the body to go on."""
+        with self.room:
+            outbox, self.outbox = self.outbox, []
+            finished, self.finished = self.finished, None
+            # It parked after the loop had caught up: resume it.
+            resume = self.parked is not None and self.unsent <= LOW_WATER
+        for item in outbox:
+            self.queue_output(item)
+        if finished is not None:
+            self.state, self.keep_alive = "sending", self.keep_alive and finished
+        if resume:
+            self.resume_parked()
+        if self.waiting_for_body():
+            self.process()           # the app made room for more body
+        self.flush()
+        if not self.closed:
+            self.watch()
+            self.read_pending()
+
+    def resume_parked(self) -> None:
+        """Give a parked call back to a worker thread."""
+        with self.room:
+            call, self.parked = self.parked, None
+        if call is not None:
+            self.server.pool.submit(call.resume)
+
+    def queue_output(self, item) -> None:
+        """Add bytes (or a FileRegion) to what the loop will send, in order."""
+        if not self.sending:
+            self.last_write = time.monotonic()
+        if type(item) is FileRegion:
+            self.sending.append(item)
+        elif item:
+            if self.sending and type(self.sending[-1]) is bytearray:
+                self.sending[-1] += item      # one send() for adjacent pieces
+            else:
+                self.sending.append(bytearray(item))
+
+    def queue_own(self, data: bytes) -> None:
+        """Queue bytes the loop itself produced (not put() by a worker)."""
+        with self.room:
+            self.unsent += len(data)
+        self.queue_output(data)
+
+    def send_now(self, data: bytes) -> None:
+        """Send the loop's own answer (an error, a 503) as this connection's last."""
+        if self.trace:
+            self.trace.head("!", data)
+        self.queue_own(data)
+        self.state, self.keep_alive = "sending", False
+        self.body_complete = True        # nothing more of this request is read
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what we can without blocking; end the response once all is out."""
+        while self.sending:
+            item = self.sending[0]
+            try:
+                if type(item) is FileRegion:
+                    sent = item.send_to(self.sock)
+                else:
+                    sent = self.sock.send(item)
+                    del item[:sent]
+            except WOULD_BLOCK:
+                return
+            except OSError:
+                self.close()
+                return
+            self.last_write = time.monotonic()
+            with self.room:
+                self.unsent -= sent
+                resume = self.unsent <= LOW_WATER
+                if resume:
+                    self.room.notify()    # a worker may be waiting in put()
+                resume = resume and self.parked is not None
+            if resume:
+                self.resume_parked()
+            if len(item):
+                return                    # the socket is full: wait for EVENT_WRITE
+            self.sending.popleft()
+        if self.state == "sending":
+            self.end_response()
+
+    def end_response(self) -> None:
+        """RFC 9112 §9.3: keep the connection for the next request, or close
+        (RFC 9112 §9.6: no request after a "Connection: close" is served)."""
+        # After the client's FIN, only requests it sent before it remain.
+        more = not self.peer_eof or bool(self.parser.buffer)
+        keep = self.keep_alive and more and not self.server.stopping.is_set()
+        unread = not self.body_complete
+        if self.spool is not None:
+            self.close_spool()       # the app is done with it: free the disk now
+        self._reset()
+        self.since = self.last_read = time.monotonic()
+        if not keep:
+            self.close_gracefully()
+            return
+        self.state = "draining" if unread else "idle"
+        self.process()     # RFC 9112 §9.3.2: a pipelined request may be waiting
+        if self.peer_eof and self.state in ("idle", "draining"):
+            self.close()   # what is left can never become a request
+
+    # -- the selector, timeouts and closing ------------------------------------
+
+    def watch(self) -> None:
+        """Tell the selector what this connection is waiting for now."""
+        if self.closed:
+            return          # e.g. a 408 that could not be written closed it
+        if self.state == "handshake":
+            events = self.wants
+        else:
+            events = ((selectors.EVENT_READ if self.wants_to_read() else 0)
+                      | (selectors.EVENT_WRITE if self.sending else 0))
+        if events == self.events:
+            return
+        if self.events == 0:
+            self.server.selector.register(self.sock, events, self)
+        elif events == 0:
+            self.server.selector.unregister(self.sock)
+        else:
+            self.server.selector.modify(self.sock, events, self)
+        self.events = events
+
+    def wants_to_read(self) -> bool:
+        """Should the selector wake us for bytes from the client?"""
+        if self.state == "closing":
+            return True                     # discard until the client's FIN
+        if self.peer_eof:
+            return False
+        if self.state in ("idle", "draining"):
+            return True
+        if self.waiting_for_body():         # unless the app has enough unread
+            return self.body is None or not self.body.full()
+        return len(self.parser.buffer) < MAX_HEAD_BYTES   # pipelined, bounded
+
+    def close_gracefully(self) -> None:
+        """RFC 9112 §9.6: send FIN, then read and discard until the client's FIN.
+
+        Closing with unread bytes in the socket would send a TCP reset, which
+        can destroy the last response before the client reads it.
+        """
+        if self.peer_eof:
+            self.close()
+            return
+        self.state = "closing"
+        self.since = time.monotonic()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+
+    def close(self) -> None:
+        """Close the socket now; a worker still busy with it learns from put()."""
+        if self.closed:
+            return
+        with self.room:
+            self.closed = True
+            self.room.notify_all()   # a worker waiting in put() must see this
+        if self.events:
+            self.events = 0
+            try:
+                self.server.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass         # never registered, or the selector lost it
+        self.sock.close()
+        if self.spool is not None and self.state != "app":
+            self.close_spool()       # no worker reads it (any more)
+        self.server.connections.discard(self)
+        self.resume_parked()         # a parked call ends (and close()s) on a worker
+        if self.body is not None:
+            self.body.finish(ClientDisconnected("connection closed"))
+
+
+# =============================================================================
+# §6b  WSGI server - the selectors loop, wake-ups and the worker pool
+#
+# WSGIServer runs the loop: it accepts clients, calls each connection back
+# when its socket is ready, wakes up when a worker has something for a
+# connection (the self-pipe trick: a byte on a socketpair), and checks the
+# clocks. WorkerPool is the worker threads. Graceful shutdown lets the
+# requests in progress finish, each answer saying "Connection: close".
+# =============================================================================
+
+
+class WorkerPool:
+    """A few threads that run WSGI app calls, oldest first.
+
+    Runs on: the loop (submit, wake_workers, stop) and its workers (_work).
+    The plain pool (a queue, N threads, a None each to stop) would wake a
+    thread for every request; here an awake worker runs queued calls one
+    after another and sleeps only when none is left, on a lock of its own,
+    and the loop wakes a sleeper just before it waits in select(): one when
+    calls are queued and every worker sleeps, and one more each
+    WORKER_WAIT_SECONDS while the oldest call has waited that long (the awake
+    ones are busy in apps). What it buys: fewer thread switches and fights
+    over the GIL per request (bench/README.md has the figures).
+
+    With one thread (--threads 1, PEP 3333 "Thread Support") the calls run
+    one after another, oldest first. A call parked for a slow reader
+    (WSGIConnection.park_if_full) has given its thread back, so the next
+    request runs meanwhile and the parked one resumes after it.
+    """
+
+    def __init__(self, count: int) -> None:
+        """Start `count` worker threads, with nothing queued."""
+        self.jobs: collections.deque = collections.deque()    # (queued at, function)
+        self.lock = threading.Lock()         # guards jobs, sleeping and stopping
+        self.sleeping: list[threading.Lock] = []   # the held lock of each sleeper
+        self.last_wake = 0.0
+        self.stopping = False
+        self.threads = [threading.Thread(target=self._work, daemon=True,
+                                         name=f"gateway-worker-{n}")
+                        for n in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, function) -> None:
+        """Queue a call, stamped with the time; wake_workers() wakes a worker for it."""
+        with self.lock:
+            self.jobs.append((time.monotonic(), function))
+
+    def wake_workers(self, now: float, longest: float) -> float:
+        """Wake a sleeper if the queue needs one; return how long select() may wait."""
+        with self.lock:
+            if not (self.jobs and self.sleeping):
+                return longest
+            overdue = (now - self.jobs[0][0] >= WORKER_WAIT_SECONDS
+                       and now - self.last_wake >= WORKER_WAIT_SECONDS)
+            if len(self.sleeping) == len(self.threads) or overdue:
+                self.sleeping.pop().release()
+                self.last_wake = now
+            return min(longest, WORKER_WAIT_SECONDS)
+
+    def _work(self) -> None:
+        """A worker thread: run queued calls, oldest first; when none is left,
+        sleep on a lock of its own until woken; end once stopping and idle."""
+        bell = threading.Lock()
+        bell.acquire()               # held: acquire() again sleeps until a release()
+        while True:
+            with self.lock:
+                job = self.jobs.popleft()[1] if self.jobs else None
+                if job is None:
+                    if self.stopping:
+                        return
+                    self.sleeping.append(bell)
+            if job is None:
+                bell.acquire()
+                continue
+            try:
+                job()
+            except BaseException:   # WSGICall catches the app's; this is ours
+                log.exception("internal error in a worker thread")
+
+    def stop(self) -> None:
+        """Let the workers finish what is queued, then end."""
+        with self.lock:
+            self.stopping = True
+            for bell in self.sleeping:
+                bell.release()
+            self.sleeping.clear()
 
 
 class FileWrapper:
@@ -1471,10 +2137,11 @@ class FileWrapper:
 
 
 class FileRegion:
-    """Part of a file that the loop sends with os.sendfile(), zero-copy."""
+    """`count` bytes of the open file `fd` from `offset` on, for the loop to
+    send with os.sendfile(): the kernel copies them, not Python."""
 
     def __init__(self, fd: int, offset: int, count: int) -> None:
-        """`count` bytes of the open file `fd`, from `offset` on, still to send."""
+        """A region still to send."""
         self.fd, self.offset, self.count = fd, offset, count
 
     def __len__(self) -> int:
@@ -1492,571 +2159,25 @@ class FileRegion:
         return sent
 
 
-def send_file(wrapper: FileWrapper, response: WSGIResponse) -> bytes:
-    """PEP 3333: send a wrapped file from its current position with sendfile()."""
+def send_file(wrapper: FileWrapper, response: WSGIResponse) -> None:
+    """PEP 3333 "Optional Platform-Specific File Handling": send a wrapped file
+    from its current position, by os.sendfile() on the loop thread."""
     filelike = wrapper.filelike
     fd = filelike.fileno()
     offset = filelike.tell() if hasattr(filelike, "tell") else 0
     count = max(0, os.fstat(fd).st_size - offset)
-    if not any(name.lower() == b"content-length" for name, _ in response.headers):
+    if not has_length(response.headers):
         response.headers.append((b"Content-Length", b"%d" % count))
     conn = response.conn
     conn.put(response._head())
     if response.response.framing == "length":      # not for HEAD, 204, 304
-        # PEP 3333 "Handling the Content-Length Header": as for an iterable,
-        # sending stops once the declared length is sent (a longer file is fine).
+        # "Handling the Content-Length Header": as for an iterable, sending
+        # stops once the declared length is sent (a longer file is fine).
         count = min(count, response.response.length)
         if count:
             response.response.count(count)         # for end() and the access log
             conn.put(FileRegion(fd, offset, count))
     conn.wait_until_sent()     # close() may only close the file after this
-    return response.response.end()
-
-
-def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
-                 error: BaseException) -> bytes:
-    """PEP 3333, "Error Handling": a 500 if nothing was sent, else cut it short."""
-    refusal = response.body.refused() if response.body is not None else None
-    if refusal is None and isinstance(error, ClientDisconnected):
-        return b""                 # nobody is left to answer: not an error
-    if refusal is None:
-        log.exception("error in WSGI app for %s %s", environ["REQUEST_METHOD"],
-                      printable(environ["PATH_INFO"]))
-    if response.head_sent:
-        return b""    # the client sees an incomplete message, then EOF
-    # The body was malformed (then that is the answer), or the app failed.
-    status, reason = (refusal.status, refusal.reason) if refusal else (
-        500, "the application failed")
-    response.response.status = status          # for the access log
-    return error_response(status, reason, time.time(), conn.server.config)
-
-
-# =============================================================================
-# §6  WSGI server - a selectors event loop and a thread pool
-#
-# The loop thread owns every socket: it accepts, reads, parses and writes.
-# WSGI apps block, so each request runs on a worker thread (§5). Workers hand
-# bytes back with put()/finish() and wake the loop through a socketpair (the
-# self-pipe trick). Both directions are bounded: the loop stops reading a body
-# the app has not consumed, and a worker waits while its output is unsent.
-# Every hand-off between threads costs system calls and a pass of the GIL, so
-# the pool wakes as few workers as it can (WorkerPool).
-# =============================================================================
-
-
-class WSGIConnection:
-    """One client socket. Runs on: the loop thread, unless a method says so.
-
-    One request's way through the two threads, in order:
-
-        loop     on_readable -> process -> start_request -> submit (to the pool)
-        worker   WSGICall.run: the app, then put() / finish() -> server.wake()
-        loop     server.on_wake -> on_wake -> queue_output -> flush -> end_response
-
-    Who owns what. The loop alone touches the socket, the parser, `state`,
-    `body_complete`, `error`, `peer_eof` and `sending`, and only the loop
-    closes the connection. Shared with the worker under the `room` lock:
-    `outbox`, `unsent`, `parked`, `worker_done` and `keep_alive`. What the
-    worker must know of the body (its bytes, how much is still unread, a
-    framing error) goes through WSGIInput, under that object's own lock. The
-    worker reads two loop flags without a lock, where a stale value is
-    harmless: `closed` (put() raises on the next try) and `server.stopping`
-    (the loop closes after the response anyway).
-    """
-
-    def __init__(self, server: WSGIServer, sock: socket.socket, client: tuple) -> None:
-        """A new connection: idle, with an empty parser and nothing to send."""
-        self.server = server
-        self.sock = sock
-        self.client = client if isinstance(client, tuple) else None   # None: unix
-        self.tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
-        self.scheme = "https" if self.tls else "http"
-        self.wants = selectors.EVENT_READ    # what the TLS handshake waits for
-        self.parser = RequestParser(server.config)
-        self.sending: collections.deque = collections.deque()  # bytearray, FileRegion
-        self.state = "idle"          # idle -> busy -> idle ... -> closing
-        self.since = time.monotonic()    # start of this idle or closing phase
-        self.last_read = self.since      # last time body bytes came in
-        self.last_write = self.since     # last time sending made progress
-        self.events = 0              # what the selector watches for us
-        self.closed = False
-        self.peer_eof = False        # the client sent FIN
-        self._reset()
-        # Shared with the worker thread, guarded by `room`:
-        self.room = threading.Condition()
-        self.outbox: list[bytes] = []
-        self.unsent = 0              # bytes put() but not yet sent
-        self.parked: WSGICall | None = None   # paused while the client reads
-        self.trace = Trace() if server.config.trace else None
-        self.worker_done = False
-
-    def _reset(self) -> None:
-        """Forget the last request: the connection is ready for the next one."""
-        self.request: Request | None = None
-        self.body_parts: list[bytes] = []
-        self.body: WSGIInput | None = None
-        self.spool: tempfile.SpooledTemporaryFile | None = None
-        self.body_complete = False
-        self.submitted = False
-        self.error: HTTPError | None = None
-        self.done = False            # the response is complete (loop side)
-        self.keep_alive = False
-
-    # -- reading ---------------------------------------------------------------
-
-    def on_event(self, mask: int) -> None:
-        """The selector's callback: a TLS handshake step, or read, then write;
-        then watch for what comes next and read what TLS has already decrypted."""
-        if self.state == "handshake":
-            self.handshake()
-            return
-        if mask & selectors.EVENT_READ:
-            self.on_readable()
-        if mask & selectors.EVENT_WRITE and not self.closed:
-            self.flush()
-        if not self.closed:
-            self.watch()
-            self.read_pending()
-
-    def handshake(self) -> None:
-        """TLS: one non-blocking step of the handshake; the loop never waits."""
-        try:
-            self.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self.wants = selectors.EVENT_READ
-        except ssl.SSLWantWriteError:
-            self.wants = selectors.EVENT_WRITE
-        except OSError:            # includes ssl.SSLError: a bad or plain client
-            self.close()
-            return
-        else:
-            self.state = "idle"
-            self.since = time.monotonic()
-        self.watch()
-        self.read_pending()
-
-    def read_pending(self) -> None:
-        """TLS: bytes already decrypted wake no select(); read them now."""
-        while (self.tls and not self.closed and self.events & selectors.EVENT_READ
-               and self.sock.pending()):
-            self.on_readable()
-            if not self.closed:
-                self.watch()
-
-    def on_readable(self) -> None:
-        """Read what the client sent and parse it; an empty read is its FIN.
-
-        While closing (RFC 9112 §9.6), bytes are discarded until that FIN."""
-        try:
-            data = self.sock.recv(RECV_BYTES)
-        except WOULD_BLOCK:
-            return
-        except OSError:              # e.g. a reset: nothing can be sent either
-            self.close()
-            return
-        if self.state == "closing":
-            if not data:
-                self.close()          # lingering close is over (RFC 9112 §9.6)
-            return
-        if not data:
-            self.on_eof()
-            return
-        self.last_read = time.monotonic()
-        self.parser.feed(data)
-        self.process()
-
-    def on_eof(self) -> None:
-        """The client sent FIN: close if there is nothing to answer, fail a body still
-        arriving (RFC 9112 §8), or else let the response go out."""
-        self.peer_eof = True
-        if self.state == "idle" or not (self.submitted or self.done):
-            self.close()    # idle, mid-head or mid-spool: nothing to answer
-        elif not self.body_complete and self.body is not None:
-            # RFC 9112 §8: an incomplete body is never reported as complete.
-            self.fail_body(ClientDisconnected("client closed mid-body"))
-        # else: a half-close after a full request; the response still goes out.
-
-    def process(self) -> None:
-        """Start the next request, or hand body bytes to the one in progress."""
-        try:
-            while self.state in ("idle", "draining") or (
-                    self.state == "busy" and not self.body_complete):
-                if self.body is not None and self.body.paused:
-                    break                         # the app has enough unread
-                event = self.parser.next_event()
-                if event is None:
-                    break
-                if self.state == "draining":      # a body the app did not read
-                    if event is END:
-                        self.state, self.since = "idle", time.monotonic()
-                elif self.state == "idle":
-                    self.start_request(event)
-                elif event is END:
-                    self.body_complete = True
-                    if self.body is not None:
-                        self.body.finish()
-                elif self.body is not None:
-                    self.body.feed(event, self.parser.unread_body())
-                elif self.spool is not None:
-                    self.write_spool(event)
-                else:
-                    self.body_parts.append(event)
-        except HTTPError as error:
-            self.on_bad_request(error)
-        if (self.state == "busy" and not self.submitted and not self.done
-                and (self.body_complete or self.spool is None)):
-            self.submit()
-
-    def start_request(self, request: Request) -> None:
-        """Begin serving a request head: the connection is now busy.
-
-        A chunked body is spooled first, so that the app gets its length; with
-        "Expect: 100-continue", the 100 goes out at once (RFC 9110 §10.1.1)."""
-        self.state, self.request = "busy", request
-        self.started = time.monotonic()
-        if self.trace:
-            self.trace.head(">", self.parser.last_head)
-        if request.chunked:
-            # Many frameworks (Django among them) read exactly CONTENT_LENGTH
-            # bytes and see no body without it. So, as waitress does, a chunked
-            # body is collected first (in memory, then on disk) and the app gets
-            # its length. Its size is bounded by --limit-spool (write_spool).
-            self.spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
-            if request.expect_continue:     # RFC 9110 §10.1.1: we will read it
-                self.queue_own(CONTINUE)
-
-    def write_spool(self, data: bytes) -> None:
-        """Add de-chunked body bytes to the spool; what cannot be kept is refused."""
-        if self.spool.tell() + len(data) > self.server.config.limit_spool:
-            # Limit: one client must not fill the temporary directory.
-            raise HTTPError(413, "chunked request body too large")  # RFC 9110 §15.5.14
-        try:
-            self.spool.write(data)
-        except OSError as error:
-            # The disk is full, or the file too large for it, or we are out of
-            # file descriptors: that request fails, the server goes on.
-            log.warning("cannot store a chunked request body: %s", error)
-            if error.errno == errno.EFBIG:
-                raise HTTPError(413, "request body too large to store") from None
-            if error.errno in STORAGE_FULL:
-                # RFC 9110 §15.6.4: 503, a condition that is likely temporary.
-                raise HTTPError(503, "no room to store the request body") from None
-            raise HTTPError(500, "cannot store the request body") from None
-
-    def close_spool(self) -> None:
-        """Close the spool file. A disk that refused its bytes may refuse the
-        last flush too: the file is closed all the same, and that is enough."""
-        try:
-            self.spool.close()
-        except OSError:
-            pass
-
-    def on_bad_request(self, error: HTTPError) -> None:
-        """Answer a request the parser refused, then close (RFC 9112 §9.6)."""
-        if not self.submitted:     # the app never saw it: we answer for it
-            self.state = "busy"
-            self.send_now(error_response(error.status, error.reason, time.time(),
-                                         self.server.config))
-        else:                      # the app is reading the body: stop it there
-            self.error = error
-            self.fail_body(ClientDisconnected("malformed request body"), error)
-
-    def fail_body(self, error: Exception, refusal: HTTPError | None = None) -> None:
-        """The body will never be complete: wake the app's read() with `error`."""
-        self.body_complete = True
-        if self.body is not None:
-            self.body.finish(error, refusal)
-
-    def submit(self) -> None:
-        """Hand the request to a worker thread, with what we have of its body."""
-        request = self.request
-        self.submitted = True
-        self.last_read = time.monotonic()
-        if self.spool is not None:
-            body = self.spool                 # de-chunked, complete, rewound
-            length = body.tell()
-            body.seek(0)
-        elif self.body_complete:
-            body = io.BytesIO(b"".join(self.body_parts))   # no waiting needed
-        else:
-            self.body = body = WSGIInput(self, self.body_parts, request.expect_continue,
-                                         self.parser.unread_body())
-        self.body_parts = []
-        config = self.server.config
-        client, scheme, host = behind_proxy(request, self.client, self.scheme, config)
-        environ = build_environ(request, body, self.server.address, client, config, scheme)
-        if host:
-            environ["HTTP_HOST"] = host
-        if self.spool is not None:
-            environ["CONTENT_LENGTH"] = str(length)
-        if self.trace:
-            self.trace.mapping("environ", environ)
-        call = WSGICall(self, request, environ, self.started, client, self.body)
-        self.server.pool.submit(call.run)
-
-    # -- writing ---------------------------------------------------------------
-
-    def put(self, data: bytes | FileRegion, wait: bool = True) -> None:
-        """Runs on: a worker. Queue bytes to send; wait while too many are unsent."""
-        with self.room:
-            while wait and self.unsent > HIGH_WATER and not self.closed:
-                self.room.wait()
-            if self.closed:
-                raise ClientDisconnected("client went away")
-            self.outbox.append(data)
-            self.unsent += len(data)
-        self.server.wake(self)
-
-    def park_if_full(self, call: WSGICall) -> bool:
-        """Runs on: a worker. Too much unsent? Then leave `call` with us (the
-        loop resubmits it once the client has read enough) and say so."""
-        with self.room:
-            if self.unsent <= HIGH_WATER or self.closed:
-                return False          # closed: the next put() raises instead
-            self.parked = call
-        self.server.wake(self)     # the loop may have drained it meanwhile
-        return True
-
-    def resume_parked(self) -> None:
-        """Runs on: the loop. Give a parked call back to a worker thread."""
-        with self.room:
-            call, self.parked = self.parked, None
-        if call is not None:
-            self.server.pool.submit(call.run)
-
-    def wait_until_sent(self) -> None:
-        """Runs on: a worker. Wait until everything put() so far is sent."""
-        with self.room:
-            while self.unsent > 0 and not self.closed:
-                self.room.wait()
-        if self.closed:
-            raise ClientDisconnected("client went away")
-
-    def finish(self, data: bytes, keep_alive: bool) -> None:
-        """Runs on: a worker. The last bytes of the response; the worker is done."""
-        with self.room:
-            self.outbox.append(data)
-            self.unsent += len(data)
-            self.worker_done = True
-            self.keep_alive = keep_alive
-        self.server.wake(self)
-
-    def on_wake(self) -> None:
-        """A worker put bytes, finished, or read enough of the body to go on."""
-        with self.room:
-            outbox, self.outbox = self.outbox, []
-            if self.worker_done:
-                self.worker_done = False
-                self.done = True
-            # It parked after the loop had caught up: resume it.
-            resume = self.parked is not None and self.unsent <= LOW_WATER
-        for item in outbox:
-            self.queue_output(item)
-        if resume:
-            self.resume_parked()
-        if self.state == "busy" and not self.body_complete:
-            self.process()           # the app made room for more body
-        self.flush()
-        if not self.closed:
-            self.watch()
-            self.read_pending()
-
-    def queue_output(self, item) -> None:
-        """Add bytes (or a FileRegion) to what the loop will send, in order."""
-        if not self.sending:
-            self.last_write = time.monotonic()
-        if type(item) is FileRegion:
-            self.sending.append(item)
-        elif item:
-            if self.sending and type(self.sending[-1]) is bytearray:
-                self.sending[-1] += item      # one send() for adjacent pieces
-            else:
-                self.sending.append(bytearray(item))
-
-    def queue_own(self, data: bytes) -> None:
-        """Queue bytes the loop itself produced (not put() by a worker)."""
-        with self.room:
-            self.unsent += len(data)
-        self.queue_output(data)
-
-    def send_now(self, data: bytes) -> None:
-        """Send bytes the loop itself produced, as the end of this response."""
-        if self.trace:
-            self.trace.head("!", data)
-        self.queue_own(data)
-        self.done = True
-        self.keep_alive = False
-        self.flush()
-
-    def flush(self) -> None:
-        """Send what we can without blocking; end the response once all is out."""
-        while self.sending:
-            item = self.sending[0]
-            try:
-                if type(item) is FileRegion:
-                    sent = item.send_to(self.sock)
-                else:
-                    sent = self.sock.send(item)
-                    del item[:sent]
-            except WOULD_BLOCK:
-                return
-            except OSError:
-                self.close()
-                return
-            self.last_write = time.monotonic()
-            with self.room:
-                self.unsent -= sent
-                resume = self.unsent <= LOW_WATER
-                if resume:
-                    self.room.notify()    # a worker may be waiting in put()
-                resume = resume and self.parked is not None
-            if resume:
-                self.resume_parked()
-            if len(item):
-                return                    # the socket is full: wait for EVENT_WRITE
-            self.sending.popleft()
-        if self.done:
-            self.end_response()
-
-    def end_response(self) -> None:
-        """RFC 9112 §9.3: keep the connection for the next request, or close."""
-        # After the client's FIN, only requests it sent before it remain.
-        more = not self.peer_eof or bool(self.parser.buffer)
-        keep = self.keep_alive and self.error is None and more and not self.server.stopping
-        draining = not self.body_complete
-        if self.spool is not None:
-            self.close_spool()       # the app is done with it: free the disk now
-        self._reset()
-        self.since = self.last_read = time.monotonic()
-        if not keep:
-            self.close_gracefully()
-            return
-        self.state = "draining" if draining else "idle"
-        self.process()     # a pipelined request may be waiting (RFC 9112 §9.3.2)
-        if self.peer_eof and self.state in ("idle", "draining"):
-            self.close()   # what is left can never become a request
-
-    # -- the selector and closing ---------------------------------------------
-
-    def watch(self) -> None:
-        """Tell the selector what this connection is waiting for now."""
-        if self.closed:
-            return          # e.g. a 408 that could not be written closed it
-        if self.state == "handshake":
-            self._set_events(self.wants)
-            return
-        if self.state == "closing":
-            reading = True                  # discard until the client's FIN
-        elif self.peer_eof:
-            reading = False
-        elif self.state in ("idle", "draining"):
-            reading = True
-        elif not self.body_complete:
-            reading = self.body is None or not self.body.paused
-        else:                               # pipelined bytes, up to a bound
-            reading = len(self.parser.buffer) < MAX_HEAD_BYTES
-        self._set_events((selectors.EVENT_READ if reading else 0) | (
-            selectors.EVENT_WRITE if self.sending else 0))
-
-    def _set_events(self, events: int) -> None:
-        """Register, modify or unregister the socket so the selector watches `events`."""
-        if events == self.events:
-            return
-        if self.events == 0:
-            self.server.selector.register(self.sock, events, self)
-        elif events == 0:
-            self.server.selector.unregister(self.sock)
-        else:
-            self.server.selector.modify(self.sock, events, self)
-        self.events = events
-
-    def close_gracefully(self) -> None:
-        """RFC 9112 §9.6: send FIN, then read and discard until the client's FIN.
-
-        Closing with unread bytes in the socket would send a TCP reset, which
-        can destroy the last response before the client reads it.
-        """
-        if self.peer_eof:
-            self.close()
-            return
-        self.state = "closing"
-        self.since = time.monotonic()
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.close()
-
-    def close(self) -> None:
-        """Close the socket now; a worker still busy with it learns from put()."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.events:
-            self.events = 0
-            try:
-                self.server.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass         # never registered, or the selector lost it
-        self.sock.close()
-        if self.spool is not None and not self.submitted:
-            self.close_spool()       # an upload cut short: the app never got it
-        self.server.connections.discard(self)
-        with self.room:
-            self.room.notify_all()   # a worker waiting in put() must see this
-        self.resume_parked()         # a parked call ends (and close()s) on a worker
-        if self.body is not None:
-            self.body.finish(ClientDisconnected("connection closed"))
-
-    def check_timeouts(self, now: float) -> None:
-        """Close (or answer 408) a connection that has waited too long, §1."""
-        config = self.server.config
-        if self.state == "closing":
-            if now - self.since > LINGER_SECONDS:
-                self.close()
-        elif self.state == "handshake":
-            if now - self.since > config.timeout_request_head:
-                self.close()      # a TLS handshake that never finishes
-        elif self.sending and now - self.last_write > config.timeout_write:
-            self.close()          # the client does not read what we send
-        elif self.state == "idle":
-            if not self.parser.has_partial_request:
-                if now - self.since > config.timeout_keep_alive:
-                    self.close()      # RFC 9112 §9.5: idle connections may close
-            elif now - self.since > config.timeout_request_head:
-                # RFC 9110 §15.5.9: 408 for a head that takes too long (slowloris).
-                self.on_bad_request(HTTPError(408, "request head not received in time"))
-                self.watch()
-        elif self.state == "draining":
-            if now - self.last_read > config.timeout_read:
-                self.close()
-        elif (not self.body_complete and self.events & selectors.EVENT_READ
-              and now - self.last_read > config.timeout_read):
-            self.on_bad_request(HTTPError(408, "request body not received in time"))
-            self.watch()
-
-
-def tune_malloc() -> None:
-    """glibc malloc settings that keep RSS flat while bodies stream through
-    the WSGI threads (called before they start). Elsewhere this does nothing.
-
-    One arena: glibc gives each thread an arena of its own, and body bytes
-    made on the loop thread and freed on a worker (and back) then leave RSS
-    tens of MiB high (256 MiB streaming echo: +45 MiB by default, +10 to 12
-    MiB with one arena; the GIL already serialises the threads, so one arena
-    costs no speed: hello ~50 us of CPU per request either way).
-
-    Fixed mmap and trim thresholds: by default glibc raises its mmap threshold
-    each time a large block is freed, so later large buffers come from the
-    heap and fragment it (512 MiB to 1 GiB streaming echo, peak RSS growth: 8
-    to 23 MiB over 15 runs; with these settings 6 to 8 over 7, same MB/s). The trim
-    threshold is raised with it, else the heap shrinks and regrows for every
-    piece (-25% MB/s with the fixed mmap threshold alone).
-    """
-    libc = glibc()
-    if libc is not None:
-        libc.mallopt(-8, 1)                  # M_ARENA_MAX, glibc's malloc.h
-        libc.mallopt(-3, 1024 * 1024)        # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 4 * 1024 * 1024)    # M_TRIM_THRESHOLD
 
 
 def release_memory() -> None:
@@ -2081,89 +2202,10 @@ def glibc():
     try:
         import ctypes
         libc = ctypes.CDLL(None)
-        libc.mallopt, libc.malloc_trim       # musl has neither
+        libc.malloc_trim       # musl has none
         return libc
     except (OSError, AttributeError):
         return None
-
-
-class WorkerPool:
-    """A few threads that run WSGI app calls, oldest first.
-
-    Runs on: the loop (submit, wake_workers, stop) and its workers (_work).
-    An awake worker runs queued calls one after another and sleeps only when
-    none is left, on a lock of its own (waking it is one futex call). The
-    loop wakes a sleeper just before it waits in select(): one when calls are
-    queued and every worker sleeps, and one more each WORKER_WAIT_SECONDS
-    while the oldest call has waited that long (the awake ones are blocked in
-    apps). Waking a thread per request only made them fight over the GIL
-    (hello, one connection: 15.5 -> 10-11.6 system calls per request; 50
-    connections: 55-64 -> 45-51 us of CPU per request).
-
-    With one thread (--threads 1) that comes down to: wake it when it sleeps
-    and a call is queued; calls run one after another, oldest first. A call
-    parked for a slow reader (§6 park_if_full) has given the thread back, so
-    the next request runs meanwhile and the parked one resumes after it.
-    """
-
-    def __init__(self, count: int) -> None:
-        """Start `count` worker threads, with nothing queued."""
-        tune_malloc()
-        self.jobs: collections.deque = collections.deque()    # (queued at, function)
-        self.lock = threading.Lock()         # guards jobs, sleeping and stopping
-        self.sleeping: list[threading.Lock] = []   # the held lock of each sleeper
-        self.last_wake = 0.0
-        self.stopping = False
-        self.threads = [threading.Thread(target=self._work, daemon=True,
-                                         name=f"gateway-worker-{n}")
-                        for n in range(count)]
-        for thread in self.threads:
-            thread.start()
-
-    def submit(self, function) -> None:
-        """Queue a call, stamped with the time; wake_workers() wakes a worker for it."""
-        with self.lock:
-            self.jobs.append((time.monotonic(), function))
-
-    def wake_workers(self, now: float, longest: float) -> float:
-        """Wake a sleeper if the queue needs one; return how long select() may wait."""
-        with self.lock:
-            if not (self.jobs and self.sleeping):
-                return longest
-            overdue = (now - self.jobs[0][0] >= WORKER_WAIT_SECONDS
-                       and now - self.last_wake >= WORKER_WAIT_SECONDS)
-            if len(self.sleeping) == len(self.threads) or overdue:
-                self.sleeping.pop().release()
-                self.last_wake = now
-            return min(longest, WORKER_WAIT_SECONDS)
-
-    def _work(self) -> None:
-        """A worker thread: run queued calls, oldest first; when none is left,
-        sleep on a lock of its own until woken; end once stopping and the queue is empty."""
-        bell = threading.Lock()
-        bell.acquire()               # held: acquire() again sleeps until a release()
-        while True:
-            with self.lock:
-                job = self.jobs.popleft()[1] if self.jobs else None
-                if job is None:
-                    if self.stopping:
-                        return
-                    self.sleeping.append(bell)
-            if job is None:
-                bell.acquire()
-                continue
-            try:
-                job()
-            except BaseException:   # WSGICall.run catches the app's; this is ours
-                log.exception("internal error in a worker thread")
-
-    def stop(self) -> None:
-        """Let the workers finish what is queued, then end."""
-        with self.lock:
-            self.stopping = True
-            for bell in self.sleeping:
-                bell.release()
-            self.sleeping.clear()
 
 
 class WSGIServer:
@@ -2179,16 +2221,18 @@ class WSGIServer:
         self.selector = selectors.DefaultSelector()
         self.connections: set[WSGIConnection] = set()
         self.pool = WorkerPool(self.config.threads)
-        self.ssl_context = make_ssl_context(self.config) if self.config.ssl_certfile else None
+        self.ssl_context = (make_ssl_context(self.config) if self.config.ssl_certfile
+                            else None)
         self.running = True          # shutdown() may come before serve_forever()
+        self.stopping = threading.Event()   # set: answer no new request
+        self.forced = False
         # The self-pipe: a worker writes a byte to wake the loop's select().
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
-        self.woken: collections.deque[WSGIConnection] = collections.deque()
+        self.wake_lock = threading.Lock()   # guards the two below
+        self.woken: list[WSGIConnection] = []
         self.wake_sent = False
-        self.stopping = False        # draining: answer no new request
-        self.forced = False
         # Look for timeouts every second, or more often when one is shorter.
         self.tick = min(1.0, self.config.timeout_keep_alive / 2,
                         self.config.timeout_request_head / 2,
@@ -2224,7 +2268,7 @@ class WSGIServer:
     def run_once(self) -> None:
         """One turn of the loop: wait for sockets, handle them, check the clocks."""
         timeout = self.pool.wake_workers(time.monotonic(), self.tick)
-        if not self.accepting and not self.stopping:
+        if not self.accepting and not self.stopping.is_set():
             timeout = max(0.0, min(timeout, self.resume_at - time.monotonic()))
         for key, mask in self.selector.select(timeout):
             if key.data == "accept":
@@ -2234,7 +2278,7 @@ class WSGIServer:
             else:
                 self.guarded(key.data, key.data.on_event, mask)
         now = time.monotonic()
-        if not self.accepting and not self.stopping and (
+        if not self.accepting and not self.stopping.is_set() and (
                 now >= self.resume_at or len(self.connections) < self.resume_below):
             self.watch_listener(True)      # a descriptor may be free again
         if now - self.last_check >= self.tick:
@@ -2247,7 +2291,7 @@ class WSGIServer:
     def drain(self) -> None:
         """Graceful shutdown: stop accepting, close idle connections, and let
         requests in progress finish (each response says "Connection: close")."""
-        self.stopping = True
+        self.stopping.set()
         self.watch_listener(False)
         self.listener.close()
         for conn in list(self.connections):
@@ -2300,7 +2344,8 @@ class WSGIServer:
             # Limit: POSIX select() cannot take it: all lower descriptors are
             # in use (the app holds some). Try again later, or once one closes.
             sock.close()
-            self.stop_accepting("no descriptor below %d free for select()" % SELECT_SOCKETS,
+            self.stop_accepting("no descriptor below %d free for select()"
+                                % SELECT_SOCKETS,
                                 until=time.monotonic() + ACCEPT_PAUSE_SECONDS)
             return
         conn = None
@@ -2312,13 +2357,10 @@ class WSGIServer:
                 sock = self.ssl_context.wrap_socket(sock, server_side=True,
                                                     do_handshake_on_connect=False)
             conn = WSGIConnection(self, sock, client)
-            if conn.tls:
-                conn.state = "handshake"
             self.connections.add(conn)
             limit = self.config.limit_concurrency
             if limit is not None and len(self.connections) > limit:
                 # Limit: RFC 9110 §15.6.4, 503 while we have too many clients.
-                conn.state = "busy"
                 conn.send_now(error_response(503, "too many connections", time.time(),
                                              self.config))
             if not conn.closed:
@@ -2351,12 +2393,11 @@ class WSGIServer:
 
     def wake(self, conn: WSGIConnection) -> None:
         """Runs on: any thread. Have the loop call conn.on_wake() soon."""
-        self.woken.append(conn)
-        # One byte wakes the loop; while one is on its way, more are useless.
-        # The loop clears wake_sent before it empties `woken`, so a connection
-        # appended after that is either seen now or sends a new byte.
-        if not self.wake_sent:
-            self.wake_sent = True
+        with self.wake_lock:
+            self.woken.append(conn)
+            # One byte wakes the loop: while one is on its way, no more are sent.
+            send, self.wake_sent = not self.wake_sent, True
+        if send:
             try:
                 self.wake_writer.send(b"\0")
             except OSError:       # full: the loop is about to wake anyway
@@ -2368,17 +2409,46 @@ class WSGIServer:
             self.wake_reader.recv(4096)
         except BlockingIOError:
             pass
-        self.wake_sent = False
-        while self.woken:
-            conn = self.woken.popleft()
+        with self.wake_lock:
+            woken, self.woken, self.wake_sent = self.woken, [], False
+        for conn in woken:
             if not conn.closed:
                 self.guarded(conn, conn.on_wake)
 
     def check_timeouts(self, now: float) -> None:
-        """Have each open connection check its own timeouts."""
+        """Check each open connection's timeouts (expire)."""
         for conn in list(self.connections):
             if not conn.closed:
-                self.guarded(conn, conn.check_timeouts, now)
+                self.guarded(conn, self.expire, conn, now)
+
+    def expire(self, conn: WSGIConnection, now: float) -> None:
+        """Runs on: the loop. Close (or answer 408) a connection that has waited
+        too long (the timeouts of section 1). RFC 9112 §9.5: an idle connection
+        may close; RFC 9112 §9.6: the lingering close ends."""
+        config = self.config
+        if conn.state == "closing":
+            if now - conn.since > LINGER_SECONDS:
+                conn.close()
+        elif conn.state == "handshake":
+            if now - conn.since > config.timeout_request_head:
+                conn.close()      # a TLS handshake that never finishes
+        elif conn.sending and now - conn.last_write > config.timeout_write:
+            conn.close()          # the client does not read what we send
+        elif conn.state == "idle":
+            if not conn.parser.has_partial_request:
+                if now - conn.since > config.timeout_keep_alive:
+                    conn.close()
+            elif now - conn.since > config.timeout_request_head:
+                # RFC 9110 §15.5.9: 408 for a head that takes too long (slowloris).
+                conn.on_bad_request(HTTPError(408, "request head not received in time"))
+                conn.watch()
+        elif conn.state == "draining":
+            if now - conn.last_read > config.timeout_read:
+                conn.close()
+        elif (conn.waiting_for_body() and conn.events & selectors.EVENT_READ
+              and now - conn.last_read > config.timeout_read):
+            conn.on_bad_request(HTTPError(408, "request body not received in time"))
+            conn.watch()
 
     def guarded(self, conn: WSGIConnection, handler, *args) -> None:
         """Run one connection's handler. Nothing that happens on one connection
@@ -2419,20 +2489,6 @@ def out_of(error: OSError) -> str:
     what = ("file descriptors" if error.errno in (errno.EMFILE, errno.ENFILE)
             else "memory")
     return "out of %s (%s)" % (what, errno.errorcode[error.errno])
-
-
-def set_nodelay(sock: socket.socket) -> bool:
-    """Send small responses at once instead of waiting for Nagle's algorithm.
-
-    False if the socket is dead already: macOS refuses the option (EINVAL) on
-    a connection the client reset before we got to it.
-    """
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            return False
-    return True
 
 
 # =============================================================================

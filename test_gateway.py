@@ -9445,3 +9445,66 @@ def test_ops_set_nodelay_on_tcp_and_unix_sockets():
         left, right = socket.socketpair(socket.AF_UNIX)
         with left, right:
             assert gateway.set_nodelay(left) is True
+
+# --- teaching edition: WSGI (§5-§6) ---
+
+
+@pytest.mark.parametrize("function", ["split_root_path", "build_environ"])
+def test_wsgi_teaching_doctests_run(function):
+    # The examples in these docstrings are what a reader tries first: they must run.
+    import doctest
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner()
+    for test in finder.find(getattr(gateway, function), function, globs=vars(gateway)):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0
+
+
+def test_wsgi_call_wsgi_app_runs_in_pep_3333_order():
+    # PEP 3333 "Specification Details": app(environ, start_response) once, each
+    # non-empty item handed on, a pause after each, and close() at the end.
+    events: list = []
+
+    class Result(list):
+        def close(self):
+            events.append("close")
+
+    class Recorder:
+        def start_response(self, status, headers, exc_info=None):
+            events.append(("start_response", status))
+        def send_whole(self, result):
+            return False
+        def send(self, data):
+            events.append(("send", data))
+        def length_sent(self):
+            return False
+        def close_result(self, result):
+            result.close()
+
+    def app(environ, start_response):
+        events.append("app")
+        start_response("200 OK", [])
+        return Result([b"a", b"", b"b"])
+
+    steps = gateway.call_wsgi_app(app, {}, Recorder())
+    assert events == []                      # a generator: nothing runs until asked
+    assert sum(1 for _ in steps) == 2        # one pause per non-empty item
+    assert events == ["app", ("start_response", "200 OK"), ("send", b"a"),
+                      ("send", b"b"), "close"]
+
+
+def test_wsgi_threads_1_is_one_worker_thread_and_not_multithread():
+    # PEP 3333 "Thread Support" (W-40): --threads 1 runs the app on one thread.
+    seen: list = []
+
+    def app(environ, start_response):
+        seen.append((environ["wsgi.multithread"], threading.current_thread().name))
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    with wsgi_serve(app, threads=1) as (port, server):
+        assert len(server.pool.threads) == 1
+        for _ in range(3):
+            assert exchange(port, wsgi_get()).endswith(b"\r\n\r\nok")
+    assert [multithread for multithread, _ in seen] == [False] * 3
+    assert len({name for _, name in seen}) == 1
