@@ -36,7 +36,7 @@ def measure(src):
     long_functions = [f"{n.name} ({n.end_lineno - n.lineno + 1})" for n in ast.walk(tree)
                       if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
                       and n.end_lineno - n.lineno + 1 > BUDGET["function"]]
-    banners = [i for i, line in enumerate(lines, 1) if re.match(r"# §\d+ ", line)]
+    banners = [i for i, line in enumerate(lines, 1) if re.match(r"# §\d+[a-z]? ", line)]
     sections = [(lines[a - 1][2:].strip(), b - a, len(code & set(range(a, b))),
                  len((doc | comment) & nonblank & set(range(a, b)))
                  / max(1, len(nonblank & set(range(a, b)))))
