@@ -3312,34 +3312,24 @@ class ASGIServer:
 # =============================================================================
 # §9  WebSocket - RFC 6455, RFC 7692, ASGI "HTTP & WebSocket" spec
 #
-# First a pure codec: check_handshake() reads the upgrade request, FrameParser
-# turns bytes into whole messages and raises WebSocketError with the close
-# code to send, encode_frame() writes frames. Then WebSocketCycle runs the
-# ASGI websocket events over one asyncio connection.
+# A pure codec (bytes in, values out), then WebSocketCycle: ASGI over asyncio.
 # =============================================================================
 
-# RFC 6455 §4.2.2 item 5.4: Sec-WebSocket-Accept = base64(SHA-1(key + this GUID))
-WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-# RFC 6455 §5.2, the frame diagram. Byte 0: FIN, RSV1-3, opcode (4 bits). Byte 1:
-# MASK, payload length (7 bits). Then the extended length, if any, the 4-byte
-# masking key (RFC 6455 §5.3; every client frame has one), and the payload.
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 §4.2.2 item 5.4
+# RFC 6455 §5.2's frame: FIN RSV1-3 opcode(4) | MASK length(7) | length | key
 FIN, RSV1, RSV23, OPCODE, MASKED, LENGTH7 = 0x80, 0x40, 0x30, 0x0F, 0x80, 0x7F
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
-
-# RFC 6455 §7.4.1's codes an endpoint may send, and 1012-1014 (IANA, since).
-# 1004 is reserved; 1005, 1006 and 1015 describe a close, never go on the wire.
-SENDABLE_CLOSE_CODES = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
-                        1012, 1013, 1014}
-
-# RFC 7692 §7.1: the parameters of a permessage-deflate offer we can honour
-# (window bits 8 to 15; client_max_window_bits may come without a value).
-DEFLATE_PARAMETER = re.compile(rb"(server|client)_no_context_takeover|client_max_window_bits"
-                               rb"|(server|client)_max_window_bits=0*(8|9|1[0-5])")
+UTF8_DECODER = codecs.getincrementaldecoder("utf-8")   # RFC 6455 §5.6: text is UTF-8
+# RFC 6455 §7.4.1 and IANA's 1012-1014; not 1004, nor 1005, 1006, 1015 (app-only)
+SENDABLE_CLOSE_CODES = {*range(1000, 1004), *range(1007, 1015)}
+# RFC 7692 §7.1's parameters, but no server_max_window_bits=8: zlib cannot make it
+DEFLATE_PARAMETER = re.compile(
+    rb"(server|client)_no_context_takeover|server_max_window_bits=0*(9|1[0-5])"
+    rb"|client_max_window_bits(=0*(8|9|1[0-5]))?")
 
 
 def sendable_close_code(code: int) -> bool:
-    """Both ways: a Close with another code fails with 1002; the app's raises."""
+    """RFC 6455 §7.4: checked both ways: a client's Close, the app's close."""
     return code in SENDABLE_CLOSE_CODES or 3000 <= code < 5000   # RFC 6455 §7.4.2
 
 
@@ -3354,7 +3344,6 @@ class WebSocketError(Exception):
 
 def websocket_accept(key: bytes) -> bytes:
     """RFC 6455 §4.2.2 item 5.4: the Sec-WebSocket-Accept value for this key.
-
     >>> websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ==")     # RFC 6455 §1.3's example
     b's3pPLMBiTxaQ9kYGzzhZRbK+xOo='
     """
@@ -3362,41 +3351,31 @@ def websocket_accept(key: bytes) -> bytes:
 
 
 def is_websocket_request(request: Request) -> bool:
-    """Does it ask for WebSocket (RFC 6455 §4.2.1 item 3)? RFC 9110 §7.8: Upgrade
-    in an HTTP/1.0 request is ignored (a 1.0 proxy may have passed it on)."""
+    """RFC 6455 §4.2.1 item 3; RFC 9110 §7.8: a 1.0 request's Upgrade is ignored."""
     upgrade = comma_list(field_values(request.headers, b"upgrade"))
     return request.version != "1.0" and b"websocket" in upgrade
 
 
 def check_handshake(request: Request) -> bytes:
-    """RFC 6455 §4.2.1: check the opening handshake (Host: RFC 9112 §3.2, with the
-    head), return its key; else an HTTP error status (RFC 6455 §4.2.1, the end).
-    Origin is not checked (RFC 6455 §10.2): the app sees it, and decides."""
-    headers = request.headers
+    """RFC 6455 §4.2.1: the key, or an HTTPError; Origin: the app's (RFC 6455 §10.2)."""
     if request.method != "GET" or request.version != "1.1":   # RFC 6455 §4.2.1 item 1
         raise HTTPError(400, "a WebSocket handshake is a GET over HTTP/1.1")
-    if b"upgrade" not in comma_list(field_values(headers, b"connection")):  # item 4
+    if b"upgrade" not in comma_list(field_values(request.headers, b"connection")):
         raise HTTPError(400, "a WebSocket handshake needs 'Connection: Upgrade'")
-    versions = field_values(headers, b"sec-websocket-version")
-    if len(versions) != 1:                                   # RFC 6455 §4.2.1 item 6
+    versions = field_values(request.headers, b"sec-websocket-version")   # item 6
+    if len(versions) != 1:
         raise HTTPError(400, "exactly one Sec-WebSocket-Version is required")
-    if versions != [b"13"]:   # RFC 6455 §4.2.2 /version/, RFC 9110 §15.5.22: a 426
+    if versions != [b"13"]:   # RFC 6455 §4.2.2 /version/; RFC 9110 §15.5.22: a 426
         raise HTTPError(426, "Sec-WebSocket-Version must be 13", (
             (b"Sec-WebSocket-Version", b"13"), (b"Upgrade", b"websocket")))
-    keys = field_values(headers, b"sec-websocket-key")
-    # RFC 6455 §4.2.1 item 5: one key, "16 bytes in length" when base64-decoded,
-    # which is 22 base64 digits and "==" (RFC 4648 §4).
+    keys = field_values(request.headers, b"sec-websocket-key")   # item 5: 16 bytes
     if len(keys) != 1 or not re.fullmatch(rb"[A-Za-z0-9+/]{22}==", keys[0]):
         raise HTTPError(400, "Sec-WebSocket-Key must be 16 bytes in base64")
     return keys[0]
 
 
 def encode_length(size: int) -> bytes:
-    r"""RFC 6455 §5.2 "Payload length" in its shortest form, without MASK.
-
-    >>> [encode_length(size).hex(" ") for size in (5, 256, 65536)]  # RFC 6455 §5.7
-    ['05', '7e 01 00', '7f 00 00 00 00 00 01 00 00']
-    """
+    """RFC 6455 §5.2 "Payload length" in its shortest form, without MASK."""
     if size <= 125:                 # 7-bit form: the length itself
         return bytes([size])
     if size <= 0xFFFF:              # 16-bit form: 126, then the length in 2 bytes
@@ -3405,13 +3384,13 @@ def encode_length(size: int) -> bytes:
 
 
 def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
-    r"""RFC 6455 §5.2: a whole message in one final frame; RSV1 marks it
-    compressed (RFC 7692 §6). Never masked (RFC 6455 §5.1).
-
-    >>> encode_frame(OP_TEXT, b"Hello")                 # RFC 6455 §5.7's example
-    b'\x81\x05Hello'
+    r"""RFC 6455 §5.2: one final frame, unmasked (RFC 6455 §5.1). RFC 6455 §5.7:
+    >>> encode_frame(OP_TEXT, b"Hello"), encode_frame(OP_BINARY, bytes(256))[:4]
+    (b'\x81\x05Hello', b'\x82~\x01\x00')
+    >>> [encode_length(size).hex(" ") for size in (5, 256, 65536)]
+    ['05', '7e 01 00', '7f 00 00 00 00 00 01 00 00']
     """
-    first = FIN | (RSV1 if rsv1 else 0) | opcode
+    first = FIN | (RSV1 if rsv1 else 0) | opcode    # RFC 7692 §6: RSV1, compressed
     return bytes([first]) + encode_length(len(payload)) + payload
 
 
@@ -3423,13 +3402,10 @@ def encode_close(code: int, reason: str = "") -> bytes:
 
 def unmask(payload: bytes, key: bytes) -> bytes:
     r"""RFC 6455 §5.3: "j = i MOD 4; transformed-octet-i = original-octet-i XOR
-    masking-key-octet-j" (unmasking is the same XOR).
-
+    masking-key-octet-j", as written on the left (and unmasking is the same XOR):
     >>> key, masked = b"\x37\xfa\x21\x3d", b"\x7f\x9f\x4d\x51\x58"  # RFC 6455 §5.7
-    >>> bytes(octet ^ key[i % 4] for i, octet in enumerate(masked))   # as written
-    b'Hello'
-    >>> unmask(masked, key)
-    b'Hello'
+    >>> bytes(octet ^ key[i % 4] for i, octet in enumerate(masked)), unmask(masked, key)
+    (b'Hello', b'Hello')
     """
     mask = (key * (len(payload) // 4 + 1))[:len(payload)]   # octet i is key[i MOD 4]
     return xor_bytes(payload, mask)
@@ -3443,47 +3419,32 @@ def xor_bytes(a: bytes, b: bytes) -> bytes:
 
 
 class PerMessageDeflate:
-    r"""RFC 7692: permessage-deflate, each message compressed with raw DEFLATE.
-
-    >>> codec = PerMessageDeflate(reset_each_message=False)
-    >>> codec.compress(b"Hello")                      # RFC 7692 §7.2.3.1's example
-    b'\xf2H\xcd\xc9\xc9\x07\x00'
-    >>> codec.decompress(b"\xf2H\xcd\xc9\xc9\x07\x00", limit=100, final=True)
-    b'Hello'
-    """
+    """RFC 7692: permessage-deflate, each message compressed with raw DEFLATE."""
 
     def __init__(self, reset_each_message: bool, window_bits: int = 15) -> None:
-        """A fresh compressor and decompressor, as negotiated (RFC 7692 §7.1)."""
-        self.reset = reset_each_message        # server_no_context_takeover
-        self.window_bits = window_bits         # server_max_window_bits
+        """server_no_context_takeover, server_max_window_bits (RFC 7692 §7.1)."""
+        self.reset, self.window_bits = reset_each_message, window_bits
         self.compressor = zlib.compressobj(6, zlib.DEFLATED, -window_bits)
         self.decompressor = zlib.decompressobj(-15)   # takes any smaller window
 
     @staticmethod
     def negotiate(offers: list[bytes]) -> tuple[PerMessageDeflate | None, bytes]:
-        """RFC 7692 §5: accept the first offer we can honour; (codec, answer).
-
-        RFC 7692 §5.1 declines an offer with a parameter twice or one we cannot
-        read; and we decline server_max_window_bits=8: zlib's raw windows start
-        at 9 bits. client_max_window_bits needs no answer (RFC 7692 §7.1.2.2):
-        our decompressor takes any window."""
+        """RFC 7692 §5: (codec, answer) for the first offer we can honour (§5.1)."""
         for offer in comma_list(offers):
             name, *params = [p.strip(b" \t") for p in offer.split(b";")]
-            pairs = [[part.strip(b" \t\"") for part in p.split(b"=", 1)] for p in params]
+            pairs = [[part.strip(b' \t"') for part in p.split(b"=", 1)] for p in params]
             values = {pair[0]: pair[1] if len(pair) > 1 else None for pair in pairs}
             if (name != b"permessage-deflate" or len(values) != len(pairs) or not
                     all(DEFLATE_PARAMETER.fullmatch(b"=".join(p)) for p in pairs)):
                 continue
             window = int(values.get(b"server_max_window_bits") or 15)
-            if window < 9:
-                continue
-            answer = [b"permessage-deflate"]
+            answer = [b"permessage-deflate"]   # RFC 7692 §7.1.2.2: no client bits
             if b"server_max_window_bits" in values:     # RFC 7692 §7.1.2.1
                 answer.append(b"server_max_window_bits=%d" % window)
-            answer += [flag for flag in (b"server_no_context_takeover",  # RFC 7692 §7.1.1
-                                         b"client_no_context_takeover") if flag in values]
-            reset = b"server_no_context_takeover" in values
-            return PerMessageDeflate(reset, window), b"; ".join(answer)
+            flags = (b"server_no_context_takeover", b"client_no_context_takeover")
+            answer += [flag for flag in flags if flag in values]   # RFC 7692 §7.1.1
+            codec = PerMessageDeflate(b"server_no_context_takeover" in values, window)
+            return codec, b"; ".join(answer)
         return None, b""
 
     def compress(self, data: bytes) -> bytes:
@@ -3494,21 +3455,16 @@ class PerMessageDeflate:
         return data[:-4]       # RFC 7692 §7.2.1: drop the final 00 00 FF FF
 
     def decompress(self, data: bytes, limit: int, final: bool) -> bytes:
-        """RFC 7692 §7.2.2: one frame's payload, inflated, at most `limit` bytes
-        (1009 beyond, a deflate bomb too); data that is not DEFLATE fails 1007
-        (RFC 6455 §7.4.1: "not consistent with the type of the message")."""
+        """RFC 7692 §7.2.2: one frame's payload, inflated: at most `limit` bytes."""
         if final:
             data += b"\x00\x00\xff\xff"    # RFC 7692 §7.2.2: put it back
         try:
             out = self.decompressor.decompress(data, limit + 1)
-        except zlib.error:
+        except zlib.error:         # RFC 6455 §7.4.1: 1007, data "not consistent"
             raise WebSocketError(1007, "invalid compressed data") from None
-        if len(out) > limit or self.decompressor.unconsumed_tail:
+        if len(out) > limit or self.decompressor.unconsumed_tail:   # a bomb, too
             raise WebSocketError(1009, "message too big")
-        if self.decompressor.eof:
-            # RFC 7692 §7.2.3.4: a message may end with a BFINAL block, which ends
-            # the DEFLATE stream: the next message starts a new one. Nothing but
-            # our own 00 00 FF FF may follow it.
+        if self.decompressor.eof:   # RFC 7692 §7.2.3.4: a BFINAL block; a new stream
             if self.decompressor.unused_data not in (b"", b"\x00\x00\xff\xff"):
                 raise WebSocketError(1007, "data after the final DEFLATE block")
             self.decompressor = zlib.decompressobj(-15)
@@ -3516,23 +3472,16 @@ class PerMessageDeflate:
 
 
 class FrameParser:
-    r"""Incremental RFC 6455 reader for the server: feed() it the client's bytes,
-    take next_message()s: ("text", str), ("bytes", bytes), ("ping", bytes),
-    ("pong", bytes) or ("close", code, reason), 1005 for no code (RFC 6455 §7.1.5).
-
+    r"""RFC 6455 frames from a client in, whole messages out: ("text", str),
+    ("bytes", bytes), ("ping", b), ("pong", b), ("close", code, reason).
         between messages --text/binary, FIN=0--> inside a message
           |  ^   ^                                  |   |   ^
           |  |   +------- continuation, FIN=1 ------+   +---+ continuation, FIN=0
           +--+ text/binary, FIN=1                      (RFC 6455 §5.4)
-        A message is returned at each FIN=1. Ping, Pong and Close come in
-        either state (RFC 6455 §5.4), and are returned at once.
-
-    `kind` is None between messages, else "text" or "bytes"; `compressed` is
-    the message's RSV1 (RFC 7692 §6.1), `parts` and `size` (inflated) what came
-    so far; `decoder` checks text as it comes. WebSocketError says what to close
-    with: 1002, a frame against RFC 6455 §5; 1007, text or a close reason not in
-    UTF-8, or bad DEFLATE data; 1009, a frame or a message over `max_size`.
-
+    Control frames come out at once. `kind` is None between messages, else
+    "text" or "bytes"; a message starts `compressed` (RSV1, RFC 7692 §6.1),
+    `size`, `parts`, a UTF-8 `decoder`. Errors: 1002 (against RFC 6455 §5),
+    1007 (not UTF-8, not DEFLATE), 1009 (over `max_size`).
     >>> parser = FrameParser(max_size=1000)
     >>> parser.feed(b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # RFC 6455 §5.7
     >>> parser.feed(b"\x8a\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # masked Pong
@@ -3543,76 +3492,61 @@ class FrameParser:
     def __init__(self, max_size: int, deflate: PerMessageDeflate | None = None) -> None:
         """An empty buffer, between messages."""
         self.buffer, self.max_size, self.deflate = bytearray(), max_size, deflate
-        self.end_message()
-
-    def end_message(self) -> None:
-        """Back to "between messages"."""
-        self.kind, self.compressed, self.size = None, False, 0
-        self.parts, self.decoder = [], None
+        self.kind, self.parts = None, []
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the client."""
         self.buffer += data
 
     def next_message(self) -> tuple | None:
-        """The next whole message, or None until more bytes come."""
-        while (frame := self._take_frame()) is not None:
-            message = self._on_frame(*frame)
+        """RFC 6455 §5.2: take whole frames off the buffer until one ends a message."""
+        buffer = self.buffer
+        while len(buffer) >= 2:
+            if not buffer[1] & MASKED:   # RFC 6455 §5.1: a client MUST mask frames
+                raise WebSocketError(1002, "frames from a client must be masked")
+            size = buffer[1] & LENGTH7   # RFC 6455 §5.2 "Payload length", three forms:
+            if size == 126:              # 16-bit: 2 more bytes, then the masking key
+                key_at, size = 4, int.from_bytes(buffer[2:4], "big")
+            elif size == 127:            # 64-bit: 8 more bytes, then the masking key
+                key_at, size = 10, int.from_bytes(buffer[2:10], "big")
+            else:                        # 7-bit: the length itself
+                key_at = 2
+            if len(buffer) < key_at:
+                return None
+            if size >> 63:               # RFC 6455 §5.2: "the most significant bit
+                raise WebSocketError(1002, "invalid frame length")   # MUST be 0"
+            if encode_length(size)[0] != buffer[1] & LENGTH7:   # Policy: RFC 6455 §5.2
+                raise WebSocketError(1002, "frame length not minimally encoded")
+            if size > self.max_size:     # Limit: --ws-max-size (RFC 6455 §10.4)
+                raise WebSocketError(1009, "message too big")
+            end = key_at + 4 + size
+            if len(buffer) < end:
+                return None
+            first, key = buffer[0], bytes(buffer[key_at:key_at + 4])
+            payload = unmask(bytes(buffer[key_at + 4:end]), key)
+            del buffer[:end]
+            message = self._on_frame(first, first & OPCODE, payload)
             if message is not None:
                 return message
         return None
 
-    def _take_frame(self) -> tuple[int, int, bytes] | None:
-        """RFC 6455 §5.2: one whole frame off the buffer: (byte 0, opcode, payload)."""
-        buffer = self.buffer
-        if len(buffer) < 2:
-            return None
-        if not buffer[1] & MASKED:       # RFC 6455 §5.1: "a client MUST mask all frames"
-            raise WebSocketError(1002, "frames from a client must be masked")
-        size = buffer[1] & LENGTH7       # RFC 6455 §5.2 "Payload length": three forms
-        if size == 126:                  # 16-bit form: 2 more bytes, then the key
-            key_at, size = 4, int.from_bytes(buffer[2:4], "big")
-        elif size == 127:                # 64-bit form: 8 more bytes, then the key
-            key_at, size = 10, int.from_bytes(buffer[2:10], "big")
-        else:                            # 7-bit form: the length itself
-            key_at = 2
-        if len(buffer) < key_at:
-            return None
-        if size >> 63:                   # RFC 6455 §5.2: "the most significant bit MUST be 0"
-            raise WebSocketError(1002, "invalid frame length")
-        if encode_length(size)[0] != buffer[1] & LENGTH7:
-            # RFC 6455 §5.2: "the minimal number of bytes MUST be used to encode the
-            # length". Policy: we hold clients to it (the form we would send).
-            raise WebSocketError(1002, "frame length not minimally encoded")
-        if size > self.max_size:         # Limit: --ws-max-size (RFC 6455 §10.4)
-            raise WebSocketError(1009, "message too big")
-        end = key_at + 4 + size
-        if len(buffer) < end:
-            return None
-        payload = unmask(bytes(buffer[key_at + 4:end]), bytes(buffer[key_at:key_at + 4]))
-        first = buffer[0]
-        del buffer[:end]
-        return first, first & OPCODE, payload
-
     def _on_frame(self, first: int, opcode: int, payload: bytes) -> tuple | None:
         """RFC 6455 §5.4: a control message, a finished data message, or None."""
         rsv1 = bool(first & RSV1)
-        # RFC 6455 §5.2: RSV bits "MUST be 0 unless an extension is negotiated that
-        # defines meanings"; RFC 7692 §6: RSV1 is on a message's first frame only.
         if first & RSV23 or (rsv1 and (self.deflate is None or opcode not in
                                        (OP_TEXT, OP_BINARY))):
-            raise WebSocketError(1002, "reserved bits set")
+            raise WebSocketError(1002, "reserved bits set")   # RFC 6455 §5.2
         if opcode >= OP_CLOSE:
             return self._on_control(first, opcode, payload)
         if opcode == OP_CONTINUATION:
             if self.kind is None:        # RFC 6455 §5.4: nothing to continue
                 raise WebSocketError(1002, "continuation of nothing")
         elif opcode in (OP_TEXT, OP_BINARY):
-            if self.kind is not None:    # RFC 6455 §5.4: fragments are not interleaved
+            if self.kind is not None:    # RFC 6455 §5.4: no interleaved messages
                 raise WebSocketError(1002, "new message inside a fragmented one")
-            self.kind, self.compressed = ("text" if opcode == OP_TEXT else "bytes"), rsv1
-            if opcode == OP_TEXT:
-                self.decoder = codecs.getincrementaldecoder("utf-8")()
+            self.kind = "text" if opcode == OP_TEXT else "bytes"
+            self.compressed, self.size = rsv1, 0
+            self.decoder = UTF8_DECODER() if opcode == OP_TEXT else None
         else:               # RFC 6455 §5.2: 0x3-0x7 are reserved non-control opcodes
             raise WebSocketError(1002, f"unknown opcode {opcode}")
         final = bool(first & FIN)
@@ -3630,17 +3564,15 @@ class FrameParser:
         if not final:
             return None
         message = (self.kind, ("" if self.kind == "text" else b"").join(self.parts))
-        self.end_message()
+        self.kind, self.parts = None, []
         return message
 
     def _on_control(self, first: int, opcode: int, payload: bytes) -> tuple:
         """RFC 6455 §5.5: a Ping, Pong or Close frame, as a message."""
-        if len(payload) > 125 or not first & FIN:   # RFC 6455 §5.5: short, unfragmented
+        if len(payload) > 125 or not first & FIN:   # RFC 6455 §5.5: short, one frame
             raise WebSocketError(1002, "control frames are short and not fragmented")
-        if opcode == OP_PING:
-            return ("ping", payload)
-        if opcode == OP_PONG:
-            return ("pong", payload)
+        if opcode in (OP_PING, OP_PONG):
+            return ("ping" if opcode == OP_PING else "pong", payload)
         if opcode != OP_CLOSE:           # RFC 6455 §5.2: 0xB-0xF are reserved too
             raise WebSocketError(1002, f"unknown opcode {opcode}")
         if not payload:
@@ -3655,26 +3587,23 @@ class FrameParser:
 
 
 class WebSocketCycle:
-    """One WebSocket connection on the ASGI path: ASGI "HTTP & WebSocket" spec,
-    "WebSocket", over RFC 6455 frames. Its `state`:
-
-        connecting --websocket.accept: 101--> open --we send Close--> closing
-          |   +--websocket.http.response.start--> denying      |        |
-          |                        |  last body        the client's Close,
-          |                        v                   TCP lost, or fail()
-          +--websocket.close, or --> closed <----------------+--------+
-             the app ends: HTTP 403 (500 if it raised)
-
-    Who closes first, and the code (RFC 6455 §7.4.1). The client: we answer
-    with its code (RFC 6455 §5.5.1; 1005 if it gave none) and close TCP. We
-    do, in close(): the app's websocket.close (default 1000), the app ending
-    after accept (1000, 1011 if it raised), shutdown (1001, from section 8,
-    ASGI server) or a Ping left without Pong (1011); we then wait for the
-    client's Close, WS_CLOSE_SECONDS at most, and close TCP first
-    (RFC 6455 §7.1.1). Neither: fail() (RFC 6455 §7.1.7) sends FrameParser's 1002, 1007
-    or 1009, or 1011 for a bug of ours, and closes TCP at once. TCP lost with
-    no Close: 1006. `last_event` is the latest event, which receive() repeats
-    once closed; `closed` and `pong` are what close() and keep_alive() wait on.
+    """One WebSocket connection on the ASGI path (ASGI "HTTP & WebSocket" spec,
+    "WebSocket"). Its `state`:
+        connecting -> open      websocket.accept: the 101 (accept())
+        connecting -> denying   websocket.http.response.start (deny()), and
+                   -> closed    at its last body
+        connecting -> closed    websocket.close, or the app ends: HTTP 403 (500
+                                if it raised) instead of the 101 (end())
+        open -> closing         close(): we send Close, and wait
+        open, closing -> closed the client's Close, TCP lost, a failure, time out
+    The client closes first: we answer with its code (RFC 6455 §5.5.1), close
+    TCP, and the app gets that code (1005 if none). We close first, in close():
+    the app's code (1000 by default), 1000 or 1011 when the app returns or
+    raises, 1001 at shutdown (section 8, ASGI server), 1011 for a Ping without
+    Pong; then we wait WS_CLOSE_SECONDS for the client's Close and close TCP
+    (RFC 6455 §7.1.1: the server first). To fail (RFC 6455 §7.1.7), close(wait=
+    False) sends FrameParser's code (1011: our bug) and closes at once. No Close
+    at all: 1006. close() waits for `closed`, keep_alive() for `pong`.
     """
 
     def __init__(self, conn: ASGIConnection, request: Request, key: bytes) -> None:
@@ -3685,27 +3614,23 @@ class WebSocketCycle:
         self.deflate, self.deflate_answer = PerMessageDeflate.negotiate(
             offers if conn.config.ws_per_message_deflate else [])
         self.parser = FrameParser(conn.config.ws_max_size, self.deflate)
-        # Limit: WS_QUEUE messages wait for the app; then reading stops.
-        self.inbox: asyncio.Queue = asyncio.Queue(maxsize=WS_QUEUE)
-        self.inbox.put_nowait({"type": "websocket.connect"})  # ASGI "Connect - receive event"
+        self.inbox: asyncio.Queue = asyncio.Queue(maxsize=WS_QUEUE)   # Limit: then
+        self.inbox.put_nowait({"type": "websocket.connect"})        # reading waits
         self.closed, self.pong = asyncio.Event(), asyncio.Event()
-        self.tasks: list[asyncio.Task] = []          # the frame reader, the pinger
-        self.denial: Response | None = None
+        self.tasks, self.denial = [], None   # reader and pinger; a denial's Response
         protocols = b",".join(field_values(request.headers, b"sec-websocket-protocol"))
         self.offered = [p.strip(" \t") for p in protocols.decode("latin-1").split(",")
                         if p.strip(" \t")]    # RFC 6455 §4.2.1 item 8: case-sensitive
         self.last_event = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
 
     def scope(self) -> dict:
-        """ASGI "Websocket Connection Scope", with the denial extension (ASGI
-        "WebSocket Denial Response") and TLS's (wss as well as https)."""
+        """ASGI "Websocket Connection Scope", with "WebSocket Denial Response"."""
         scope = self.conn.scope_for(self.request)
-        extensions = {"websocket.http.response": {}}
-        if "tls" in scope["extensions"]:
-            extensions["tls"] = scope["extensions"]["tls"]
-        scope.update(type="websocket", scheme="wss" if scope["scheme"] == "https" else "ws",
+        tls = {k: v for k, v in scope["extensions"].items() if k == "tls"}  # on wss too
+        scheme = "wss" if scope["scheme"] == "https" else "ws"
+        scope.update(type="websocket", scheme=scheme, subprotocols=self.offered,
                      asgi={"version": "3.0", "spec_version": "2.5"},
-                     subprotocols=self.offered, extensions=extensions)
+                     extensions={"websocket.http.response": {}, **tls})
         return scope
 
     async def run(self) -> None:
@@ -3720,7 +3645,7 @@ class WebSocketCycle:
         except BaseException as error:
             if self.conn.cancelled_by_server(error):
                 raise
-            log.exception("error in ASGI websocket app")    # ASGI spec "Error Handling"
+            log.exception("error in ASGI websocket app")    # ASGI "Error Handling"
             await self.end(500, 1011)
         else:
             await self.end(403, 1000)
@@ -3729,11 +3654,10 @@ class WebSocketCycle:
                 task.cancel()
 
     async def end(self, status: int, code: int) -> None:
-        """ASGI "Close - send event": the app refused the handshake (HTTP `status`),
-        or ended a denial, or the socket (`code`: RFC 6455 §7.4.1)."""
+        """ASGI "Close - send event": refuse the handshake, end a denial, or close."""
         if self.state == "connecting":
-            await self.conn.write(error_response(status, "WebSocket refused", time.time(),
-                                                 self.conn.config))
+            await self.conn.write(error_response(status, "WebSocket refused",
+                                                 time.time(), self.conn.config))
             self.state = "closed"
         elif self.state == "denying":
             await self.conn.write(self.denial.end())
@@ -3741,36 +3665,36 @@ class WebSocketCycle:
             await self.close(code, "")
 
     async def receive(self) -> dict:
-        """ASGI "Receive - receive event", then "Disconnect - receive event"."""
+        """ASGI "Receive - receive event"s, then "Disconnect", repeated (last_event)."""
         if self.state == "closed" and self.inbox.empty():
             return self.last_event
         self.last_event = await self.inbox.get()
         return self.last_event
 
     async def send(self, message: dict) -> None:
-        """ASGI websocket send(): each event in its states (class docstring)."""
+        """ASGI websocket send(): each event in its states (see the class docstring)."""
         kind = message["type"]
         if self.state in ("closing", "closed"):   # ASGI "Disconnected Client - send
             raise ClientDisconnected("the WebSocket is closed")   # exception"
         if kind == "websocket.accept" and self.state == "connecting":
             await self.accept(message)
         elif kind == "websocket.send" and self.state == "open":     # ASGI "Send - send
-            data, text = message.get("bytes"), message.get("text")  # event": one of them
+            data, text = message.get("bytes"), message.get("text")  # event"
             if (data is None) == (text is None):
-                raise RuntimeError("ASGI: websocket.send needs exactly one of bytes and text")
+                raise RuntimeError("ASGI: websocket.send needs exactly one of bytes "
+                                   "and text")
+            opcode = OP_BINARY if text is None else OP_TEXT
             payload = data if text is None else text.encode()
             if self.deflate is not None:                            # RFC 7692 §6.1
                 payload = self.deflate.compress(payload)
-            opcode = OP_BINARY if text is None else OP_TEXT
-            await self.conn.write(encode_frame(opcode, payload, self.deflate is not None))
+            await self.conn.write(encode_frame(opcode, payload, bool(self.deflate)))
         elif kind == "websocket.close" and self.state == "connecting":
-            await self.end(403, 1000)          # ASGI "Close - send event": before accept
+            await self.end(403, 1000)           # ASGI "Close - send event", too
         elif kind == "websocket.close" and self.state == "open":
             code, reason = message.get("code", 1000), message.get("reason") or ""
-            # RFC 6455 §5.5: a reason fits in 123 bytes (125, less the code)
             if not sendable_close_code(code) or len(reason.encode("utf-8")) > 123:
                 raise ValueError(f"invalid WebSocket close: {code} {reason!r}")
-            await self.close(code, reason)
+            await self.close(code, reason)      # RFC 6455 §5.5: a 125-byte body
         elif kind.startswith("websocket.http.response.") and self.state in (
                 "connecting", "denying"):
             await self.deny(message)
@@ -3779,10 +3703,12 @@ class WebSocketCycle:
                                f"{self.state}")
 
     async def accept(self, message: dict) -> None:
-        """ASGI "Accept - send event": the 101 (RFC 6455 §4.2.2 item 5); then read."""
+        """ASGI "Accept - send event": the 101 (RFC 6455 §4.2.2 item 5); then read
+        frames, the first perhaps sent before the client had the 101."""
         headers = check_asgi_headers(message.get("headers", []))
         if any(name.lower() == b"sec-websocket-protocol" for name, _ in headers):
-            raise RuntimeError("ASGI: use 'subprotocol', not a sec-websocket-protocol header")
+            raise RuntimeError("ASGI: use 'subprotocol', not a sec-websocket-protocol "
+                               "header")
         lines = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket",
                  b"Connection: Upgrade",
                  b"Sec-WebSocket-Accept: " + websocket_accept(self.key)]
@@ -3797,9 +3723,7 @@ class WebSocketCycle:
         lines += [field_line(name, value) for name, value in headers]
         await self.conn.write(b"\r\n".join(lines) + b"\r\n\r\n")
         self.state = "open"
-        # Leniency: RFC 6455 §4.1 has a client wait for the 101 before it sends
-        # frames; any that came with the handshake are its first ones.
-        self.parser.feed(bytes(self.conn.parser.buffer))
+        self.parser.feed(bytes(self.conn.parser.buffer))   # Leniency: RFC 6455 §4.1
         self.conn.parser.buffer.clear()
         self.tasks.append(asyncio.ensure_future(self.read_frames()))
         if self.conn.config.ws_ping_interval:
@@ -3808,9 +3732,9 @@ class WebSocketCycle:
     async def deny(self, message: dict) -> None:
         """ASGI "WebSocket Denial Response" extension: answer with plain HTTP."""
         if message["type"] == "websocket.http.response.start" and self.denial is None:
-            status = check_asgi_status(message["status"])       # checked as for http,
-            headers = check_asgi_headers(message.get("headers", []))   # before any change
-            self.denial = Response("GET", "1.1", keep_alive=False, config=self.conn.config)
+            status = check_asgi_status(message["status"])   # checked as for http,
+            headers = check_asgi_headers(message.get("headers", []))   # before changes
+            self.denial = Response("GET", "1.1", False, self.conn.config)  # then close
             self.state = "denying"
             await self.conn.write(self.denial.head(status, headers, time.time()))
         elif message["type"] == "websocket.http.response.body" and self.denial:
@@ -3821,28 +3745,22 @@ class WebSocketCycle:
         else:
             raise RuntimeError(f"ASGI: unexpected {message['type']!r}")
 
-    async def close(self, code: int, reason: str) -> None:
-        """RFC 6455 §7.1.2 "Start the WebSocket Closing Handshake" (class docstring)."""
-        if self.state != "open":
-            return
-        self.state = "closing"
+    async def close(self, code: int, reason: str, wait: bool = True) -> None:
+        """RFC 6455 §7.1.2: send Close, then wait for the client's (class docstring)."""
+        if wait:
+            if self.state != "open":
+                return
+            self.state = "closing"
         try:
             await self.conn.write(encode_close(code, reason))
-            await asyncio.wait_for(self.closed.wait(), WS_CLOSE_SECONDS)
+            if wait:
+                await asyncio.wait_for(self.closed.wait(), WS_CLOSE_SECONDS)
         except (ClientDisconnected, asyncio.TimeoutError):
             pass
         await self.disconnected(code, reason)
 
-    async def fail(self, code: int, reason: str) -> None:
-        """RFC 6455 §7.1.7 "Fail the WebSocket Connection" (class docstring)."""
-        try:
-            await self.conn.write(encode_close(code, reason))
-        except ClientDisconnected:
-            pass
-        await self.disconnected(code, reason)
-
     async def disconnected(self, code: int, reason: str) -> None:
-        """Over: close TCP, and tell the app once (ASGI "Disconnect - receive event")."""
+        """Close TCP, and tell the app, once (ASGI "Disconnect - receive event")."""
         if self.state != "closed":
             self.state = "closed"
             self.closed.set()
@@ -3851,16 +3769,14 @@ class WebSocketCycle:
                                   "reason": reason})
 
     async def read_frames(self) -> None:
-        """Whole messages for the app (ASGI "WebSocket": it never sees frames), a
-        Pong for each Ping, and the client's Close."""
+        """ASGI "WebSocket": whole messages for the app; Pongs; the client's Close."""
         try:
             while self.state in ("open", "closing"):
                 message = self.parser.next_message()
                 if message is None:
-                    data = await self.conn.read()
-                    if not data:
+                    self.parser.feed(await self.conn.read())
+                    if self.conn.eof:         # b"": TCP closed (RFC 6455 §7.1.5: 1006)
                         raise ClientDisconnected("the client has disconnected")
-                    self.parser.feed(data)
                 elif message[0] == "ping":    # RFC 6455 §5.5.2: a Pong with its data
                     await self.conn.write(encode_frame(OP_PONG, message[1]))
                 elif message[0] == "pong":    # RFC 6455 §5.5.3: maybe unsolicited;
@@ -3873,16 +3789,15 @@ class WebSocketCycle:
                     await self.inbox.put({"type": "websocket.receive",
                                           message[0]: message[1]})
         except WebSocketError as error:
-            await self.fail(error.code, error.reason)
+            await self.close(error.code, error.reason, wait=False)
         except ClientDisconnected:            # RFC 6455 §7.1.5: no Close frame
             await self.disconnected(1006, "")
         except Exception:    # a bug of ours: end this connection, not the app's wait
             log.exception("internal error while reading WebSocket frames")
-            await self.fail(1011, "internal error")
+            await self.close(1011, "internal error", wait=False)
 
     async def keep_alive(self) -> None:
-        """ASGI "WebSocket": the server pings, every --ws-ping-interval. Policy: no
-        Pong within --ws-ping-timeout closes with 1011."""
+        """ASGI "WebSocket": the server pings. Policy: no Pong in time: 1011."""
         config = self.conn.config
         while self.state == "open":
             await asyncio.sleep(config.ws_ping_interval)
@@ -3912,8 +3827,7 @@ EXIT_SHUTDOWN_FAILED = 4
 
 
 class LifespanFailure(Exception):
-    """The app reported (or raised) that it could not start or stop; `status`
-    is the exit status the command line ends with."""
+    """The app could not start or stop; `status` is the exit status to end with."""
 
     def __init__(self, message: str, status: int = EXIT_STARTUP_FAILED) -> None:
         """`message` is logged as it is; `status` is an EXIT_* above."""
@@ -3923,72 +3837,59 @@ class LifespanFailure(Exception):
 
 class Lifespan:
     """ASGI Lifespan spec: startup() before serving, shutdown() after, around one
-    app call (run()). Its states:
+    app call, run(). lifespan.startup is sent, then:
 
-        startup() sends lifespan.startup --> starting
-          starting --lifespan.startup.complete--> running (serve)
-          starting --lifespan.startup.failed--> LifespanFailure, exit 3
-          starting --the app raises--> unsupported: serve without lifespan,
-                                       or with --lifespan on, exit 3
-        shutdown() sends lifespan.shutdown --> stopping
-          stopping --lifespan.shutdown.complete, or the app returns--> done
-          stopping --lifespan.shutdown.failed, or no answer in time--> exit 4
+        starting -> running       lifespan.startup.complete: serve
+        starting -> (exit 3)      lifespan.startup.failed
+        starting -> unsupported   the app raised: serve without lifespan (exit 3
+                                  with --lifespan on, for an app that needs it)
+        running -> stopping       shutdown() sends lifespan.shutdown
+        stopping -> done          lifespan.shutdown.complete, or the app returned
+        stopping -> (exit 4)      lifespan.shutdown.failed, or no answer in time
 
-    `mode` is --lifespan. "auto" tries it: an app written without lifespan in
-    mind may raise on a scope type it does not know, and the spec asks the
-    server to carry on without it. "on" makes that a failed startup, for an app
-    that must not serve without its startup; "off" never sends it lifespan.
-
-    `started` and `stopped` (asyncio Events) are set when starting or stopping
-    ends, or when the app's call does; `stopping` says lifespan.shutdown was
-    sent; `supported` is False with --lifespan off or after the app raised in
-    its startup; `failure` is the message of a *.failed event. `state` is
-    ASGI Lifespan "Lifespan State": the app fills it, and section 7 (ASGI HTTP
-    adapter) gives each scope a shallow copy.
+    "auto" (--lifespan) carries on when the app raises: an app without lifespan
+    support may well raise on a scope type it does not know; "off" skips it.
+    `started` and `stopped` are set at the end of starting and of stopping (or
+    of the app's call); `state` is the app's (ASGI Lifespan "Lifespan State"):
+    section 7 (ASGI HTTP adapter) gives each scope a shallow copy.
     """
 
     def __init__(self, app, mode: str = "auto", timeout: float = GRACEFUL_SECONDS) -> None:
         """`mode` is --lifespan; `timeout` bounds the wait for the shutdown's answer."""
         self.app, self.mode, self.timeout = app, mode, timeout
         self.state: dict = {}
-        self.task = self.inbox = self.started = self.stopped = None   # see startup()
-        self.failure: str | None = None
-        self.stopping = False
+        self.task = self.inbox = self.started = self.stopped = None   # startup() on
+        self.failure: str | None = None    # the message of a *.failed event
+        self.stopping = False              # lifespan.shutdown was sent
         self.supported = mode != "off"
 
     async def startup(self) -> None:
-        """ASGI Lifespan "Startup - receive event": send it, wait for the answer;
-        raises LifespanFailure (ASGI Lifespan "Startup Failed - send event")."""
+        """ASGI Lifespan "Startup - receive event"; raises LifespanFailure."""
         if not self.supported:
             return
-        # Made here, on the loop that serves: asyncio objects belong to one loop.
+        # Made here, on the serving loop: an asyncio object belongs to one loop.
         self.inbox, self.started, self.stopped = asyncio.Queue(), asyncio.Event(), asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self.run())
         await self.inbox.put({"type": "lifespan.startup"})
         await self.started.wait()
-        if self.failure is not None:
+        if self.failure is not None:     # ASGI Lifespan "Startup Failed - send event"
             raise LifespanFailure(f"application startup failed: {self.failure}")
         if not self.supported and self.mode == "on":
             raise LifespanFailure("application startup failed: the app raised, "
                                   "and --lifespan on requires it")
 
     def abandon(self) -> None:
-        """The server stops before the startup completed: cancel the app's
-        lifespan call (and send it nothing more)."""
+        """The server stops before the startup completed: cancel the app's call."""
         if self.task is not None:
             self.task.cancel()
 
     async def shutdown(self) -> None:
-        """ASGI Lifespan "Shutdown - receive event": send it, wait for the answer
-        at most self.timeout seconds; raises LifespanFailure if the app failed
-        or did not answer."""
+        """ASGI Lifespan "Shutdown - receive event"; raises LifespanFailure."""
         if not self.supported or self.stopped.is_set():
             return
         self.stopping = True
         await self.inbox.put({"type": "lifespan.shutdown"})
-        try:
-            # ASGI Lifespan "Shutdown Complete - send event": the server waits for
-            # it, here for --timeout-graceful-shutdown, as long as connections may.
+        try:    # ASGI Lifespan "Shutdown Complete - send event", waited for
             await asyncio.wait_for(self.stopped.wait(), self.timeout)
         except asyncio.TimeoutError:
             # Policy: no answer in time is a failed shutdown: nothing says the
@@ -3997,14 +3898,12 @@ class Lifespan:
             raise LifespanFailure(f"application shutdown did not complete within "
                                   f"{self.timeout:g} s (--timeout-graceful-shutdown)",
                                   EXIT_SHUTDOWN_FAILED) from None
-        if self.failure is not None:
-            # ASGI Lifespan "Shutdown Failed - send event": the app's message is
-            # logged (by whoever catches this), and the server exits non-zero.
+        if self.failure is not None:     # ASGI Lifespan "Shutdown Failed - send event"
             raise LifespanFailure(f"application shutdown failed: {self.failure}",
                                   EXIT_SHUTDOWN_FAILED)
 
     async def run(self) -> None:
-        """The app's lifespan call, with ASGI Lifespan "Scope"."""
+        """The app's call, with the scope of ASGI Lifespan "Scope"."""
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
                  "state": self.state}
         try:
@@ -4024,16 +3923,15 @@ class Lifespan:
             self.stopped.set()
 
     async def send(self, message: dict) -> None:
-        """The app's four messages, each only in its turn; anything else raises
-        (ASGI spec "Error Handling")."""
+        """The app's answers, each in its turn; others raise (ASGI "Error Handling")."""
         kind = message["type"]
         if kind in ("lifespan.startup.complete", "lifespan.startup.failed"):
-            event = None if self.started.is_set() else self.started
+            event = self.started
         elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            event = self.stopped if self.stopping and not self.stopped.is_set() else None
+            event = self.stopped if self.stopping else None
         else:
             event = None
-        if event is None:
+        if event is None or event.is_set():
             raise RuntimeError(f"ASGI lifespan: unexpected message {kind!r}")
         if kind.endswith(".failed"):
             self.failure = message.get("message", "")
