@@ -3385,9 +3385,9 @@ def encode_length(size: int) -> bytes:
 
 def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
     r"""RFC 6455 §5.2: one final frame, unmasked (RFC 6455 §5.1). RFC 6455 §5.7:
-    >>> encode_frame(OP_TEXT, b"Hello"), encode_frame(OP_BINARY, bytes(256))[:4]
-    (b'\x81\x05Hello', b'\x82~\x01\x00')
-    >>> [encode_length(size).hex(" ") for size in (5, 256, 65536)]
+    >>> encode_frame(OP_TEXT, b"Hello")
+    b'\x81\x05Hello'
+    >>> [encode_length(size).hex(" ") for size in (5, 256, 65536)]   # three forms
     ['05', '7e 01 00', '7f 00 00 00 00 00 01 00 00']
     """
     first = FIN | (RSV1 if rsv1 else 0) | opcode    # RFC 7692 §6: RSV1, compressed
@@ -3429,7 +3429,7 @@ class PerMessageDeflate:
 
     @staticmethod
     def negotiate(offers: list[bytes]) -> tuple[PerMessageDeflate | None, bytes]:
-        """RFC 7692 §5: (codec, answer) for the first offer we can honour (§5.1)."""
+        """RFC 7692 §5 and RFC 7692 §5.1: (codec, answer) for the first good offer."""
         for offer in comma_list(offers):
             name, *params = [p.strip(b" \t") for p in offer.split(b";")]
             pairs = [[part.strip(b' \t"') for part in p.split(b"=", 1)] for p in params]
@@ -3456,8 +3456,7 @@ class PerMessageDeflate:
 
     def decompress(self, data: bytes, limit: int, final: bool) -> bytes:
         """RFC 7692 §7.2.2: one frame's payload, inflated: at most `limit` bytes."""
-        if final:
-            data += b"\x00\x00\xff\xff"    # RFC 7692 §7.2.2: put it back
+        data += b"\x00\x00\xff\xff" if final else b""   # RFC 7692 §7.2.2: put it back
         try:
             out = self.decompressor.decompress(data, limit + 1)
         except zlib.error:         # RFC 6455 §7.4.1: 1007, data "not consistent"
@@ -3478,10 +3477,10 @@ class FrameParser:
           |  ^   ^                                  |   |   ^
           |  |   +------- continuation, FIN=1 ------+   +---+ continuation, FIN=0
           +--+ text/binary, FIN=1                      (RFC 6455 §5.4)
-    Control frames come out at once. `kind` is None between messages, else
-    "text" or "bytes"; a message starts `compressed` (RSV1, RFC 7692 §6.1),
-    `size`, `parts`, a UTF-8 `decoder`. Errors: 1002 (against RFC 6455 §5),
-    1007 (not UTF-8, not DEFLATE), 1009 (over `max_size`).
+    Control frames come out at once. `kind` is None between messages (and
+    `parts` empty), else "text" or "bytes"; a first frame sets `compressed`
+    (RSV1, RFC 7692 §6.1), `size` and a UTF-8 `decoder`. Errors: 1002 (against
+    RFC 6455 §5), 1007 (not UTF-8, not DEFLATE), 1009 (over `max_size`).
     >>> parser = FrameParser(max_size=1000)
     >>> parser.feed(b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # RFC 6455 §5.7
     >>> parser.feed(b"\x8a\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # masked Pong
@@ -3596,28 +3595,29 @@ class WebSocketCycle:
                                 if it raised) instead of the 101 (end())
         open -> closing         close(): we send Close, and wait
         open, closing -> closed the client's Close, TCP lost, a failure, time out
-    The client closes first: we answer with its code (RFC 6455 §5.5.1), close
-    TCP, and the app gets that code (1005 if none). We close first, in close():
-    the app's code (1000 by default), 1000 or 1011 when the app returns or
-    raises, 1001 at shutdown (section 8, ASGI server), 1011 for a Ping without
-    Pong; then we wait WS_CLOSE_SECONDS for the client's Close and close TCP
-    (RFC 6455 §7.1.1: the server first). To fail (RFC 6455 §7.1.7), close(wait=
-    False) sends FrameParser's code (1011: our bug) and closes at once. No Close
-    at all: 1006. close() waits for `closed`, keep_alive() for `pong`.
+    The client closes first: we answer with its code (RFC 6455 §5.5.1) and close
+    TCP; the app gets that code (1005: none). We close first, in close(): the
+    app's code (default 1000), 1000 or 1011 as the app returns or raises, 1001
+    at shutdown (section 8, ASGI server), 1011 for a Ping without Pong; we wait
+    WS_CLOSE_SECONDS for the client's Close, then close TCP (RFC 6455 §7.1.1).
+    To fail (RFC 6455 §7.1.7), close(wait=False) sends FrameParser's code (1011
+    for our bugs) and closes at once. No Close at all: 1006. close() waits for
+    `closed`, keep_alive() for `pong`; receive() repeats `last_event` at the end;
+    `tasks` are the reader and the pinger, `denial` a denial's Response.
     """
 
     def __init__(self, conn: ASGIConnection, request: Request, key: bytes) -> None:
-        """A handshake not answered yet; websocket.connect waits in the inbox."""
+        """A handshake not answered yet; ASGI "Connect - receive event" is queued."""
         self.conn, self.request, self.key = conn, request, key
         self.state = "connecting"
         offers = field_values(request.headers, b"sec-websocket-extensions")
         self.deflate, self.deflate_answer = PerMessageDeflate.negotiate(
             offers if conn.config.ws_per_message_deflate else [])
         self.parser = FrameParser(conn.config.ws_max_size, self.deflate)
-        self.inbox: asyncio.Queue = asyncio.Queue(maxsize=WS_QUEUE)   # Limit: then
-        self.inbox.put_nowait({"type": "websocket.connect"})        # reading waits
+        self.inbox = asyncio.Queue(maxsize=WS_QUEUE)   # Limit: full, we stop reading
+        self.inbox.put_nowait({"type": "websocket.connect"})
         self.closed, self.pong = asyncio.Event(), asyncio.Event()
-        self.tasks, self.denial = [], None   # reader and pinger; a denial's Response
+        self.tasks, self.denial = [], None
         protocols = b",".join(field_values(request.headers, b"sec-websocket-protocol"))
         self.offered = [p.strip(" \t") for p in protocols.decode("latin-1").split(",")
                         if p.strip(" \t")]    # RFC 6455 §4.2.1 item 8: case-sensitive
@@ -3694,7 +3694,7 @@ class WebSocketCycle:
             code, reason = message.get("code", 1000), message.get("reason") or ""
             if not sendable_close_code(code) or len(reason.encode("utf-8")) > 123:
                 raise ValueError(f"invalid WebSocket close: {code} {reason!r}")
-            await self.close(code, reason)      # RFC 6455 §5.5: a 125-byte body
+            await self.close(code, reason)      # RFC 6455 §5.5: 2 + 123 <= 125 bytes
         elif kind.startswith("websocket.http.response.") and self.state in (
                 "connecting", "denying"):
             await self.deny(message)
@@ -3818,10 +3818,9 @@ class WebSocketCycle:
 # =============================================================================
 
 
-# Policy: the exit status of a lifespan that goes wrong. 3: the app could not
-# start (lifespan.startup.failed, or it raised with --lifespan on). 4: it could
-# not stop (lifespan.shutdown.failed, or no answer in time). A worker exits with
-# it, and run_workers() passes it on as the status of the whole server.
+# Policy: the exit status of a lifespan that goes wrong, which run_workers()
+# passes on. 3: the app could not start (lifespan.startup.failed, or it raised
+# with --lifespan on). 4: it could not stop (shutdown.failed, or no answer).
 EXIT_STARTUP_FAILED = 3
 EXIT_SHUTDOWN_FAILED = 4
 
@@ -3837,24 +3836,23 @@ class LifespanFailure(Exception):
 
 class Lifespan:
     """ASGI Lifespan spec: startup() before serving, shutdown() after, around one
-    app call, run(). lifespan.startup is sent, then:
-
-        starting -> running       lifespan.startup.complete: serve
-        starting -> (exit 3)      lifespan.startup.failed
-        starting -> unsupported   the app raised: serve without lifespan (exit 3
-                                  with --lifespan on, for an app that needs it)
-        running -> stopping       shutdown() sends lifespan.shutdown
-        stopping -> done          lifespan.shutdown.complete, or the app returned
-        stopping -> (exit 4)      lifespan.shutdown.failed, or no answer in time
-
-    "auto" (--lifespan) carries on when the app raises: an app without lifespan
-    support may well raise on a scope type it does not know; "off" skips it.
+    app call, run(). startup() sends lifespan.startup; then, from "starting":
+        starting -> running      lifespan.startup.complete: serve
+        starting -> exit 3       lifespan.startup.failed
+        starting -> unsupported  the app raised: serve without lifespan (exit 3
+                                 with --lifespan on, for an app that needs it)
+        running -> stopping      shutdown() sends lifespan.shutdown
+        stopping -> done         lifespan.shutdown.complete, or the app returned
+        stopping -> exit 4       lifespan.shutdown.failed, or no answer in time
+    --lifespan "auto" carries on when the app raises: an app written without
+    lifespan may well raise on a scope type it does not know. "off" skips it.
     `started` and `stopped` are set at the end of starting and of stopping (or
     of the app's call); `state` is the app's (ASGI Lifespan "Lifespan State"):
     section 7 (ASGI HTTP adapter) gives each scope a shallow copy.
     """
 
-    def __init__(self, app, mode: str = "auto", timeout: float = GRACEFUL_SECONDS) -> None:
+    def __init__(self, app, mode: str = "auto",
+                 timeout: float = GRACEFUL_SECONDS) -> None:
         """`mode` is --lifespan; `timeout` bounds the wait for the shutdown's answer."""
         self.app, self.mode, self.timeout = app, mode, timeout
         self.state: dict = {}
@@ -3868,7 +3866,8 @@ class Lifespan:
         if not self.supported:
             return
         # Made here, on the serving loop: an asyncio object belongs to one loop.
-        self.inbox, self.started, self.stopped = asyncio.Queue(), asyncio.Event(), asyncio.Event()
+        self.inbox = asyncio.Queue()
+        self.started, self.stopped = asyncio.Event(), asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self.run())
         await self.inbox.put({"type": "lifespan.startup"})
         await self.started.wait()
