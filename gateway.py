@@ -3856,7 +3856,7 @@ class Lifespan:
         """`mode` is --lifespan; `timeout` bounds the wait for the shutdown's answer."""
         self.app, self.mode, self.timeout = app, mode, timeout
         self.state: dict = {}
-        self.task = self.inbox = self.started = self.stopped = None   # startup() on
+        self.task = self.inbox = self.started = self.stopped = None   # see startup()
         self.failure: str | None = None    # the message of a *.failed event
         self.stopping = False              # lifespan.shutdown was sent
         self.supported = mode != "off"
