@@ -3391,171 +3391,158 @@ class ASGIServer:
 # =============================================================================
 # §9  WebSocket - RFC 6455, RFC 7692, ASGI "HTTP & WebSocket" spec
 #
-# First a pure codec: check_handshake() reads the upgrade request, FrameParser
-# turns bytes into whole messages and raises WebSocketError with the close
-# code to send, encode_frame() writes frames. Then WebSocketCycle runs the
-# ASGI websocket events over one asyncio connection.
+# A pure codec (bytes in, values out), then WebSocketCycle: ASGI over asyncio.
 # =============================================================================
 
-# RFC 6455 §4.2.2: Sec-WebSocket-Accept = base64( SHA-1( key + this GUID ) )
-WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-# RFC 6455 §5.2: byte 0 is FIN RSV1 RSV2 RSV3 opcode(4), byte 1 MASK length(7)
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 §4.2.2 item 5.4
+# RFC 6455 §5.2's frame: FIN RSV1-3 opcode(4) | MASK length(7) | length | key
 FIN, RSV1, RSV23, OPCODE, MASKED, LENGTH7 = 0x80, 0x40, 0x30, 0x0F, 0x80, 0x7F
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+UTF8_DECODER = codecs.getincrementaldecoder("utf-8")   # RFC 6455 §5.6: text is UTF-8
+# RFC 6455 §7.4.1 and IANA's 1012-1014; not 1004, nor 1005, 1006, 1015 (app-only)
+SENDABLE_CLOSE_CODES = {*range(1000, 1004), *range(1007, 1015)}
+# RFC 7692 §7.1's parameters, but no server_max_window_bits=8: zlib cannot make it
+DEFLATE_PARAMETER = re.compile(
+    rb"(server|client)_no_context_takeover|server_max_window_bits=0*(9|1[0-5])"
+    rb"|client_max_window_bits(=0*(8|9|1[0-5]))?")
 
-# RFC 6455 §7.4: the close codes an endpoint may send. 1005, 1006 and 1015
-# only ever describe a close to the app; they never go on the wire.
-SENDABLE_CLOSE_CODES = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
-                        1012, 1013, 1014}
+
+def sendable_close_code(code: int) -> bool:
+    """RFC 6455 §7.4: checked both ways: a client's Close, the app's close."""
+    return code in SENDABLE_CLOSE_CODES or 3000 <= code < 5000   # RFC 6455 §7.4.2
 
 
 class WebSocketError(Exception):
-    """The peer broke RFC 6455; `code` is the close code to answer with."""
+    """The client broke RFC 6455; `code` is the close code to fail it with."""
 
     def __init__(self, code: int, reason: str) -> None:
         """`code` is the close code to send (RFC 6455 §7.4.1); `reason` says why."""
         super().__init__(f"{code} {reason}")
-        self.code = code
-        self.reason = reason
+        self.code, self.reason = code, reason
 
 
 def websocket_accept(key: bytes) -> bytes:
-    """The Sec-WebSocket-Accept value that answers this Sec-WebSocket-Key."""
+    """RFC 6455 §4.2.2 item 5.4: the Sec-WebSocket-Accept value for this key.
+    >>> websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ==")     # RFC 6455 §1.3's example
+    b's3pPLMBiTxaQ9kYGzzhZRbK+xOo='
+    """
     return base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
 
 
 def is_websocket_request(request: Request) -> bool:
-    """Does the client ask to switch to WebSocket? (RFC 9110 §7.8 Upgrade)"""
-    if request.version == "1.0":
-        # RFC 9110 §7.8: Upgrade in an HTTP/1.0 request must be ignored (a 1.0
-        # proxy may have passed it on), so the request is served as plain HTTP.
-        return False
-    upgrade = field_values(request.headers, b"upgrade")
-    return bool(upgrade) and b"websocket" in comma_list(upgrade)
+    """RFC 6455 §4.2.1 item 3; RFC 9110 §7.8: a 1.0 request's Upgrade is ignored."""
+    upgrade = comma_list(field_values(request.headers, b"upgrade"))
+    return request.version != "1.0" and b"websocket" in upgrade
 
 
 def check_handshake(request: Request) -> bytes:
-    """RFC 6455 §4.2.1: validate the opening handshake; return the key."""
-    if request.method != "GET" or request.version != "1.1":
+    """RFC 6455 §4.2.1: the key, or an HTTPError; Origin: the app's (RFC 6455 §10.2)."""
+    if request.method != "GET" or request.version != "1.1":   # RFC 6455 §4.2.1 item 1
         raise HTTPError(400, "a WebSocket handshake is a GET over HTTP/1.1")
     if b"upgrade" not in comma_list(field_values(request.headers, b"connection")):
         raise HTTPError(400, "a WebSocket handshake needs 'Connection: Upgrade'")
-    versions = field_values(request.headers, b"sec-websocket-version")
+    versions = field_values(request.headers, b"sec-websocket-version")   # item 6
     if len(versions) != 1:
         raise HTTPError(400, "exactly one Sec-WebSocket-Version is required")
-    if versions != [b"13"]:
-        # RFC 6455 §4.2.2: answer 426 with the version we speak; RFC 9110
-        # RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+    if versions != [b"13"]:   # RFC 6455 §4.2.2 /version/; RFC 9110 §15.5.22: a 426
         raise HTTPError(426, "Sec-WebSocket-Version must be 13", (
             (b"Sec-WebSocket-Version", b"13"), (b"Upgrade", b"websocket")))
-    keys = field_values(request.headers, b"sec-websocket-key")
-    try:
-        if len(keys) != 1 or len(base64.b64decode(keys[0], validate=True)) != 16:
-            raise ValueError
-    except ValueError:
-        raise HTTPError(400, "Sec-WebSocket-Key must be 16 bytes in base64") from None
+    keys = field_values(request.headers, b"sec-websocket-key")   # item 5: 16 bytes
+    if len(keys) != 1 or not re.fullmatch(rb"[A-Za-z0-9+/]{22}==", keys[0]):
+        raise HTTPError(400, "Sec-WebSocket-Key must be 16 bytes in base64")
     return keys[0]
 
 
+def encode_length(size: int) -> bytes:
+    """RFC 6455 §5.2 "Payload length" in its shortest form, without MASK."""
+    if size <= 125:                 # 7-bit form: the length itself
+        return bytes([size])
+    if size <= 0xFFFF:              # 16-bit form: 126, then the length in 2 bytes
+        return bytes([126]) + size.to_bytes(2, "big")
+    return bytes([127]) + size.to_bytes(8, "big")   # 64-bit form: 127, then 8 bytes
+
+
 def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
-    """RFC 6455 §5.2: one final frame from the server (never masked, §5.1)."""
-    first = FIN | (RSV1 if rsv1 else 0) | opcode
-    size = len(payload)
-    if size < 126:
-        return bytes([first, size]) + payload
-    if size < 1 << 16:
-        return bytes([first, 126]) + size.to_bytes(2, "big") + payload
-    return bytes([first, 127]) + size.to_bytes(8, "big") + payload
+    r"""RFC 6455 §5.2: one final frame, unmasked (RFC 6455 §5.1). RFC 6455 §5.7:
+    >>> encode_frame(OP_TEXT, b"Hello")
+    b'\x81\x05Hello'
+    >>> [encode_length(size).hex(" ") for size in (5, 256, 65536)]   # three forms
+    ['05', '7e 01 00', '7f 00 00 00 00 00 01 00 00']
+    """
+    first = FIN | (RSV1 if rsv1 else 0) | opcode    # RFC 7692 §6: RSV1, compressed
+    return bytes([first]) + encode_length(len(payload)) + payload
 
 
 def encode_close(code: int, reason: str = "") -> bytes:
-    """RFC 6455 §5.5.1: a Close frame; code 1005 means "send no code"."""
-    if code == 1005:
-        return encode_frame(OP_CLOSE, b"")
-    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8"))
+    """RFC 6455 §5.5.1: a Close frame; 1005 (RFC 6455 §7.1.5) is an empty one."""
+    body = b"" if code == 1005 else code.to_bytes(2, "big") + reason.encode("utf-8")
+    return encode_frame(OP_CLOSE, body)
 
 
 def unmask(payload: bytes, key: bytes) -> bytes:
-    """RFC 6455 §5.3: XOR with the 4-byte key; as one big integer, it is fast."""
-    size = len(payload)
-    mask = (key * (size // 4 + 1))[:size]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(mask, "little")
-            ).to_bytes(size, "little")
+    r"""RFC 6455 §5.3: "j = i MOD 4; transformed-octet-i = original-octet-i XOR
+    masking-key-octet-j", as written on the left (and unmasking is the same XOR):
+    >>> key, masked = b"\x37\xfa\x21\x3d", b"\x7f\x9f\x4d\x51\x58"  # RFC 6455 §5.7
+    >>> bytes(octet ^ key[i % 4] for i, octet in enumerate(masked)), unmask(masked, key)
+    (b'Hello', b'Hello')
+    """
+    mask = (key * (len(payload) // 4 + 1))[:len(payload)]   # octet i is key[i MOD 4]
+    return xor_bytes(payload, mask)
+
+
+def xor_bytes(a: bytes, b: bytes) -> bytes:
+    """a XOR b, octet by octet (equal lengths)."""
+    # As two big integers: one loop in C instead of a Python step per octet.
+    number = int.from_bytes(a, "little") ^ int.from_bytes(b, "little")
+    return number.to_bytes(len(a), "little")
 
 
 class PerMessageDeflate:
-    """RFC 7692: compress each message with zlib's raw DEFLATE."""
+    """RFC 7692: permessage-deflate, each message compressed with raw DEFLATE."""
 
     def __init__(self, reset_each_message: bool, window_bits: int = 15) -> None:
-        """A fresh compressor and decompressor, as negotiated (RFC 7692 §7.1)."""
-        self.reset = reset_each_message        # server_no_context_takeover
-        self.window_bits = window_bits         # server_max_window_bits
+        """server_no_context_takeover, server_max_window_bits (RFC 7692 §7.1)."""
+        self.reset, self.window_bits = reset_each_message, window_bits
         self.compressor = zlib.compressobj(6, zlib.DEFLATED, -window_bits)
         self.decompressor = zlib.decompressobj(-15)   # takes any smaller window
 
     @staticmethod
     def negotiate(offers: list[bytes]) -> tuple[PerMessageDeflate | None, bytes]:
-        """RFC 7692 §5: accept the first offer we can honour; (codec, answer)."""
+        """RFC 7692 §5 and RFC 7692 §5.1: (codec, answer) for the first good offer."""
         for offer in comma_list(offers):
             name, *params = [p.strip(b" \t") for p in offer.split(b";")]
-            pairs = [[part.strip(b" \t\"") for part in p.split(b"=", 1)] for p in params]
-            names = [pair[0] for pair in pairs]
-            if name != b"permessage-deflate" or len(set(names)) != len(names):
-                continue
-            if not all(PerMessageDeflate.valid_parameter(*pair) for pair in pairs):
-                continue       # RFC 7692 §5.1: decline an offer we cannot read
-            answer = [b"permessage-deflate"]
+            pairs = [[part.strip(b' \t"') for part in p.split(b"=", 1)] for p in params]
             values = {pair[0]: pair[1] if len(pair) > 1 else None for pair in pairs}
+            if (name != b"permessage-deflate" or len(values) != len(pairs) or not
+                    all(DEFLATE_PARAMETER.fullmatch(b"=".join(p)) for p in pairs)):
+                continue
             window = int(values.get(b"server_max_window_bits") or 15)
-            if window < 9:
-                continue       # zlib cannot make an 8-bit window (it uses 9): decline
-            if b"server_max_window_bits" in names:     # RFC 7692 §7.1.2.1
+            answer = [b"permessage-deflate"]   # RFC 7692 §7.1.2.2: no client bits
+            if b"server_max_window_bits" in values:     # RFC 7692 §7.1.2.1
                 answer.append(b"server_max_window_bits=%d" % window)
-            if b"server_no_context_takeover" in names:
-                answer.append(b"server_no_context_takeover")
-            if b"client_no_context_takeover" in names:
-                answer.append(b"client_no_context_takeover")
-            reset = b"server_no_context_takeover" in names
-            return PerMessageDeflate(reset, window), b"; ".join(answer)
+            flags = (b"server_no_context_takeover", b"client_no_context_takeover")
+            answer += [flag for flag in flags if flag in values]   # RFC 7692 §7.1.1
+            codec = PerMessageDeflate(b"server_no_context_takeover" in values, window)
+            return codec, b"; ".join(answer)
         return None, b""
 
-    @staticmethod
-    def valid_parameter(name: bytes, value: bytes | None = None) -> bool:
-        """RFC 7692 §7.1: the four parameters, and window bits from 8 to 15."""
-        if name in (b"server_no_context_takeover", b"client_no_context_takeover"):
-            return value is None
-        if name == b"client_max_window_bits" and value is None:
-            return True
-        if name in (b"server_max_window_bits", b"client_max_window_bits"):
-            return value is not None and value.isdigit() and 8 <= int(value) <= 15
-        return False
-
     def compress(self, data: bytes) -> bytes:
-        """RFC 7692 §7.2.1: one message, deflated; with server_no_context_takeover,
-        each message starts from a fresh compressor."""
+        """RFC 7692 §7.2.1: one message, deflated (afresh, if reset)."""
         if self.reset:
             self.compressor = zlib.compressobj(6, zlib.DEFLATED, -self.window_bits)
         data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
         return data[:-4]       # RFC 7692 §7.2.1: drop the final 00 00 FF FF
 
     def decompress(self, data: bytes, limit: int, final: bool) -> bytes:
-        """RFC 7692 §7.2.2: one frame's payload, inflated; at most `limit` bytes."""
-        if final:
-            data += b"\x00\x00\xff\xff"    # RFC 7692 §7.2.2: put it back
+        """RFC 7692 §7.2.2: one frame's payload, inflated: at most `limit` bytes."""
+        data += b"\x00\x00\xff\xff" if final else b""   # RFC 7692 §7.2.2: put it back
         try:
             out = self.decompressor.decompress(data, limit + 1)
-        except zlib.error:
-            # RFC 7692 §6.2, §7.2.2: a compressed message is DEFLATE data; bytes
-            # that are not cannot be read. RFC 6455 §7.1.7: Fail the WebSocket
-            # Connection, with 1007 (RFC 6455 §7.4.1: data not consistent with the message).
+        except zlib.error:         # RFC 6455 §7.4.1: 1007, data "not consistent"
             raise WebSocketError(1007, "invalid compressed data") from None
-        if len(out) > limit or self.decompressor.unconsumed_tail:
-            raise WebSocketError(1009, "message too big")   # a deflate bomb, too
-        if self.decompressor.eof:
-            # RFC 7692 §7.2.3.4: a sender may end a message with a block that
-            # has BFINAL set; that DEFLATE stream is over, the next message
-            # starts a new one. Nothing but our own 00 00 FF FF may follow it.
+        if len(out) > limit or self.decompressor.unconsumed_tail:   # a bomb, too
+            raise WebSocketError(1009, "message too big")
+        if self.decompressor.eof:   # RFC 7692 §7.2.3.4: a BFINAL block; a new stream
             if self.decompressor.unused_data not in (b"", b"\x00\x00\xff\xff"):
                 raise WebSocketError(1007, "data after the final DEFLATE block")
             self.decompressor = zlib.decompressobj(-15)
@@ -3563,176 +3550,170 @@ class PerMessageDeflate:
 
 
 class FrameParser:
-    """Incremental RFC 6455 reader: feed() bytes, take next_message()s.
-
-    Messages are ("text", str), ("bytes", bytes), ("ping", bytes),
-    ("pong", bytes) or ("close", code, reason). Raises WebSocketError.
+    r"""RFC 6455 frames from a client in, whole messages out: ("text", str),
+    ("bytes", bytes), ("ping", b), ("pong", b), ("close", code, reason).
+        between messages --text/binary, FIN=0--> inside a message
+          |  ^   ^                                  |   |   ^
+          |  |   +------- continuation, FIN=1 ------+   +---+ continuation, FIN=0
+          +--+ text/binary, FIN=1                      (RFC 6455 §5.4)
+    Control frames come out at once. `kind` is None between messages (and
+    `parts` empty), else "text" or "bytes"; a first frame sets `compressed`
+    (RSV1, RFC 7692 §6.1), `size` and a UTF-8 `decoder`. Errors: 1002 (against
+    RFC 6455 §5), 1007 (not UTF-8, not DEFLATE), 1009 (over `max_size`).
+    >>> parser = FrameParser(max_size=1000)
+    >>> parser.feed(b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # RFC 6455 §5.7
+    >>> parser.feed(b"\x8a\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # masked Pong
+    >>> parser.next_message(), parser.next_message(), parser.next_message()
+    (('text', 'Hello'), ('pong', b'Hello'), None)
     """
 
     def __init__(self, max_size: int, deflate: PerMessageDeflate | None = None) -> None:
-        """An empty buffer, and no message being reassembled."""
-        self.buffer = bytearray()
-        self.max_size = max_size
-        self.deflate = deflate
-        self.opcode = None          # of the message being reassembled
-        self.compressed = False
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.text = None            # incremental UTF-8 decoder for text
+        """An empty buffer, between messages."""
+        self.buffer, self.max_size, self.deflate = bytearray(), max_size, deflate
+        self.kind, self.parts = None, []
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the client."""
         self.buffer += data
 
     def next_message(self) -> tuple | None:
-        """The next whole message (see the class docstring), or None until more bytes."""
-        while True:
-            frame = self._take_frame()
-            if frame is None:
+        """RFC 6455 §5.2: take whole frames off the buffer until one ends a message."""
+        buffer = self.buffer
+        while len(buffer) >= 2:
+            if not buffer[1] & MASKED:   # RFC 6455 §5.1: a client MUST mask frames
+                raise WebSocketError(1002, "frames from a client must be masked")
+            size = buffer[1] & LENGTH7   # RFC 6455 §5.2 "Payload length", three forms:
+            if size == 126:              # 16-bit: 2 more bytes, then the masking key
+                key_at, size = 4, int.from_bytes(buffer[2:4], "big")
+            elif size == 127:            # 64-bit: 8 more bytes, then the masking key
+                key_at, size = 10, int.from_bytes(buffer[2:10], "big")
+            else:                        # 7-bit: the length itself
+                key_at = 2
+            if len(buffer) < key_at:
                 return None
-            message = self._on_frame(*frame)
+            if size >> 63:               # RFC 6455 §5.2: "the most significant bit
+                raise WebSocketError(1002, "invalid frame length")   # MUST be 0"
+            if encode_length(size)[0] != buffer[1] & LENGTH7:   # Policy: RFC 6455 §5.2
+                raise WebSocketError(1002, "frame length not minimally encoded")
+            if size > self.max_size:     # Limit: --ws-max-size (RFC 6455 §10.4)
+                raise WebSocketError(1009, "message too big")
+            end = key_at + 4 + size
+            if len(buffer) < end:
+                return None
+            first, key = buffer[0], bytes(buffer[key_at:key_at + 4])
+            payload = unmask(bytes(buffer[key_at + 4:end]), key)
+            del buffer[:end]
+            message = self._on_frame(first, first & OPCODE, payload)
             if message is not None:
                 return message
-
-    def _take_frame(self) -> tuple[int, int, bytes] | None:
-        """RFC 6455 §5.2: one whole frame -> (first byte, opcode, payload)."""
-        buffer = self.buffer
-        if len(buffer) < 2:
-            return None
-        first, second = buffer[0], buffer[1]
-        if not second & MASKED:      # RFC 6455 §5.1: "a client MUST mask all frames"
-            raise WebSocketError(1002, "frames from a client must be masked")
-        size, start = second & LENGTH7, 2
-        if size >= 126:
-            start = 4 if size == 126 else 10
-            if len(buffer) < start:
-                return None
-            size = int.from_bytes(buffer[2:start], "big")
-            if size >> 63:           # RFC 6455 §5.2: the most significant bit MUST be 0
-                raise WebSocketError(1002, "invalid frame length")
-            if size < (126 if start == 4 else 1 << 16):
-                # RFC 6455 §5.2: "the minimal number of bytes MUST be used to encode the
-                # length"; Policy: we enforce it on what clients send.
-                raise WebSocketError(1002, "frame length not minimally encoded")
-        if size > self.max_size:
-            raise WebSocketError(1009, "message too big")
-        if len(buffer) < start + 4 + size:
-            return None
-        key = bytes(buffer[start:start + 4])
-        payload = unmask(bytes(buffer[start + 4:start + 4 + size]), key)
-        del buffer[:start + 4 + size]
-        return first, first & OPCODE, payload
+        return None
 
     def _on_frame(self, first: int, opcode: int, payload: bytes) -> tuple | None:
-        """Check a frame's RSV bits and opcode (RFC 6455 §5.2, RFC 6455 §5.4).
-
-        Returns a control message, a finished data message, or None mid-message."""
+        """RFC 6455 §5.4: a control message, a finished data message, or None."""
         rsv1 = bool(first & RSV1)
         if first & RSV23 or (rsv1 and (self.deflate is None or opcode not in
                                        (OP_TEXT, OP_BINARY))):
-            # RFC 6455 §5.2: RSV bits MUST be 0 unless an extension gives them meaning
-            raise WebSocketError(1002, "reserved bits set")
+            raise WebSocketError(1002, "reserved bits set")   # RFC 6455 §5.2
         if opcode >= OP_CLOSE:
             return self._on_control(first, opcode, payload)
         if opcode == OP_CONTINUATION:
-            if self.opcode is None:  # RFC 6455 §5.4: nothing to continue
+            if self.kind is None:        # RFC 6455 §5.4: nothing to continue
                 raise WebSocketError(1002, "continuation of nothing")
         elif opcode in (OP_TEXT, OP_BINARY):
-            if self.opcode is not None:   # RFC 6455 §5.4: fragments are not interleaved
+            if self.kind is not None:    # RFC 6455 §5.4: no interleaved messages
                 raise WebSocketError(1002, "new message inside a fragmented one")
-            self.opcode, self.compressed = opcode, rsv1
-            self.text = codecs.getincrementaldecoder("utf-8")() if opcode == OP_TEXT else None
-        else:
-            raise WebSocketError(1002, f"unknown opcode {opcode}")   # RFC 6455 §5.2
-        return self._add_fragment(payload, bool(first & FIN))
-
-    def _add_fragment(self, payload: bytes, final: bool) -> tuple | None:
-        """RFC 6455 §5.4: add a data frame's payload; the whole message once FIN is set.
-
-        Inflates it if compressed (RFC 7692), and checks size and UTF-8 as it goes."""
+            self.kind = "text" if opcode == OP_TEXT else "bytes"
+            self.compressed, self.size = rsv1, 0
+            self.decoder = UTF8_DECODER() if opcode == OP_TEXT else None
+        else:               # RFC 6455 §5.2: 0x3-0x7 are reserved non-control opcodes
+            raise WebSocketError(1002, f"unknown opcode {opcode}")
+        final = bool(first & FIN)
         if self.compressed:
             payload = self.deflate.decompress(payload, self.max_size - self.size, final)
         self.size += len(payload)
-        if self.size > self.max_size:
+        if self.size > self.max_size:    # Limit: --ws-max-size (RFC 6455 §10.4)
             raise WebSocketError(1009, "message too big")
-        if self.text is not None:
-            try:          # RFC 6455 §8.1: fail fast on invalid UTF-8, even mid-message
-                self.parts.append(self.text.decode(payload, final))
+        if self.kind == "text":
+            try:      # RFC 6455 §8.1: text is UTF-8; fail fast, even mid-message
+                payload = self.decoder.decode(payload, final)
             except UnicodeDecodeError:
                 raise WebSocketError(1007, "invalid UTF-8 in a text message") from None
-        else:
-            self.parts.append(payload)
+        self.parts.append(payload)
         if not final:
             return None
-        kind = "text" if self.text is not None else "bytes"
-        message = (kind, ("" if self.text is not None else b"").join(self.parts))
-        self.opcode, self.parts, self.size, self.text = None, [], 0, None
+        message = (self.kind, ("" if self.kind == "text" else b"").join(self.parts))
+        self.kind, self.parts = None, []
         return message
 
     def _on_control(self, first: int, opcode: int, payload: bytes) -> tuple:
-        """RFC 6455 §5.5: a ping, pong or close frame as a message; a close code
-        must be one an endpoint may send (RFC 6455 §7.4)."""
-        if len(payload) > 125 or not first & FIN:   # RFC 6455 §5.5
+        """RFC 6455 §5.5: a Ping, Pong or Close frame, as a message."""
+        if len(payload) > 125 or not first & FIN:   # RFC 6455 §5.5: short, one frame
             raise WebSocketError(1002, "control frames are short and not fragmented")
-        if opcode == OP_PING:
-            return ("ping", payload)
-        if opcode == OP_PONG:
-            return ("pong", payload)
-        if opcode != OP_CLOSE:
+        if opcode in (OP_PING, OP_PONG):
+            return ("ping" if opcode == OP_PING else "pong", payload)
+        if opcode != OP_CLOSE:           # RFC 6455 §5.2: 0xB-0xF are reserved too
             raise WebSocketError(1002, f"unknown opcode {opcode}")
         if not payload:
-            return ("close", 1005, "")               # RFC 6455 §7.1.5: no status code
-        code = int.from_bytes(payload[:2], "big")
-        if len(payload) == 1 or not (code in SENDABLE_CLOSE_CODES or 3000 <= code < 5000):
-            raise WebSocketError(1002, "invalid close code")   # RFC 6455 §7.4.1
+            return ("close", 1005, "")   # RFC 6455 §7.1.5: "no status code"
+        code = int.from_bytes(payload[:2], "big")   # RFC 6455 §5.5.1: a code, a reason
+        if len(payload) == 1 or not sendable_close_code(code):
+            raise WebSocketError(1002, "invalid close code")    # RFC 6455 §7.4.1
         try:
-            return ("close", code, payload[2:].decode("utf-8"))
+            return ("close", code, payload[2:].decode("utf-8"))   # RFC 6455 §8.1
         except UnicodeDecodeError:
             raise WebSocketError(1007, "invalid UTF-8 in a close reason") from None
 
 
 class WebSocketCycle:
-    """One WebSocket connection on the ASGI path (ASGI websocket scope)."""
+    """One WebSocket connection on the ASGI path (ASGI "HTTP & WebSocket" spec,
+    "WebSocket"). Its `state`:
+        connecting -> open      websocket.accept: the 101 (accept())
+        connecting -> denying   websocket.http.response.start (deny()), and
+                   -> closed    at its last body
+        connecting -> closed    websocket.close, or the app ends: HTTP 403 (500
+                                if it raised) instead of the 101 (end())
+        open -> closing         close(): we send Close, and wait
+        open, closing -> closed the client's Close, TCP lost, a failure, time out
+    The client closes first: we answer with its code (RFC 6455 §5.5.1) and close
+    TCP; the app gets that code (1005: none). We close first, in close(): the
+    app's code (default 1000), 1000 or 1011 as the app returns or raises, 1001
+    at shutdown (section 8, ASGI server), 1011 for a Ping without Pong; we wait
+    WS_CLOSE_SECONDS for the client's Close, then close TCP (RFC 6455 §7.1.1).
+    To fail (RFC 6455 §7.1.7), close(wait=False) sends FrameParser's code (1011
+    for our bugs) and closes at once. No Close at all: 1006. close() waits for
+    `closed`, keep_alive() for `pong`; receive() repeats `last_event` at the end;
+    `tasks` are the reader and the pinger, `denial` a denial's Response.
+    """
 
     def __init__(self, conn: ASGIConnection, request: Request, key: bytes) -> None:
-        """A handshake not answered yet ("connecting"); websocket.connect is queued."""
-        self.conn = conn
-        self.request = request
-        self.key = key
-        self.state = "connecting"     # connecting -> open -> closing -> closed
-        config = conn.config
-        self.deflate, self.deflate_answer = (None, b"")
-        if config.ws_per_message_deflate:
-            self.deflate, self.deflate_answer = PerMessageDeflate.negotiate(
-                field_values(request.headers, b"sec-websocket-extensions"))
-        self.parser = FrameParser(config.ws_max_size, self.deflate)
-        self.inbox: asyncio.Queue = asyncio.Queue(maxsize=WS_QUEUE)
+        """A handshake not answered yet; ASGI "Connect - receive event" is queued."""
+        self.conn, self.request, self.key = conn, request, key
+        self.state = "connecting"
+        offers = field_values(request.headers, b"sec-websocket-extensions")
+        self.deflate, self.deflate_answer = PerMessageDeflate.negotiate(
+            offers if conn.config.ws_per_message_deflate else [])
+        self.parser = FrameParser(conn.config.ws_max_size, self.deflate)
+        self.inbox = asyncio.Queue(maxsize=WS_QUEUE)   # Limit: full, we stop reading
         self.inbox.put_nowait({"type": "websocket.connect"})
-        self.closed = asyncio.Event()     # the TCP connection is done with
-        self.tasks: list[asyncio.Task] = []
-        self.pong = asyncio.Event()
-        self.denial: Response | None = None
-        # RFC 6455 §4.2.2: subprotocol names are tokens, matched case-sensitively
-        self.offered = [item.strip(" \t") for value in field_values(
-            request.headers, b"sec-websocket-protocol")
-            for item in value.decode("latin-1").split(",") if item.strip(" \t")]
+        self.closed, self.pong = asyncio.Event(), asyncio.Event()
+        self.tasks, self.denial = [], None
+        protocols = b",".join(field_values(request.headers, b"sec-websocket-protocol"))
+        self.offered = [p.strip(" \t") for p in protocols.decode("latin-1").split(",")
+                        if p.strip(" \t")]    # RFC 6455 §4.2.1 item 8: case-sensitive
         self.last_event = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
 
     def scope(self) -> dict:
-        """ASGI websocket "Connection Scope": the http scope, with ws or wss, the
-        offered subprotocols and the "websocket.http.response" extension."""
+        """ASGI "Websocket Connection Scope", with "WebSocket Denial Response"."""
         scope = self.conn.scope_for(self.request)
-        tls = scope["extensions"].get("tls")
-        scope.update(type="websocket", scheme="wss" if scope["scheme"] == "https" else "ws",
+        tls = {k: v for k, v in scope["extensions"].items() if k == "tls"}  # on wss too
+        scheme = "wss" if scope["scheme"] == "https" else "ws"
+        scope.update(type="websocket", scheme=scheme, subprotocols=self.offered,
                      asgi={"version": "3.0", "spec_version": "2.5"},
-                     subprotocols=self.offered,
-                     extensions={"websocket.http.response": {}})
-        if tls is not None:           # ASGI TLS extension: wss as well as https
-            scope["extensions"]["tls"] = tls
+                     extensions={"websocket.http.response": {}, **tls})
         return scope
 
     async def run(self) -> None:
-        """Call the app; afterwards, close the way the spec says for how it ended."""
+        """Call the app; then refuse or close, by how it ended (see end())."""
         try:
             receive, send = self.receive, self.send
             if self.conn.trace:
@@ -3743,8 +3724,7 @@ class WebSocketCycle:
         except BaseException as error:
             if self.conn.cancelled_by_server(error):
                 raise
-            # ASGI spec "Error Handling", and the same policy as HTTPCycle.run.
-            log.exception("error in ASGI websocket app")
+            log.exception("error in ASGI websocket app")    # ASGI "Error Handling"
             await self.end(500, 1011)
         else:
             await self.end(403, 1000)
@@ -3753,96 +3733,87 @@ class WebSocketCycle:
                 task.cancel()
 
     async def end(self, status: int, code: int) -> None:
-        """The app is gone: refuse the handshake, or close the open socket."""
+        """ASGI "Close - send event": refuse the handshake, end a denial, or close."""
         if self.state == "connecting":
-            # ASGI spec: an app that ends before accept gets an HTTP refusal.
-            await self.conn.write(error_response(status, "WebSocket refused", time.time(),
-                                                 self.conn.config))
+            await self.conn.write(error_response(status, "WebSocket refused",
+                                                 time.time(), self.conn.config))
             self.state = "closed"
-        elif self.denial is not None and self.state == "denying":
+        elif self.state == "denying":
             await self.conn.write(self.denial.end())
         elif self.state == "open":
             await self.close(code, "")
 
     async def receive(self) -> dict:
-        """ASGI websocket: connect, then receive messages, then disconnect."""
+        """ASGI "Receive - receive event"s, then "Disconnect", repeated (last_event)."""
         if self.state == "closed" and self.inbox.empty():
-            return self.last_event        # the disconnect, again
+            return self.last_event
         self.last_event = await self.inbox.get()
         return self.last_event
 
     async def send(self, message: dict) -> None:
-        """ASGI websocket send(): accept, send, close or a denial response, each only
-        in its state; once the WebSocket is closed, raises ClientDisconnected."""
+        """ASGI websocket send(): each event in its states (see the class docstring)."""
         kind = message["type"]
-        if self.state in ("closing", "closed"):
-            raise ClientDisconnected("the WebSocket is closed")   # spec 2.4
+        if self.state in ("closing", "closed"):   # ASGI "Disconnected Client - send
+            raise ClientDisconnected("the WebSocket is closed")   # exception"
         if kind == "websocket.accept" and self.state == "connecting":
             await self.accept(message)
-        elif kind == "websocket.send" and self.state == "open":
-            await self.send_data(message.get("bytes"), message.get("text"))
-        elif kind == "websocket.close" and self.state in ("connecting", "open"):
-            await self.app_close(message)
+        elif kind == "websocket.send" and self.state == "open":     # ASGI "Send - send
+            data, text = message.get("bytes"), message.get("text")  # event"
+            if (data is None) == (text is None):
+                raise RuntimeError("ASGI: websocket.send needs exactly one of bytes "
+                                   "and text")
+            opcode = OP_BINARY if text is None else OP_TEXT
+            payload = data if text is None else text.encode()
+            if self.deflate is not None:                            # RFC 7692 §6.1
+                payload = self.deflate.compress(payload)
+            await self.conn.write(encode_frame(opcode, payload, bool(self.deflate)))
+        elif kind == "websocket.close" and self.state == "connecting":
+            await self.end(403, 1000)           # ASGI "Close - send event", too
+        elif kind == "websocket.close" and self.state == "open":
+            code, reason = message.get("code", 1000), message.get("reason") or ""
+            if not sendable_close_code(code) or len(reason.encode("utf-8")) > 123:
+                raise ValueError(f"invalid WebSocket close: {code} {reason!r}")
+            await self.close(code, reason)      # RFC 6455 §5.5: 2 + 123 <= 125 bytes
         elif kind.startswith("websocket.http.response.") and self.state in (
                 "connecting", "denying"):
             await self.deny(message)
-        else:
+        else:        # ASGI "Connect - receive event": nothing is sent before accept
             raise RuntimeError(f"ASGI: unexpected {kind!r} while the WebSocket is "
                                f"{self.state}")
 
     async def accept(self, message: dict) -> None:
-        """ASGI "Accept - send event": the 101 response (RFC 6455 §4.2.2)."""
+        """ASGI "Accept - send event": the 101 (RFC 6455 §4.2.2 item 5); then read
+        frames, the first perhaps sent before the client had the 101."""
         headers = check_asgi_headers(message.get("headers", []))
         if any(name.lower() == b"sec-websocket-protocol" for name, _ in headers):
-            raise RuntimeError("ASGI: use 'subprotocol', not a sec-websocket-protocol header")
+            raise RuntimeError("ASGI: use 'subprotocol', not a sec-websocket-protocol "
+                               "header")
         lines = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket",
                  b"Connection: Upgrade",
                  b"Sec-WebSocket-Accept: " + websocket_accept(self.key)]
         subprotocol = message.get("subprotocol")
         if subprotocol is not None and subprotocol not in self.offered:
-            # Policy (RFC 6455 §4.2.2): the server picks one the client offered.
+            # Policy: RFC 6455 §4.2.2 has the server pick one the client offered.
             raise RuntimeError(f"ASGI: subprotocol {subprotocol!r} was not offered")
         if subprotocol is not None:
             lines.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("latin-1"))
-        if self.deflate is not None:
+        if self.deflate is not None:                  # RFC 7692 §5
             lines.append(b"Sec-WebSocket-Extensions: " + self.deflate_answer)
         lines += [field_line(name, value) for name, value in headers]
         await self.conn.write(b"\r\n".join(lines) + b"\r\n\r\n")
         self.state = "open"
-        self.parser.feed(bytes(self.conn.parser.buffer))   # frames sent early
+        self.parser.feed(bytes(self.conn.parser.buffer))   # Leniency: RFC 6455 §4.1
         self.conn.parser.buffer.clear()
         self.tasks.append(asyncio.ensure_future(self.read_frames()))
         if self.conn.config.ws_ping_interval:
             self.tasks.append(asyncio.ensure_future(self.keep_alive()))
 
-    async def send_data(self, data: bytes | None, text: str | None) -> None:
-        """ASGI "Send - send event": exactly one of bytes and text."""
-        if (data is None) == (text is None):
-            raise RuntimeError("ASGI: websocket.send needs exactly one of bytes and text")
-        opcode, payload = (OP_BINARY, data) if text is None else (OP_TEXT, text.encode())
-        if self.deflate is not None:
-            await self.conn.write(encode_frame(opcode, self.deflate.compress(payload), True))
-        else:
-            await self.conn.write(encode_frame(opcode, payload))
-
-    async def app_close(self, message: dict) -> None:
-        """ASGI "Close - send event": 403 before accept, else a Close frame."""
-        if self.state == "connecting":
-            await self.end(403, 1000)
-            return
-        code = message.get("code", 1000)
-        reason = message.get("reason") or ""
-        if not (code in SENDABLE_CLOSE_CODES or 3000 <= code < 5000) or \
-                len(reason.encode("utf-8")) > 123:
-            raise ValueError(f"invalid WebSocket close: {code} {reason!r}")   # RFC 6455 §5.5
-        await self.close(code, reason)
-
     async def deny(self, message: dict) -> None:
-        """ASGI "websocket.http.response" extension: answer with plain HTTP."""
+        """ASGI "WebSocket Denial Response" extension: answer with plain HTTP."""
         if message["type"] == "websocket.http.response.start" and self.denial is None:
-            status = check_asgi_status(message["status"])       # checked as for http,
-            headers = check_asgi_headers(message.get("headers", []))   # before any change
-            self.denial = Response("GET", "1.1", keep_alive=False, config=self.conn.config)
+            status = check_asgi_status(message["status"])   # checked as for http,
+            headers = check_asgi_headers(message.get("headers", []))   # before changes
+            self.denial = Response("GET", "1.1", False, self.conn.config)  # then close
             self.state = "denying"
             await self.conn.write(self.denial.head(status, headers, time.time()))
         elif message["type"] == "websocket.http.response.body" and self.denial:
@@ -3853,20 +3824,22 @@ class WebSocketCycle:
         else:
             raise RuntimeError(f"ASGI: unexpected {message['type']!r}")
 
-    async def close(self, code: int, reason: str) -> None:
-        """RFC 6455 §7.1.2: send Close, wait (bounded) for the peer's Close."""
-        if self.state != "open":
-            return
-        self.state = "closing"
+    async def close(self, code: int, reason: str, wait: bool = True) -> None:
+        """RFC 6455 §7.1.2: send Close, then wait for the client's (class docstring)."""
+        if wait:
+            if self.state != "open":
+                return
+            self.state = "closing"
         try:
             await self.conn.write(encode_close(code, reason))
-            await asyncio.wait_for(self.closed.wait(), WS_CLOSE_SECONDS)
+            if wait:
+                await asyncio.wait_for(self.closed.wait(), WS_CLOSE_SECONDS)
         except (ClientDisconnected, asyncio.TimeoutError):
             pass
         await self.disconnected(code, reason)
 
     async def disconnected(self, code: int, reason: str) -> None:
-        """The connection is over: tell the app once, and drop the socket."""
+        """Close TCP, and tell the app, once (ASGI "Disconnect - receive event")."""
         if self.state != "closed":
             self.state = "closed"
             self.closed.set()
@@ -3875,50 +3848,35 @@ class WebSocketCycle:
                                   "reason": reason})
 
     async def read_frames(self) -> None:
-        """Read messages for the app; answer pings and the peer's Close."""
+        """ASGI "WebSocket": whole messages for the app; Pongs; the client's Close."""
         try:
             while self.state in ("open", "closing"):
                 message = self.parser.next_message()
                 if message is None:
-                    data = await self.conn.read()
-                    if not data:
-                        await self.disconnected(1006, "")   # RFC 6455 §7.1.5: no Close frame
-                        return
-                    self.parser.feed(data)
-                elif message[0] == "ping":
-                    # RFC 6455 §5.5.2: a Pong carries the Ping's data
+                    self.parser.feed(await self.conn.read())
+                    if self.conn.eof:         # b"": TCP closed (RFC 6455 §7.1.5: 1006)
+                        raise ClientDisconnected("the client has disconnected")
+                elif message[0] == "ping":    # RFC 6455 §5.5.2: a Pong with its data
                     await self.conn.write(encode_frame(OP_PONG, message[1]))
-                elif message[0] == "pong":
-                    self.pong.set()
+                elif message[0] == "pong":    # RFC 6455 §5.5.3: maybe unsolicited;
+                    self.pong.set()           # either way, the client is alive
                 elif message[0] == "close":
-                    if self.state == "open":   # RFC 6455 §5.5.1: answer with a Close
+                    if self.state == "open":  # RFC 6455 §5.5.1: answer with its code
                         await self.conn.write(encode_close(message[1]))
-                    self.closed.set()
                     await self.disconnected(message[1], message[2])
-                    return
-                elif self.state == "open":
-                    key = "text" if message[0] == "text" else "bytes"
-                    await self.inbox.put({"type": "websocket.receive", key: message[1]})
+                elif self.state == "open":    # ASGI "Receive - receive event"
+                    await self.inbox.put({"type": "websocket.receive",
+                                          message[0]: message[1]})
         except WebSocketError as error:
-            await self.fail(error.code, error.reason)
-        except ClientDisconnected:
+            await self.close(error.code, error.reason, wait=False)
+        except ClientDisconnected:            # RFC 6455 §7.1.5: no Close frame
             await self.disconnected(1006, "")
-        except Exception:
-            # A bug of ours: this task has no one to report to, and the app
-            # would wait forever on receive(). End this connection only.
+        except Exception:    # a bug of ours: end this connection, not the app's wait
             log.exception("internal error while reading WebSocket frames")
-            await self.fail(1011, "internal error")
-
-    async def fail(self, code: int, reason: str) -> None:
-        """RFC 6455 §7.1.7: "Fail the WebSocket Connection": Close with the code, then go."""
-        try:
-            await self.conn.write(encode_close(code, reason))
-        except ClientDisconnected:
-            pass              # the client is gone already: nothing to tell it
-        await self.disconnected(code, reason)
+            await self.close(1011, "internal error", wait=False)
 
     async def keep_alive(self) -> None:
-        """Ping every --ws-ping-interval; no pong within --ws-ping-timeout: close."""
+        """ASGI "WebSocket": the server pings. Policy: no Pong in time: 1011."""
         config = self.conn.config
         while self.state == "open":
             await asyncio.sleep(config.ws_ping_interval)
@@ -3939,17 +3897,15 @@ class WebSocketCycle:
 # =============================================================================
 
 
-# Policy: the exit status of a lifespan that goes wrong. 3: the app could not
-# start (lifespan.startup.failed, or it raised with --lifespan on). 4: it could
-# not stop (lifespan.shutdown.failed, or no answer in time). A worker exits with
-# it, and run_workers() passes it on as the status of the whole server.
+# Policy: the exit status of a lifespan that goes wrong, which run_workers()
+# passes on. 3: the app could not start (lifespan.startup.failed, or it raised
+# with --lifespan on). 4: it could not stop (shutdown.failed, or no answer).
 EXIT_STARTUP_FAILED = 3
 EXIT_SHUTDOWN_FAILED = 4
 
 
 class LifespanFailure(Exception):
-    """The app reported (or raised) that it could not start or stop; `status`
-    is the exit status the command line ends with."""
+    """The app could not start or stop; `status` is the exit status to end with."""
 
     def __init__(self, message: str, status: int = EXIT_STARTUP_FAILED) -> None:
         """`message` is logged as it is; `status` is an EXIT_* above."""
@@ -3958,53 +3914,60 @@ class LifespanFailure(Exception):
 
 
 class Lifespan:
-    """ASGI Lifespan spec: startup() and shutdown() around serving."""
+    """ASGI Lifespan spec: startup() before serving, shutdown() after, around one
+    app call, run(). startup() sends lifespan.startup; then, from "starting":
+        starting -> running      lifespan.startup.complete: serve
+        starting -> exit 3       lifespan.startup.failed
+        starting -> unsupported  the app raised: serve without lifespan (exit 3
+                                 with --lifespan on, for an app that needs it)
+        running -> stopping      shutdown() sends lifespan.shutdown
+        stopping -> done         lifespan.shutdown.complete, or the app returned
+        stopping -> exit 4       lifespan.shutdown.failed, or no answer in time
+    --lifespan "auto" carries on when the app raises: an app written without
+    lifespan may well raise on a scope type it does not know. "off" skips it.
+    `started` and `stopped` are set at the end of starting and of stopping (or
+    of the app's call); `state` is the app's (ASGI Lifespan "Lifespan State"):
+    section 7 (ASGI HTTP adapter) gives each scope a shallow copy.
+    """
 
-    def __init__(self, app, mode: str = "auto", timeout: float = GRACEFUL_SECONDS) -> None:
+    def __init__(self, app, mode: str = "auto",
+                 timeout: float = GRACEFUL_SECONDS) -> None:
         """`mode` is --lifespan; `timeout` bounds the wait for the shutdown's answer."""
-        self.app = app
-        self.mode = mode             # "auto", "on" or "off" (as uvicorn)
-        self.timeout = timeout
-        self.state: dict = {}        # filled by the app; copied into each scope
-        self.inbox: asyncio.Queue | None = None
-        self.started: asyncio.Event | None = None
-        self.stopped: asyncio.Event | None = None
-        self.sent: set[str] = set()  # the lifespan.* messages the app sent
-        self.failure = ""            # the app's message with a *.failed event
-        self.stopping = False        # lifespan.shutdown has been sent
+        self.app, self.mode, self.timeout = app, mode, timeout
+        self.state: dict = {}
+        self.task = self.inbox = self.started = self.stopped = None   # see startup()
+        self.failure: str | None = None    # the message of a *.failed event
+        self.stopping = False              # lifespan.shutdown was sent
         self.supported = mode != "off"
-        self.task: asyncio.Task | None = None   # the app's lifespan call
 
     async def startup(self) -> None:
-        """Send lifespan.startup and wait for the answer; raises LifespanFailure."""
+        """ASGI Lifespan "Startup - receive event"; raises LifespanFailure."""
         if not self.supported:
             return
-        self.inbox, self.started, self.stopped = asyncio.Queue(), asyncio.Event(), asyncio.Event()
+        # Made here, on the serving loop: an asyncio object belongs to one loop.
+        self.inbox = asyncio.Queue()
+        self.started, self.stopped = asyncio.Event(), asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self.run())
         await self.inbox.put({"type": "lifespan.startup"})
         await self.started.wait()
-        if "lifespan.startup.failed" in self.sent:
+        if self.failure is not None:     # ASGI Lifespan "Startup Failed - send event"
             raise LifespanFailure(f"application startup failed: {self.failure}")
         if not self.supported and self.mode == "on":
             raise LifespanFailure("application startup failed: the app raised, "
                                   "and --lifespan on requires it")
 
     def abandon(self) -> None:
-        """The server stops before the startup completed: cancel the app's
-        lifespan call (and send it nothing more)."""
+        """The server stops before the startup completed: cancel the app's call."""
         if self.task is not None:
             self.task.cancel()
 
     async def shutdown(self) -> None:
-        """Send lifespan.shutdown and wait for the answer, at most self.timeout
-        seconds; raises LifespanFailure if the app failed or did not answer."""
+        """ASGI Lifespan "Shutdown - receive event"; raises LifespanFailure."""
         if not self.supported or self.stopped.is_set():
             return
         self.stopping = True
         await self.inbox.put({"type": "lifespan.shutdown"})
-        try:
-            # ASGI Lifespan "Shutdown Complete": the server waits for it, here
-            # for --timeout-graceful-shutdown, as long as connections may drain.
+        try:    # ASGI Lifespan "Shutdown Complete - send event", waited for
             await asyncio.wait_for(self.stopped.wait(), self.timeout)
         except asyncio.TimeoutError:
             # Policy: no answer in time is a failed shutdown: nothing says the
@@ -4013,52 +3976,44 @@ class Lifespan:
             raise LifespanFailure(f"application shutdown did not complete within "
                                   f"{self.timeout:g} s (--timeout-graceful-shutdown)",
                                   EXIT_SHUTDOWN_FAILED) from None
-        if "lifespan.shutdown.failed" in self.sent:
-            # ASGI Lifespan "Shutdown Failed": the app's message is logged (by
-            # whoever catches this) and the server ends with a non-zero status.
+        if self.failure is not None:     # ASGI Lifespan "Shutdown Failed - send event"
             raise LifespanFailure(f"application shutdown failed: {self.failure}",
                                   EXIT_SHUTDOWN_FAILED)
 
     async def run(self) -> None:
-        """The app's lifespan call. ASGI Lifespan spec: if it raises before startup
-        completes, lifespan is unsupported (with --lifespan on, startup() fails)."""
+        """The app's call, with the scope of ASGI Lifespan "Scope"."""
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
                  "state": self.state}
         try:
             await self.app(scope, self.inbox.get, self.send)
         except Exception as error:
-            if self.started.is_set():
+            # ASGI Lifespan "Scope": if the app raises before its startup is over,
+            # "the server must continue but not send any lifespan events".
+            self.supported = self.started.is_set()
+            if self.supported:
                 log.exception("error in ASGI lifespan")
+            elif self.mode == "on":
+                log.error("ASGI lifespan startup raised: %r", error)
             else:
-                # ASGI Lifespan spec: "If an exception is raised ... the server
-                # must continue but not send any lifespan events."
-                self.supported = False
-                if self.mode == "on":
-                    log.error("ASGI lifespan startup raised: %r", error)
-                else:
-                    log.info("ASGI 'lifespan' protocol appears unsupported")
+                log.info("ASGI 'lifespan' protocol appears unsupported")
         finally:
             self.started.set()
             self.stopped.set()
 
     async def send(self, message: dict) -> None:
-        """ASGI Lifespan spec: the four messages, each in its turn."""
+        """The app's answers, each in its turn; others raise (ASGI "Error Handling")."""
         kind = message["type"]
         if kind in ("lifespan.startup.complete", "lifespan.startup.failed"):
-            in_turn = not self.started.is_set()
+            event = self.started
         elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            in_turn = self.stopping and not self.stopped.is_set()
+            event = self.stopped if self.stopping else None
         else:
-            in_turn = False
-        if not in_turn:
+            event = None
+        if event is None or event.is_set():
             raise RuntimeError(f"ASGI lifespan: unexpected message {kind!r}")
-        self.sent.add(kind)
         if kind.endswith(".failed"):
             self.failure = message.get("message", "")
-        if kind.startswith("lifespan.startup"):
-            self.started.set()
-        else:
-            self.stopped.set()
+        event.set()
 
 
 def asgi3_app(app, interface: str = "auto"):
@@ -4071,8 +4026,7 @@ def asgi3_app(app, interface: str = "auto"):
 
     async def asgi3(scope, receive, send):
         """The ASGI 3 call: make the ASGI 2 instance for this scope, then await it."""
-        instance = app(scope)
-        await instance(receive, send)
+        await app(scope)(receive, send)
     return asgi3
 
 

@@ -9508,3 +9508,129 @@ def test_wsgi_threads_1_is_one_worker_thread_and_not_multithread():
             assert exchange(port, wsgi_get()).endswith(b"\r\n\r\nok")
     assert [multithread for multithread, _ in seen] == [False] * 3
     assert len({name for _, name in seen}) == 1
+
+# --- teaching edition: WebSocket and lifespan (§9-§10) ---
+
+
+@pytest.mark.parametrize("name", ["websocket_accept", "encode_frame", "unmask",
+                                  "FrameParser"])
+def test_ws_docstring_examples_run(name):
+    # The codec's docstrings carry RFC 6455 §1.3's and §5.7's examples; they
+    # are part of the text a student reads, so they must stay true.
+    import doctest
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+    for test in finder.find(getattr(gateway, name), name, module=gateway,
+                            globs=dict(vars(gateway))):
+        runner.run(test)
+    failed, attempted = runner.summarize(verbose=False)
+    assert (failed, attempted > 0) == (0, True)
+
+
+def test_ws_close_codes_are_checked_the_same_both_ways():
+    # RFC 6455 §7.4.1-§7.4.2: one rule for the client's Close and the app's close.
+    sendable = [code for code in range(6000) if gateway.sendable_close_code(code)]
+    assert sendable == [1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)]
+    for code in (1004, 1005, 1006, 1015, 2999, 5000):
+        assert ws_parse([ws_close_frame(code)]) == ([], 1002)
+    for code in (1000, 1014, 3000, 4999):
+        assert ws_parse([ws_close_frame(code)]) == ([("close", code, "")], None)
+
+
+@pytest.mark.parametrize("size, length, expected", [
+    (5, b"\x05", [("bytes", b"z" * 5)]),                          # 7-bit form
+    (5, b"\x7e\x00\x05", 1002),                                   # 16-bit, not minimal
+    (200, b"\x7e\x00\xc8", [("bytes", b"z" * 200)]),              # 16-bit form
+    (200, b"\x7f" + (200).to_bytes(8, "big"), 1002),              # 64-bit, not minimal
+    (65535, b"\x7f" + (65535).to_bytes(8, "big"), 1002),
+    (65536, b"\x7f" + (65536).to_bytes(8, "big"), [("bytes", b"z" * 65536)]),
+], ids=["7-bit", "16-bit-for-5", "16-bit", "64-bit-for-200", "64-bit-for-65535",
+        "64-bit"])
+def test_ws_payload_length_forms(size, length, expected):
+    # RFC 6455 §5.2: three forms, and the minimal one is required (our policy
+    # holds clients to it); fed whole and one byte at a time.
+    raw = ws_client_frame(2, b"z" * size, length=length)
+    for pieces in ([raw], [raw[i:i + 1] for i in range(min(len(raw), 200))]
+                   + [raw[200:]]):
+        messages, code = ws_parse([piece for piece in pieces if piece])
+        if isinstance(expected, int):
+            assert code == expected
+        else:
+            assert (messages, code) == (expected, None)
+
+
+def test_ws_unmask_is_the_rfc_formula():
+    # RFC 6455 §5.3: "j = i MOD 4; transformed-octet-i = original-octet-i XOR
+    # masking-key-octet-j", for every length up to a few key repetitions.
+    key = bytes([0x37, 0xFA, 0x21, 0x3D])
+    for size in range(0, 40):
+        data = bytes(range(size))
+        assert gateway.unmask(data, key) == bytes(o ^ key[i % 4] for i, o in enumerate(data))
+
+
+@pytest.mark.parametrize("offer, answer", [
+    (b'permessage-deflate; server_max_window_bits="10"',
+     b"permessage-deflate; server_max_window_bits=10"),           # a quoted value
+    (b"permessage-deflate; server_max_window_bits=010",
+     b"permessage-deflate; server_max_window_bits=10"),           # leading zeros
+    (b"permessage-deflate; client_max_window_bits=8", b"permessage-deflate"),
+    (b"permessage-deflate; server_max_window_bits=8", None),       # zlib: no 8 bits
+    (b"permessage-deflate; server_max_window_bits", None),          # needs a value
+    (b"permessage-deflate; client_max_window_bits=", None),
+    (b"permessage-deflate; server_no_context_takeover=1", None),    # takes no value
+    (b"permessage-deflate; client_no_context_takeover; server_no_context_takeover",
+     b"permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
+    (b"permessage-deflate; x=1, permessage-deflate", b"permessage-deflate"),
+])
+def test_ws_deflate_offer_parameters(offer, answer):
+    # RFC 7692 §5.1 and §7.1: what an offer may hold, and our answer's fixed order.
+    codec, got = gateway.PerMessageDeflate.negotiate([offer])
+    assert (got if codec else None) == answer
+
+
+@pytest.mark.parametrize("key, ok", [
+    (b"dGhlIHNhbXBsZSBub25jZQ==", True),            # RFC 6455 §1.3's key
+    (b"AAAAAAAAAAAAAAAAAAAAAB==", True),            # the last digit's spare bits
+    (b"AAAAAAAAAAAAAAAAAAAAAAA=", False),           # 17 bytes
+    (b"AAAAAAAAAAAAAAAAAAAAAA", False),             # no padding
+    (b"AAAAAAAAAAAAAAAAAAAA====", False),           # 15 bytes, padded out
+    (b"AAAAAAAAAAA AAAAAAAAAA==", False),
+])
+def test_ws_key_must_decode_to_16_bytes(key, ok):
+    # RFC 6455 §4.2.1 item 5: base64 that decodes to exactly 16 bytes.
+    head = (b"GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key)
+    request = gateway.parse_head(head)
+    if ok:
+        assert gateway.check_handshake(request) == key
+    else:
+        with pytest.raises(gateway.HTTPError) as caught:
+            gateway.check_handshake(request)
+        assert caught.value.status == 400
+
+
+def test_lifespan_message_out_of_turn_raises_and_in_turn_does_not():
+    # ASGI "Error Handling": the lifespan answers are accepted only in their turn.
+    sent = []
+
+    async def app(scope, receive, send):
+        await receive()
+        for kind in ("lifespan.shutdown.complete", "lifespan.startup.complete",
+                     "lifespan.startup.complete"):
+            try:
+                await send({"type": kind})
+                sent.append(kind)
+            except RuntimeError:
+                sent.append("raised")
+        await receive()
+        await send({"type": "lifespan.shutdown.failed", "message": "boom"})
+
+    async def main():
+        lifespan = gateway.Lifespan(app, "on", timeout=2)
+        await lifespan.startup()
+        with pytest.raises(gateway.LifespanFailure) as caught:
+            await lifespan.shutdown()
+        return caught.value
+    failure = asyncio.run(main())
+    assert sent == ["raised", "lifespan.startup.complete", "raised"]
+    assert (str(failure), failure.status) == ("application shutdown failed: boom",
+                                              gateway.EXIT_SHUTDOWN_FAILED)
