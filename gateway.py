@@ -1997,6 +1997,9 @@ class WSGIConnection:
 # connection (the self-pipe trick: a byte on a socketpair), and checks the
 # clocks. WorkerPool is the worker threads. Graceful shutdown lets the
 # requests in progress finish, each answer saying "Connection: close".
+# Also here: wsgi.file_wrapper and the file the loop sends with os.sendfile()
+# (FileWrapper, FileRegion, has_length, send_file), and release_memory(),
+# which both servers call.
 # =============================================================================
 
 
@@ -2024,8 +2027,8 @@ class WorkerPool:
         self.jobs: collections.deque = collections.deque()    # (queued at, function)
         self.lock = threading.Lock()         # guards jobs, sleeping and stopping
         self.sleeping: list[threading.Lock] = []   # the held lock of each sleeper
-        self.last_wake = 0.0
-        self.stopping = False
+        self.last_wake = 0.0                 # when the loop last woke a worker
+        self.stopping = False                # stop(): end once the queue is empty
         self.threads = [threading.Thread(target=self._work, daemon=True,
                                          name=f"gateway-worker-{n}")
                         for n in range(count)]
@@ -2035,34 +2038,46 @@ class WorkerPool:
     def submit(self, function) -> None:
         """Queue a call, stamped with the time; wake_workers() wakes a worker for it."""
         with self.lock:
-            self.jobs.append((time.monotonic(), function))
+            self.jobs.append((time.monotonic(), function))   # no wake-up: see below
 
     def wake_workers(self, now: float, longest: float) -> float:
-        """Wake a sleeper if the queue needs one; return how long select() may wait."""
+        """Wake a sleeper if the queue needs one; return how long select() may wait.
+
+        Called by the loop just before select(), not by submit(): the calls
+        queued in one turn of the loop then cost one wake-up at most, and a
+        worker that is awake anyway takes them without any.
+        """
         with self.lock:
             if not (self.jobs and self.sleeping):
-                return longest
+                return longest           # nothing queued, or nobody to wake
+            # Overdue: the awake workers are all inside slow app calls. Add
+            # one more, and no more than one each WORKER_WAIT_SECONDS.
             overdue = (now - self.jobs[0][0] >= WORKER_WAIT_SECONDS
                        and now - self.last_wake >= WORKER_WAIT_SECONDS)
-            if len(self.sleeping) == len(self.threads) or overdue:
-                self.sleeping.pop().release()
+            if len(self.sleeping) == len(self.threads) or overdue:   # all asleep
+                self.sleeping.pop().release()    # ring one sleeper's own bell
                 self.last_wake = now
-            return min(longest, WORKER_WAIT_SECONDS)
+            return min(longest, WORKER_WAIT_SECONDS)   # look at the queue again soon
 
     def _work(self) -> None:
         """A worker thread: run queued calls, oldest first; when none is left,
         sleep on a lock of its own until woken; end once stopping and idle."""
+        # Why a lock of its own, not a Condition on self.lock: wait() would
+        # have to take self.lock back on waking, so a woken worker could find
+        # the loop holding it and sleep again. This bell is released by the
+        # loop and acquired here with self.lock free; a release() that comes
+        # before the acquire() is not lost: acquire() then returns at once.
         bell = threading.Lock()
         bell.acquire()               # held: acquire() again sleeps until a release()
         while True:
             with self.lock:
-                job = self.jobs.popleft()[1] if self.jobs else None
+                job = self.jobs.popleft()[1] if self.jobs else None   # oldest first
                 if job is None:
                     if self.stopping:
                         return
-                    self.sleeping.append(bell)
+                    self.sleeping.append(bell)   # under the lock: the loop sees it
             if job is None:
-                bell.acquire()
+                bell.acquire()       # asleep here until wake_workers() or stop()
                 continue
             try:
                 job()
@@ -2074,12 +2089,12 @@ class WorkerPool:
         with self.lock:
             self.stopping = True
             for bell in self.sleeping:
-                bell.release()
+                bell.release()        # each sleeper wakes, empties the queue, ends
             self.sleeping.clear()
 
 
 class FileWrapper:
-    """wsgi.file_wrapper (PEP 3333, "Optional Platform-Specific File Handling")."""
+    """wsgi.file_wrapper (PEP 3333 "Optional Platform-Specific File Handling")."""
 
     def __init__(self, filelike, block_size: int = 8192) -> None:
         """Wraps a file-like object, to be read in blocks of `block_size` bytes."""
@@ -2103,8 +2118,9 @@ class FileWrapper:
             return False
 
     def close(self) -> None:
-        """Close the wrapped file, if it has a close()."""
-        if hasattr(self.filelike, "close"):   # PEP 3333: close() is passed on
+        """Close the wrapped file, if it has a close(): PEP 3333 "Optional
+        Platform-Specific File Handling" passes the result's close() on."""
+        if hasattr(self.filelike, "close"):
             self.filelike.close()
 
 
@@ -2148,7 +2164,7 @@ def send_file(wrapper: FileWrapper, response: WSGIResponse) -> None:
     conn = response.conn
     conn.put(response._head())
     if response.response.framing == "length":      # not for HEAD, 204, 304
-        # "Handling the Content-Length Header": as for an iterable, sending
+        # PEP 3333 "Handling the Content-Length Header": as for an iterable, sending
         # stops once the declared length is sent (a longer file is fine).
         count = min(count, response.response.length)
         if count:
@@ -2202,8 +2218,12 @@ class WSGIServer:
                             else None)
         self.running = True          # shutdown() may come before serve_forever()
         self.stopping = threading.Event()   # set: answer no new request
-        self.forced = False
-        # The self-pipe: a worker writes a byte to wake the loop's select().
+        self.forced = False          # a second shutdown(): do not wait for requests
+        # The self-pipe: select() sleeps until a socket is ready, so a worker
+        # wakes it by making one ready: it adds its connection to `woken` and
+        # writes a byte. A socketpair, not os.pipe(): Windows' select() takes
+        # sockets only. Both ends never block: if the socket is full, a byte
+        # is already waiting and the loop will wake anyway.
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
@@ -2238,22 +2258,22 @@ class WSGIServer:
         try:
             while self.running:
                 self.run_once()
-            self.drain()
+            self.drain()           # graceful: the requests in progress finish
         finally:
             self.close_all()
 
     def run_once(self) -> None:
         """One turn of the loop: wait for sockets, handle them, check the clocks."""
-        timeout = self.pool.wake_workers(time.monotonic(), self.tick)
+        timeout = self.pool.wake_workers(time.monotonic(), self.tick)   # then sleep
         if not self.accepting and not self.stopping.is_set():
-            timeout = max(0.0, min(timeout, self.resume_at - time.monotonic()))
+            timeout = max(0.0, min(timeout, self.resume_at - time.monotonic()))  # retry
         for key, mask in self.selector.select(timeout):
             if key.data == "accept":
                 self.accept()
             elif key.data == "wake":
                 self.on_wake()
             else:
-                self.guarded(key.data, key.data.on_event, mask)
+                self.guarded(key.data, key.data.on_event, mask)   # a client socket
         now = time.monotonic()
         if not self.accepting and not self.stopping.is_set() and (
                 now >= self.resume_at or len(self.connections) < self.resume_below):
@@ -2268,7 +2288,7 @@ class WSGIServer:
     def drain(self) -> None:
         """Graceful shutdown: stop accepting, close idle connections, and let
         requests in progress finish (each response says "Connection: close")."""
-        self.stopping.set()
+        self.stopping.set()     # from now on, every response says "Connection: close"
         self.watch_listener(False)
         self.listener.close()
         for conn in list(self.connections):
@@ -2383,11 +2403,11 @@ class WSGIServer:
     def on_wake(self) -> None:
         """Empty the wake-up socket, then run on_wake() of each connection woken."""
         try:
-            self.wake_reader.recv(4096)
+            self.wake_reader.recv(4096)    # the bytes mean nothing: waking was all
         except BlockingIOError:
             pass
         with self.wake_lock:
-            woken, self.woken, self.wake_sent = self.woken, [], False
+            woken, self.woken, self.wake_sent = self.woken, [], False   # byte read
         for conn in woken:
             if not conn.closed:
                 self.guarded(conn, conn.on_wake)
@@ -2400,8 +2420,9 @@ class WSGIServer:
 
     def expire(self, conn: WSGIConnection, now: float) -> None:
         """Runs on: the loop. Close (or answer 408) a connection that has waited
-        too long (the timeouts of section 1). RFC 9112 §9.5: an idle connection
-        may close; RFC 9112 §9.6: the lingering close ends."""
+        too long; the timeouts are in section 1 (Imports, limits and constants).
+        RFC 9112 §9.5: an idle connection may close; RFC 9112 §9.6: the
+        lingering close ends."""
         config = self.config
         if conn.state == "closing":
             if now - conn.since > LINGER_SECONDS:
@@ -2453,7 +2474,7 @@ class WSGIServer:
         """Close every connection, stop the workers, then the selector and sockets."""
         for conn in list(self.connections):
             conn.close()
-        self.pool.stop()
+        self.pool.stop()        # after close(): a worker's put() now raises, ends
         self.selector.close()
         if self.listener.fileno() >= 0:
             self.listener.close()
