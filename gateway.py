@@ -995,7 +995,7 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # What a worker thread does for one request, in the PEP's order: build the
 # environ, call the app, hand each piece of the response on, and always
 # close() the result. Nothing here touches a socket: bytes go to the loop
-# thread through the connection's put() and finish() (section 6, WSGI
+# thread through the connection's put() and finish() in section 6 (WSGI
 # connections), which is also where a call waits while the client reads.
 # =============================================================================
 
@@ -1006,8 +1006,8 @@ def split_root_path(root_path: str, path: str) -> tuple[str, str]:
     One rule for both adapters. PEP 3333 "environ Variables": SCRIPT_NAME +
     PATH_INFO is the whole path, SCRIPT_NAME never ends in "/", and PATH_INFO
     is empty or starts with "/". ASGI HTTP "Connection Scope": root_path is
-    WSGI's SCRIPT_NAME and path is the whole path, root_path included; so
-    build_scope (section 7) uses script_name and script_name + path_info.
+    SCRIPT_NAME and path the whole path, so build_scope in section 7 (ASGI
+    HTTP adapter) takes script_name and script_name + path_info.
 
     >>> split_root_path("/api/", "/api/users"), split_root_path("/api", "/apix")
     (('/api', '/users'), ('/api', '/apix'))
@@ -1023,10 +1023,9 @@ def split_root_path(root_path: str, path: str) -> tuple[str, str]:
 
 def build_environ(request: Request, body, server: tuple, client: tuple | None,
                   config: Config, scheme: str = "http") -> dict:
-    r"""The PEP 3333 environ for one request: a new dict ("environ Variables").
-
-    Every CGI-style value is a str of latin-1 code points ("A Note On String
-    Types", "Unicode Issues"); the wsgi.* values follow the PEP's table.
+    r"""The environ of one request: a new dict (PEP 3333 "Specification Details")
+    with the keys of PEP 3333 "environ Variables". Each CGI-style value is a
+    str of latin-1 code points ("Unicode Issues", "A Note On String Types").
 
     >>> parser = RequestParser()
     >>> parser.feed(b"GET /api/caf%C3%A9?q=a+b HTTP/1.1\r\nHost: example\r\n"
@@ -1038,7 +1037,7 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
     >>> environ["HTTP_X_ID"], environ["SERVER_PORT"], environ["REMOTE_PORT"]
     ('7, 8', '80', '5000')
     """
-    # PEP 3333, "Unicode Issues": native strings hold the bytes as latin-1.
+    # PEP 3333 "Unicode Issues": native strings hold the bytes as latin-1.
     script_name, path_info = split_root_path(
         config.root_path, unquote_to_bytes(request.path).decode("latin-1"))
     environ = {
@@ -1053,18 +1052,18 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
         "wsgi.version":          (1, 0),
         "wsgi.url_scheme":       scheme,
         "wsgi.input":            body,
-        "wsgi.errors":           sys.stderr,   # "Input and Error Streams": text
+        "wsgi.errors":           sys.stderr,   # PEP 3333 "Input and Error Streams"
         # PEP 3333 "Thread Support": true if another thread may call the app
         # while this call runs; --threads 1 calls it on one thread only.
         "wsgi.multithread":      config.threads > 1,
         "wsgi.multiprocess":     config.workers > 1,
         "wsgi.run_once":         False,
-        # Not in PEP 3333: a key frameworks read as "wsgi.input ends where
-        # the body ends, so read to EOF", which ours always does.
+        # Not in PEP 3333: a de-facto convention (Werkzeug reads it) for
+        # "wsgi.input ends where the body ends, so read to EOF", as ours does.
         "wsgi.input_terminated": True,
         "wsgi.file_wrapper":     FileWrapper,
     }
-    if client is not None:   # "environ Variables": leave out what does not apply
+    if client is not None:   # PEP 3333 "environ Variables": omit what does not apply
         environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = str(client[0]), str(client[1])
     if scheme == "https":
         environ["HTTPS"] = "on"
@@ -1073,8 +1072,7 @@ def build_environ(request: Request, body, server: tuple, client: tuple | None,
 
 
 def add_header_variables(environ: dict, headers: list[tuple[bytes, bytes]]) -> None:
-    """PEP 3333 "environ Variables" (after CGI): CONTENT_TYPE, CONTENT_LENGTH,
-    and an HTTP_ variable for each other field."""
+    """PEP 3333 "environ Variables": CONTENT_TYPE, CONTENT_LENGTH, HTTP_* (CGI)."""
     for name, value in headers:
         key = environ_key(name)
         if key is None:
@@ -1090,47 +1088,45 @@ def add_header_variables(environ: dict, headers: list[tuple[bytes, bytes]]) -> N
 def environ_key(name: bytes) -> str | None:
     """b"user-agent" -> "HTTP_USER_AGENT" (RFC 3875 §4.1.18); None: leave it out."""
     if b"_" in name:
-        # Policy: RFC 3875 §4.1.18 turns "-" into "_", so "X_Forwarded_For"
-        # would become the same key as "X-Forwarded-For", and a client could
-        # spoof what a proxy set. Such a field is left out.
+        # Policy: RFC 3875 §4.1.18 turns "-" into "_": "X_Forwarded_For" would
+        # pass for the "X-Forwarded-For" a proxy set. Such a field is left out.
         return None
     key = name.decode("latin-1").upper().replace("-", "_")
     return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
 
 
 def call_wsgi_app(app, environ: dict, response: WSGIResponse):
-    """One PEP 3333 application call, in the order of "Specification Details".
+    """One application call, in the order of PEP 3333 "Specification Details".
 
     Read this first; wsgiref's BaseHandler.run() has the same shape. It is a
-    generator only so that it can pause: it yields after each piece of body
-    it hands on, and there its caller may set the call aside while a slow
-    client reads (WSGICall.resume). Errors propagate, after close().
+    generator only to pause: it yields after each piece of body, and there
+    WSGICall.resume may set the call aside while a slow client reads. Errors
+    propagate, after close().
     """
-    # "Specification Details": called once, positionally; start_response()
-    # may run now or in the first next() of the result.
+    # PEP 3333 "Specification Details": called once, positionally;
+    # start_response() may run now or in the first next() of the result.
     result = app(environ, response.start_response)
     try:
         if response.send_whole(result):    # a one-item list, or a file
             return
-        for data in result:   # "Specification Details": only iter, len, close
-            if data:          # "Buffering and Streaming": empty items send nothing
+        for data in result:   # PEP 3333 "Specification Details": iter, len, close
+            if data:          # PEP 3333 "Buffering and Streaming": b"" sends nothing
                 response.send(data)
                 if response.length_sent():
-                    return    # "Handling the Content-Length Header": it is all sent
+                    return    # PEP 3333 "Handling the Content-Length Header": all sent
                 yield
     finally:
-        if hasattr(result, "close"):   # "Specification Details": always called
+        if hasattr(result, "close"):   # always: PEP 3333 "Specification Details"
             response.close_result(result)
 
 
 class WSGIInput:
-    """wsgi.input for a body still arriving (PEP 3333, "Input and Error Streams").
+    """wsgi.input for a body still arriving (PEP 3333 "Input and Error Streams").
 
     The loop thread feed()s bytes in; the app's worker thread reads them out,
-    waiting when none are there yet. read() returns b"" at the end of the
-    body and never reads into the next request. Everything here is shared by
-    the two threads and guarded by `ready`, except send_continue (the
-    worker's alone).
+    waiting when none are there yet. read() returns b"" at the end of the body
+    and never reads into the next request. Both threads share all of it under
+    `ready`, except send_continue (the worker's alone).
     """
 
     def __init__(self, conn: WSGIConnection, parts: list[bytes], expect_continue: bool,
@@ -1146,9 +1142,8 @@ class WSGIInput:
         self.paused = False        # the loop stopped reading: we are full
         self.waiting = False       # the app waits in read() for more than we hold
         # RFC 9110 §10.1.1, PEP 3333 "HTTP 1.1 Expect/Continue": the client
-        # waits for "100 Continue" before it sends the body. It goes out when
-        # the app first reads, so an app that answers without reading (say,
-        # 401) spares the client the upload.
+        # waits for "100 Continue" before it sends the body. We send it on the
+        # app's first read: an app that answers at once (a 401) spares the upload.
         self.send_continue = expect_continue and not parts
 
     # Runs on: the loop thread.
@@ -1178,7 +1173,7 @@ class WSGIInput:
     # Runs on: a worker thread.
     def response_starts(self) -> tuple[bool, bool, int | None]:
         """(body complete, 100 Continue still owed, bytes not received) for
-        must_close(), as the final response starts; no 100 may follow it."""
+        must_close(); RFC 9110 §10.1.1: no 100 after the final response starts."""
         pending, self.send_continue = self.send_continue, False
         with self.ready:
             return self.complete, pending, self.unread
@@ -1190,7 +1185,7 @@ class WSGIInput:
 
     def _wait(self, enough) -> None:
         """Wait until enough(buffer) is true or no more bytes will come."""
-        if self.send_continue:
+        if self.send_continue:    # PEP 3333 "HTTP 1.1 Expect/Continue": first read
             self.send_continue = False
             self.conn.put(CONTINUE)
         with self.ready:
@@ -1237,7 +1232,7 @@ class WSGIInput:
         return self._take(min(end, limit))
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
-        """The rest of the lines; with a `hint`, stop once they total that many."""
+        """PEP 3333 "Input and Error Streams": the lines left, or about `hint` bytes."""
         lines = []
         for line in self:
             lines.append(line)
@@ -1269,7 +1264,7 @@ class WSGIResponse:
         self.last = b""          # a one-item body, sent with the end (send_whole)
 
     def start_response(self, status: str, headers: list, exc_info=None):
-        """PEP 3333, "The start_response() Callable"."""
+        """PEP 3333 "The start_response() Callable" (and "Error Handling")."""
         if exc_info:
             try:
                 if self.head_sent:   # too late to change: re-raise the app's error
@@ -1277,8 +1272,8 @@ class WSGIResponse:
             finally:
                 exc_info = None      # PEP 3333: avoid a reference cycle
         elif self.called:
-            # PEP 3333: only an error handler (with exc_info) may call again,
-            # and a first call that raised counts as a call.
+            # PEP 3333 "The start_response() Callable": only an error handler
+            # (with exc_info) may call again; a first call that raised counts.
             raise AssertionError("start_response() called twice without exc_info")
         self.called = True
         self.headers = check_wsgi_headers(status, headers)
@@ -1290,12 +1285,12 @@ class WSGIResponse:
     def _head(self) -> bytes:
         """The response head, the first time body bytes are ready for it.
 
-        PEP 3333, "The start_response() Callable": start_response() only
+        PEP 3333 "The start_response() Callable": start_response() only
         stores the status and headers; they go out with the first non-empty
         body bytes (or when the app is done), so an app can still replace
-        them with an error page until then. The server adds Date and Server
-        (Response.head). Whether this is the connection's last response is
-        the shared rule, must_close() in section 4.
+        them with an error page until then. Response.head adds Date and Server.
+        RFC 9112 §9.3: must_close() in section 4 (Writing responses) says if
+        it is the connection's last response, for WSGI and ASGI alike.
         """
         if self.status is None:
             # PEP 3333 "Specification Details": a body with no start_response()
@@ -1324,12 +1319,11 @@ class WSGIResponse:
         self.conn.put(head + self.response.body(data), wait)
 
     def write(self, data: bytes) -> None:
-        """PEP 3333, "The write() Callable": queued in order before it returns.
+        """PEP 3333 "The write() Callable": queued in order before it returns.
 
-        "Handling the Content-Length Header": writing past the declared
-        Content-Length is an error raised to the app. Policy: the bytes that
-        still fit go out first, so the client gets the whole body it was
-        promised; the connection then closes (Response.allow).
+        PEP 3333 "Handling the Content-Length Header": writing past the declared
+        Content-Length raises. Policy: the bytes that still fit go out first, so
+        the client gets the whole body promised; then it closes (Response.allow).
         """
         dropped = self.response.dropped
         self.send(data, wait=True)
@@ -1341,20 +1335,20 @@ class WSGIResponse:
         """Take a result that need not be iterated: False if it must be."""
         if self.head_sent:
             return False
+        # PEP 3333 "Optional Platform-Specific File Handling": our own wrapper.
         if type(result) is FileWrapper and result.sendable() and not self.conn.tls:
             send_file(result, self)
             return True
         try:
             if len(result) != 1:
                 return False
-        except TypeError:      # PEP 3333: only len(), iter() and close() are used
+        except TypeError:      # no len(): iterate it (PEP 3333 "Specification Details")
             return False
-        # PEP 3333, "Handling the Content-Length Header": a one-item body has
+        # PEP 3333 "Handling the Content-Length Header": a one-item body has
         # a known length, so the client can keep the connection open.
         self.last = next(iter(result))
-        # RFC 9110 §8.6, §9.3.2: for HEAD, Content-Length must be the GET
-        # body's length. What the app returned for HEAD (often b"") does not
-        # tell it, so the server adds none; the app's own is kept.
+        # RFC 9110 §8.6, §9.3.2: a HEAD's Content-Length is the GET body's; what
+        # the app returned (often b"") does not tell it: we add none, keep its own.
         if (self.status is not None and type(self.last) is bytes
                 and self.method != "HEAD" and not has_length(self.headers)):
             self.headers.append((b"Content-Length", b"%d" % len(self.last)))
@@ -1381,17 +1375,12 @@ class WSGIResponse:
         return head + self.response.body(self.last) + self.response.end()
 
 
-def has_length(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Did the app give a Content-Length? (field names are case-insensitive)"""
-    return any(name.lower() == b"content-length" for name, _ in headers)
-
-
 # PEP 3333 "The start_response() Callable": a code, one space, a reason, and no
 # control characters. RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ).
 # Policy: HTAB passes (the RFC allows it and it cannot end a line); other C0
 # controls and DEL do not. A str pattern: obs-text is U+0080-U+00FF.
-# RFC 9110 §15: a status code is 100-599, and a 1xx is an interim response,
-# never the final one an app's status starts: so 200-599, as for ASGI.
+# RFC 9110 §15: codes are 100-599, and a 1xx is interim, never an app's final
+# status: so 200-599, as for ASGI.
 WSGI_STATUS = re.compile(r"[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
 
 
@@ -1412,13 +1401,13 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
         # PEP 3333: "servers should check for errors in the headers at the time
         # start_response is called", so field_line() (RFC 9112 §11.1) runs
         # here, while the app can still catch the error, as well as in head().
-        # "Unicode Issues": str values are latin-1 (encode() raises otherwise).
+        # PEP 3333 "Unicode Issues": values are latin-1 (else encode() raises).
         pair = name.encode("latin-1"), value.encode("latin-1")
         field_line(*pair)
         if name.lower() in ("connection", "keep-alive", "transfer-encoding",
                             "upgrade", "te", "trailer", "proxy-authenticate",
                             "proxy-authorization"):
-            # PEP 3333, "Other HTTP Features": hop-by-hop headers are the server's.
+            # PEP 3333 "Other HTTP Features": hop-by-hop headers are the server's.
             raise ValueError(f"hop-by-hop header not allowed in a WSGI app: {name!r}")
         encoded.append(pair)
     return encoded
@@ -1427,10 +1416,10 @@ def check_wsgi_headers(status: str, headers: list) -> list[tuple[bytes, bytes]]:
 class WSGICall:
     """call_wsgi_app() on the worker threads, parked while the client reads.
 
-    Runs on: one worker thread at a time (none while parked). PEP 3333,
-    "Buffering and Streaming": each piece of body is handed on before the
-    next is asked for. When more than HIGH_WATER bytes wait for a slow
-    client, resume() leaves the call with the connection at one of
+    Runs on: one worker thread at a time (none while parked).
+    PEP 3333 "Buffering and Streaming": each piece of body is handed on
+    before the next is asked for. When more than HIGH_WATER bytes wait for a
+    slow client, resume() leaves the call with the connection at one of
     call_wsgi_app's pauses and returns, so a slow client holds no thread;
     the loop submits resume() again once the client has caught up.
     """
@@ -1458,9 +1447,8 @@ class WSGICall:
     def resume(self) -> None:
         """Run the call on to its end, or until it parks.
 
-        PEP 3333 "Error Handling": any exception ends it in wsgi_failure().
-        BaseException too: sys.exit() or a KeyboardInterrupt raised by an app
-        ends that request, not a worker thread.
+        PEP 3333 "Error Handling": any exception ends it in wsgi_failure(), even
+        an app's sys.exit() or KeyboardInterrupt: that ends the request, not a worker.
         """
         try:
             for _ in self.steps:
@@ -1484,7 +1472,7 @@ class WSGICall:
 
 def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
                  error: BaseException) -> bytes:
-    """PEP 3333, "Error Handling": a 500 if nothing was sent, else cut it short."""
+    """PEP 3333 "Error Handling": a 500 if nothing was sent, else cut it short."""
     response.response.keep_alive = False
     refusal = response.body.refused() if response.body is not None else None
     if refusal is None and isinstance(error, ClientDisconnected):
@@ -1505,15 +1493,14 @@ def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
 # §6  WSGI connections - one client socket on the selectors loop
 #
 # The loop thread owns every socket: it reads, parses and writes. WSGI apps
-# block, so each app call runs on a worker thread (section 5, WSGI adapter).
+# block, so each app call runs on a worker thread in section 5 (WSGI adapter).
 # The two threads share only what this table names, each under its lock:
 #
 #   state                                   owner           guarded by
 #   --------------------------------------  --------------  --------------------
 #   the socket, parser, `sending`, `state`  the loop        nothing: one thread
 #   and the other flags of WSGIConnection
-#   outbox, unsent, parked, finished        loop + worker   WSGIConnection.room
-#   closed (only the loop writes it)        loop + worker   WSGIConnection.room
+#   outbox unsent parked finished closed    loop + worker   WSGIConnection.room
 #   WSGIInput's buffer and flags            loop + worker   WSGIInput.ready
 #   WSGIInput.send_continue, WSGIResponse,  the worker      nothing: one thread
 #   WSGICall (a parked call: nobody's)      running it      at a time
@@ -1541,25 +1528,14 @@ class WSGIConnection:
                                                     closing <--- close -----+
 
     idle      waiting for a request head (some of it may have arrived).
-    reading   a head is parsed; a chunked body is spooled whole first (the
-              app then gets its length); any other request goes to a worker
-              at once, with what has arrived of its body.
+    reading   a head is parsed; a chunked body is spooled whole first (the app
+              then gets its length); any other request goes to a worker at once.
     app       a worker runs the call; body bytes go on into its WSGIInput.
     sending   the worker has finished (or the loop answers for itself, e.g.
               a 400): the last bytes go out, then end_response() decides.
     draining  skipping a body the app left unread (RFC 9112 §9.3).
     closing   our FIN is sent; we read and discard until the client's.
     And `closed`, from any state: the socket is gone.
-
-    Flags, all the loop's: `body_complete` (no more body bytes will reach
-    the app: all arrived, or it failed), `keep_alive` (may this connection
-    serve another request: cleared by a refused request, and by a worker
-    whose response said "Connection: close"), `peer_eof` (the client sent
-    FIN: only requests already in the buffer remain). Shared with the
-    worker, under `room`: `outbox` (bytes put() and not yet taken),
-    `unsent` (bytes queued and not yet sent), `parked` (a WSGICall waiting
-    for the client), `finished` (the worker's keep-alive answer once it is
-    done) and `closed`.
     """
 
     def __init__(self, server: WSGIServer, sock: socket.socket, client: tuple) -> None:
@@ -1577,13 +1553,13 @@ class WSGIConnection:
         self.since = time.monotonic()    # start of this idle or closing phase
         self.last_read = self.since      # last time bytes came in
         self.last_write = self.since     # last time sending made progress
-        self.peer_eof = False
+        self.peer_eof = False            # client FIN: only requests buffered remain
         self.trace = Trace() if server.config.trace else None
         self.room = threading.Condition()   # guards the five below
-        self.outbox: list = []
-        self.unsent = 0
-        self.parked: WSGICall | None = None
-        self.finished: bool | None = None
+        self.outbox: list = []              # bytes put() and not yet taken
+        self.unsent = 0                     # bytes queued and not yet sent
+        self.parked: WSGICall | None = None   # a call waiting for the client
+        self.finished: bool | None = None   # the worker's keep-alive answer, once done
         self.closed = False
         self._reset()
 
@@ -1593,8 +1569,8 @@ class WSGIConnection:
         self.body_parts: list[bytes] = []    # body bytes that came with the head
         self.body: WSGIInput | None = None   # a body still arriving, for the app
         self.spool: tempfile.SpooledTemporaryFile | None = None   # a chunked body
-        self.body_complete = False
-        self.keep_alive = True
+        self.body_complete = False    # no more body for the app: all came, or failed
+        self.keep_alive = True        # off: a refused request, or "Connection: close"
 
     def waiting_for_body(self) -> bool:
         """Is a request's body still arriving (for the spool or the app)?"""
@@ -1668,7 +1644,7 @@ class WSGIConnection:
         still arriving, or else let the response go out (a half-close)."""
         self.peer_eof = True
         if self.state in ("idle", "reading", "draining"):
-            self.close()    # idle, mid-head or mid-spool: nothing to answer
+            self.close()    # idle, mid-head or mid-spool: no answer (RFC 9112 §8)
         elif self.waiting_for_body():
             # RFC 9112 §8: an incomplete body is never reported as complete.
             self.fail_body(ClientDisconnected("client closed mid-body"))
@@ -1735,8 +1711,7 @@ class WSGIConnection:
         try:
             self.spool.write(data)
         except OSError as error:
-            # The disk is full, or the file too large for it, or we are out of
-            # file descriptors: that request fails, the server goes on.
+            # Disk full, file too large, out of descriptors: the request fails.
             log.warning("cannot store a chunked request body: %s", error)
             if error.errno == errno.EFBIG:
                 raise HTTPError(413, "request body too large to store") from None
@@ -1746,8 +1721,7 @@ class WSGIConnection:
             raise HTTPError(500, "cannot store the request body") from None
 
     def close_spool(self) -> None:
-        """Close the spool file. A disk that refused its bytes may refuse the
-        last flush too: the file is closed all the same, and that is enough."""
+        """Close the spool file, even if a full disk refuses its last flush."""
         try:
             self.spool.close()
         except OSError:
@@ -1980,11 +1954,9 @@ class WSGIConnection:
         return len(self.parser.buffer) < MAX_HEAD_BYTES   # pipelined, bounded
 
     def close_gracefully(self) -> None:
-        """RFC 9112 §9.6: send FIN, then read and discard until the client's FIN.
-
-        Closing with unread bytes in the socket would send a TCP reset, which
-        can destroy the last response before the client reads it.
-        """
+        """RFC 9112 §9.6: send FIN, then read and discard until the client's FIN:
+        closing with unread bytes in the socket would send a TCP reset, which
+        can destroy the last response before the client reads it."""
         if self.peer_eof:
             self.close()
             return
@@ -2025,6 +1997,9 @@ class WSGIConnection:
 # connection (the self-pipe trick: a byte on a socketpair), and checks the
 # clocks. WorkerPool is the worker threads. Graceful shutdown lets the
 # requests in progress finish, each answer saying "Connection: close".
+# Also here: wsgi.file_wrapper and the file the loop sends with os.sendfile()
+# (FileWrapper, FileRegion, has_length, send_file), and release_memory(),
+# which both servers call.
 # =============================================================================
 
 
@@ -2052,8 +2027,8 @@ class WorkerPool:
         self.jobs: collections.deque = collections.deque()    # (queued at, function)
         self.lock = threading.Lock()         # guards jobs, sleeping and stopping
         self.sleeping: list[threading.Lock] = []   # the held lock of each sleeper
-        self.last_wake = 0.0
-        self.stopping = False
+        self.last_wake = 0.0                 # when the loop last woke a worker
+        self.stopping = False                # stop(): end once the queue is empty
         self.threads = [threading.Thread(target=self._work, daemon=True,
                                          name=f"gateway-worker-{n}")
                         for n in range(count)]
@@ -2063,34 +2038,46 @@ class WorkerPool:
     def submit(self, function) -> None:
         """Queue a call, stamped with the time; wake_workers() wakes a worker for it."""
         with self.lock:
-            self.jobs.append((time.monotonic(), function))
+            self.jobs.append((time.monotonic(), function))   # no wake-up: see below
 
     def wake_workers(self, now: float, longest: float) -> float:
-        """Wake a sleeper if the queue needs one; return how long select() may wait."""
+        """Wake a sleeper if the queue needs one; return how long select() may wait.
+
+        Called by the loop just before select(), not by submit(): the calls
+        queued in one turn of the loop then cost one wake-up at most, and a
+        worker that is awake anyway takes them without any.
+        """
         with self.lock:
             if not (self.jobs and self.sleeping):
-                return longest
+                return longest           # nothing queued, or nobody to wake
+            # Overdue: the awake workers are all inside slow app calls. Add
+            # one more, and no more than one each WORKER_WAIT_SECONDS.
             overdue = (now - self.jobs[0][0] >= WORKER_WAIT_SECONDS
                        and now - self.last_wake >= WORKER_WAIT_SECONDS)
-            if len(self.sleeping) == len(self.threads) or overdue:
-                self.sleeping.pop().release()
+            if len(self.sleeping) == len(self.threads) or overdue:   # all asleep
+                self.sleeping.pop().release()    # ring one sleeper's own bell
                 self.last_wake = now
-            return min(longest, WORKER_WAIT_SECONDS)
+            return min(longest, WORKER_WAIT_SECONDS)   # look at the queue again soon
 
     def _work(self) -> None:
         """A worker thread: run queued calls, oldest first; when none is left,
         sleep on a lock of its own until woken; end once stopping and idle."""
+        # Why a lock of its own, not a Condition on self.lock: wait() would
+        # have to take self.lock back on waking, so a woken worker could find
+        # the loop holding it and sleep again. This bell is released by the
+        # loop and acquired here with self.lock free; a release() that comes
+        # before the acquire() is not lost: acquire() then returns at once.
         bell = threading.Lock()
         bell.acquire()               # held: acquire() again sleeps until a release()
         while True:
             with self.lock:
-                job = self.jobs.popleft()[1] if self.jobs else None
+                job = self.jobs.popleft()[1] if self.jobs else None   # oldest first
                 if job is None:
                     if self.stopping:
                         return
-                    self.sleeping.append(bell)
+                    self.sleeping.append(bell)   # under the lock: the loop sees it
             if job is None:
-                bell.acquire()
+                bell.acquire()       # asleep here until wake_workers() or stop()
                 continue
             try:
                 job()
@@ -2102,12 +2089,12 @@ class WorkerPool:
         with self.lock:
             self.stopping = True
             for bell in self.sleeping:
-                bell.release()
+                bell.release()        # each sleeper wakes, empties the queue, ends
             self.sleeping.clear()
 
 
 class FileWrapper:
-    """wsgi.file_wrapper (PEP 3333, "Optional Platform-Specific File Handling")."""
+    """wsgi.file_wrapper (PEP 3333 "Optional Platform-Specific File Handling")."""
 
     def __init__(self, filelike, block_size: int = 8192) -> None:
         """Wraps a file-like object, to be read in blocks of `block_size` bytes."""
@@ -2131,8 +2118,9 @@ class FileWrapper:
             return False
 
     def close(self) -> None:
-        """Close the wrapped file, if it has a close()."""
-        if hasattr(self.filelike, "close"):   # PEP 3333: close() is passed on
+        """Close the wrapped file, if it has a close(): PEP 3333 "Optional
+        Platform-Specific File Handling" passes the result's close() on."""
+        if hasattr(self.filelike, "close"):
             self.filelike.close()
 
 
@@ -2159,6 +2147,11 @@ class FileRegion:
         return sent
 
 
+def has_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Did the app give a Content-Length? (RFC 9110 §5.1: any case of the name)"""
+    return any(name.lower() == b"content-length" for name, _ in headers)
+
+
 def send_file(wrapper: FileWrapper, response: WSGIResponse) -> None:
     """PEP 3333 "Optional Platform-Specific File Handling": send a wrapped file
     from its current position, by os.sendfile() on the loop thread."""
@@ -2171,7 +2164,7 @@ def send_file(wrapper: FileWrapper, response: WSGIResponse) -> None:
     conn = response.conn
     conn.put(response._head())
     if response.response.framing == "length":      # not for HEAD, 204, 304
-        # "Handling the Content-Length Header": as for an iterable, sending
+        # PEP 3333 "Handling the Content-Length Header": as for an iterable, sending
         # stops once the declared length is sent (a longer file is fine).
         count = min(count, response.response.length)
         if count:
@@ -2225,8 +2218,12 @@ class WSGIServer:
                             else None)
         self.running = True          # shutdown() may come before serve_forever()
         self.stopping = threading.Event()   # set: answer no new request
-        self.forced = False
-        # The self-pipe: a worker writes a byte to wake the loop's select().
+        self.forced = False          # a second shutdown(): do not wait for requests
+        # The self-pipe: select() sleeps until a socket is ready, so a worker
+        # wakes it by making one ready: it adds its connection to `woken` and
+        # writes a byte. A socketpair, not os.pipe(): Windows' select() takes
+        # sockets only. Both ends never block: if the socket is full, a byte
+        # is already waiting and the loop will wake anyway.
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
@@ -2261,22 +2258,22 @@ class WSGIServer:
         try:
             while self.running:
                 self.run_once()
-            self.drain()
+            self.drain()           # graceful: the requests in progress finish
         finally:
             self.close_all()
 
     def run_once(self) -> None:
         """One turn of the loop: wait for sockets, handle them, check the clocks."""
-        timeout = self.pool.wake_workers(time.monotonic(), self.tick)
+        timeout = self.pool.wake_workers(time.monotonic(), self.tick)   # then sleep
         if not self.accepting and not self.stopping.is_set():
-            timeout = max(0.0, min(timeout, self.resume_at - time.monotonic()))
+            timeout = max(0.0, min(timeout, self.resume_at - time.monotonic()))  # retry
         for key, mask in self.selector.select(timeout):
             if key.data == "accept":
                 self.accept()
             elif key.data == "wake":
                 self.on_wake()
             else:
-                self.guarded(key.data, key.data.on_event, mask)
+                self.guarded(key.data, key.data.on_event, mask)   # a client socket
         now = time.monotonic()
         if not self.accepting and not self.stopping.is_set() and (
                 now >= self.resume_at or len(self.connections) < self.resume_below):
@@ -2291,7 +2288,7 @@ class WSGIServer:
     def drain(self) -> None:
         """Graceful shutdown: stop accepting, close idle connections, and let
         requests in progress finish (each response says "Connection: close")."""
-        self.stopping.set()
+        self.stopping.set()     # from now on, every response says "Connection: close"
         self.watch_listener(False)
         self.listener.close()
         for conn in list(self.connections):
@@ -2406,11 +2403,11 @@ class WSGIServer:
     def on_wake(self) -> None:
         """Empty the wake-up socket, then run on_wake() of each connection woken."""
         try:
-            self.wake_reader.recv(4096)
+            self.wake_reader.recv(4096)    # the bytes mean nothing: waking was all
         except BlockingIOError:
             pass
         with self.wake_lock:
-            woken, self.woken, self.wake_sent = self.woken, [], False
+            woken, self.woken, self.wake_sent = self.woken, [], False   # byte read
         for conn in woken:
             if not conn.closed:
                 self.guarded(conn, conn.on_wake)
@@ -2423,8 +2420,9 @@ class WSGIServer:
 
     def expire(self, conn: WSGIConnection, now: float) -> None:
         """Runs on: the loop. Close (or answer 408) a connection that has waited
-        too long (the timeouts of section 1). RFC 9112 §9.5: an idle connection
-        may close; RFC 9112 §9.6: the lingering close ends."""
+        too long; the timeouts are in section 1 (Imports, limits and constants).
+        RFC 9112 §9.5: an idle connection may close; RFC 9112 §9.6: the
+        lingering close ends."""
         config = self.config
         if conn.state == "closing":
             if now - conn.since > LINGER_SECONDS:
@@ -2476,7 +2474,7 @@ class WSGIServer:
         """Close every connection, stop the workers, then the selector and sockets."""
         for conn in list(self.connections):
             conn.close()
-        self.pool.stop()
+        self.pool.stop()        # after close(): a worker's put() now raises, ends
         self.selector.close()
         if self.listener.fileno() >= 0:
             self.listener.close()
