@@ -2,30 +2,36 @@
 
 One file, standard library only. It serves WSGI apps (PEP 3333) from a
 `selectors` event loop with a small thread pool, and ASGI 3 apps from
-`asyncio.start_server`. Both share one hand-written, I/O-free HTTP/1.1 parser
-and one response writer.
+`asyncio.start_server`. Both share one hand-written, I/O-free HTTP/1.1 parser,
+one response writer and one set of per-connection decisions (keep-alive or
+close, skipping an unread body, the error answer, the mount point).
 
 Read it beside:  RFC 9112 (HTTP/1.1 message syntax)   RFC 9110 (HTTP semantics)
                  RFC 6455 (WebSocket)   RFC 7692 (WebSocket compression)
                  RFC 7239 (Forwarded)
                  PEP 3333 (WSGI)    ASGI "HTTP & WebSocket" and "Lifespan" specs
 
-    §1 Imports, limits and constants    §7  ASGI HTTP adapter
-    §2 Errors                           §8  ASGI server   (asyncio streams)
-    §3 Reading requests   (pure)        §9  WebSocket     (pure codec, then ASGI)
-    §4 Writing responses  (pure)        §10 Lifespan      (ASGI)
-    §5 WSGI adapter   (a worker thread) §11 Operations    (logs, --trace, TLS, workers)
-    §6 WSGI server    (selectors loop)  §12 Command line
+The sections, in order (a banner "# §N  Title" opens each):
 
-§3, §4 and the first half of §9 never touch a socket, a thread, a clock or an
-event loop: bytes go in, values come out. The rest does the I/O and calls
-down into them.
+    §1  Imports, limits and constants   §8  ASGI HTTP adapter (scope, receive, send)
+    §2  Errors                          §9  ASGI server       (asyncio streams)
+    §3  Reading requests     (pure)     §10 WebSocket         (pure codec, then ASGI)
+    §4  Writing responses    (pure)     §11 Lifespan          (ASGI)
+    §5  WSGI adapter   (worker threads) §12 Operations        (logs, --trace, TLS)
+    §6  WSGI connections (the loop)     §13 Command line      (options, workers)
+    §7  WSGI server  (loop and pool)
+
+Sections 3 and 4 and the codec at the start of section 10 never touch a
+socket, a thread or an event loop: bytes go in, values come out, and their
+docstrings carry examples that `python -m doctest gateway.py` runs. The rest
+does the I/O and calls down into them. The file's own sections are named
+"section N"; a "§" number always follows the name of its spec (RFC 9112 §6.3).
 
 Run:   python gateway.py --wsgi echo_wsgi:application
-       python gateway.py --asgi echo_asgi:app
-Grep:  "Policy:" marks a choice where the RFC allows several, "Leniency:"
+       python gateway.py --asgi echo_asgi:app --trace
+Grep:  "Policy:" marks a choice where the spec allows several, "Leniency:"
        something accepted that a strict reading would refuse, and "Limit:" a
-       refusal that comes from a constant in §1.
+       refusal that comes from a constant in section 1.
 Not here, on purpose: HTTP/2 and HTTP/3 (put a proxy such as nginx in front).
 """
 
