@@ -1996,7 +1996,7 @@ class WSGIConnection:
 
 
 # =============================================================================
-# §6b  WSGI server - the selectors loop, wake-ups and the worker pool
+# §7  WSGI server - the selectors loop, wake-ups and the worker pool
 #
 # WSGIServer runs the loop: it accepts clients, calls each connection back
 # when its socket is ready, wakes up when a worker has something for a
@@ -2496,7 +2496,7 @@ def out_of(error: OSError) -> str:
 
 
 # =============================================================================
-# §7  ASGI HTTP adapter - ASGI "HTTP & WebSocket" spec, http scope
+# §8  ASGI HTTP adapter - ASGI "HTTP & WebSocket" spec, http scope
 #
 # One HTTPCycle per request: it builds the scope, and its receive() and send()
 # are what the app awaits. receive() pulls body bytes through the parser only
@@ -2937,7 +2937,7 @@ def check_asgi_headers(headers) -> list[tuple[bytes, bytes]]:
 
 
 # =============================================================================
-# §8  ASGI server - asyncio.start_server
+# §9  ASGI server - asyncio.start_server
 #
 # One task per connection runs ASGIConnection.run(): wait for a request head,
 # run its HTTPCycle, and loop while the connection is kept alive. All reads go
@@ -3393,7 +3393,7 @@ class ASGIServer:
 
 
 # =============================================================================
-# §9  WebSocket - RFC 6455, RFC 7692, ASGI "HTTP & WebSocket" spec
+# §10  WebSocket - RFC 6455, RFC 7692, ASGI "HTTP & WebSocket" spec
 #
 # A pure codec (bytes in, values out), then WebSocketCycle: ASGI over asyncio.
 # =============================================================================
@@ -3893,7 +3893,7 @@ class WebSocketCycle:
 
 
 # =============================================================================
-# §10  Lifespan - ASGI Lifespan spec
+# §11  Lifespan - ASGI Lifespan spec
 #
 # One app call with a "lifespan" scope brackets the server's whole life: the
 # app gets "lifespan.startup" before the first connection is accepted and
@@ -4035,7 +4035,7 @@ def asgi3_app(app, interface: str = "auto"):
 
 
 # =============================================================================
-# §11  Operations - logging, proxies, TLS, sockets and worker processes
+# §12  Operations - logging, proxies, TLS, sockets and worker processes
 #
 # What running gateway for real needs around the protocol: an access log and
 # --trace, trusting a proxy in front, TLS, listening sockets, and a parent
@@ -4459,7 +4459,7 @@ def be_a_worker(serve_one, relayed: set) -> None:
 
 
 # =============================================================================
-# §12  Command line - options in, an exit status out
+# §13  Command line - options in, an exit status out
 #
 # main(argv) turns the options into a Config and a listening socket, serves
 # until a signal stops it, and returns the exit status; the sections above
