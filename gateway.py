@@ -3153,9 +3153,11 @@ class ASGIConnection:
             raise ClientDisconnected(str(error)) from error
 
     async def close(self) -> None:
-        """RFC 9112 §9.6: send FIN, discard until the client's FIN, then close."""
-        if self.pending_read is not None:
-            self.pending_read.cancel()
+        """RFC 9112 §9.6: send FIN, discard until the client's FIN, then close.
+
+        The discarding goes through read(), which takes over a read left
+        waiting by start_read(): asyncio allows no second one.
+        """
         transport = self.writer.transport
         try:
             if (not self.stopping.is_set()     # shutting down: no lingering
@@ -3163,11 +3165,13 @@ class ASGIConnection:
                     and transport.can_write_eof()):
                 transport.write_eof()
                 deadline = time.monotonic() + LINGER_SECONDS
-                while await asyncio.wait_for(self.reader.read(RECV_BYTES),
+                while await asyncio.wait_for(self.read(),
                                              max(0.0, deadline - time.monotonic())):
                     pass
         except (OSError, asyncio.TimeoutError):
             pass
+        if self.pending_read is not None:     # not lingering: no one will read
+            self.pending_read.cancel()
         # close() sends what the response left in the buffer first; wait for
         # it, so that a server shutting down does not end the loop before.
         self.writer.close()
