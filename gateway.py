@@ -2949,10 +2949,9 @@ class ASGIConnection:
         self.config = server.config
         self.reader = reader
         self.writer = writer
-        self.server_address = server.address
+        self.server = server         # its address and the app's lifespan state
         self.stopping = server.stopping
         self.loop = server.loop
-        self.lifespan_state = server.lifespan.state   # the app's, from its startup
         self.idle = True             # waiting for a request, not serving one
         self.idle_since: float | None = None   # waiting, with no byte of it yet, since
         self.websocket: WebSocketCycle | None = None
@@ -3060,8 +3059,8 @@ class ASGIConnection:
         (section 11: behind_proxy)."""
         client, scheme, host = behind_proxy(request, self.client, self.scheme,
                                             self.config)
-        scope = build_scope(request, self.server_address, client, self.config,
-                            self.lifespan_state, scheme)
+        scope = build_scope(request, self.server.address, client, self.config,
+                            self.server.lifespan.state, scheme)
         if host:
             scope["headers"] = [[n, host.encode("latin-1") if n == b"host" else v]
                                 for n, v in scope["headers"]]
