@@ -3112,30 +3112,25 @@ class ASGIConnection:
         ASGI HTTP "Response Body": the server hands the data to the send buffer
         before send() returns; waiting while the buffer is full is what keeps
         a fast app from piling up a slow client's response in memory.
-        """
-        if self.writer.transport.is_closing():
-            raise ClientDisconnected("the client has disconnected")
-        self.writer.write(data)
-        try:
-            await self.drain()
-        except OSError as error:
-            raise ClientDisconnected(str(error)) from error
-
-    async def drain(self) -> None:
-        """await writer.drain(), but give up on a client that does not read.
-
-        Limit: --timeout-write. Only a drain that will wait needs a timeout,
-        and asyncio.wait_for() costs a task: so it is used only then.
+        Limit: --timeout-write gives up on a client that does not read. Only a
+        drain that will wait needs a timeout, and asyncio.wait_for() costs a
+        task: so it is used only then.
         """
         transport = self.writer.transport
-        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
-            await self.writer.drain()        # below the high-water mark: no wait
-            return
+        if transport.is_closing():
+            raise ClientDisconnected("the client has disconnected")
+        self.writer.write(data)
+        high_water = transport.get_write_buffer_limits()[1]
         try:
-            await asyncio.wait_for(self.writer.drain(), self.config.timeout_write)
+            if transport.get_write_buffer_size() <= high_water:
+                await self.writer.drain()        # below the high-water mark: no wait
+            else:
+                await asyncio.wait_for(self.writer.drain(), self.config.timeout_write)
         except asyncio.TimeoutError:
             transport.abort()
             raise ClientDisconnected("response not read in time") from None
+        except OSError as error:
+            raise ClientDisconnected(str(error)) from error
 
     async def sendfile(self, file, offset: int, count: int) -> int:
         """Send part of a file with the kernel's sendfile(); the bytes sent.
