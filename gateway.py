@@ -3257,21 +3257,19 @@ class ASGIServer:
     async def start_up(self) -> bool:
         """Run the lifespan startup until it completes (True) or shutdown() comes
         first (False). Raises LifespanFailure if the app could not start."""
-        started = False
         if not self.stopping.is_set():        # else shutdown() came before serve()
             startup = asyncio.ensure_future(self.lifespan.startup())
             stop = asyncio.ensure_future(self.stopping.wait())
             try:
                 await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if startup.done():
+                    startup.result()          # raises LifespanFailure if it failed
+                    return True
             finally:
                 stop.cancel()
-                started = startup.done()
-                if not started:
+                if not startup.done():
                     startup.cancel()
                     self.lifespan.abandon()
-        if started:
-            startup.result()          # raises LifespanFailure if it failed
-            return True
         # Policy: a shutdown during the startup is obeyed at once: the server
         # stops without serving, and the command line exits 0 as after any
         # requested stop. ASGI Lifespan "Shutdown - receive event" follows a
