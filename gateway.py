@@ -2760,10 +2760,10 @@ class HTTPCycle:
                 await self.send_body(message)
         elif kind == "http.response.zerocopysend" and self.state != "start":
             if self.state == "body":    # ASGI extensions "Zero Copy Send": as a body
-                await self.send_zerocopy(message)
+                await self.send_file(message["file"], message)
         elif kind == "http.response.pathsend" and self.state == "body":
             with open(message["path"], "rb") as file:   # ASGI extensions "Path Send"
-                await self.send_file(file, 0, None, more_body=False)
+                await self.send_file(file, {})   # all of it, and the last body bytes
         elif kind == "http.response.early_hint" and self.state != "start":
             await self.send_early_hint(message["links"])
         elif kind == "http.response.trailers" and self.state == "trailers":
@@ -2853,28 +2853,19 @@ class HTTPCycle:
             self.conn.trace.head("<", data)
         await self.conn.write(data)
 
-    async def send_zerocopy(self, message: dict) -> None:
-        """ASGI extensions "Zero Copy Send": a body message whose bytes are in a file.
+    async def send_file(self, file, message: dict) -> None:
+        """Send part of `file` as body bytes, head first.
 
-        It may come any number of times, between body messages. The file is
-        the app's: the server never closes it.
+        ASGI extensions "Zero Copy Send": a body message whose bytes are in a
+        file, any number of times between body messages. "offset" None is the
+        file's current position, "count" None its end (as is a count past it).
+        The file is the app's: it stays open, after the last byte sent.
         """
         offset, count = message.get("offset"), message.get("count")
         for value in (offset, count):
             if value is not None and (type(value) is not int or value < 0):
                 raise ValueError(f"ASGI: zerocopysend offset and count must be "
                                  f"integers >= 0: {value!r}")
-        await self.send_file(message["file"], offset, count,
-                             message.get("more_body", False))
-
-    async def send_file(self, file, offset: int | None, count: int | None,
-                        more_body: bool) -> None:
-        """Send `count` bytes of `file` from `offset` as body bytes, head first.
-
-        ASGI extensions "Zero Copy Send": `offset` None is the file's current
-        position, `count` None its end (as is a `count` past it). The file stays
-        open, positioned after the last byte sent.
-        """
         size = os.fstat(file.fileno()).st_size   # not a file of the OS: before the head
         offset = file.tell() if offset is None else offset
         left = max(0, size - offset)
@@ -2897,7 +2888,7 @@ class HTTPCycle:
                 count -= len(block)
                 await self.conn.write(data + self.response.body(block))
                 data = b""
-        await self.write_body(data, more_body)
+        await self.write_body(data, message.get("more_body", False))
 
 
 def check_asgi_status(status) -> int:
