@@ -2766,10 +2766,10 @@ class HTTPCycle:
                 await self.send_body(message)
         elif kind == "http.response.zerocopysend" and self.state != "start":
             if self.state == "body":    # ASGI extensions "Zero Copy Send": as a body
-                await self.send_zerocopy(message)
+                await self.send_file(message["file"], message)
         elif kind == "http.response.pathsend" and self.state == "body":
             with open(message["path"], "rb") as file:   # ASGI extensions "Path Send"
-                await self.send_file(file, 0, None, more_body=False)
+                await self.send_file(file, {})   # all of it, and the last body bytes
         elif kind == "http.response.early_hint" and self.state != "start":
             await self.send_early_hint(message["links"])
         elif kind == "http.response.trailers" and self.state == "trailers":
@@ -2859,28 +2859,19 @@ class HTTPCycle:
             self.conn.trace.head("<", data)
         await self.conn.write(data)
 
-    async def send_zerocopy(self, message: dict) -> None:
-        """ASGI extensions "Zero Copy Send": a body message whose bytes are in a file.
+    async def send_file(self, file, message: dict) -> None:
+        """Send part of `file` as body bytes, head first.
 
-        It may come any number of times, between body messages. The file is
-        the app's: the server never closes it.
+        ASGI extensions "Zero Copy Send": a body message whose bytes are in a
+        file, any number of times between body messages. "offset" None is the
+        file's current position, "count" None its end (as is a count past it).
+        The file is the app's: it stays open, after the last byte sent.
         """
         offset, count = message.get("offset"), message.get("count")
         for value in (offset, count):
             if value is not None and (type(value) is not int or value < 0):
                 raise ValueError(f"ASGI: zerocopysend offset and count must be "
                                  f"integers >= 0: {value!r}")
-        await self.send_file(message["file"], offset, count,
-                             message.get("more_body", False))
-
-    async def send_file(self, file, offset: int | None, count: int | None,
-                        more_body: bool) -> None:
-        """Send `count` bytes of `file` from `offset` as body bytes, head first.
-
-        ASGI extensions "Zero Copy Send": `offset` None is the file's current
-        position, `count` None its end (as is a `count` past it). The file stays
-        open, positioned after the last byte sent.
-        """
         size = os.fstat(file.fileno()).st_size   # not a file of the OS: before the head
         offset = file.tell() if offset is None else offset
         left = max(0, size - offset)
@@ -2903,7 +2894,7 @@ class HTTPCycle:
                 count -= len(block)
                 await self.conn.write(data + self.response.body(block))
                 data = b""
-        await self.write_body(data, more_body)
+        await self.write_body(data, message.get("more_body", False))
 
 
 def check_asgi_status(status) -> int:
@@ -2955,10 +2946,9 @@ class ASGIConnection:
         self.config = server.config
         self.reader = reader
         self.writer = writer
-        self.server_address = server.address
+        self.server = server         # its address and the app's lifespan state
         self.stopping = server.stopping
         self.loop = server.loop
-        self.lifespan_state = server.lifespan.state   # the app's, from its startup
         self.idle = True             # waiting for a request, not serving one
         self.idle_since: float | None = None   # waiting, with no byte of it yet, since
         self.websocket: WebSocketCycle | None = None
@@ -3066,8 +3056,8 @@ class ASGIConnection:
         (section 11: behind_proxy)."""
         client, scheme, host = behind_proxy(request, self.client, self.scheme,
                                             self.config)
-        scope = build_scope(request, self.server_address, client, self.config,
-                            self.lifespan_state, scheme)
+        scope = build_scope(request, self.server.address, client, self.config,
+                            self.server.lifespan.state, scheme)
         if host:
             scope["headers"] = [[n, host.encode("latin-1") if n == b"host" else v]
                                 for n, v in scope["headers"]]
@@ -3119,30 +3109,25 @@ class ASGIConnection:
         ASGI HTTP "Response Body": the server hands the data to the send buffer
         before send() returns; waiting while the buffer is full is what keeps
         a fast app from piling up a slow client's response in memory.
-        """
-        if self.writer.transport.is_closing():
-            raise ClientDisconnected("the client has disconnected")
-        self.writer.write(data)
-        try:
-            await self.drain()
-        except OSError as error:
-            raise ClientDisconnected(str(error)) from error
-
-    async def drain(self) -> None:
-        """await writer.drain(), but give up on a client that does not read.
-
-        Limit: --timeout-write. Only a drain that will wait needs a timeout,
-        and asyncio.wait_for() costs a task: so it is used only then.
+        Limit: --timeout-write gives up on a client that does not read. Only a
+        drain that will wait needs a timeout, and asyncio.wait_for() costs a
+        task: so it is used only then.
         """
         transport = self.writer.transport
-        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
-            await self.writer.drain()        # below the high-water mark: no wait
-            return
+        if transport.is_closing():
+            raise ClientDisconnected("the client has disconnected")
+        self.writer.write(data)
+        high_water = transport.get_write_buffer_limits()[1]
         try:
-            await asyncio.wait_for(self.writer.drain(), self.config.timeout_write)
+            if transport.get_write_buffer_size() <= high_water:
+                await self.writer.drain()        # below the high-water mark: no wait
+            else:
+                await asyncio.wait_for(self.writer.drain(), self.config.timeout_write)
         except asyncio.TimeoutError:
             transport.abort()
             raise ClientDisconnected("response not read in time") from None
+        except OSError as error:
+            raise ClientDisconnected(str(error)) from error
 
     async def sendfile(self, file, offset: int, count: int) -> int:
         """Send part of a file with the kernel's sendfile(); the bytes sent.
@@ -3159,9 +3144,11 @@ class ASGIConnection:
             raise ClientDisconnected(str(error)) from error
 
     async def close(self) -> None:
-        """RFC 9112 §9.6: send FIN, discard until the client's FIN, then close."""
-        if self.pending_read is not None:
-            self.pending_read.cancel()
+        """RFC 9112 §9.6: send FIN, discard until the client's FIN, then close.
+
+        The discarding goes through read(), which takes over a read left
+        waiting by start_read(): asyncio allows no second one.
+        """
         transport = self.writer.transport
         try:
             if (not self.stopping.is_set()     # shutting down: no lingering
@@ -3169,11 +3156,13 @@ class ASGIConnection:
                     and transport.can_write_eof()):
                 transport.write_eof()
                 deadline = time.monotonic() + LINGER_SECONDS
-                while await asyncio.wait_for(self.reader.read(RECV_BYTES),
+                while await asyncio.wait_for(self.read(),
                                              max(0.0, deadline - time.monotonic())):
                     pass
         except (OSError, asyncio.TimeoutError):
             pass
+        if self.pending_read is not None:     # not lingering: no one will read
+            self.pending_read.cancel()
         # close() sends what the response left in the buffer first; wait for
         # it, so that a server shutting down does not end the loop before.
         self.writer.close()
@@ -3265,21 +3254,19 @@ class ASGIServer:
     async def start_up(self) -> bool:
         """Run the lifespan startup until it completes (True) or shutdown() comes
         first (False). Raises LifespanFailure if the app could not start."""
-        started = False
         if not self.stopping.is_set():        # else shutdown() came before serve()
             startup = asyncio.ensure_future(self.lifespan.startup())
             stop = asyncio.ensure_future(self.stopping.wait())
             try:
                 await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if startup.done():
+                    startup.result()          # raises LifespanFailure if it failed
+                    return True
             finally:
                 stop.cancel()
-                started = startup.done()
-                if not started:
+                if not startup.done():
                     startup.cancel()
                     self.lifespan.abandon()
-        if started:
-            startup.result()          # raises LifespanFailure if it failed
-            return True
         # Policy: a shutdown during the startup is obeyed at once: the server
         # stops without serving, and the command line exits 0 as after any
         # requested stop. ASGI Lifespan "Shutdown - receive event" follows a

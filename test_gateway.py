@@ -9329,9 +9329,9 @@ def test_asgi_connection_keeps_the_lifespan_state_under_its_own_name():
 
     conn = gateway.ASGIConnection(server, None, Writer())
     scope = conn.scope_for(gateway.parse_head(b"GET / HTTP/1.1\r\nHost: t"))
-    assert conn.lifespan_state is server.lifespan.state
     assert not hasattr(conn, "state")
-    assert scope["state"] == {"db": "pool"} and scope["state"] is not conn.lifespan_state
+    assert scope["state"] == {"db": "pool"}
+    assert scope["state"] is not server.lifespan.state
 
 # --- teaching edition: core (§1-§4) ---
 
@@ -9679,3 +9679,37 @@ def test_lifespan_message_out_of_turn_raises_and_in_turn_does_not():
     assert sent == ["raised", "lifespan.startup.complete", "raised"]
     assert (str(failure), failure.status) == ("application shutdown failed: boom",
                                               gateway.EXIT_SHUTDOWN_FAILED)
+
+# --- round 2: asgi ---
+
+
+def asgi_wait_for_inline(awaitable, timeout):
+    """asyncio.wait_for as Python 3.12+ runs it: in the caller's task, not a new one."""
+    async def waiting():
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    return waiting()
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "timeout"), reason="asyncio.timeout is 3.11+")
+def test_asgi_close_takes_over_the_read_left_waiting_for_disconnect(monkeypatch, caplog):
+    # The read that raced the response (HTTPCycle.wait_for_disconnect) still
+    # waits when a "Connection: close" response ends. close() must read through
+    # it: a second read on the socket is a RuntimeError in asyncio (it showed on
+    # Python 3.12+, whose wait_for() runs the read in the caller's task).
+    monkeypatch.setattr(asyncio, "wait_for", asgi_wait_for_inline)
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await receive()
+        listener = asyncio.ensure_future(receive())     # waits for http.disconnect
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"hi"})
+        listener.cancel()                               # as Starlette does
+
+    with running_server("asgi", app, lifespan="off") as port:
+        raw = exchange(port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert raw.endswith(b"2\r\nhi\r\n0\r\n\r\n")
+    assert "internal error on a connection" not in caplog.messages
