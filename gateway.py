@@ -216,7 +216,6 @@ class Config(Limits):
 
 
 LIMITS = Limits()
-DEFAULTS = Config()
 
 
 # =============================================================================
@@ -4179,10 +4178,9 @@ def behind_proxy(request: Request, client, scheme: str, config: Config):
     node on the way may have written them, so the right-most address that is
     not itself a trusted proxy is the client; all left of it may be forged.
     """
-    if not config.proxy_headers or not trusted_proxy(client[0] if client else None,
-                                                     config):
-        return client, scheme, None
-    hops = forwarded_hops(request.headers)
+    peer = client[0] if client else None
+    trusted = config.proxy_headers and trusted_proxy(peer, config)
+    hops = forwarded_hops(request.headers) if trusted else []
     if not hops:
         return client, scheme, None
     # The right-most hop that a trusted proxy did not add; if all did, the first.
@@ -4325,10 +4323,8 @@ def make_listener(host: str, port: int, backlog: int = BACKLOG, uds: str | None 
         sock.bind(uds)
     else:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        if listen:
-            return socket.create_server((host, port), family=family, backlog=backlog)
         sock = socket.socket(family, socket.SOCK_STREAM)
-        try:            # the options socket.create_server() sets, without listen()
+        try:            # the options socket.create_server() sets, but not listen()
             if os.name == "posix":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
@@ -4370,7 +4366,7 @@ def set_nodelay(sock: socket.socket) -> bool:
 # that dies, and exits with the status of a lifespan that failed in one.
 
 # The signals on_signals() (section 12) turns into a graceful shutdown, by
-# name: a platform may lack one. A worker keeps only SIGTERM (be_a_worker()).
+# name: a platform may lack one. A worker keeps only SIGTERM (fork_worker()).
 SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM")
 
 
@@ -4422,26 +4418,21 @@ def fork_worker(serve_one) -> int:
     parent's handler (it would relay the signal to its brothers a second
     time), and it may not get to run at all before a signal arrives.
     """
+    global SHUTDOWN_SIGNALS
     relayed = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
     pid = os.fork()
-    if pid == 0:
-        be_a_worker(serve_one, relayed)       # never returns
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
-    return pid
-
-
-def be_a_worker(serve_one, relayed: set) -> None:
-    """In a forked child: take a worker's signals, serve, and leave the process."""
-    global SHUTDOWN_SIGNALS
-    # Ctrl+C in a terminal goes to the whole process group: a worker ignores
-    # it and waits for the SIGTERM its parent relays, so that one Ctrl+C
-    # never counts twice (which would stop it at once).
+    if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
+        return pid      # the parent
+    # The child. Ctrl+C in a terminal goes to the whole process group: a
+    # worker ignores it and waits for the SIGTERM its parent relays, so that
+    # one Ctrl+C never counts twice (which would stop it at once).
     SHUTDOWN_SIGNALS = ("SIGTERM",)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)      # until the server's own
     signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
-    code = 1
+    code = 1            # serve, then leave the process: fork_worker never returns
     try:
         serve_one()
         code = 0
@@ -4833,16 +4824,13 @@ def serve_until_stopped(app, interface: str, spec: str, config: Config,
         log.info("serving %s app %s on %s (Ctrl+C to quit)", interface.upper(), spec,
                  where)
 
-    def serve_one() -> None:
-        """Serve in this process; ready() is announce(), but once for all --workers."""
-        serve(app, interface, config=config, listener=listener,
-              ready=None if config.workers > 1 else announce)
-
+    serve_one = functools.partial(serve, app, interface, config=config,
+                                  listener=listener)
     try:
         if config.workers > 1:
-            announce()
+            announce()          # once for all of them, before any is ready
             return run_workers(config.workers, serve_one)
-        serve_one()
+        serve_one(ready=announce)
     except KeyboardInterrupt:
         pass             # where no signal handler could be installed
     except LifespanFailure as error:
