@@ -4479,7 +4479,7 @@ def import_app(spec: str, factory: bool = False):
     except ModuleNotFoundError as error:
         # The module itself (or a package on its path) is missing, not
         # something that it imports.
-        if error.name and module_name.startswith(error.name):
+        if error.name and f"{module_name}.".startswith(f"{error.name}."):
             raise AppImportError(f"cannot import module {module_name!r}: "
                                  "no such module") from None
         raise AppImportError(f"error while importing {module_name!r}: {error}") \

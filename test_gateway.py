@@ -9634,3 +9634,19 @@ def test_lifespan_message_out_of_turn_raises_and_in_turn_does_not():
     assert sent == ["raised", "lifespan.startup.complete", "raised"]
     assert (str(failure), failure.status) == ("application shutdown failed: boom",
                                               gateway.EXIT_SHUTDOWN_FAILED)
+
+
+# --- round 2: edges ---
+
+
+def test_import_app_tells_a_missing_import_from_a_missing_module(tmp_path, monkeypatch):
+    # A module whose own import fails is not "no such module", even when the
+    # name it fails on is the start of its own name ("edges_r2" in "edges_r2x").
+    (tmp_path / "edges_r2x.py").write_text("import edges_r2\napp = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(gateway.AppImportError) as caught:
+        gateway.import_app("edges_r2x:app")
+    assert "error while importing 'edges_r2x'" in str(caught.value)
+    with pytest.raises(gateway.AppImportError) as caught:
+        gateway.import_app("edges_r2_absent.sub:app")
+    assert "no such module" in str(caught.value)
