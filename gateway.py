@@ -923,12 +923,10 @@ class Response:
 
     def body(self, data: bytes) -> bytes:
         """Frame a piece of the body; b"" for nothing to send."""
-        if not data or self.framing == "none":
+        data = data[:self.allow(len(data))]   # none past Content-Length, or if "none"
+        self.count(len(data))
+        if not data:
             return b""           # RFC 9112 §7.1: an empty chunk would end the body
-        size = self.allow(len(data))
-        if size < len(data):
-            data = data[:size]
-        self.count(size)
         return encode_chunk(data) if self.framing == "chunked" else data
 
     def allow(self, size: int) -> int:
@@ -4476,15 +4474,13 @@ def import_app(spec: str, factory: bool = False):
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        # The module itself (or a package on its path) is missing, not
-        # something that it imports.
-        if error.name and f"{module_name}.".startswith(f"{error.name}."):
+    except Exception as error:
+        # Missing: the module itself (or a package on its path), not something
+        # that it imports.
+        if isinstance(error, ModuleNotFoundError) and error.name \
+                and f"{module_name}.".startswith(f"{error.name}."):
             raise AppImportError(f"cannot import module {module_name!r}: "
                                  "no such module") from None
-        raise AppImportError(f"error while importing {module_name!r}: {error}") \
-            from None
-    except Exception as error:
         raise AppImportError(f"error while importing {module_name!r}: "
                              f"{type(error).__name__}: {error}") from None
     for name in [attr] if attr else ["app", "application"]:
