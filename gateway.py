@@ -4660,9 +4660,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     annotation. A bool field is a switch: off by default, --trace turns it
     on; on by default, --no-date-header turns it off.
     """
-    defaults = Config()
     for field_ in dataclasses.fields(Config):
-        default = getattr(defaults, field_.name)
+        default = field_.default    # MISSING for headers (a default_factory)
         option = ("--no-" if default is True else "--") + field_.name.replace("_", "-")
         if option not in OPTION_HELP:
             continue            # headers, ws_per_message_deflate: written above
@@ -4671,9 +4670,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             action = "store_false" if default else "store_true"
             parser.add_argument(option, dest=field_.name, action=action, help=text)
             continue
-        # The value's type is the annotation's: "int | None" is int, "str" is str.
-        annotation = str(field_.type)
-        kind = float if "float" in annotation else int if "int" in annotation else str
+        # The value's type is the annotation's (a string: see the __future__
+        # import): "int | None" is int, "str" is str.
+        kind = float if "float" in field_.type else int if "int" in field_.type else str
         choices = metavar.split("|") if "|" in metavar else None
         # None ("no limit", "not set") and "" have no value worth showing.
         shown = "" if default in (None, "") else " (default: %(default)s)"
@@ -4689,8 +4688,7 @@ def config_from(args: argparse.Namespace) -> Config:
     Config itself refuses what no server could run with: its ValueError ends
     the run with exit status 1.
     """
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-               if hasattr(args, f.name)}
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     options["ws_ping_interval"] = args.ws_ping_interval or None       # 0: no pings
     options["ws_per_message_deflate"] = args.ws_per_message_deflate == "true"
     options["headers"] = []
