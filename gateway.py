@@ -4745,23 +4745,20 @@ def run_reloader(argv: list[str]) -> int:
     """
     command = [sys.executable, os.path.abspath(__file__)] + [a for a in argv
                                                              if a != "--reload"]
-    seen = source_times()
-    child = subprocess.Popen(command)
-    try:
-        while True:
-            time.sleep(1.0)
-            if source_times() != seen:
-                log.info("a .py file changed; restarting")
-                seen = source_times()
-                child.terminate()
-                child.wait()
-                child = subprocess.Popen(command)
-    except KeyboardInterrupt:
-        # From a terminal, Ctrl+C reached the child too (one process group);
-        # terminate()'s SIGTERM is then its second signal: it stops at once.
-        child.terminate()
-        child.wait()
-        return 0
+    while True:
+        seen = source_times()
+        child = subprocess.Popen(command)
+        try:
+            while source_times() == seen:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            # From a terminal, Ctrl+C reached the child too (one process group);
+            # terminate()'s SIGTERM is then its second signal: it stops at once.
+            return 0
+        finally:
+            child.terminate()
+            child.wait()
+        log.info("a .py file changed; restarting")
 
 
 def main(argv: list[str] | None = None) -> int:
