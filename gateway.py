@@ -4245,8 +4245,9 @@ def tls_extension(ssl_object, server_cert: str | None) -> dict:
         # (readable from Python 3.13 on; before, the client's certificate alone).
         sent = getattr(ssl_object, "get_unverified_chain", list)()
         chain = [leaf] + [der for der in sent if der != leaf]
-        subject = (ssl_object.getpeercert() or {}).get("subject")
-        name = rfc4514_name(subject) if subject is not None else None
+        # It was checked (only --ssl-ca-certs asks for one), so getpeercert()
+        # has its fields: the subject is always among them.
+        name = rfc4514_name(ssl_object.getpeercert()["subject"])
     cipher = ssl_object.cipher()
     return {
         "server_cert": server_cert,
