@@ -222,7 +222,6 @@ class Config(Limits):
 
 
 LIMITS = Limits()
-DEFAULTS = Config()
 
 
 # =============================================================================
@@ -930,12 +929,10 @@ class Response:
 
     def body(self, data: bytes) -> bytes:
         """Frame a piece of the body; b"" for nothing to send."""
-        if not data or self.framing == "none":
+        data = data[:self.allow(len(data))]   # none past Content-Length, or if "none"
+        self.count(len(data))
+        if not data:
             return b""           # RFC 9112 §7.1: an empty chunk would end the body
-        size = self.allow(len(data))
-        if size < len(data):
-            data = data[:size]
-        self.count(size)
         return encode_chunk(data) if self.framing == "chunked" else data
 
     def allow(self, size: int) -> int:
@@ -4172,10 +4169,9 @@ def behind_proxy(request: Request, client, scheme: str, config: Config):
     node on the way may have written them, so the right-most address that is
     not itself a trusted proxy is the client; all left of it may be forged.
     """
-    if not config.proxy_headers or not trusted_proxy(client[0] if client else None,
-                                                     config):
-        return client, scheme, None
-    hops = forwarded_hops(request.headers)
+    peer = client[0] if client else None
+    trusted = config.proxy_headers and trusted_proxy(peer, config)
+    hops = forwarded_hops(request.headers) if trusted else []
     if not hops:
         return client, scheme, None
     # The right-most hop that a trusted proxy did not add; if all did, the first.
@@ -4242,8 +4238,9 @@ def tls_extension(ssl_object, server_cert: str | None) -> dict:
         # (readable from Python 3.13 on; before, the client's certificate alone).
         sent = getattr(ssl_object, "get_unverified_chain", list)()
         chain = [leaf] + [der for der in sent if der != leaf]
-        subject = (ssl_object.getpeercert() or {}).get("subject")
-        name = rfc4514_name(subject) if subject is not None else None
+        # It was checked (only --ssl-ca-certs asks for one), so getpeercert()
+        # has its fields: the subject is always among them.
+        name = rfc4514_name(ssl_object.getpeercert()["subject"])
     cipher = ssl_object.cipher()
     return {
         "server_cert": server_cert,
@@ -4318,10 +4315,8 @@ def make_listener(host: str, port: int, backlog: int = BACKLOG, uds: str | None 
         sock.bind(uds)
     else:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        if listen:
-            return socket.create_server((host, port), family=family, backlog=backlog)
         sock = socket.socket(family, socket.SOCK_STREAM)
-        try:            # the options socket.create_server() sets, without listen()
+        try:            # the options socket.create_server() sets, but not listen()
             if os.name == "posix":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
@@ -4363,7 +4358,7 @@ def set_nodelay(sock: socket.socket) -> bool:
 # that dies, and exits with the status of a lifespan that failed in one.
 
 # The signals on_signals() (section 12) turns into a graceful shutdown, by
-# name: a platform may lack one. A worker keeps only SIGTERM (be_a_worker()).
+# name: a platform may lack one. A worker keeps only SIGTERM (fork_worker()).
 SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM")
 
 
@@ -4415,26 +4410,21 @@ def fork_worker(serve_one) -> int:
     parent's handler (it would relay the signal to its brothers a second
     time), and it may not get to run at all before a signal arrives.
     """
+    global SHUTDOWN_SIGNALS
     relayed = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
     pid = os.fork()
-    if pid == 0:
-        be_a_worker(serve_one, relayed)       # never returns
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
-    return pid
-
-
-def be_a_worker(serve_one, relayed: set) -> None:
-    """In a forked child: take a worker's signals, serve, and leave the process."""
-    global SHUTDOWN_SIGNALS
-    # Ctrl+C in a terminal goes to the whole process group: a worker ignores
-    # it and waits for the SIGTERM its parent relays, so that one Ctrl+C
-    # never counts twice (which would stop it at once).
+    if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
+        return pid      # the parent
+    # The child. Ctrl+C in a terminal goes to the whole process group: a
+    # worker ignores it and waits for the SIGTERM its parent relays, so that
+    # one Ctrl+C never counts twice (which would stop it at once).
     SHUTDOWN_SIGNALS = ("SIGTERM",)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)      # until the server's own
     signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
-    code = 1
+    code = 1            # serve, then leave the process: fork_worker never returns
     try:
         serve_one()
         code = 0
@@ -4478,15 +4468,13 @@ def import_app(spec: str, factory: bool = False):
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        # The module itself (or a package on its path) is missing, not
-        # something that it imports.
-        if error.name and module_name.startswith(error.name):
+    except Exception as error:
+        # Missing: the module itself (or a package on its path), not something
+        # that it imports.
+        if isinstance(error, ModuleNotFoundError) and error.name \
+                and f"{module_name}.".startswith(f"{error.name}."):
             raise AppImportError(f"cannot import module {module_name!r}: "
                                  "no such module") from None
-        raise AppImportError(f"error while importing {module_name!r}: {error}") \
-            from None
-    except Exception as error:
         raise AppImportError(f"error while importing {module_name!r}: "
                              f"{type(error).__name__}: {error}") from None
     for name in [attr] if attr else ["app", "application"]:
@@ -4666,9 +4654,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     annotation. A bool field is a switch: off by default, --trace turns it
     on; on by default, --no-date-header turns it off.
     """
-    defaults = Config()
     for field_ in dataclasses.fields(Config):
-        default = getattr(defaults, field_.name)
+        default = field_.default    # MISSING for headers (a default_factory)
         option = ("--no-" if default is True else "--") + field_.name.replace("_", "-")
         if option not in OPTION_HELP:
             continue            # headers, ws_per_message_deflate: written above
@@ -4677,9 +4664,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             action = "store_false" if default else "store_true"
             parser.add_argument(option, dest=field_.name, action=action, help=text)
             continue
-        # The value's type is the annotation's: "int | None" is int, "str" is str.
-        annotation = str(field_.type)
-        kind = float if "float" in annotation else int if "int" in annotation else str
+        # The value's type is the annotation's (a string: see the __future__
+        # import): "int | None" is int, "str" is str.
+        kind = float if "float" in field_.type else int if "int" in field_.type else str
         choices = metavar.split("|") if "|" in metavar else None
         # None ("no limit", "not set") and "" have no value worth showing.
         shown = "" if default in (None, "") else " (default: %(default)s)"
@@ -4695,8 +4682,7 @@ def config_from(args: argparse.Namespace) -> Config:
     Config itself refuses what no server could run with: its ValueError ends
     the run with exit status 1.
     """
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-               if hasattr(args, f.name)}
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     options["ws_ping_interval"] = args.ws_ping_interval or None       # 0: no pings
     options["ws_per_message_deflate"] = args.ws_per_message_deflate == "true"
     options["headers"] = []
@@ -4753,23 +4739,20 @@ def run_reloader(argv: list[str]) -> int:
     """
     command = [sys.executable, os.path.abspath(__file__)] + [a for a in argv
                                                              if a != "--reload"]
-    seen = source_times()
-    child = subprocess.Popen(command)
-    try:
-        while True:
-            time.sleep(1.0)
-            if source_times() != seen:
-                log.info("a .py file changed; restarting")
-                seen = source_times()
-                child.terminate()
-                child.wait()
-                child = subprocess.Popen(command)
-    except KeyboardInterrupt:
-        # From a terminal, Ctrl+C reached the child too (one process group);
-        # terminate()'s SIGTERM is then its second signal: it stops at once.
-        child.terminate()
-        child.wait()
-        return 0
+    while True:
+        seen = source_times()
+        child = subprocess.Popen(command)
+        try:
+            while source_times() == seen:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            # From a terminal, Ctrl+C reached the child too (one process group);
+            # terminate()'s SIGTERM is then its second signal: it stops at once.
+            return 0
+        finally:
+            child.terminate()
+            child.wait()
+        log.info("a .py file changed; restarting")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -4826,16 +4809,13 @@ def serve_until_stopped(app, interface: str, spec: str, config: Config,
         log.info("serving %s app %s on %s (Ctrl+C to quit)", interface.upper(), spec,
                  where)
 
-    def serve_one() -> None:
-        """Serve in this process; ready() is announce(), but once for all --workers."""
-        serve(app, interface, config=config, listener=listener,
-              ready=None if config.workers > 1 else announce)
-
+    serve_one = functools.partial(serve, app, interface, config=config,
+                                  listener=listener)
     try:
         if config.workers > 1:
-            announce()
+            announce()          # once for all of them, before any is ready
             return run_workers(config.workers, serve_one)
-        serve_one()
+        serve_one(ready=announce)
     except KeyboardInterrupt:
         pass             # where no signal handler could be installed
     except LifespanFailure as error:

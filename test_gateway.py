@@ -9713,3 +9713,19 @@ def test_asgi_close_takes_over_the_read_left_waiting_for_disconnect(monkeypatch,
         raw = exchange(port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert raw.endswith(b"2\r\nhi\r\n0\r\n\r\n")
     assert "internal error on a connection" not in caplog.messages
+
+
+# --- round 2: edges ---
+
+
+def test_import_app_tells_a_missing_import_from_a_missing_module(tmp_path, monkeypatch):
+    # A module whose own import fails is not "no such module", even when the
+    # name it fails on is the start of its own name ("edges_r2" in "edges_r2x").
+    (tmp_path / "edges_r2x.py").write_text("import edges_r2\napp = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(gateway.AppImportError) as caught:
+        gateway.import_app("edges_r2x:app")
+    assert "error while importing 'edges_r2x'" in str(caught.value)
+    with pytest.raises(gateway.AppImportError) as caught:
+        gateway.import_app("edges_r2_absent.sub:app")
+    assert "no such module" in str(caught.value)
