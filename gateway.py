@@ -3511,8 +3511,11 @@ class PerMessageDeflate:
             name, *params = [p.strip(b" \t") for p in offer.split(b";")]
             pairs = [[part.strip(b' \t"') for part in p.split(b"=", 1)] for p in params]
             values = {pair[0]: pair[1] if len(pair) > 1 else None for pair in pairs}
-            if (name != b"permessage-deflate" or len(values) != len(pairs) or not
-                    all(DEFLATE_PARAMETER.fullmatch(b"=".join(p)) for p in pairs)):
+            # Limit: a value (the last part) of more digits than int() reads, 4,300,
+            # is as invalid as one out of range.
+            valid = [DEFLATE_PARAMETER.fullmatch(b"=".join(p)) and len(p[-1]) <= 4300
+                     for p in pairs]
+            if name != b"permessage-deflate" or len(values) != len(pairs) or not all(valid):
                 continue
             window = int(values.get(b"server_max_window_bits") or 15)
             answer = [b"permessage-deflate"]   # RFC 7692 §7.1.2.2: no client bits

@@ -9634,3 +9634,31 @@ def test_lifespan_message_out_of_turn_raises_and_in_turn_does_not():
     assert sent == ["raised", "lifespan.startup.complete", "raised"]
     assert (str(failure), failure.status) == ("application shutdown failed: boom",
                                               gateway.EXIT_SHUTDOWN_FAILED)
+
+# --- round 2: ws ---
+
+
+@pytest.mark.parametrize("offer", [
+    b"permessage-deflate; server_max_window_bits=" + b"0" * 4300 + b"10",
+    b"permessage-deflate; client_max_window_bits=" + b"0" * 4300 + b"10",
+])
+def test_ws_deflate_window_bits_beyond_int_digits_declines_the_offer(offer):
+    # A value int() will not read (over 4,300 digits) is an invalid parameter:
+    # that offer is declined like any other (RFC 7692 §7.1), the next one taken.
+    codec, answer = gateway.PerMessageDeflate.negotiate([offer, b"permessage-deflate"])
+    assert codec is not None and answer == b"permessage-deflate"
+    assert gateway.PerMessageDeflate.negotiate([offer]) == (None, b"")
+
+
+def test_ws_handshake_with_a_huge_window_bits_value_opens_without_deflate():
+    app = WsRecorder()
+    offer = (b"Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits="
+             + b"0" * 5000 + b"9\r\n")
+    with running_server("asgi", app) as port:
+        with connect(port) as sock:
+            sock.sendall(ws_handshake(offer))
+            ws = WsClient(sock)
+            head = ws.read_head()
+            assert head.startswith(b"HTTP/1.1 101 ") and b"Extensions" not in head
+            sock.sendall(ws_client_frame(1, b"hi"))
+            assert ws.read_frame() == (0x81, 1, b"hi")
