@@ -3397,17 +3397,14 @@ WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 §4.2.2 it
 FIN, RSV1, RSV23, OPCODE, MASKED, LENGTH7 = 0x80, 0x40, 0x30, 0x0F, 0x80, 0x7F
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 UTF8_DECODER = codecs.getincrementaldecoder("utf-8")   # RFC 6455 §5.6: text is UTF-8
-# RFC 6455 §7.4.1 and IANA's 1012-1014; not 1004, nor 1005, 1006, 1015 (app-only)
-SENDABLE_CLOSE_CODES = {*range(1000, 1004), *range(1007, 1015)}
+# RFC 6455 §7.4: the close codes a Close may carry, checked both ways (a client's
+# Close, the app's close): §7.4.1 and IANA's 1012-1014, not 1004, nor 1005, 1006,
+# 1015 (app-only); §7.4.2's 3000-4999 for libraries and apps.
+SENDABLE_CLOSE_CODES = {*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)}
 # RFC 7692 §7.1's parameters, but no server_max_window_bits=8: zlib cannot make it
 DEFLATE_PARAMETER = re.compile(
     rb"(server|client)_no_context_takeover|server_max_window_bits=0*(9|1[0-5])"
     rb"|client_max_window_bits(=0*(8|9|1[0-5]))?")
-
-
-def sendable_close_code(code: int) -> bool:
-    """RFC 6455 §7.4: checked both ways: a client's Close, the app's close."""
-    return code in SENDABLE_CLOSE_CODES or 3000 <= code < 5000   # RFC 6455 §7.4.2
 
 
 class WebSocketError(Exception):
@@ -3485,14 +3482,9 @@ def unmask(payload: bytes, key: bytes) -> bytes:
     (b'Hello', b'Hello')
     """
     mask = (key * (len(payload) // 4 + 1))[:len(payload)]   # octet i is key[i MOD 4]
-    return xor_bytes(payload, mask)
-
-
-def xor_bytes(a: bytes, b: bytes) -> bytes:
-    """a XOR b, octet by octet (equal lengths)."""
-    # As two big integers: one loop in C instead of a Python step per octet.
-    number = int.from_bytes(a, "little") ^ int.from_bytes(b, "little")
-    return number.to_bytes(len(a), "little")
+    # XOR as two big integers: one loop in C instead of a Python step per octet.
+    number = int.from_bytes(payload, "little") ^ int.from_bytes(mask, "little")
+    return number.to_bytes(len(payload), "little")
 
 
 class PerMessageDeflate:
@@ -3657,7 +3649,7 @@ class FrameParser:
         if not payload:
             return ("close", 1005, "")   # RFC 6455 §7.1.5: "no status code"
         code = int.from_bytes(payload[:2], "big")   # RFC 6455 §5.5.1: a code, a reason
-        if len(payload) == 1 or not sendable_close_code(code):
+        if len(payload) == 1 or code not in SENDABLE_CLOSE_CODES:
             raise WebSocketError(1002, "invalid close code")    # RFC 6455 §7.4.1
         try:
             return ("close", code, payload[2:].decode("utf-8"))   # RFC 6455 §8.1
@@ -3772,7 +3764,7 @@ class WebSocketCycle:
             await self.end(403, 1000)           # ASGI "Close - send event", too
         elif kind == "websocket.close" and self.state == "open":
             code, reason = message.get("code", 1000), message.get("reason") or ""
-            if not sendable_close_code(code) or len(reason.encode("utf-8")) > 123:
+            if code not in SENDABLE_CLOSE_CODES or len(reason.encode("utf-8")) > 123:
                 raise ValueError(f"invalid WebSocket close: {code} {reason!r}")
             await self.close(code, reason)      # RFC 6455 §5.5: 2 + 123 <= 125 bytes
         elif kind.startswith("websocket.http.response.") and self.state in (
