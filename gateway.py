@@ -3551,7 +3551,7 @@ class FrameParser:
           +--+ text/binary, FIN=1                      (RFC 6455 §5.4)
     Control frames come out at once. `kind` is None between messages (and
     `parts` empty), else "text" or "bytes"; a first frame sets `compressed`
-    (RSV1, RFC 7692 §6.1), `size` and a UTF-8 `decoder`. Errors: 1002 (against
+    (RSV1, RFC 7692 §6.1), `size` and a UTF-8 `decoder` (for text). Errors: 1002 (against
     RFC 6455 §5), 1007 (not UTF-8, not DEFLATE), 1009 (over `max_size`).
     >>> parser = FrameParser(max_size=1000)
     >>> parser.feed(b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # RFC 6455 §5.7
@@ -3575,18 +3575,16 @@ class FrameParser:
         while len(buffer) >= 2:
             if not buffer[1] & MASKED:   # RFC 6455 §5.1: a client MUST mask frames
                 raise WebSocketError(1002, "frames from a client must be masked")
-            size = buffer[1] & LENGTH7   # RFC 6455 §5.2 "Payload length", three forms:
-            if size == 126:              # 16-bit: 2 more bytes, then the masking key
-                key_at, size = 4, int.from_bytes(buffer[2:4], "big")
-            elif size == 127:            # 64-bit: 8 more bytes, then the masking key
-                key_at, size = 10, int.from_bytes(buffer[2:10], "big")
-            else:                        # 7-bit: the length itself
-                key_at = 2
+            # RFC 6455 §5.2 "Payload length", three forms: 7 bits, the length
+            # itself; 126, then 16 bits; 127, then 64 bits. Then the masking key.
+            length = buffer[1] & LENGTH7
+            key_at = {126: 4, 127: 10}.get(length, 2)
             if len(buffer) < key_at:
                 return None
+            size = int.from_bytes(buffer[2:key_at], "big") if key_at > 2 else length
             if size >> 63:               # RFC 6455 §5.2: "the most significant bit
                 raise WebSocketError(1002, "invalid frame length")   # MUST be 0"
-            if encode_length(size)[0] != buffer[1] & LENGTH7:   # Policy: RFC 6455 §5.2
+            if encode_length(size)[0] != length:   # Policy: RFC 6455 §5.2
                 raise WebSocketError(1002, "frame length not minimally encoded")
             if size > self.max_size:     # Limit: --ws-max-size (RFC 6455 §10.4)
                 raise WebSocketError(1009, "message too big")
@@ -3607,19 +3605,17 @@ class FrameParser:
         if first & RSV23 or (rsv1 and (self.deflate is None or opcode not in
                                        (OP_TEXT, OP_BINARY))):
             raise WebSocketError(1002, "reserved bits set")   # RFC 6455 §5.2
+        if OP_BINARY < opcode < OP_CLOSE or opcode > OP_PONG:   # RFC 6455 §5.2:
+            raise WebSocketError(1002, f"unknown opcode {opcode}")   # reserved ones
         if opcode >= OP_CLOSE:
             return self._on_control(first, opcode, payload)
-        if opcode == OP_CONTINUATION:
-            if self.kind is None:        # RFC 6455 §5.4: nothing to continue
-                raise WebSocketError(1002, "continuation of nothing")
-        elif opcode in (OP_TEXT, OP_BINARY):
-            if self.kind is not None:    # RFC 6455 §5.4: no interleaved messages
-                raise WebSocketError(1002, "new message inside a fragmented one")
+        # RFC 6455 §5.4: a continuation inside a message and only there, so
+        # neither one of nothing nor a new message interleaved with another.
+        if (opcode == OP_CONTINUATION) == (self.kind is None):
+            raise WebSocketError(1002, "fragments out of order")
+        if opcode != OP_CONTINUATION:    # a first frame: a new message
             self.kind = "text" if opcode == OP_TEXT else "bytes"
-            self.compressed, self.size = rsv1, 0
-            self.decoder = UTF8_DECODER() if opcode == OP_TEXT else None
-        else:               # RFC 6455 §5.2: 0x3-0x7 are reserved non-control opcodes
-            raise WebSocketError(1002, f"unknown opcode {opcode}")
+            self.compressed, self.size, self.decoder = rsv1, 0, UTF8_DECODER()
         final = bool(first & FIN)
         if self.compressed:
             payload = self.deflate.decompress(payload, self.max_size - self.size, final)
@@ -3644,8 +3640,6 @@ class FrameParser:
             raise WebSocketError(1002, "control frames are short and not fragmented")
         if opcode in (OP_PING, OP_PONG):
             return ("ping" if opcode == OP_PING else "pong", payload)
-        if opcode != OP_CLOSE:           # RFC 6455 §5.2: 0xB-0xF are reserved too
-            raise WebSocketError(1002, f"unknown opcode {opcode}")
         if not payload:
             return ("close", 1005, "")   # RFC 6455 §7.1.5: "no status code"
         code = int.from_bytes(payload[:2], "big")   # RFC 6455 §5.5.1: a code, a reason
