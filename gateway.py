@@ -3507,7 +3507,8 @@ class PerMessageDeflate:
             # is as invalid as one out of range.
             valid = [DEFLATE_PARAMETER.fullmatch(b"=".join(p)) and len(p[-1]) <= 4300
                      for p in pairs]
-            if name != b"permessage-deflate" or len(values) != len(pairs) or not all(valid):
+            if (name != b"permessage-deflate" or len(values) != len(pairs)
+                    or not all(valid)):
                 continue
             window = int(values.get(b"server_max_window_bits") or 15)
             answer = [b"permessage-deflate"]   # RFC 7692 §7.1.2.2: no client bits
@@ -3551,8 +3552,9 @@ class FrameParser:
           +--+ text/binary, FIN=1                      (RFC 6455 §5.4)
     Control frames come out at once. `kind` is None between messages (and
     `parts` empty), else "text" or "bytes"; a first frame sets `compressed`
-    (RSV1, RFC 7692 §6.1), `size` and a UTF-8 `decoder` (for text). Errors: 1002 (against
-    RFC 6455 §5), 1007 (not UTF-8, not DEFLATE), 1009 (over `max_size`).
+    (RSV1, RFC 7692 §6.1), `size` and a UTF-8 `decoder` (used for text).
+    Errors: 1002 (against RFC 6455 §5), 1007 (not UTF-8, not DEFLATE), 1009
+    (over `max_size`).
     >>> parser = FrameParser(max_size=1000)
     >>> parser.feed(b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # RFC 6455 §5.7
     >>> parser.feed(b"\x8a\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # masked Pong
@@ -3655,7 +3657,7 @@ class WebSocketCycle:
     """One WebSocket connection on the ASGI path (ASGI "HTTP & WebSocket" spec,
     "WebSocket"). Its `state`:
         connecting -> open      websocket.accept: the 101 (accept())
-        connecting -> denying   websocket.http.response.start (deny()), and
+        connecting -> denying   websocket.http.response.start (send()), and
                    -> closed    at its last body
         connecting -> closed    websocket.close, or the app ends: HTTP 403 (500
                                 if it raised) instead of the 101 (end())
@@ -3761,9 +3763,19 @@ class WebSocketCycle:
             if code not in SENDABLE_CLOSE_CODES or len(reason.encode("utf-8")) > 123:
                 raise ValueError(f"invalid WebSocket close: {code} {reason!r}")
             await self.close(code, reason)      # RFC 6455 §5.5: 2 + 123 <= 125 bytes
-        elif kind.startswith("websocket.http.response.") and self.state in (
-                "connecting", "denying"):
-            await self.deny(message)
+        elif kind == "websocket.http.response.start" and self.state == "connecting":
+            # ASGI "WebSocket Denial Response" extension: answer with plain HTTP,
+            # status and headers checked as for http, before any change.
+            status = check_asgi_status(message["status"])
+            headers = check_asgi_headers(message.get("headers", []))
+            self.denial = Response("GET", "1.1", False, self.conn.config)  # then close
+            self.state = "denying"
+            await self.conn.write(self.denial.head(status, headers, time.time()))
+        elif kind == "websocket.http.response.body" and self.state == "denying":
+            await self.conn.write(self.denial.body(message.get("body", b"")))
+            if not message.get("more_body", False):
+                await self.conn.write(self.denial.end())
+                self.state = "closed"
         else:        # ASGI "Connect - receive event": nothing is sent before accept
             raise RuntimeError(f"ASGI: unexpected {kind!r} while the WebSocket is "
                                f"{self.state}")
@@ -3794,22 +3806,6 @@ class WebSocketCycle:
         self.tasks.append(asyncio.ensure_future(self.read_frames()))
         if self.conn.config.ws_ping_interval:
             self.tasks.append(asyncio.ensure_future(self.keep_alive()))
-
-    async def deny(self, message: dict) -> None:
-        """ASGI "WebSocket Denial Response" extension: answer with plain HTTP."""
-        if message["type"] == "websocket.http.response.start" and self.denial is None:
-            status = check_asgi_status(message["status"])   # checked as for http,
-            headers = check_asgi_headers(message.get("headers", []))   # before changes
-            self.denial = Response("GET", "1.1", False, self.conn.config)  # then close
-            self.state = "denying"
-            await self.conn.write(self.denial.head(status, headers, time.time()))
-        elif message["type"] == "websocket.http.response.body" and self.denial:
-            await self.conn.write(self.denial.body(message.get("body", b"")))
-            if not message.get("more_body", False):
-                await self.conn.write(self.denial.end())
-                self.state = "closed"
-        else:
-            raise RuntimeError(f"ASGI: unexpected {message['type']!r}")
 
     async def close(self, code: int, reason: str, wait: bool = True) -> None:
         """RFC 6455 §7.1.2: send Close, then wait for the client's (class docstring)."""
