@@ -3670,7 +3670,7 @@ class WebSocketCycle:
     WS_CLOSE_SECONDS for the client's Close, then close TCP (RFC 6455 §7.1.1).
     To fail (RFC 6455 §7.1.7), close(wait=False) sends FrameParser's code (1011
     for our bugs) and closes at once. No Close at all: 1006. close() waits for
-    `closed`, keep_alive() for `pong`; receive() repeats `last_event` at the end;
+    `closed`, keep_alive() for `pong`; receive() repeats `disconnect` at the end;
     `tasks` are the reader and the pinger, `denial` a denial's Response.
     """
 
@@ -3689,7 +3689,7 @@ class WebSocketCycle:
         protocols = b",".join(field_values(request.headers, b"sec-websocket-protocol"))
         self.offered = [p.strip(" \t") for p in protocols.decode("latin-1").split(",")
                         if p.strip(" \t")]    # RFC 6455 §4.2.1 item 8: case-sensitive
-        self.last_event = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
+        self.disconnect = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
 
     def scope(self) -> dict:
         """ASGI "Websocket Connection Scope", with "WebSocket Denial Response"."""
@@ -3733,11 +3733,14 @@ class WebSocketCycle:
             await self.close(code, "")
 
     async def receive(self) -> dict:
-        """ASGI "Receive - receive event"s, then "Disconnect", repeated (last_event)."""
+        """ASGI "Receive - receive event"s, then "Disconnect", repeated: the one
+        received, or 1006 (no Close) after a refused handshake."""
         if self.state == "closed" and self.inbox.empty():
-            return self.last_event
-        self.last_event = await self.inbox.get()
-        return self.last_event
+            return self.disconnect
+        event = await self.inbox.get()
+        if event["type"] == "websocket.disconnect":
+            self.disconnect = event
+        return event
 
     async def send(self, message: dict) -> None:
         """ASGI websocket send(): each event in its states (see the class docstring)."""

@@ -9662,3 +9662,34 @@ def test_ws_handshake_with_a_huge_window_bits_value_opens_without_deflate():
             assert head.startswith(b"HTTP/1.1 101 ") and b"Extensions" not in head
             sock.sendall(ws_client_frame(1, b"hi"))
             assert ws.read_frame() == (0x81, 1, b"hi")
+
+
+@pytest.mark.parametrize("refusal", [
+    [{"type": "websocket.close"}],
+    [{"type": "websocket.http.response.start", "status": 403},
+     {"type": "websocket.http.response.body", "body": b"no"}],
+])
+def test_ws_receive_after_a_refusal_is_a_disconnect_not_the_connect_again(refusal):
+    # ASGI "Disconnect - receive event": once the server has refused the
+    # handshake, receive() says the connection is gone (1006: no Close frame);
+    # a loop that waits for websocket.disconnect must not get websocket.connect
+    # again, at once, for ever.
+    events, done = [], threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "websocket":
+            return
+        try:
+            events.append(await receive())
+            for message in refusal:
+                await send(message)
+            events.append(await asyncio.wait_for(receive(), TIMEOUT))
+            events.append(await asyncio.wait_for(receive(), TIMEOUT))
+        finally:
+            done.set()
+
+    with running_server("asgi", app) as port:
+        asgi_request_and_close(port, ws_handshake())
+        assert done.wait(TIMEOUT)
+    disconnect = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
+    assert events == [{"type": "websocket.connect"}, disconnect, disconnect]
