@@ -3989,13 +3989,12 @@ class Lifespan:
     async def send(self, message: dict) -> None:
         """The app's answers, each in its turn; others raise (ASGI "Error Handling")."""
         kind = message["type"]
-        if kind in ("lifespan.startup.complete", "lifespan.startup.failed"):
-            event = self.started
-        elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            event = self.stopped if self.stopping else None
-        else:
-            event = None
-        if event is None or event.is_set():
+        # The event each answer sets; a shutdown's only once lifespan.shutdown is sent.
+        event = {"lifespan.startup.complete": self.started,
+                 "lifespan.startup.failed": self.started,
+                 "lifespan.shutdown.complete": self.stopping and self.stopped,
+                 "lifespan.shutdown.failed": self.stopping and self.stopped}.get(kind)
+        if not event or event.is_set():
             raise RuntimeError(f"ASGI lifespan: unexpected message {kind!r}")
         if kind.endswith(".failed"):
             self.failure = message.get("message", "")
