@@ -3492,7 +3492,9 @@ class PerMessageDeflate:
 
     def __init__(self, reset_each_message: bool, window_bits: int = 15) -> None:
         """server_no_context_takeover, server_max_window_bits (RFC 7692 §7.1)."""
-        self.reset, self.window_bits = reset_each_message, window_bits
+        # Z_FULL_FLUSH ends a message as Z_SYNC_FLUSH does, and also forgets
+        # it: the next one refers to nothing before (no context takeover).
+        self.flush = zlib.Z_FULL_FLUSH if reset_each_message else zlib.Z_SYNC_FLUSH
         self.compressor = zlib.compressobj(6, zlib.DEFLATED, -window_bits)
         self.decompressor = zlib.decompressobj(-15)   # takes any smaller window
 
@@ -3521,10 +3523,8 @@ class PerMessageDeflate:
         return None, b""
 
     def compress(self, data: bytes) -> bytes:
-        """RFC 7692 §7.2.1: one message, deflated (afresh, if reset)."""
-        if self.reset:
-            self.compressor = zlib.compressobj(6, zlib.DEFLATED, -self.window_bits)
-        data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
+        """RFC 7692 §7.2.1: one message, deflated (with no context, if reset)."""
+        data = self.compressor.compress(data) + self.compressor.flush(self.flush)
         return data[:-4]       # RFC 7692 §7.2.1: drop the final 00 00 FF FF
 
     def decompress(self, data: bytes, limit: int, final: bool) -> bytes:
