@@ -3398,8 +3398,8 @@ FIN, RSV1, RSV23, OPCODE, MASKED, LENGTH7 = 0x80, 0x40, 0x30, 0x0F, 0x80, 0x7F
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 UTF8_DECODER = codecs.getincrementaldecoder("utf-8")   # RFC 6455 §5.6: text is UTF-8
 # RFC 6455 §7.4: the close codes a Close may carry, checked both ways (a client's
-# Close, the app's close): §7.4.1 and IANA's 1012-1014, not 1004, nor 1005, 1006,
-# 1015 (app-only); §7.4.2's 3000-4999 for libraries and apps.
+# Close, the app's close). RFC 6455 §7.4.1 and IANA's 1012-1014, not 1004, nor
+# 1005, 1006, 1015 (app-only); RFC 6455 §7.4.2's 3000-4999, for libraries and apps.
 SENDABLE_CLOSE_CODES = {*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)}
 # RFC 7692 §7.1's parameters, but no server_max_window_bits=8: zlib cannot make it
 DEFLATE_PARAMETER = re.compile(
