@@ -3387,17 +3387,14 @@ WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 §4.2.2 it
 FIN, RSV1, RSV23, OPCODE, MASKED, LENGTH7 = 0x80, 0x40, 0x30, 0x0F, 0x80, 0x7F
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 UTF8_DECODER = codecs.getincrementaldecoder("utf-8")   # RFC 6455 §5.6: text is UTF-8
-# RFC 6455 §7.4.1 and IANA's 1012-1014; not 1004, nor 1005, 1006, 1015 (app-only)
-SENDABLE_CLOSE_CODES = {*range(1000, 1004), *range(1007, 1015)}
+# RFC 6455 §7.4: the close codes a Close may carry, checked both ways (a client's
+# Close, the app's close). RFC 6455 §7.4.1 and IANA's 1012-1014, not 1004, nor
+# 1005, 1006, 1015 (app-only); RFC 6455 §7.4.2's 3000-4999, for libraries and apps.
+SENDABLE_CLOSE_CODES = {*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)}
 # RFC 7692 §7.1's parameters, but no server_max_window_bits=8: zlib cannot make it
 DEFLATE_PARAMETER = re.compile(
     rb"(server|client)_no_context_takeover|server_max_window_bits=0*(9|1[0-5])"
     rb"|client_max_window_bits(=0*(8|9|1[0-5]))?")
-
-
-def sendable_close_code(code: int) -> bool:
-    """RFC 6455 §7.4: checked both ways: a client's Close, the app's close."""
-    return code in SENDABLE_CLOSE_CODES or 3000 <= code < 5000   # RFC 6455 §7.4.2
 
 
 class WebSocketError(Exception):
@@ -3475,14 +3472,9 @@ def unmask(payload: bytes, key: bytes) -> bytes:
     (b'Hello', b'Hello')
     """
     mask = (key * (len(payload) // 4 + 1))[:len(payload)]   # octet i is key[i MOD 4]
-    return xor_bytes(payload, mask)
-
-
-def xor_bytes(a: bytes, b: bytes) -> bytes:
-    """a XOR b, octet by octet (equal lengths)."""
-    # As two big integers: one loop in C instead of a Python step per octet.
-    number = int.from_bytes(a, "little") ^ int.from_bytes(b, "little")
-    return number.to_bytes(len(a), "little")
+    # XOR as two big integers: one loop in C instead of a Python step per octet.
+    number = int.from_bytes(payload, "little") ^ int.from_bytes(mask, "little")
+    return number.to_bytes(len(payload), "little")
 
 
 class PerMessageDeflate:
@@ -3490,7 +3482,9 @@ class PerMessageDeflate:
 
     def __init__(self, reset_each_message: bool, window_bits: int = 15) -> None:
         """server_no_context_takeover, server_max_window_bits (RFC 7692 §7.1)."""
-        self.reset, self.window_bits = reset_each_message, window_bits
+        # Z_FULL_FLUSH ends a message as Z_SYNC_FLUSH does, and also forgets
+        # it: the next one refers to nothing before (no context takeover).
+        self.flush = zlib.Z_FULL_FLUSH if reset_each_message else zlib.Z_SYNC_FLUSH
         self.compressor = zlib.compressobj(6, zlib.DEFLATED, -window_bits)
         self.decompressor = zlib.decompressobj(-15)   # takes any smaller window
 
@@ -3501,8 +3495,12 @@ class PerMessageDeflate:
             name, *params = [p.strip(b" \t") for p in offer.split(b";")]
             pairs = [[part.strip(b' \t"') for part in p.split(b"=", 1)] for p in params]
             values = {pair[0]: pair[1] if len(pair) > 1 else None for pair in pairs}
-            if (name != b"permessage-deflate" or len(values) != len(pairs) or not
-                    all(DEFLATE_PARAMETER.fullmatch(b"=".join(p)) for p in pairs)):
+            # Limit: a value (the last part) of more digits than int() reads, 4,300,
+            # is as invalid as one out of range.
+            valid = [DEFLATE_PARAMETER.fullmatch(b"=".join(p)) and len(p[-1]) <= 4300
+                     for p in pairs]
+            if (name != b"permessage-deflate" or len(values) != len(pairs)
+                    or not all(valid)):
                 continue
             window = int(values.get(b"server_max_window_bits") or 15)
             answer = [b"permessage-deflate"]   # RFC 7692 §7.1.2.2: no client bits
@@ -3515,10 +3513,8 @@ class PerMessageDeflate:
         return None, b""
 
     def compress(self, data: bytes) -> bytes:
-        """RFC 7692 §7.2.1: one message, deflated (afresh, if reset)."""
-        if self.reset:
-            self.compressor = zlib.compressobj(6, zlib.DEFLATED, -self.window_bits)
-        data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
+        """RFC 7692 §7.2.1: one message, deflated (with no context, if reset)."""
+        data = self.compressor.compress(data) + self.compressor.flush(self.flush)
         return data[:-4]       # RFC 7692 §7.2.1: drop the final 00 00 FF FF
 
     def decompress(self, data: bytes, limit: int, final: bool) -> bytes:
@@ -3546,8 +3542,9 @@ class FrameParser:
           +--+ text/binary, FIN=1                      (RFC 6455 §5.4)
     Control frames come out at once. `kind` is None between messages (and
     `parts` empty), else "text" or "bytes"; a first frame sets `compressed`
-    (RSV1, RFC 7692 §6.1), `size` and a UTF-8 `decoder`. Errors: 1002 (against
-    RFC 6455 §5), 1007 (not UTF-8, not DEFLATE), 1009 (over `max_size`).
+    (RSV1, RFC 7692 §6.1), `size` and a UTF-8 `decoder` (used for text).
+    Errors: 1002 (against RFC 6455 §5), 1007 (not UTF-8, not DEFLATE), 1009
+    (over `max_size`).
     >>> parser = FrameParser(max_size=1000)
     >>> parser.feed(b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # RFC 6455 §5.7
     >>> parser.feed(b"\x8a\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # masked Pong
@@ -3570,18 +3567,16 @@ class FrameParser:
         while len(buffer) >= 2:
             if not buffer[1] & MASKED:   # RFC 6455 §5.1: a client MUST mask frames
                 raise WebSocketError(1002, "frames from a client must be masked")
-            size = buffer[1] & LENGTH7   # RFC 6455 §5.2 "Payload length", three forms:
-            if size == 126:              # 16-bit: 2 more bytes, then the masking key
-                key_at, size = 4, int.from_bytes(buffer[2:4], "big")
-            elif size == 127:            # 64-bit: 8 more bytes, then the masking key
-                key_at, size = 10, int.from_bytes(buffer[2:10], "big")
-            else:                        # 7-bit: the length itself
-                key_at = 2
+            # RFC 6455 §5.2 "Payload length", three forms: 7 bits, the length
+            # itself; 126, then 16 bits; 127, then 64 bits. Then the masking key.
+            length = buffer[1] & LENGTH7
+            key_at = {126: 4, 127: 10}.get(length, 2)
             if len(buffer) < key_at:
                 return None
+            size = int.from_bytes(buffer[2:key_at], "big") if key_at > 2 else length
             if size >> 63:               # RFC 6455 §5.2: "the most significant bit
                 raise WebSocketError(1002, "invalid frame length")   # MUST be 0"
-            if encode_length(size)[0] != buffer[1] & LENGTH7:   # Policy: RFC 6455 §5.2
+            if encode_length(size)[0] != length:   # Policy: RFC 6455 §5.2
                 raise WebSocketError(1002, "frame length not minimally encoded")
             if size > self.max_size:     # Limit: --ws-max-size (RFC 6455 §10.4)
                 raise WebSocketError(1009, "message too big")
@@ -3602,19 +3597,17 @@ class FrameParser:
         if first & RSV23 or (rsv1 and (self.deflate is None or opcode not in
                                        (OP_TEXT, OP_BINARY))):
             raise WebSocketError(1002, "reserved bits set")   # RFC 6455 §5.2
+        if OP_BINARY < opcode < OP_CLOSE or opcode > OP_PONG:   # RFC 6455 §5.2:
+            raise WebSocketError(1002, f"unknown opcode {opcode}")   # reserved ones
         if opcode >= OP_CLOSE:
             return self._on_control(first, opcode, payload)
-        if opcode == OP_CONTINUATION:
-            if self.kind is None:        # RFC 6455 §5.4: nothing to continue
-                raise WebSocketError(1002, "continuation of nothing")
-        elif opcode in (OP_TEXT, OP_BINARY):
-            if self.kind is not None:    # RFC 6455 §5.4: no interleaved messages
-                raise WebSocketError(1002, "new message inside a fragmented one")
+        # RFC 6455 §5.4: a continuation inside a message and only there, so
+        # neither one of nothing nor a new message interleaved with another.
+        if (opcode == OP_CONTINUATION) == (self.kind is None):
+            raise WebSocketError(1002, "fragments out of order")
+        if opcode != OP_CONTINUATION:    # a first frame: a new message
             self.kind = "text" if opcode == OP_TEXT else "bytes"
-            self.compressed, self.size = rsv1, 0
-            self.decoder = UTF8_DECODER() if opcode == OP_TEXT else None
-        else:               # RFC 6455 §5.2: 0x3-0x7 are reserved non-control opcodes
-            raise WebSocketError(1002, f"unknown opcode {opcode}")
+            self.compressed, self.size, self.decoder = rsv1, 0, UTF8_DECODER()
         final = bool(first & FIN)
         if self.compressed:
             payload = self.deflate.decompress(payload, self.max_size - self.size, final)
@@ -3639,12 +3632,10 @@ class FrameParser:
             raise WebSocketError(1002, "control frames are short and not fragmented")
         if opcode in (OP_PING, OP_PONG):
             return ("ping" if opcode == OP_PING else "pong", payload)
-        if opcode != OP_CLOSE:           # RFC 6455 §5.2: 0xB-0xF are reserved too
-            raise WebSocketError(1002, f"unknown opcode {opcode}")
         if not payload:
             return ("close", 1005, "")   # RFC 6455 §7.1.5: "no status code"
         code = int.from_bytes(payload[:2], "big")   # RFC 6455 §5.5.1: a code, a reason
-        if len(payload) == 1 or not sendable_close_code(code):
+        if len(payload) == 1 or code not in SENDABLE_CLOSE_CODES:
             raise WebSocketError(1002, "invalid close code")    # RFC 6455 §7.4.1
         try:
             return ("close", code, payload[2:].decode("utf-8"))   # RFC 6455 §8.1
@@ -3656,7 +3647,7 @@ class WebSocketCycle:
     """One WebSocket connection on the ASGI path (ASGI "HTTP & WebSocket" spec,
     "WebSocket"). Its `state`:
         connecting -> open      websocket.accept: the 101 (accept())
-        connecting -> denying   websocket.http.response.start (deny()), and
+        connecting -> denying   websocket.http.response.start (send()), and
                    -> closed    at its last body
         connecting -> closed    websocket.close, or the app ends: HTTP 403 (500
                                 if it raised) instead of the 101 (end())
@@ -3669,7 +3660,7 @@ class WebSocketCycle:
     WS_CLOSE_SECONDS for the client's Close, then close TCP (RFC 6455 §7.1.1).
     To fail (RFC 6455 §7.1.7), close(wait=False) sends FrameParser's code (1011
     for our bugs) and closes at once. No Close at all: 1006. close() waits for
-    `closed`, keep_alive() for `pong`; receive() repeats `last_event` at the end;
+    `closed`, keep_alive() for `pong`; receive() repeats `disconnect` at the end;
     `tasks` are the reader and the pinger, `denial` a denial's Response.
     """
 
@@ -3688,7 +3679,7 @@ class WebSocketCycle:
         protocols = b",".join(field_values(request.headers, b"sec-websocket-protocol"))
         self.offered = [p.strip(" \t") for p in protocols.decode("latin-1").split(",")
                         if p.strip(" \t")]    # RFC 6455 §4.2.1 item 8: case-sensitive
-        self.last_event = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
+        self.disconnect = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
 
     def scope(self) -> dict:
         """ASGI "Websocket Connection Scope", with "WebSocket Denial Response"."""
@@ -3732,11 +3723,14 @@ class WebSocketCycle:
             await self.close(code, "")
 
     async def receive(self) -> dict:
-        """ASGI "Receive - receive event"s, then "Disconnect", repeated (last_event)."""
+        """ASGI "Receive - receive event"s, then "Disconnect", repeated: the one
+        received, or 1006 (no Close) after a refused handshake."""
         if self.state == "closed" and self.inbox.empty():
-            return self.last_event
-        self.last_event = await self.inbox.get()
-        return self.last_event
+            return self.disconnect
+        event = await self.inbox.get()
+        if event["type"] == "websocket.disconnect":
+            self.disconnect = event
+        return event
 
     async def send(self, message: dict) -> None:
         """ASGI websocket send(): each event in its states (see the class docstring)."""
@@ -3759,12 +3753,22 @@ class WebSocketCycle:
             await self.end(403, 1000)           # ASGI "Close - send event", too
         elif kind == "websocket.close" and self.state == "open":
             code, reason = message.get("code", 1000), message.get("reason") or ""
-            if not sendable_close_code(code) or len(reason.encode("utf-8")) > 123:
+            if code not in SENDABLE_CLOSE_CODES or len(reason.encode("utf-8")) > 123:
                 raise ValueError(f"invalid WebSocket close: {code} {reason!r}")
             await self.close(code, reason)      # RFC 6455 §5.5: 2 + 123 <= 125 bytes
-        elif kind.startswith("websocket.http.response.") and self.state in (
-                "connecting", "denying"):
-            await self.deny(message)
+        elif kind == "websocket.http.response.start" and self.state == "connecting":
+            # ASGI "WebSocket Denial Response" extension: answer with plain HTTP,
+            # status and headers checked as for http, before any change.
+            status = check_asgi_status(message["status"])
+            headers = check_asgi_headers(message.get("headers", []))
+            self.denial = Response("GET", "1.1", False, self.conn.config)  # then close
+            self.state = "denying"
+            await self.conn.write(self.denial.head(status, headers, time.time()))
+        elif kind == "websocket.http.response.body" and self.state == "denying":
+            await self.conn.write(self.denial.body(message.get("body", b"")))
+            if not message.get("more_body", False):
+                await self.conn.write(self.denial.end())
+                self.state = "closed"
         else:        # ASGI "Connect - receive event": nothing is sent before accept
             raise RuntimeError(f"ASGI: unexpected {kind!r} while the WebSocket is "
                                f"{self.state}")
@@ -3795,22 +3799,6 @@ class WebSocketCycle:
         self.tasks.append(asyncio.ensure_future(self.read_frames()))
         if self.conn.config.ws_ping_interval:
             self.tasks.append(asyncio.ensure_future(self.keep_alive()))
-
-    async def deny(self, message: dict) -> None:
-        """ASGI "WebSocket Denial Response" extension: answer with plain HTTP."""
-        if message["type"] == "websocket.http.response.start" and self.denial is None:
-            status = check_asgi_status(message["status"])   # checked as for http,
-            headers = check_asgi_headers(message.get("headers", []))   # before changes
-            self.denial = Response("GET", "1.1", False, self.conn.config)  # then close
-            self.state = "denying"
-            await self.conn.write(self.denial.head(status, headers, time.time()))
-        elif message["type"] == "websocket.http.response.body" and self.denial:
-            await self.conn.write(self.denial.body(message.get("body", b"")))
-            if not message.get("more_body", False):
-                await self.conn.write(self.denial.end())
-                self.state = "closed"
-        else:
-            raise RuntimeError(f"ASGI: unexpected {message['type']!r}")
 
     async def close(self, code: int, reason: str, wait: bool = True) -> None:
         """RFC 6455 §7.1.2: send Close, then wait for the client's (class docstring)."""
@@ -3991,13 +3979,12 @@ class Lifespan:
     async def send(self, message: dict) -> None:
         """The app's answers, each in its turn; others raise (ASGI "Error Handling")."""
         kind = message["type"]
-        if kind in ("lifespan.startup.complete", "lifespan.startup.failed"):
-            event = self.started
-        elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            event = self.stopped if self.stopping else None
-        else:
-            event = None
-        if event is None or event.is_set():
+        # The event each answer sets; a shutdown's only once lifespan.shutdown is sent.
+        event = {"lifespan.startup.complete": self.started,
+                 "lifespan.startup.failed": self.started,
+                 "lifespan.shutdown.complete": self.stopping and self.stopped,
+                 "lifespan.shutdown.failed": self.stopping and self.stopped}.get(kind)
+        if not event or event.is_set():
             raise RuntimeError(f"ASGI lifespan: unexpected message {kind!r}")
         if kind.endswith(".failed"):
             self.failure = message.get("message", "")

@@ -9573,7 +9573,7 @@ def test_ws_docstring_examples_run(name):
 
 def test_ws_close_codes_are_checked_the_same_both_ways():
     # RFC 6455 §7.4.1-§7.4.2: one rule for the client's Close and the app's close.
-    sendable = [code for code in range(6000) if gateway.sendable_close_code(code)]
+    sendable = [c for c in range(6000) if c in gateway.SENDABLE_CLOSE_CODES]
     assert sendable == [1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)]
     for code in (1004, 1005, 1006, 1015, 2999, 5000):
         assert ws_parse([ws_close_frame(code)]) == ([], 1002)
@@ -9729,3 +9729,62 @@ def test_import_app_tells_a_missing_import_from_a_missing_module(tmp_path, monke
     with pytest.raises(gateway.AppImportError) as caught:
         gateway.import_app("edges_r2_absent.sub:app")
     assert "no such module" in str(caught.value)
+
+# --- round 2: ws ---
+
+
+@pytest.mark.parametrize("offer", [
+    b"permessage-deflate; server_max_window_bits=" + b"0" * 4300 + b"10",
+    b"permessage-deflate; client_max_window_bits=" + b"0" * 4300 + b"10",
+])
+def test_ws_deflate_window_bits_beyond_int_digits_declines_the_offer(offer):
+    # A value int() will not read (over 4,300 digits) is an invalid parameter:
+    # that offer is declined like any other (RFC 7692 §7.1), the next one taken.
+    codec, answer = gateway.PerMessageDeflate.negotiate([offer, b"permessage-deflate"])
+    assert codec is not None and answer == b"permessage-deflate"
+    assert gateway.PerMessageDeflate.negotiate([offer]) == (None, b"")
+
+
+def test_ws_handshake_with_a_huge_window_bits_value_opens_without_deflate():
+    app = WsRecorder()
+    offer = (b"Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits="
+             + b"0" * 5000 + b"9\r\n")
+    with running_server("asgi", app) as port:
+        with connect(port) as sock:
+            sock.sendall(ws_handshake(offer))
+            ws = WsClient(sock)
+            head = ws.read_head()
+            assert head.startswith(b"HTTP/1.1 101 ") and b"Extensions" not in head
+            sock.sendall(ws_client_frame(1, b"hi"))
+            assert ws.read_frame() == (0x81, 1, b"hi")
+
+
+@pytest.mark.parametrize("refusal", [
+    [{"type": "websocket.close"}],
+    [{"type": "websocket.http.response.start", "status": 403},
+     {"type": "websocket.http.response.body", "body": b"no"}],
+])
+def test_ws_receive_after_a_refusal_is_a_disconnect_not_the_connect_again(refusal):
+    # ASGI "Disconnect - receive event": once the server has refused the
+    # handshake, receive() says the connection is gone (1006: no Close frame);
+    # a loop that waits for websocket.disconnect must not get websocket.connect
+    # again, at once, for ever.
+    events, done = [], threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "websocket":
+            return
+        try:
+            events.append(await receive())
+            for message in refusal:
+                await send(message)
+            events.append(await asyncio.wait_for(receive(), TIMEOUT))
+            events.append(await asyncio.wait_for(receive(), TIMEOUT))
+        finally:
+            done.set()
+
+    with running_server("asgi", app) as port:
+        asgi_request_and_close(port, ws_handshake())
+        assert done.wait(TIMEOUT)
+    disconnect = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
+    assert events == [{"type": "websocket.connect"}, disconnect, disconnect]
