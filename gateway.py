@@ -80,14 +80,14 @@ __all__ = ["Config", "Limits", "HTTPError", "Request", "RequestParser", "Respons
            "END", "parse_head", "error_response", "WSGIServer", "ASGIServer", "serve",
            "make_listener", "main"]
 
-log = logging.getLogger("gateway")   # configured by the command line (section 12)
+log = logging.getLogger("gateway")   # configured by the command line (section 13)
 
 # =============================================================================
 # §1  Imports, limits and constants
 #
 # Every number the server uses lives here, with its unit and the status code
 # that going over it produces. Limits holds the ones the parser and the writer
-# read; Config extends it, and the command line (section 12) can change both.
+# read; Config extends it, and the command line (section 13) can change both.
 # =============================================================================
 
 SERVER_NAME = b"gateway"
@@ -108,7 +108,7 @@ LOW_WATER = 64 * 1024            # ... and the level at which we resume it
 BACKLOG = 2048                   # pending connections the kernel may queue
 # When it cannot take one more connection (the selector is full, or accept()
 # ran out of descriptors) the server stops watching its listener for a while;
-# new clients wait in that backlog meanwhile (sections 6 and 8, the servers).
+# new clients wait in that backlog meanwhile (sections 7 and 9, the servers).
 SELECT_SOCKETS = 512 if os.name == "nt" else 1024   # FD_SETSIZE: select() watches
 #                                  this many sockets (Windows), or descriptors below
 #                                  it (POSIX) -> the WSGI loop stops accepting
@@ -126,7 +126,7 @@ SENDFILE_BYTES = 1024 * 1024     # most bytes one os.sendfile() call may send
 # do not hold up the rest, few enough that GIL hand-offs stay cheap.
 WSGI_THREADS = 8                 # worker threads that call WSGI applications
 # Policy: a queued app call waits this long for a busy worker before one more
-# sleeping worker is woken (WorkerPool, section 6): a request may start 2 ms
+# sleeping worker is woken (WorkerPool, section 7): a request may start 2 ms
 # late, but waking a thread for every request makes the threads fight over the GIL.
 WORKER_WAIT_SECONDS = 0.002
 
@@ -209,8 +209,8 @@ class Config(Limits):
     proxy_headers: bool = False
     forwarded_allow_ips: str = "127.0.0.1"
     access_log: bool = True
-    access_log_format: str = ""      # "" means ACCESS_LOG_FORMAT (section 11)
-    trace: bool = False              # log the protocol as it happens (section 11)
+    access_log_format: str = ""      # "" means ACCESS_LOG_FORMAT (section 12)
+    trace: bool = False              # log the protocol as it happens (section 12)
 
     def __post_init__(self) -> None:
         """Refuse what no server could run with: no threads, or bad extra headers."""
@@ -228,7 +228,7 @@ LIMITS = Limits()
 # §2  Errors
 #
 # HTTPError: "answer this status, then close". The parser (section 3) raises
-# it for a request that breaks HTTP; sections 6 to 9 raise it for what only a
+# it for a request that breaks HTTP; sections 6 to 10 raise it for what only a
 # server sees (a slow client, a full disk, a failed app, a refused WebSocket
 # handshake). The catcher answers with error_response() (section 4).
 # =============================================================================
@@ -2543,7 +2543,7 @@ def build_scope(request: Request, server: tuple, client: tuple | None, config: C
         "state":        dict(lifespan_state),  # ASGI Lifespan "Lifespan State": a copy
         # ASGI "Extensions": exactly those send() implements. HTTP/2's push and
         # the test-only debug are never advertised (ASGI extensions "HTTP/2
-        # Server Push", "Debug"); "tls" is added by the connection (section 8).
+        # Server Push", "Debug"); "tls" is added by the connection (section 9).
         "extensions":   {"http.response.trailers": {}, "http.response.early_hint": {},
                          "http.response.pathsend": {},
                          "http.response.zerocopysend": {}},
@@ -2984,7 +2984,7 @@ class ASGIConnection:
             idle --head--> HTTPCycle --complete, keep_alive--> idle
             idle --EOF, idle timeout, stopping--> close()
             HTTPCycle --must close (section 4 must_close) or incomplete--> close()
-            idle --"Upgrade: websocket" head--> WebSocketCycle (section 9) --> close()
+            idle --"Upgrade: websocket" head--> WebSocketCycle (section 10) --> close()
 
         Any other Upgrade is served as plain http (RFC 9110 §7.8).
             idle --bad or slow head (HTTPError)--> answer(error) --> close()
@@ -3050,7 +3050,7 @@ class ASGIConnection:
 
     def scope_for(self, request: Request) -> dict:
         """The scope for a request on this connection, proxies considered
-        (section 11: behind_proxy)."""
+        (section 12: behind_proxy)."""
         client, scheme, host = behind_proxy(request, self.client, self.scheme,
                                             self.config)
         scope = build_scope(request, self.server.address, client, self.config,
@@ -3284,7 +3284,7 @@ class ASGIServer:
                 if conn.idle_since is not None and now - conn.idle_since > timeout:
                     conn.writer.transport.abort()    # its read() returns b""
             if now - last_trim >= MEMORY_TRIM_SECONDS:
-                release_memory()      # section 6: free heap pages, back to the system
+                release_memory()      # section 7: free heap pages, back to the system
                 last_trim = now
 
     async def drain(self) -> None:
@@ -3656,7 +3656,7 @@ class WebSocketCycle:
     The client closes first: we answer with its code (RFC 6455 §5.5.1) and close
     TCP; the app gets that code (1005: none). We close first, in close(): the
     app's code (default 1000), 1000 or 1011 as the app returns or raises, 1001
-    at shutdown (section 8, ASGI server), 1011 for a Ping without Pong; we wait
+    at shutdown (section 9, ASGI server), 1011 for a Ping without Pong; we wait
     WS_CLOSE_SECONDS for the client's Close, then close TCP (RFC 6455 §7.1.1).
     To fail (RFC 6455 §7.1.7), close(wait=False) sends FrameParser's code (1011
     for our bugs) and closes at once. No Close at all: 1006. close() waits for
@@ -3903,7 +3903,7 @@ class Lifespan:
     lifespan may well raise on a scope type it does not know. "off" skips it.
     `started` and `stopped` are set at the end of starting and of stopping (or
     of the app's call); `state` is the app's (ASGI Lifespan "Lifespan State"):
-    section 7 (ASGI HTTP adapter) gives each scope a shallow copy.
+    section 8 (ASGI HTTP adapter) gives each scope a shallow copy.
     """
 
     def __init__(self, app, mode: str = "auto",
@@ -4011,7 +4011,7 @@ def asgi3_app(app, interface: str = "auto"):
 # What running gateway for real needs around the protocol: an access log and
 # --trace, trusting a proxy in front, TLS, listening sockets, and a parent
 # process that keeps N forked workers on one listening socket. The servers of
-# sections 6 and 8 call in here; nothing here calls back into them.
+# sections 5 to 11 call in here; nothing here calls back into them.
 # =============================================================================
 
 # -- The access log and --trace -----------------------------------------------
@@ -4344,7 +4344,7 @@ def set_nodelay(sock: socket.socket) -> bool:
 # then only waits: it relays SIGINT/SIGTERM to them as SIGTERM, replaces one
 # that dies, and exits with the status of a lifespan that failed in one.
 
-# The signals on_signals() (section 12) turns into a graceful shutdown, by
+# The signals on_signals() (section 13) turns into a graceful shutdown, by
 # name: a platform may lack one. A worker keeps only SIGTERM (fork_worker()).
 SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM")
 
@@ -4433,7 +4433,7 @@ def fork_worker(serve_one) -> int:
 #      --env-file fills os.environ, --reload hands over to run_reloader()
 #   2. config_from(): the Config, whose checks refuse a bad value   -> exit 1
 #   3. import_app(): the app named "module:attr"                     -> exit 1
-#   4. make_listener() (section 11): bind the socket                 -> exit 1
+#   4. make_listener() (section 12): bind the socket                 -> exit 1
 #   5. serve_until_stopped(): serve() in this process, or, with
 #      --workers N, run_workers() forks N processes that each serve()
 #   6. the server installs on_signals() and serves until SIGTERM or Ctrl+C,
@@ -4783,7 +4783,7 @@ def serve_until_stopped(app, interface: str, spec: str, config: Config,
     """Steps 5-6: serve in this process or in --workers; return the exit status.
 
     0 after a graceful stop; EXIT_STARTUP_FAILED (3) or EXIT_SHUTDOWN_FAILED (4)
-    when the ASGI lifespan failed (section 10), in this process or a worker.
+    when the ASGI lifespan failed (section 11), in this process or a worker.
     """
     host, port = listen_address(listener)
     scheme = "https" if config.ssl_certfile else "http"
