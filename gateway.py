@@ -1587,14 +1587,13 @@ class WSGIConnection:
         then watch for what comes next and read what TLS has already decrypted."""
         if self.state == "handshake":
             self.handshake()
-            return
-        if mask & selectors.EVENT_READ:
-            self.on_readable()
-        if mask & selectors.EVENT_WRITE and not self.closed:
-            self.flush()
-        if not self.closed:
-            self.watch()
-            self.read_pending()
+        else:
+            if mask & selectors.EVENT_READ:
+                self.on_readable()
+            if mask & selectors.EVENT_WRITE and not self.closed:
+                self.flush()
+        self.watch()
+        self.read_pending()
 
     def handshake(self) -> None:
         """TLS: one non-blocking step of the handshake; the loop never waits."""
@@ -1606,19 +1605,15 @@ class WSGIConnection:
             self.wants = selectors.EVENT_WRITE
         except OSError:            # includes ssl.SSLError: a bad or plain client
             self.close()
-            return
         else:
             self.state, self.since = "idle", time.monotonic()
-        self.watch()
-        self.read_pending()
 
     def read_pending(self) -> None:
         """TLS: bytes already decrypted wake no select(); read them now."""
         while (self.tls and not self.closed and self.events & selectors.EVENT_READ
                and self.sock.pending()):
             self.on_readable()
-            if not self.closed:
-                self.watch()
+            self.watch()
 
     def on_readable(self) -> None:
         """Read what the client sent and parse it; an empty read is its FIN."""
@@ -1822,27 +1817,26 @@ class WSGIConnection:
         with self.room:
             outbox, self.outbox = self.outbox, []
             finished, self.finished = self.finished, None
-            # It parked after the loop had caught up: resume it.
-            resume = self.parked is not None and self.unsent <= LOW_WATER
         for item in outbox:
             self.queue_output(item)
         if finished is not None:
             self.state, self.keep_alive = "sending", self.keep_alive and finished
-        if resume:
-            self.resume_parked()
+        self.resume_parked()         # it parked after the loop had caught up
         if self.waiting_for_body():
             self.process()           # the app made room for more body
         self.flush()
-        if not self.closed:
-            self.watch()
-            self.read_pending()
+        self.watch()
+        self.read_pending()
 
     def resume_parked(self) -> None:
-        """Give a parked call back to a worker thread."""
+        """Give a parked call back to a worker thread once at most LOW_WATER
+        bytes are unsent, or the client has gone (the call then ends there)."""
         with self.room:
-            call, self.parked = self.parked, None
-        if call is not None:
-            self.server.pool.submit(call.resume)
+            call = self.parked
+            if call is None or (self.unsent > LOW_WATER and not self.closed):
+                return
+            self.parked = None
+        self.server.pool.submit(call.resume)
 
     def queue_output(self, item) -> None:
         """Add bytes (or a FileRegion) to what the loop will send, in order."""
@@ -1889,12 +1883,9 @@ class WSGIConnection:
             self.last_write = time.monotonic()
             with self.room:
                 self.unsent -= sent
-                resume = self.unsent <= LOW_WATER
-                if resume:
+                if self.unsent <= LOW_WATER:
                     self.room.notify()    # a worker may be waiting in put()
-                resume = resume and self.parked is not None
-            if resume:
-                self.resume_parked()
+            self.resume_parked()
             if len(item):
                 return                    # the socket is full: wait for EVENT_WRITE
             self.sending.popleft()
