@@ -1206,19 +1206,16 @@ class WSGIInput:
         with self.ready:
             data = bytes(self.buffer[:size])
             del self.buffer[:size]
-            resume = self.paused and len(self.buffer) < LOW_WATER
-            if resume:
+            if self.paused and len(self.buffer) < LOW_WATER:
                 self.paused = False
-        if resume:
-            self.conn.server.wake(self.conn)    # ask the loop to read again
+                self.conn.server.wake(self.conn)    # ask the loop to read again
         return data
 
     def read(self, size: int | None = -1) -> bytes:
         """PEP 3333 "Input and Error Streams": `size` bytes (fewer only at the end
         of the body), or all the rest; b"" once the body is over."""
         if size is None or size < 0:
-            self._wait(lambda buffer: False)          # the whole rest
-            return self._take(len(self.buffer))
+            size = sys.maxsize                        # the whole rest
         self._wait(lambda buffer: len(buffer) >= size)
         return self._take(size)
 
@@ -1254,7 +1251,6 @@ class WSGIResponse:
         """Nothing sent yet, and no status: start_response() gives it."""
         self.conn = conn
         self.body = body         # None: the body was whole before the app ran
-        self.method = request.method
         self.response = Response(request.method, request.version, request.keep_alive,
                                  conn.server.config)
         self.status: str | None = None
@@ -1350,7 +1346,7 @@ class WSGIResponse:
         # RFC 9110 §8.6, §9.3.2: a HEAD's Content-Length is the GET body's; what
         # the app returned (often b"") does not tell it: we add none, keep its own.
         if (self.status is not None and type(self.last) is bytes
-                and self.method != "HEAD" and not has_length(self.headers)):
+                and self.response.method != "HEAD" and not has_length(self.headers)):
             self.headers.append((b"Content-Length", b"%d" % len(self.last)))
         return True
 
@@ -1642,7 +1638,7 @@ class WSGIConnection:
             self.close()    # idle, mid-head or mid-spool: no answer (RFC 9112 §8)
         elif self.waiting_for_body():
             # RFC 9112 §8: an incomplete body is never reported as complete.
-            self.fail_body(ClientDisconnected("client closed mid-body"))
+            self.end_body(ClientDisconnected("client closed mid-body"))
 
     def process(self) -> None:
         """Parse what has arrived, then hand a request that is ready to a worker."""
@@ -1672,9 +1668,7 @@ class WSGIConnection:
         if event is None:
             return False
         if event is END:
-            self.body_complete = True
-            if self.body is not None:
-                self.body.finish()
+            self.end_body()
         elif self.body is not None:
             self.body.feed(event, self.parser.unread_body())
         elif self.spool is not None:
@@ -1729,10 +1723,12 @@ class WSGIConnection:
             self.send_now(error_response(error.status, error.reason, time.time(),
                                          self.server.config))
         else:                      # the app is reading the body: stop it there
-            self.fail_body(ClientDisconnected("malformed request body"), error)
+            self.end_body(ClientDisconnected("malformed request body"), error)
 
-    def fail_body(self, error: Exception, refusal: HTTPError | None = None) -> None:
-        """The body will never be complete: wake the app's read() with `error`."""
+    def end_body(self, error: Exception | None = None,
+                 refusal: HTTPError | None = None) -> None:
+        """No more body for the app: it all came, or `error` cut it short (that
+        is what the app's read() raises). Wakes a read() that waits."""
         self.body_complete = True
         if self.body is not None:
             self.body.finish(error, refusal)
