@@ -1891,9 +1891,7 @@ class WSGIConnection:
     def end_response(self) -> None:
         """RFC 9112 §9.3: keep the connection for the next request, or close
         (RFC 9112 §9.6: no request after a "Connection: close" is served)."""
-        # After the client's FIN, only requests it sent before it remain.
-        more = not self.peer_eof or bool(self.parser.buffer)
-        keep = self.keep_alive and more and not self.server.stopping.is_set()
+        keep = self.keep_alive and not self.server.stopping.is_set()
         unread = not self.body_complete
         if self.spool is not None:
             self.close_spool()       # the app is done with it: free the disk now
@@ -1904,6 +1902,7 @@ class WSGIConnection:
             return
         self.state = "draining" if unread else "idle"
         self.process()     # RFC 9112 §9.3.2: a pipelined request may be waiting
+        # After the client's FIN, only requests it sent before it remain.
         if self.peer_eof and self.state in ("idle", "draining"):
             self.close()   # what is left can never become a request
 
@@ -2266,7 +2265,8 @@ class WSGIServer:
                 now >= self.resume_at or len(self.connections) < self.resume_below):
             self.watch_listener(True)      # a descriptor may be free again
         if now - self.last_check >= self.tick:
-            self.check_timeouts(now)
+            for conn in list(self.connections):   # list: expire() may close one
+                self.guarded(conn, self.expire, conn, now)
             self.last_check = now
         if now - self.last_trim >= MEMORY_TRIM_SECONDS:
             release_memory()
@@ -2347,8 +2347,7 @@ class WSGIServer:
                 # Limit: RFC 9110 §15.6.4, 503 while we have too many clients.
                 conn.send_now(error_response(503, "too many connections", time.time(),
                                              self.config))
-            if not conn.closed:
-                conn.watch()
+            conn.watch()
         except (OSError, ValueError) as error:
             log.debug("closed a new connection at once: %s", error)
             if conn is not None:
@@ -2398,12 +2397,6 @@ class WSGIServer:
         for conn in woken:
             if not conn.closed:
                 self.guarded(conn, conn.on_wake)
-
-    def check_timeouts(self, now: float) -> None:
-        """Check each open connection's timeouts (expire)."""
-        for conn in list(self.connections):
-            if not conn.closed:
-                self.guarded(conn, self.expire, conn, now)
 
     def expire(self, conn: WSGIConnection, now: float) -> None:
         """Runs on: the loop. Close (or answer 408) a connection that has waited
