@@ -1546,9 +1546,9 @@ class WSGIConnection:
         self.events = 0                      # what the selector watches for us
         self.parser = RequestParser(server.config)
         self.sending: collections.deque = collections.deque()  # bytearray, FileRegion
-        self.since = time.monotonic()    # start of this idle or closing phase
-        self.last_read = self.since      # last time bytes came in
-        self.last_write = self.since     # last time sending made progress
+        # The clocks of expire(): `since` this idle (or closing) phase began,
+        # when bytes last came in, and when sending last made progress.
+        self.since = self.last_read = self.last_write = time.monotonic()
         self.peer_eof = False            # client FIN: only requests buffered remain
         self.trace = Trace() if server.config.trace else None
         self.room = threading.Condition()   # guards the five below
@@ -2296,7 +2296,7 @@ class WSGIServer:
                 # need a socket the selector watches while the answer goes out
                 # and we linger for the client's FIN: there is no room for one.
                 self.stop_accepting("the selector is full (%d connections)"
-                                    % self.capacity, until=float("inf"))
+                                    % self.capacity, pause=float("inf"))
                 return
             try:
                 sock, client = self.listener.accept()
@@ -2311,8 +2311,7 @@ class WSGIServer:
                 if error.errno in OUT_OF_DESCRIPTORS:
                     # Policy: back off. The listener stays readable, so trying
                     # again at once would spin; the clients wait in the backlog.
-                    self.stop_accepting(out_of(error),
-                                        until=time.monotonic() + ACCEPT_PAUSE_SECONDS)
+                    self.stop_accepting(out_of(error))
                     return
                 log.warning("accept() failed: %s", error)
                 return
@@ -2329,8 +2328,7 @@ class WSGIServer:
             # in use (the app holds some). Try again later, or once one closes.
             sock.close()
             self.stop_accepting("no descriptor below %d free for select()"
-                                % SELECT_SOCKETS,
-                                until=time.monotonic() + ACCEPT_PAUSE_SECONDS)
+                                % SELECT_SOCKETS)
             return
         conn = None
         try:
@@ -2364,11 +2362,11 @@ class WSGIServer:
                 self.selector.unregister(self.listener)
             self.accepting = on
 
-    def stop_accepting(self, reason: str, until: float) -> None:
-        """Leave new clients in the backlog until `until`, or until one of
+    def stop_accepting(self, reason: str, pause: float = ACCEPT_PAUSE_SECONDS) -> None:
+        """Leave new clients in the backlog for `pause` seconds, or until one of
         ours closes. One warning per reason until the backlog is empty again."""
         self.watch_listener(False)
-        self.resume_at = until
+        self.resume_at = time.monotonic() + pause
         self.resume_below = len(self.connections)
         if reason not in self.refusing:
             self.refusing.add(reason)
@@ -2456,8 +2454,7 @@ class WSGIServer:
             conn.close()
         self.pool.stop()        # after close(): a worker's put() now raises, ends
         self.selector.close()
-        if self.listener.fileno() >= 0:
-            self.listener.close()
+        self.listener.close()       # drain() may have closed it: that is fine
         self.wake_reader.close()
         self.wake_writer.close()
 
