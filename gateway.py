@@ -1620,12 +1620,9 @@ class WSGIConnection:
         except OSError:              # e.g. a reset: nothing can be sent either
             self.close()
             return
-        if self.state == "closing":
-            if not data:
-                self.close()          # RFC 9112 §9.6: the lingering close is over
-        elif not data:
+        if not data:
             self.on_eof()
-        else:
+        elif self.state != "closing":    # closing: what comes is read and dropped
             self.last_read = time.monotonic()
             self.parser.feed(data)
             self.process()
@@ -1634,8 +1631,10 @@ class WSGIConnection:
         """The client sent FIN: close if there is nothing to answer, fail a body
         still arriving, or else let the response go out (a half-close)."""
         self.peer_eof = True
-        if self.state in ("idle", "reading", "draining"):
-            self.close()    # idle, mid-head or mid-spool: no answer (RFC 9112 §8)
+        # Closing: the lingering close is over (RFC 9112 §9.6). Idle, mid-head
+        # or mid-spool: there is no request to answer (RFC 9112 §8).
+        if self.state in ("closing", "idle", "reading", "draining"):
+            self.close()
         elif self.waiting_for_body():
             # RFC 9112 §8: an incomplete body is never reported as complete.
             self.end_body(ClientDisconnected("client closed mid-body"))
@@ -1657,17 +1656,15 @@ class WSGIConnection:
             if self.parser.drop_body() is not None:
                 return False                  # RFC 9112 §9.3: more body to skip
             self.state, self.since = "idle", time.monotonic()
-        if self.state == "idle":
-            request = self.parser.next_event()
-            if request is not None:
-                self.start_request(request)
-            return request is not None
-        if not self.waiting_for_body() or (self.body is not None and self.body.full()):
-            return False
+        if self.state != "idle" and (not self.waiting_for_body() or (
+                self.body is not None and self.body.full())):
+            return False       # no body to pass on: none left, or the app has enough
         event = self.parser.next_event()
         if event is None:
             return False
-        if event is END:
+        if self.state == "idle":
+            self.start_request(event)     # the parser's first event is the head
+        elif event is END:
             self.end_body()
         elif self.body is not None:
             self.body.feed(event, self.parser.unread_body())
@@ -1745,7 +1742,6 @@ class WSGIConnection:
         else:
             body = self.body = WSGIInput(self, self.body_parts, request.expect_continue,
                                          self.parser.unread_body())
-        self.body_parts = []
         client, scheme, host = behind_proxy(request, self.client, self.scheme, config)
         environ = build_environ(request, body, self.server.address, client, config,
                                 scheme)
