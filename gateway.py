@@ -1967,8 +1967,7 @@ class WSGIConnection:
             self.close_spool()       # no worker reads it (any more)
         self.server.connections.discard(self)
         self.resume_parked()         # a parked call ends (and close()s) on a worker
-        if self.body is not None:
-            self.body.finish(ClientDisconnected("connection closed"))
+        self.end_body(ClientDisconnected("connection closed"))
 
 
 # =============================================================================
@@ -2301,15 +2300,14 @@ class WSGIServer:
                     self.refusing.clear()
                     log.info("accepting connections again")
                 return
-            except (InterruptedError, ConnectionAbortedError):
-                return
             except OSError as error:
                 if error.errno in OUT_OF_DESCRIPTORS:
                     # Policy: back off. The listener stays readable, so trying
                     # again at once would spin; the clients wait in the backlog.
                     self.stop_accepting(out_of(error))
-                    return
-                log.warning("accept() failed: %s", error)
+                # EINTR, or a client that gave up in the backlog: no warning.
+                elif not isinstance(error, (InterruptedError, ConnectionAbortedError)):
+                    log.warning("accept() failed: %s", error)
                 return
             self.add_connection(sock, client)
             if not self.accepting:
