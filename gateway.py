@@ -1925,12 +1925,10 @@ class WSGIConnection:
 
     def wants_to_read(self) -> bool:
         """Should the selector wake us for bytes from the client?"""
-        if self.state == "closing":
-            return True                     # discard until the client's FIN
-        if self.peer_eof:
+        if self.peer_eof:    # never while closing: a FIN then closes at once
             return False
-        if self.state in ("idle", "draining"):
-            return True
+        if self.state in ("idle", "draining", "closing"):
+            return True                     # closing: discard until the client's FIN
         if self.waiting_for_body():         # unless the app has enough unread
             return self.body is None or not self.body.full()
         return len(self.parser.buffer) < MAX_HEAD_BYTES   # pipelined, bounded
@@ -1942,8 +1940,7 @@ class WSGIConnection:
         if self.peer_eof:
             self.close()
             return
-        self.state = "closing"
-        self.since = time.monotonic()
+        self.state, self.since = "closing", time.monotonic()
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
