@@ -1077,11 +1077,10 @@ def add_header_variables(environ: dict, headers: list[tuple[bytes, bytes]]) -> N
         key = environ_key(name)
         if key is None:
             continue
-        text = value.decode("latin-1")
         if key in environ:   # RFC 9110 §5.3: repeated fields join with commas
-            environ[key] += ", " + text
+            environ[key] += ", " + value.decode("latin-1")
         else:
-            environ[key] = text
+            environ[key] = value.decode("latin-1")
 
 
 @functools.lru_cache(maxsize=256)   # cached: the same few names come in every request
@@ -1452,7 +1451,7 @@ class WSGICall:
                     return        # resumed by the loop when the client catches up
             final = self.response.final_bytes()
         except BaseException as error:
-            final = wsgi_failure(self.conn, self.response, self.environ, error)
+            final = wsgi_failure(self.response, self.environ, error)
         self.end(final)
 
     def end(self, final: bytes) -> None:
@@ -1466,8 +1465,7 @@ class WSGICall:
         self.conn.finish(final, response.response.keep_alive)   # last: see finish()
 
 
-def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
-                 error: BaseException) -> bytes:
+def wsgi_failure(response: WSGIResponse, environ: dict, error: BaseException) -> bytes:
     """PEP 3333 "Error Handling": a 500 if nothing was sent, else cut it short."""
     response.response.keep_alive = False
     refusal = response.body.refused() if response.body is not None else None
@@ -1482,7 +1480,7 @@ def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
     status, reason = (refusal.status, refusal.reason) if refusal else (
         500, "the application failed")
     response.response.status = status          # for the access log
-    return error_response(status, reason, time.time(), conn.server.config)
+    return error_response(status, reason, time.time(), response.conn.server.config)
 
 
 # =============================================================================
