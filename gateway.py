@@ -1578,7 +1578,7 @@ class WSGIConnection:
 
     def on_event(self, mask: int) -> None:
         """The selector's callback: a TLS handshake step, or read, then write;
-        then watch for what comes next and read what TLS has already decrypted."""
+        then watch for what comes next."""
         if self.state == "handshake":
             self.handshake()
         else:
@@ -1587,7 +1587,6 @@ class WSGIConnection:
             if mask & selectors.EVENT_WRITE and not self.closed:
                 self.flush()
         self.watch()
-        self.read_pending()
 
     def handshake(self) -> None:
         """TLS: one non-blocking step of the handshake; the loop never waits."""
@@ -1601,13 +1600,6 @@ class WSGIConnection:
             self.close()
         else:
             self.state, self.since = "idle", time.monotonic()
-
-    def read_pending(self) -> None:
-        """TLS: bytes already decrypted wake no select(); read them now."""
-        while (self.tls and not self.closed and self.events & selectors.EVENT_READ
-               and self.sock.pending()):
-            self.on_readable()
-            self.watch()
 
     def on_readable(self) -> None:
         """Read what the client sent and parse it; an empty read is its FIN."""
@@ -1816,7 +1808,6 @@ class WSGIConnection:
             self.process()           # the app made room for more body
         self.flush()
         self.watch()
-        self.read_pending()
 
     def resume_parked(self) -> None:
         """Give a parked call back to a worker thread once at most LOW_WATER
@@ -1903,23 +1894,27 @@ class WSGIConnection:
     # -- the selector, timeouts and closing ------------------------------------
 
     def watch(self) -> None:
-        """Tell the selector what this connection is waiting for now."""
-        if self.closed:
-            return          # e.g. a 408 that could not be written closed it
-        if self.state == "handshake":
-            events = self.wants
-        else:
-            events = ((selectors.EVENT_READ if self.wants_to_read() else 0)
-                      | (selectors.EVENT_WRITE if self.sending else 0))
-        if events == self.events:
-            return
-        if self.events == 0:
-            self.server.selector.register(self.sock, events, self)
-        elif events == 0:
-            self.server.selector.unregister(self.sock)
-        else:
-            self.server.selector.modify(self.sock, events, self)
-        self.events = events
+        """Tell the selector what this connection is waiting for now.
+
+        TLS: bytes the ssl module has already decrypted make no socket
+        readable, so select() would never report them: read them here."""
+        while not self.closed:     # e.g. a 408 that could not be written closed it
+            if self.state == "handshake":
+                events = self.wants
+            else:
+                events = ((selectors.EVENT_READ if self.wants_to_read() else 0)
+                          | (selectors.EVENT_WRITE if self.sending else 0))
+            if events != self.events:
+                if self.events == 0:
+                    self.server.selector.register(self.sock, events, self)
+                elif events == 0:
+                    self.server.selector.unregister(self.sock)
+                else:
+                    self.server.selector.modify(self.sock, events, self)
+                self.events = events
+            if not (self.tls and events & selectors.EVENT_READ and self.sock.pending()):
+                return
+            self.on_readable()
 
     def wants_to_read(self) -> bool:
         """Should the selector wake us for bytes from the client?"""
