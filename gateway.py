@@ -1080,11 +1080,10 @@ def add_header_variables(environ: dict, headers: list[tuple[bytes, bytes]]) -> N
         key = environ_key(name)
         if key is None:
             continue
-        text = value.decode("latin-1")
         if key in environ:   # RFC 9110 §5.3: repeated fields join with commas
-            environ[key] += ", " + text
+            environ[key] += ", " + value.decode("latin-1")
         else:
-            environ[key] = text
+            environ[key] = value.decode("latin-1")
 
 
 @functools.lru_cache(maxsize=256)   # cached: the same few names come in every request
@@ -1209,19 +1208,16 @@ class WSGIInput:
         with self.ready:
             data = bytes(self.buffer[:size])
             del self.buffer[:size]
-            resume = self.paused and len(self.buffer) < LOW_WATER
-            if resume:
+            if self.paused and len(self.buffer) < LOW_WATER:
                 self.paused = False
-        if resume:
-            self.conn.server.wake(self.conn)    # ask the loop to read again
+                self.conn.server.wake(self.conn)    # ask the loop to read again
         return data
 
     def read(self, size: int | None = -1) -> bytes:
         """PEP 3333 "Input and Error Streams": `size` bytes (fewer only at the end
         of the body), or all the rest; b"" once the body is over."""
         if size is None or size < 0:
-            self._wait(lambda buffer: False)          # the whole rest
-            return self._take(len(self.buffer))
+            size = sys.maxsize                        # the whole rest
         self._wait(lambda buffer: len(buffer) >= size)
         return self._take(size)
 
@@ -1257,7 +1253,6 @@ class WSGIResponse:
         """Nothing sent yet, and no status: start_response() gives it."""
         self.conn = conn
         self.body = body         # None: the body was whole before the app ran
-        self.method = request.method
         self.response = Response(request.method, request.version, request.keep_alive,
                                  conn.server.config)
         self.status: str | None = None
@@ -1353,7 +1348,7 @@ class WSGIResponse:
         # RFC 9110 §8.6, §9.3.2: a HEAD's Content-Length is the GET body's; what
         # the app returned (often b"") does not tell it: we add none, keep its own.
         if (self.status is not None and type(self.last) is bytes
-                and self.method != "HEAD" and not has_length(self.headers)):
+                and self.response.method != "HEAD" and not has_length(self.headers)):
             self.headers.append((b"Content-Length", b"%d" % len(self.last)))
         return True
 
@@ -1459,7 +1454,7 @@ class WSGICall:
                     return        # resumed by the loop when the client catches up
             final = self.response.final_bytes()
         except BaseException as error:
-            final = wsgi_failure(self.conn, self.response, self.environ, error)
+            final = wsgi_failure(self.response, self.environ, error)
         self.end(final)
 
     def end(self, final: bytes) -> None:
@@ -1473,8 +1468,7 @@ class WSGICall:
         self.conn.finish(final, response.response.keep_alive)   # last: see finish()
 
 
-def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
-                 error: BaseException) -> bytes:
+def wsgi_failure(response: WSGIResponse, environ: dict, error: BaseException) -> bytes:
     """PEP 3333 "Error Handling": a 500 if nothing was sent, else cut it short."""
     response.response.keep_alive = False
     refusal = response.body.refused() if response.body is not None else None
@@ -1489,7 +1483,7 @@ def wsgi_failure(conn: WSGIConnection, response: WSGIResponse, environ: dict,
     status, reason = (refusal.status, refusal.reason) if refusal else (
         500, "the application failed")
     response.response.status = status          # for the access log
-    return error_response(status, reason, time.time(), conn.server.config)
+    return error_response(status, reason, time.time(), response.conn.server.config)
 
 
 # =============================================================================
@@ -1553,9 +1547,9 @@ class WSGIConnection:
         self.events = 0                      # what the selector watches for us
         self.parser = RequestParser(server.config)
         self.sending: collections.deque = collections.deque()  # bytearray, FileRegion
-        self.since = time.monotonic()    # start of this idle or closing phase
-        self.last_read = self.since      # last time bytes came in
-        self.last_write = self.since     # last time sending made progress
+        # The clocks of expire(): `since` this idle (or closing) phase began,
+        # when bytes last came in, and when sending last made progress.
+        self.since = self.last_read = self.last_write = time.monotonic()
         self.peer_eof = False            # client FIN: only requests buffered remain
         self.trace = Trace() if server.config.trace else None
         self.room = threading.Condition()   # guards the five below
@@ -1587,17 +1581,15 @@ class WSGIConnection:
 
     def on_event(self, mask: int) -> None:
         """The selector's callback: a TLS handshake step, or read, then write;
-        then watch for what comes next and read what TLS has already decrypted."""
+        then watch for what comes next."""
         if self.state == "handshake":
             self.handshake()
-            return
-        if mask & selectors.EVENT_READ:
-            self.on_readable()
-        if mask & selectors.EVENT_WRITE and not self.closed:
-            self.flush()
-        if not self.closed:
-            self.watch()
-            self.read_pending()
+        else:
+            if mask & selectors.EVENT_READ:
+                self.on_readable()
+            if mask & selectors.EVENT_WRITE and not self.closed:
+                self.flush()
+        self.watch()
 
     def handshake(self) -> None:
         """TLS: one non-blocking step of the handshake; the loop never waits."""
@@ -1609,19 +1601,8 @@ class WSGIConnection:
             self.wants = selectors.EVENT_WRITE
         except OSError:            # includes ssl.SSLError: a bad or plain client
             self.close()
-            return
         else:
             self.state, self.since = "idle", time.monotonic()
-        self.watch()
-        self.read_pending()
-
-    def read_pending(self) -> None:
-        """TLS: bytes already decrypted wake no select(); read them now."""
-        while (self.tls and not self.closed and self.events & selectors.EVENT_READ
-               and self.sock.pending()):
-            self.on_readable()
-            if not self.closed:
-                self.watch()
 
     def on_readable(self) -> None:
         """Read what the client sent and parse it; an empty read is its FIN."""
@@ -1632,12 +1613,9 @@ class WSGIConnection:
         except OSError:              # e.g. a reset: nothing can be sent either
             self.close()
             return
-        if self.state == "closing":
-            if not data:
-                self.close()          # RFC 9112 §9.6: the lingering close is over
-        elif not data:
+        if not data:
             self.on_eof()
-        else:
+        elif self.state != "closing":    # closing: what comes is read and dropped
             self.last_read = time.monotonic()
             self.parser.feed(data)
             self.process()
@@ -1646,11 +1624,13 @@ class WSGIConnection:
         """The client sent FIN: close if there is nothing to answer, fail a body
         still arriving, or else let the response go out (a half-close)."""
         self.peer_eof = True
-        if self.state in ("idle", "reading", "draining"):
-            self.close()    # idle, mid-head or mid-spool: no answer (RFC 9112 §8)
+        # Closing: the lingering close is over (RFC 9112 §9.6). Idle, mid-head
+        # or mid-spool: there is no request to answer (RFC 9112 §8).
+        if self.state in ("closing", "idle", "reading", "draining"):
+            self.close()
         elif self.waiting_for_body():
             # RFC 9112 §8: an incomplete body is never reported as complete.
-            self.fail_body(ClientDisconnected("client closed mid-body"))
+            self.end_body(ClientDisconnected("client closed mid-body"))
 
     def process(self) -> None:
         """Parse what has arrived, then hand a request that is ready to a worker."""
@@ -1669,20 +1649,16 @@ class WSGIConnection:
             if self.parser.drop_body() is not None:
                 return False                  # RFC 9112 §9.3: more body to skip
             self.state, self.since = "idle", time.monotonic()
-        if self.state == "idle":
-            request = self.parser.next_event()
-            if request is not None:
-                self.start_request(request)
-            return request is not None
-        if not self.waiting_for_body() or (self.body is not None and self.body.full()):
-            return False
+        if self.state != "idle" and (not self.waiting_for_body() or (
+                self.body is not None and self.body.full())):
+            return False       # no body to pass on: none left, or the app has enough
         event = self.parser.next_event()
         if event is None:
             return False
-        if event is END:
-            self.body_complete = True
-            if self.body is not None:
-                self.body.finish()
+        if self.state == "idle":
+            self.start_request(event)     # the parser's first event is the head
+        elif event is END:
+            self.end_body()
         elif self.body is not None:
             self.body.feed(event, self.parser.unread_body())
         elif self.spool is not None:
@@ -1737,10 +1713,12 @@ class WSGIConnection:
             self.send_now(error_response(error.status, error.reason, time.time(),
                                          self.server.config))
         else:                      # the app is reading the body: stop it there
-            self.fail_body(ClientDisconnected("malformed request body"), error)
+            self.end_body(ClientDisconnected("malformed request body"), error)
 
-    def fail_body(self, error: Exception, refusal: HTTPError | None = None) -> None:
-        """The body will never be complete: wake the app's read() with `error`."""
+    def end_body(self, error: Exception | None = None,
+                 refusal: HTTPError | None = None) -> None:
+        """No more body for the app: it all came, or `error` cut it short (that
+        is what the app's read() raises). Wakes a read() that waits."""
         self.body_complete = True
         if self.body is not None:
             self.body.finish(error, refusal)
@@ -1757,7 +1735,6 @@ class WSGIConnection:
         else:
             body = self.body = WSGIInput(self, self.body_parts, request.expect_continue,
                                          self.parser.unread_body())
-        self.body_parts = []
         client, scheme, host = behind_proxy(request, self.client, self.scheme, config)
         environ = build_environ(request, body, self.server.address, client, config,
                                 scheme)
@@ -1825,27 +1802,25 @@ class WSGIConnection:
         with self.room:
             outbox, self.outbox = self.outbox, []
             finished, self.finished = self.finished, None
-            # It parked after the loop had caught up: resume it.
-            resume = self.parked is not None and self.unsent <= LOW_WATER
         for item in outbox:
             self.queue_output(item)
         if finished is not None:
             self.state, self.keep_alive = "sending", self.keep_alive and finished
-        if resume:
-            self.resume_parked()
+        self.resume_parked()         # it parked after the loop had caught up
         if self.waiting_for_body():
             self.process()           # the app made room for more body
         self.flush()
-        if not self.closed:
-            self.watch()
-            self.read_pending()
+        self.watch()
 
     def resume_parked(self) -> None:
-        """Give a parked call back to a worker thread."""
+        """Give a parked call back to a worker thread once at most LOW_WATER
+        bytes are unsent, or the client has gone (the call then ends there)."""
         with self.room:
-            call, self.parked = self.parked, None
-        if call is not None:
-            self.server.pool.submit(call.resume)
+            call = self.parked
+            if call is None or (self.unsent > LOW_WATER and not self.closed):
+                return
+            self.parked = None
+        self.server.pool.submit(call.resume)
 
     def queue_output(self, item) -> None:
         """Add bytes (or a FileRegion) to what the loop will send, in order."""
@@ -1892,12 +1867,9 @@ class WSGIConnection:
             self.last_write = time.monotonic()
             with self.room:
                 self.unsent -= sent
-                resume = self.unsent <= LOW_WATER
-                if resume:
+                if self.unsent <= LOW_WATER:
                     self.room.notify()    # a worker may be waiting in put()
-                resume = resume and self.parked is not None
-            if resume:
-                self.resume_parked()
+            self.resume_parked()
             if len(item):
                 return                    # the socket is full: wait for EVENT_WRITE
             self.sending.popleft()
@@ -1907,9 +1879,7 @@ class WSGIConnection:
     def end_response(self) -> None:
         """RFC 9112 §9.3: keep the connection for the next request, or close
         (RFC 9112 §9.6: no request after a "Connection: close" is served)."""
-        # After the client's FIN, only requests it sent before it remain.
-        more = not self.peer_eof or bool(self.parser.buffer)
-        keep = self.keep_alive and more and not self.server.stopping.is_set()
+        keep = self.keep_alive and not self.server.stopping.is_set()
         unread = not self.body_complete
         if self.spool is not None:
             self.close_spool()       # the app is done with it: free the disk now
@@ -1920,38 +1890,41 @@ class WSGIConnection:
             return
         self.state = "draining" if unread else "idle"
         self.process()     # RFC 9112 §9.3.2: a pipelined request may be waiting
+        # After the client's FIN, only requests it sent before it remain.
         if self.peer_eof and self.state in ("idle", "draining"):
             self.close()   # what is left can never become a request
 
     # -- the selector, timeouts and closing ------------------------------------
 
     def watch(self) -> None:
-        """Tell the selector what this connection is waiting for now."""
-        if self.closed:
-            return          # e.g. a 408 that could not be written closed it
-        if self.state == "handshake":
-            events = self.wants
-        else:
-            events = ((selectors.EVENT_READ if self.wants_to_read() else 0)
-                      | (selectors.EVENT_WRITE if self.sending else 0))
-        if events == self.events:
-            return
-        if self.events == 0:
-            self.server.selector.register(self.sock, events, self)
-        elif events == 0:
-            self.server.selector.unregister(self.sock)
-        else:
-            self.server.selector.modify(self.sock, events, self)
-        self.events = events
+        """Tell the selector what this connection is waiting for now.
+
+        TLS: bytes the ssl module has already decrypted make no socket
+        readable, so select() would never report them: read them here."""
+        while not self.closed:     # e.g. a 408 that could not be written closed it
+            if self.state == "handshake":
+                events = self.wants
+            else:
+                events = ((selectors.EVENT_READ if self.wants_to_read() else 0)
+                          | (selectors.EVENT_WRITE if self.sending else 0))
+            if events != self.events:
+                if self.events == 0:
+                    self.server.selector.register(self.sock, events, self)
+                elif events == 0:
+                    self.server.selector.unregister(self.sock)
+                else:
+                    self.server.selector.modify(self.sock, events, self)
+                self.events = events
+            if not (self.tls and events & selectors.EVENT_READ and self.sock.pending()):
+                return
+            self.on_readable()
 
     def wants_to_read(self) -> bool:
         """Should the selector wake us for bytes from the client?"""
-        if self.state == "closing":
-            return True                     # discard until the client's FIN
-        if self.peer_eof:
+        if self.peer_eof:    # never while closing: a FIN then closes at once
             return False
-        if self.state in ("idle", "draining"):
-            return True
+        if self.state in ("idle", "draining", "closing"):
+            return True                     # closing: discard until the client's FIN
         if self.waiting_for_body():         # unless the app has enough unread
             return self.body is None or not self.body.full()
         return len(self.parser.buffer) < MAX_HEAD_BYTES   # pipelined, bounded
@@ -1963,8 +1936,7 @@ class WSGIConnection:
         if self.peer_eof:
             self.close()
             return
-        self.state = "closing"
-        self.since = time.monotonic()
+        self.state, self.since = "closing", time.monotonic()
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -1988,8 +1960,7 @@ class WSGIConnection:
             self.close_spool()       # no worker reads it (any more)
         self.server.connections.discard(self)
         self.resume_parked()         # a parked call ends (and close()s) on a worker
-        if self.body is not None:
-            self.body.finish(ClientDisconnected("connection closed"))
+        self.end_body(ClientDisconnected("connection closed"))
 
 
 # =============================================================================
@@ -2282,7 +2253,8 @@ class WSGIServer:
                 now >= self.resume_at or len(self.connections) < self.resume_below):
             self.watch_listener(True)      # a descriptor may be free again
         if now - self.last_check >= self.tick:
-            self.check_timeouts(now)
+            for conn in list(self.connections):   # list: expire() may close one
+                self.guarded(conn, self.expire, conn, now)
             self.last_check = now
         if now - self.last_trim >= MEMORY_TRIM_SECONDS:
             release_memory()
@@ -2312,7 +2284,7 @@ class WSGIServer:
                 # need a socket the selector watches while the answer goes out
                 # and we linger for the client's FIN: there is no room for one.
                 self.stop_accepting("the selector is full (%d connections)"
-                                    % self.capacity, until=float("inf"))
+                                    % self.capacity, pause=float("inf"))
                 return
             try:
                 sock, client = self.listener.accept()
@@ -2321,16 +2293,14 @@ class WSGIServer:
                     self.refusing.clear()
                     log.info("accepting connections again")
                 return
-            except (InterruptedError, ConnectionAbortedError):
-                return
             except OSError as error:
                 if error.errno in OUT_OF_DESCRIPTORS:
                     # Policy: back off. The listener stays readable, so trying
                     # again at once would spin; the clients wait in the backlog.
-                    self.stop_accepting(out_of(error),
-                                        until=time.monotonic() + ACCEPT_PAUSE_SECONDS)
-                    return
-                log.warning("accept() failed: %s", error)
+                    self.stop_accepting(out_of(error))
+                # EINTR, or a client that gave up in the backlog: no warning.
+                elif not isinstance(error, (InterruptedError, ConnectionAbortedError)):
+                    log.warning("accept() failed: %s", error)
                 return
             self.add_connection(sock, client)
             if not self.accepting:
@@ -2345,8 +2315,7 @@ class WSGIServer:
             # in use (the app holds some). Try again later, or once one closes.
             sock.close()
             self.stop_accepting("no descriptor below %d free for select()"
-                                % SELECT_SOCKETS,
-                                until=time.monotonic() + ACCEPT_PAUSE_SECONDS)
+                                % SELECT_SOCKETS)
             return
         conn = None
         try:
@@ -2363,8 +2332,7 @@ class WSGIServer:
                 # Limit: RFC 9110 §15.6.4, 503 while we have too many clients.
                 conn.send_now(error_response(503, "too many connections", time.time(),
                                              self.config))
-            if not conn.closed:
-                conn.watch()
+            conn.watch()
         except (OSError, ValueError) as error:
             log.debug("closed a new connection at once: %s", error)
             if conn is not None:
@@ -2381,11 +2349,11 @@ class WSGIServer:
                 self.selector.unregister(self.listener)
             self.accepting = on
 
-    def stop_accepting(self, reason: str, until: float) -> None:
-        """Leave new clients in the backlog until `until`, or until one of
+    def stop_accepting(self, reason: str, pause: float = ACCEPT_PAUSE_SECONDS) -> None:
+        """Leave new clients in the backlog for `pause` seconds, or until one of
         ours closes. One warning per reason until the backlog is empty again."""
         self.watch_listener(False)
-        self.resume_at = until
+        self.resume_at = time.monotonic() + pause
         self.resume_below = len(self.connections)
         if reason not in self.refusing:
             self.refusing.add(reason)
@@ -2414,12 +2382,6 @@ class WSGIServer:
         for conn in woken:
             if not conn.closed:
                 self.guarded(conn, conn.on_wake)
-
-    def check_timeouts(self, now: float) -> None:
-        """Check each open connection's timeouts (expire)."""
-        for conn in list(self.connections):
-            if not conn.closed:
-                self.guarded(conn, self.expire, conn, now)
 
     def expire(self, conn: WSGIConnection, now: float) -> None:
         """Runs on: the loop. Close (or answer 408) a connection that has waited
@@ -2479,8 +2441,7 @@ class WSGIServer:
             conn.close()
         self.pool.stop()        # after close(): a worker's put() now raises, ends
         self.selector.close()
-        if self.listener.fileno() >= 0:
-            self.listener.close()
+        self.listener.close()       # drain() may have closed it: that is fine
         self.wake_reader.close()
         self.wake_writer.close()
 
