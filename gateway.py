@@ -1009,7 +1009,7 @@ def split_root_path(root_path: str, path: str) -> tuple[str, str]:
     One rule for both adapters. PEP 3333 "environ Variables": SCRIPT_NAME +
     PATH_INFO is the whole path, SCRIPT_NAME never ends in "/", and PATH_INFO
     is empty or starts with "/". ASGI HTTP "Connection Scope": root_path is
-    SCRIPT_NAME and path the whole path, so build_scope in section 7 (ASGI
+    SCRIPT_NAME and path the whole path, so build_scope in section 8 (ASGI
     HTTP adapter) takes script_name and script_name + path_info.
 
     >>> split_root_path("/api/", "/api/users"), split_root_path("/api", "/apix")
