@@ -9242,6 +9242,21 @@ def test_the_module_docstring_maps_every_section_in_order():
         assert title.startswith(mapped[number].strip()), (number, title)
 
 
+def test_readme_reading_guide_line_ranges_are_whole_sections():
+    # The reading guide's "lines A-B" must follow the file: each range starts
+    # at its section's banner (or at line 1) and ends where the next begins.
+    here = os.path.dirname(gateway.__file__)
+    with open(os.path.join(here, "gateway.py"), encoding="utf-8") as source:
+        lines = source.read().splitlines()
+    with open(os.path.join(here, "README.md"), encoding="utf-8") as readme:
+        rows = re.findall(r"^\| §(\d+)[^|]*\| (\d+)-(\d+) \|", readme.read(), re.M)
+    assert len(rows) >= 10
+    for number, first, last in rows:
+        first, last = int(first), int(last)
+        assert first == 1 or lines[first - 1].startswith(f"# §{number}  "), (number, first)
+        assert last == len(lines) or lines[last].startswith("# §"), (number, last)
+
+
 def size_of_gateway():
     """.ci/size.py's measure() of gateway.py: the numbers `make size` prints."""
     spec = importlib.util.spec_from_file_location(
