@@ -1621,8 +1621,8 @@ class WSGIConnection:
             self.process()
 
     def on_eof(self) -> None:
-        """The client sent FIN: close if there is nothing to answer, fail a body
-        still arriving, or else let the response go out (a half-close)."""
+        """The client sent FIN (read now, or before end_response()): close if there
+        is nothing to answer, fail a body still arriving, or let the response go out."""
         self.peer_eof = True
         # Closing: the lingering close is over (RFC 9112 §9.6). Idle, mid-head
         # or mid-spool: there is no request to answer (RFC 9112 §8).
@@ -1891,8 +1891,8 @@ class WSGIConnection:
         self.state = "draining" if unread else "idle"
         self.process()     # RFC 9112 §9.3.2: a pipelined request may be waiting
         # After the client's FIN, only requests it sent before it remain.
-        if self.peer_eof and self.state in ("idle", "draining"):
-            self.close()   # what is left can never become a request
+        if self.peer_eof:   # and no read reports it again: what is unfinished now
+            self.on_eof()   # (a head, a body) never will be (RFC 9112 §8)
 
     # -- the selector, timeouts and closing ------------------------------------
 

@@ -9804,3 +9804,41 @@ def test_ws_receive_after_a_refusal_is_a_disconnect_not_the_connect_again(refusa
         assert done.wait(TIMEOUT)
     disconnect = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
     assert events == [{"type": "websocket.connect"}, disconnect, disconnect]
+
+
+# --- fix: a half-closed client with an unfinished chunked body ---
+
+
+@pytest.mark.parametrize("body", [
+    hostile_chunked(b"a\r\nhello"),                        # H1-39, in a chunk
+    hostile_post(b"Content-Length: 10", body=b"hello"),    # H1-39, Content-Length
+], ids=["chunked", "content-length"])
+def test_wsgi_fin_mid_body_read_during_the_previous_response_closes(body):
+    # RFC 9112 §8: a body the client's FIN cuts short is incomplete, also when
+    # the FIN was read while the request before it ran. The connection then
+    # closes as on a fresh one (test_hostile_request's H1-39 rows, both
+    # interfaces: EOF, no answer), and the server still stops.
+    calls: list = []
+    entered, release = threading.Event(), threading.Event()
+    recording = hostile_recording_app("wsgi", calls)
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/first":
+            entered.set()
+            assert release.wait(TIMEOUT)
+        return recording(environ, start_response)
+
+    try:
+        with wsgi_serve(app) as (port, server), connect(port) as sock:
+            sock.sendall(wsgi_get("/first", close=False) + body)
+            sock.shutdown(socket.SHUT_WR)
+            assert entered.wait(TIMEOUT)
+            wait_for(lambda: any(conn.peer_eof for conn in list(server.connections)))
+            release.set()
+            assert ResponseReader(sock).read_response()[::2] == (200, b"")
+            srv_assert_eof(sock)          # each recv() waits TIMEOUT at most
+            wait_for(lambda: not server.connections)
+    finally:
+        release.set()
+    assert set(hostile_paths(calls)) <= {"/first", "/"}, calls
+    assert hostile_bodies(calls) == [b""], "an incomplete body was reported complete"
