@@ -121,7 +121,6 @@ SPOOL_BYTES = 1024 * 1024        # a chunked WSGI body past this goes to a temp 
 MAX_SPOOL_BYTES = 1024 ** 3      # bytes, a chunked WSGI body on disk -> 413
 # The errors of a full disk or file table: a spool that fails so -> 503.
 STORAGE_FULL = {errno.ENOSPC, errno.EMFILE, errno.ENFILE, getattr(errno, "EDQUOT", 0)}
-SENDFILE_BYTES = 1024 * 1024     # most bytes one os.sendfile() call may send
 # Eight threads: enough that a few slow app calls (a database, an upstream API)
 # do not hold up the rest, few enough that GIL hand-offs stay cheap.
 WSGI_THREADS = 8                 # worker threads that call WSGI applications
@@ -936,7 +935,7 @@ class Response:
         return encode_chunk(data) if self.framing == "chunked" else data
 
     def allow(self, size: int) -> int:
-        """How many of `size` more body bytes may go out (bytes or a file region)."""
+        """How many of `size` more body bytes may go out."""
         if self.framing == "none":
             return 0
         if self.framing == "length" and size > self.length:
@@ -1109,7 +1108,7 @@ def call_wsgi_app(app, environ: dict, response: WSGIResponse):
     # start_response() may run now or in the first next() of the result.
     result = app(environ, response.start_response)
     try:
-        if response.send_whole(result):    # a one-item list, or a file
+        if response.send_whole(result):    # a one-item list
             return
         for data in result:   # PEP 3333 "Specification Details": iter, len, close
             if data:          # PEP 3333 "Buffering and Streaming": b"" sends nothing
@@ -1333,10 +1332,6 @@ class WSGIResponse:
         """Take a result that need not be iterated: False if it must be."""
         if self.head_sent:
             return False
-        # PEP 3333 "Optional Platform-Specific File Handling": our own wrapper.
-        if type(result) is FileWrapper and result.sendable() and not self.conn.tls:
-            send_file(result, self)
-            return True
         try:
             if len(result) != 1:
                 return False
@@ -1546,7 +1541,7 @@ class WSGIConnection:
         self.wants = selectors.EVENT_READ    # what the TLS handshake waits for
         self.events = 0                      # what the selector watches for us
         self.parser = RequestParser(server.config)
-        self.sending: collections.deque = collections.deque()  # bytearray, FileRegion
+        self.sending = bytearray()           # bytes queued, in order, not yet sent
         # The clocks of expire(): `since` this idle (or closing) phase began,
         # when bytes last came in, and when sending last made progress.
         self.since = self.last_read = self.last_write = time.monotonic()
@@ -1749,7 +1744,7 @@ class WSGIConnection:
 
     # -- the worker's side: runs on a worker thread ----------------------------
 
-    def put(self, data: bytes | FileRegion, wait: bool = True) -> None:
+    def put(self, data: bytes, wait: bool = True) -> None:
         """Runs on: a worker. Queue bytes to send; with `wait`, first wait
         while more than HIGH_WATER bytes are unsent."""
         with self.room:
@@ -1757,11 +1752,6 @@ class WSGIConnection:
             self.outbox.append(data)
             self.unsent += len(data)
         self.server.wake(self)
-
-    def wait_until_sent(self) -> None:
-        """Runs on: a worker. Wait until everything put() so far is sent."""
-        with self.room:
-            self._wait_for_room(0)
 
     def _wait_for_room(self, limit: int) -> None:
         """Runs on: a worker holding `room`. Wait until at most `limit` bytes
@@ -1822,17 +1812,11 @@ class WSGIConnection:
             self.parked = None
         self.server.pool.submit(call.resume)
 
-    def queue_output(self, item) -> None:
-        """Add bytes (or a FileRegion) to what the loop will send, in order."""
+    def queue_output(self, item: bytes) -> None:
+        """Add bytes to what the loop will send, in order."""
         if not self.sending:
             self.last_write = time.monotonic()
-        if type(item) is FileRegion:
-            self.sending.append(item)
-        elif item:
-            if self.sending and type(self.sending[-1]) is bytearray:
-                self.sending[-1] += item      # one send() for adjacent pieces
-            else:
-                self.sending.append(bytearray(item))
+        self.sending += item          # one send() for adjacent pieces
 
     def queue_own(self, data: bytes) -> None:
         """Queue bytes the loop itself produced (not put() by a worker)."""
@@ -1852,13 +1836,9 @@ class WSGIConnection:
     def flush(self) -> None:
         """Send what we can without blocking; end the response once all is out."""
         while self.sending:
-            item = self.sending[0]
             try:
-                if type(item) is FileRegion:
-                    sent = item.send_to(self.sock)
-                else:
-                    sent = self.sock.send(item)
-                    del item[:sent]
+                sent = self.sock.send(self.sending)
+                del self.sending[:sent]
             except WOULD_BLOCK:
                 return
             except OSError:
@@ -1870,9 +1850,8 @@ class WSGIConnection:
                 if self.unsent <= LOW_WATER:
                     self.room.notify()    # a worker may be waiting in put()
             self.resume_parked()
-            if len(item):
+            if self.sending:
                 return                    # the socket is full: wait for EVENT_WRITE
-            self.sending.popleft()
         if self.state == "sending":
             self.end_response()
 
@@ -1971,9 +1950,8 @@ class WSGIConnection:
 # connection (the self-pipe trick: a byte on a socketpair), and checks the
 # clocks. WorkerPool is the worker threads. Graceful shutdown lets the
 # requests in progress finish, each answer saying "Connection: close".
-# Also here: wsgi.file_wrapper and the file the loop sends with os.sendfile()
-# (FileWrapper, FileRegion, has_length, send_file), and release_memory(),
-# which both servers call.
+# Also here: wsgi.file_wrapper (FileWrapper, an iterable of the file's
+# blocks), has_length(), and release_memory(), which both servers call.
 # =============================================================================
 
 
@@ -2068,7 +2046,14 @@ class WorkerPool:
 
 
 class FileWrapper:
-    """wsgi.file_wrapper (PEP 3333 "Optional Platform-Specific File Handling")."""
+    """wsgi.file_wrapper (PEP 3333 "Optional Platform-Specific File Handling").
+
+    The PEP lets a server send a wrapped file by a platform mechanism (such
+    as sendfile()) but never requires it: iterating the wrapper is always
+    correct. So here it is an iterable like any other: call_wsgi_app reads
+    it on the worker, a block at a time; each block is framed like any body
+    (section 4, Response), and the call parks while a slow client catches up.
+    """
 
     def __init__(self, filelike, block_size: int = 8192) -> None:
         """Wraps a file-like object, to be read in blocks of `block_size` bytes."""
@@ -2076,20 +2061,12 @@ class FileWrapper:
         self.block_size = block_size
 
     def __iter__(self):
-        """The portable way: read blocks (used when sendfile() cannot be)."""
+        """Read the file from where it is now, a block at a time, to its end."""
         while True:
             block = self.filelike.read(self.block_size)
             if not block:
                 return
             yield block
-
-    def sendable(self) -> bool:
-        """Can the loop hand this file to os.sendfile()? (a real, regular file)"""
-        try:
-            return (hasattr(os, "sendfile")
-                    and stat.S_ISREG(os.fstat(self.filelike.fileno()).st_mode))
-        except (AttributeError, OSError, ValueError):
-            return False
 
     def close(self) -> None:
         """Close the wrapped file, if it has a close(): PEP 3333 "Optional
@@ -2098,53 +2075,9 @@ class FileWrapper:
             self.filelike.close()
 
 
-class FileRegion:
-    """`count` bytes of the open file `fd` from `offset` on, for the loop to
-    send with os.sendfile(): the kernel copies them, not Python."""
-
-    def __init__(self, fd: int, offset: int, count: int) -> None:
-        """A region still to send."""
-        self.fd, self.offset, self.count = fd, offset, count
-
-    def __len__(self) -> int:
-        """The bytes still to send."""
-        return self.count
-
-    def send_to(self, sock: socket.socket) -> int:
-        """Runs on: the loop thread. Send some of it; return the bytes sent."""
-        sent = os.sendfile(sock.fileno(), self.fd, self.offset,
-                           min(self.count, SENDFILE_BYTES))
-        if sent == 0:     # the file is shorter than promised: we cannot go on
-            raise OSError("file ended before its Content-Length")
-        self.offset += sent
-        self.count -= sent
-        return sent
-
-
 def has_length(headers: list[tuple[bytes, bytes]]) -> bool:
     """Did the app give a Content-Length? (RFC 9110 §5.1: any case of the name)"""
     return any(name.lower() == b"content-length" for name, _ in headers)
-
-
-def send_file(wrapper: FileWrapper, response: WSGIResponse) -> None:
-    """PEP 3333 "Optional Platform-Specific File Handling": send a wrapped file
-    from its current position, by os.sendfile() on the loop thread."""
-    filelike = wrapper.filelike
-    fd = filelike.fileno()
-    offset = filelike.tell() if hasattr(filelike, "tell") else 0
-    count = max(0, os.fstat(fd).st_size - offset)
-    if not has_length(response.headers):
-        response.headers.append((b"Content-Length", b"%d" % count))
-    conn = response.conn
-    conn.put(response._head())
-    if response.response.framing == "length":      # not for HEAD, 204, 304
-        # PEP 3333 "Handling the Content-Length Header": as for an iterable, sending
-        # stops once the declared length is sent (a longer file is fine).
-        count = min(count, response.response.length)
-        if count:
-            response.response.count(count)         # for end() and the access log
-            conn.put(FileRegion(fd, offset, count))
-    conn.wait_until_sent()     # close() may only close the file after this
 
 
 def release_memory() -> None:
@@ -2824,6 +2757,10 @@ class HTTPCycle:
         file, any number of times between body messages. "offset" None is the
         file's current position, "count" None its end (as is a count past it).
         The file is the app's: it stays open, after the last byte sent.
+        The extensions let a server use sendfile(); this one reads the file
+        and writes the blocks like any body bytes: framed by the response
+        (Content-Length or chunked), counted for the access log, and each
+        waiting in write() for the client to drain the one before.
         """
         offset, count = message.get("offset"), message.get("count")
         for value in (offset, count):
@@ -2836,18 +2773,10 @@ class HTTPCycle:
         data = self.take_head()
         # Section 4 allow(): nothing for HEAD, and no more than Content-Length.
         count = self.response.allow(left if count is None else min(count, left))
-        if (count and self.response.framing == "length" and self.conn.scheme == "http"
-                and hasattr(os, "sendfile")):
-            # Zero copy (sendfile(2)): only where the file's bytes go out as they
-            # are, so not through TLS or chunk framing. A file that ends early
-            # sends less; Response.end() then closes.
-            if data:
-                await self.conn.write(data)
-            self.response.count(await self.conn.sendfile(file, offset, count))
-            data = b""
-        elif count:
+        if count:
             file.seek(offset)
-            # Never past `count`; a file that ends early: Response.end() judges.
+            # Never past `count`; a file that ends early sends less, and
+            # Response.end() then closes (a Content-Length not met).
             while count and (block := file.read(min(count, RECV_BYTES))):
                 count -= len(block)
                 await self.conn.write(data + self.response.body(block))
@@ -3085,20 +3014,6 @@ class ASGIConnection:
             transport.abort()
             raise ClientDisconnected("response not read in time") from None
         except OSError as error:
-            raise ClientDisconnected(str(error)) from error
-
-    async def sendfile(self, file, offset: int, count: int) -> int:
-        """Send part of a file with the kernel's sendfile(); the bytes sent.
-
-        Fewer than `count` only if the file ends first. loop.sendfile() waits
-        for what write() left in the buffer to go out before it starts.
-        """
-        transport = self.writer.transport
-        if transport.is_closing():
-            raise ClientDisconnected("the client has disconnected")
-        try:
-            return await self.loop.sendfile(transport, file, offset, count)
-        except ConnectionError as error:
             raise ClientDisconnected(str(error)) from error
 
     async def close(self) -> None:
