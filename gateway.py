@@ -1332,6 +1332,9 @@ class WSGIResponse:
         """Take a result that need not be iterated: False if it must be."""
         if self.head_sent:
             return False
+        if type(result) is FileWrapper:
+            size_file(result, self.headers)
+            return False        # iterated, a block at a time
         try:
             if len(result) != 1:
                 return False
@@ -2059,20 +2062,50 @@ class FileWrapper:
         """Wraps a file-like object, to be read in blocks of `block_size` bytes."""
         self.filelike = filelike
         self.block_size = block_size
+        self.limit: int | None = None    # most bytes to read; None: to the end
 
     def __iter__(self):
-        """Read the file from where it is now, a block at a time, to its end."""
-        while True:
-            block = self.filelike.read(self.block_size)
+        """Read the file from where it is now, a block at a time, to its end
+        (or until `limit` bytes are read)."""
+        left = self.limit
+        while left is None or left > 0:
+            block = self.filelike.read(self.block_size if left is None
+                                       else min(self.block_size, left))
             if not block:
                 return
+            if left is not None:
+                left -= len(block)
             yield block
+
+    def size(self) -> int | None:
+        """The bytes from the position to the end, for a regular file; else None."""
+        try:
+            info = os.fstat(self.filelike.fileno())
+            if stat.S_ISREG(info.st_mode):
+                return max(0, info.st_size - self.filelike.tell())
+        except (AttributeError, OSError, ValueError):
+            pass        # no fileno() (BytesIO), or a pipe: read it to its end
+        return None
 
     def close(self) -> None:
         """Close the wrapped file, if it has a close(): PEP 3333 "Optional
         Platform-Specific File Handling" passes the result's close() on."""
         if hasattr(self.filelike, "close"):
             self.filelike.close()
+
+
+def size_file(wrapper: FileWrapper, headers: list[tuple[bytes, bytes]]) -> None:
+    """PEP 3333 "Handling the Content-Length Header": a regular file's length
+    is known, so the response gets it (RFC 9110 §9.3.2: a HEAD's too), and no
+    more of the file is read than the app's own Content-Length."""
+    size = wrapper.size()
+    if size is None:
+        return
+    declared = [int(value) for name, value in headers
+                if name.lower() == b"content-length" and value.isdigit()]
+    if not declared:
+        headers.append((b"Content-Length", b"%d" % size))
+    wrapper.limit = min([size] + declared)
 
 
 def has_length(headers: list[tuple[bytes, bytes]]) -> bool:
