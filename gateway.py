@@ -4406,10 +4406,14 @@ def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
       on SIGINT (3.11+), which would cancel the server instead of draining it.
     - A server in another thread gets no handlers: Ctrl+C is its caller's.
     """
-    replaced = {}
+    replaced, on_loop = {}, []     # handlers to put back, and the loop's
 
     def restore() -> None:
-        """Put back the handlers that signal.signal() replaced."""
+        """Put back the handlers that signal.signal() replaced, and take the
+        loop's back while it runs: asyncio closes its wakeup pipe before it
+        removes them, and a signal in between has a closed fd to write to."""
+        for signum in on_loop:
+            loop.remove_signal_handler(signum)
         for signum, previous in replaced.items():
             if previous is not None:     # None: not set from Python; leave ours
                 signal.signal(signum, previous)
@@ -4423,7 +4427,8 @@ def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
             if loop is not None:
                 try:
                     loop.add_signal_handler(signum, stop)
-                    continue        # the loop takes it back when it closes
+                    on_loop.append(signum)      # restore() takes it back
+                    continue
                 except (NotImplementedError, AttributeError):
                     handler = lambda number, frame: loop.call_soon_threadsafe(stop)
             else:

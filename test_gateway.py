@@ -9828,3 +9828,31 @@ def test_wsgi_fin_mid_body_read_during_the_previous_response_closes(body):
         release.set()
     assert set(hostile_paths(calls)) <= {"/first", "/"}, calls
     assert hostile_bodies(calls) == [b""], "an incomplete body was reported complete"
+
+
+# --- fix: a signal while asyncio closes its loop ---
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32",
+                    reason="loop signal handlers are POSIX")
+def test_ops_the_loops_signal_handlers_leave_with_the_server():
+    # asyncio closes its self-pipe before it removes its signal handlers, so a
+    # SIGTERM in between (a parent stopping its workers) finds a closed wakeup
+    # fd: "Exception ignored ... Bad file descriptor" on stderr. The server
+    # takes its handlers back itself, while the loop still runs.
+    seen = {}
+
+    async def serve_and_stop():
+        restore = gateway.on_signals(lambda: None, asyncio.get_running_loop())
+        seen["during"] = signal.getsignal(signal.SIGTERM)
+        restore()
+        wakeup = signal.set_wakeup_fd(-1)      # and put it back as it was
+        signal.set_wakeup_fd(wakeup)
+        seen["wakeup after"] = wakeup
+        seen["after"] = signal.getsignal(signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    asyncio.run(serve_and_stop())
+    assert seen["during"] is not before        # the loop's own handler
+    assert seen["wakeup after"] == -1          # no wakeup fd left to write to
+    assert seen["after"] == before
