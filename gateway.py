@@ -4386,9 +4386,8 @@ def import_app(spec: str, factory: bool = False):
 
 
 def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
-    """Call stop() on SIGINT and SIGTERM; return a function that puts back the
-    handlers this replaced with signal.signal(). This is how signals stop the
-    server, in one place:
+    """Call stop() on SIGINT and SIGTERM; return restore(), which puts back
+    what this replaced. This is how signals stop the server, in one place:
 
     - The first SIGTERM or Ctrl+C (SIGINT) calls stop(), the server's
       shutdown(): it stops accepting and lets requests in progress finish for
@@ -4398,20 +4397,18 @@ def on_signals(stop, loop: asyncio.AbstractEventLoop | None = None):
       SIGTERM (run_workers()); a worker ignores SIGINT, because a Ctrl+C in a
       terminal reaches the whole process group and must count once.
     - Policy: both signals mean "stop" even when they came in ignored, as a
-      shell starts a background job (`gateway.py ... &` in a script) with
-      SIGINT ignored.
-    - With a `loop`, stop() runs in it: through loop.add_signal_handler(), or,
-      where a loop has none (Windows), through a plain handler that hands the
-      call to the loop. That handler also replaces the one asyncio.run() puts
-      on SIGINT (3.11+), which would cancel the server instead of draining it.
+      shell starts a background job (`gateway.py ... &`) with SIGINT ignored.
+    - With a `loop`, stop() runs in it: by loop.add_signal_handler(), or where
+      a loop has none (Windows) by a handler that hands the call to the loop,
+      replacing asyncio.run()'s SIGINT one (3.11+), which would cancel the
+      server instead of draining it. restore() takes them back while the loop
+      runs: asyncio closes its wakeup pipe first, then removes its handlers.
     - A server in another thread gets no handlers: Ctrl+C is its caller's.
     """
     replaced, on_loop = {}, []     # handlers to put back, and the loop's
 
     def restore() -> None:
-        """Put back the handlers that signal.signal() replaced, and take the
-        loop's back while it runs: asyncio closes its wakeup pipe before it
-        removes them, and a signal in between has a closed fd to write to."""
+        """Put back the handlers this replaced (the loop's too)."""
         for signum in on_loop:
             loop.remove_signal_handler(signum)
         for signum, previous in replaced.items():
