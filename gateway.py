@@ -247,7 +247,8 @@ class HTTPError(Exception):
 class ClientDisconnected(ConnectionError):
     """The client went away: the OSError subclass that ASGI send() raises then.
 
-    ASGI "HTTP & WebSocket" spec, "Disconnected Client - send exception"."""
+    ASGI "HTTP & WebSocket" spec, "Disconnected Client - send exception". The
+    WSGI path raises it too, in write() and in a read() of wsgi.input."""
 
 
 def printable(text: str) -> str:
@@ -1501,7 +1502,7 @@ def wsgi_failure(response: WSGIResponse, environ: dict, error: BaseException) ->
 #   WSGICall (a parked call: nobody's)      running it      at a time
 #   WSGIServer.woken and wake_sent          any thread      WSGIServer.wake_lock
 #   WSGIServer.stopping (the loop sets it)  loop + worker   a threading.Event
-#   WorkerPool.jobs and sleeping            loop + worker   WorkerPool.lock
+#   WorkerPool.jobs, sleeping, stopping     loop + worker   WorkerPool.lock
 #
 # A worker never reads the loop's state, and only the loop closes a
 # connection: a worker's response may say "Connection: close", and the
@@ -1954,7 +1955,8 @@ class WSGIConnection:
 # clocks. WorkerPool is the worker threads. Graceful shutdown lets the
 # requests in progress finish, each answer saying "Connection: close".
 # Also here: wsgi.file_wrapper (FileWrapper, an iterable of the file's
-# blocks), has_length(), and release_memory(), which both servers call.
+# blocks, and size_file(), its Content-Length), has_length(), and
+# release_memory(), which both servers call.
 # =============================================================================
 
 
@@ -2908,9 +2910,10 @@ class ASGIConnection:
             idle --EOF, idle timeout, stopping--> close()
             HTTPCycle --must close (section 4 must_close) or incomplete--> close()
             idle --"Upgrade: websocket" head--> WebSocketCycle (section 10) --> close()
-
-        Any other Upgrade is served as plain http (RFC 9110 §7.8).
             idle --bad or slow head (HTTPError)--> answer(error) --> close()
+
+        Any other Upgrade is served as plain http (RFC 9110 §7.8). A `refusal`
+        (a 503 for one client too many) is answered before any request is read.
         """
         try:
             if refusal is not None:
@@ -3330,7 +3333,7 @@ def is_websocket_request(request: Request) -> bool:
 
 
 def check_handshake(request: Request) -> bytes:
-    """RFC 6455 §4.2.1: the key, or an HTTPError; Origin: the app's (RFC 6455 §10.2)."""
+    """RFC 6455 §4.2.1: the key, or HTTPError; Origin: the app's (RFC 6455 §10.2)."""
     if request.method != "GET" or request.version != "1.1":   # RFC 6455 §4.2.1 item 1
         raise HTTPError(400, "a WebSocket handshake is a GET over HTTP/1.1")
     if b"upgrade" not in comma_list(field_values(request.headers, b"connection")):
@@ -3710,7 +3713,7 @@ class WebSocketCycle:
             self.tasks.append(asyncio.ensure_future(self.keep_alive()))
 
     async def close(self, code: int, reason: str, wait: bool = True) -> None:
-        """RFC 6455 §7.1.2: send Close, then wait for the client's (class docstring)."""
+        """RFC 6455 §7.1.2: send Close, then wait for the client's (see the class)."""
         if wait:
             if self.state != "open":
                 return
@@ -3806,13 +3809,16 @@ class Lifespan:
         starting -> unsupported  the app raised: serve without lifespan (exit 3
                                  with --lifespan on, for an app that needs it)
         running -> stopping      shutdown() sends lifespan.shutdown
+        running -> done          the app's call ended early: nothing is sent
         stopping -> done         lifespan.shutdown.complete, or the app returned
         stopping -> exit 4       lifespan.shutdown.failed, or no answer in time
     --lifespan "auto" carries on when the app raises: an app written without
     lifespan may well raise on a scope type it does not know. "off" skips it.
     `started` and `stopped` are set at the end of starting and of stopping (or
-    of the app's call); `state` is the app's (ASGI Lifespan "Lifespan State"):
-    section 8 (ASGI HTTP adapter) gives each scope a shallow copy.
+    of the app's call); `stopping` once lifespan.shutdown is sent; `supported`
+    turns False when the app raises while starting; `failure` keeps the
+    message of a *.failed. `state` is the app's (ASGI Lifespan "Lifespan
+    State"): section 8 (ASGI HTTP adapter) gives each scope a shallow copy.
     """
 
     def __init__(self, app, mode: str = "auto",
