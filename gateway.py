@@ -3809,7 +3809,7 @@ class Lifespan:
         starting -> unsupported  the app raised: serve without lifespan (exit 3
                                  with --lifespan on, for an app that needs it)
         running -> stopping      shutdown() sends lifespan.shutdown
-        running -> done          the app's call ended early: nothing is sent
+        running -> done          the app's call ended early: no lifespan.shutdown
         stopping -> done         lifespan.shutdown.complete, or the app returned
         stopping -> exit 4       lifespan.shutdown.failed, or no answer in time
     --lifespan "auto" carries on when the app raises: an app written without
