@@ -2196,12 +2196,13 @@ class WSGIServer:
         self.listener.setblocking(False)
         self.watch_listener(True)
         self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
-        on_signals(self.shutdown)
+        restore_signals = on_signals(self.shutdown)
         try:
             while self.running:
                 self.run_once()
             self.drain()           # graceful: the requests in progress finish
         finally:
+            restore_signals()      # a handler must not outlive its server
             self.close_all()
 
     def run_once(self) -> None:

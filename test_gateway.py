@@ -9858,8 +9858,6 @@ def test_ops_the_loops_signal_handlers_leave_with_the_server():
     assert seen["after"] == before
 
 
-@pytest.mark.xfail(strict=True, reason="WSGIServer.serve_forever() drops the restore() "
-                   "that on_signals() returns; reported by the read-through, not fixed")
 def test_ops_the_wsgi_servers_signal_handlers_leave_with_the_server():
     # Like the ASGI server's, its handlers must not outlive it: after serve()
     # returns, Ctrl+C would call a stopped server's shutdown() and do nothing.
@@ -9867,7 +9865,7 @@ def test_ops_the_wsgi_servers_signal_handlers_leave_with_the_server():
                                                                  signal.SIGTERM)}
     server = gateway.WSGIServer(lambda environ, start_response: [],
                                 gateway.make_listener("127.0.0.1", 0))
-    threading.Timer(0.2, server.shutdown).start()
+    server.shutdown()          # before it serves: it stops as soon as it starts
     try:
         server.serve_forever()
         assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
