@@ -9700,13 +9700,25 @@ def test_asgi_close_takes_over_the_read_left_waiting_for_disconnect(monkeypatch,
     # it: a second read on the socket is a RuntimeError in asyncio (it showed on
     # Python 3.12+, whose wait_for() runs the read in the caller's task).
     monkeypatch.setattr(asyncio, "wait_for", asgi_wait_for_inline)
+    reading = []
+    start_read = gateway.ASGIConnection.start_read
+
+    def start_read_seen(self):
+        """The real start_read(), noted: the disconnect listener starts a read."""
+        reading.append(self.reader)
+        return start_read(self)
+
+    monkeypatch.setattr(gateway.ASGIConnection, "start_read", start_read_seen)
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
             return
         await receive()
         listener = asyncio.ensure_future(receive())     # waits for http.disconnect
-        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not (     # until its read waits
+                reading and reading[0]._waiter is not None):  # (StreamReader's own)
+            await asyncio.sleep(0)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"hi"})
         listener.cancel()                               # as Starlette does
