@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """bench/run.py - gateway beside its peers, on loopback, one process per server.
 
-    .venv-bench/bin/python bench/run.py            # the full run (make bench), < 10 minutes
-    .venv-bench/bin/python bench/run.py --quick    # ~35 s subset (make bench-quick)
+    .venv-bench/bin/python bench/run.py                  # the full run (make bench), ~11 min
+    .venv-bench/bin/python bench/run.py --quick          # ~1 minute subset (make bench-quick)
+    .venv-bench/bin/python bench/run.py --defaults-only  # hello + echo 1 KiB, both tables
 
 Standard library only. Every server runs as its own single process (gunicorn: its master
 plus one sync worker; CPU and memory are summed over the process tree) on a free port
@@ -11,7 +12,11 @@ is wrk (1 thread, keep-alive) and a few small raw-socket clients below. Servers 
 interleaved A/B/C, A/B/C, ... over the repetitions so a drift of the machine hits all of
 them alike. Results: one table per workload on stdout, with each server's ratio to
 uvicorn-h11, and everything (every run) as JSON in bench/results/<timestamp>.json.
-See bench/README.md for how to read them.
+
+For hello and echo 1 KiB a second table, the defaults table, runs each server the way
+its own README starts it, with whatever it logs by default (gateway and uvicorn: a line
+per request), right after its run for the main table; ratios there are to
+uvicorn-httptools (defaults). See bench/README.md for how to read them.
 """
 
 import argparse
@@ -56,6 +61,22 @@ SERVERS = {
     "wsgiref": ("wsgi", ()),
 }
 GATEWAYS = ["gateway-asgi", "gateway-wsgi"]
+
+# The defaults table: each server started the way its own README starts it, logging what
+# it logs by default. name -> how that differs from its command in the main table.
+# (wsgiref is left out: it is a reference, nobody deploys it.)
+DEFAULTS = {
+    "gateway-asgi": "access log on (stderr)",
+    "gateway-wsgi": "access log on (stderr)",
+    "uvicorn-h11": "access log on (stdout), log level info",
+    "uvicorn-httptools": "access log on (stdout), log level info",
+    "uvicorn-httptools-uvloop": "access log on (stdout), log level info",
+    "hypercorn": "a spawned worker process (--workers 1, the default); still no access log",
+    "gunicorn": "log level info; still no access log",
+    "waitress": "nothing: the same command (waitress has no access log)",
+}
+DEFAULTS_REFERENCE = "uvicorn-httptools"   # the issue's target: gateway-asgi >= 1.0x of it
+DEFAULTS_WORKLOADS = ["hello", "echo-1k"]
 
 # name -> (app, method, body size, title)
 WORKLOADS = {
@@ -103,6 +124,36 @@ def server_command(name, app, port, keep_alive=None):
         return [PY, "-m", "waitress", f"--listen={HOST}:{port}", target]
     if name == "wsgiref":               # plain WSGIServer, its log line silenced
         return [PY, os.path.join(HERE, "apps.py"), "wsgiref", f"wsgi_{app}", str(port)]
+    raise KeyError(name)
+
+
+def defaults_command(name, app, port):
+    """The command line that serves `app` as server `name`'s README starts it: only the
+    address is added (and, for uvicorn, the --http/--loop that the row's name says).
+
+    What each logs by default (checked against the pinned versions' --help and source):
+    gateway and uvicorn write a line per request (gateway to stderr, uvicorn to stdout);
+    gunicorn and hypercorn have no access log unless --access-logfile is given; waitress
+    has none at all. Every one writes its start-up lines at log level info."""
+    iface = SERVERS[name][0]
+    target = f"apps:{iface}_{app}"
+    if name.startswith("gateway-"):     # `python gateway.py --asgi app`: 1 process, log on
+        return [PY, GATEWAY, f"--{iface}", target, "--host", HOST, "--port", str(port)]
+    if name.startswith("uvicorn-"):
+        # `uvicorn app` means --http auto --loop auto: httptools and uvloop when they are
+        # installed, so uvicorn-httptools-uvloop is its out-of-the-box choice here. The
+        # flags are given anyway so that each row is what its name says.
+        http, loop = {"uvicorn-h11": ("h11", "asyncio"),
+                      "uvicorn-httptools": ("httptools", "asyncio"),
+                      "uvicorn-httptools-uvloop": ("httptools", "uvloop")}[name]
+        return [PY, "-m", "uvicorn", target, "--host", HOST, "--port", str(port),
+                "--http", http, "--loop", loop]
+    if name == "hypercorn":             # workers=1: a supervisor plus one spawned worker
+        return [PY, "-m", "hypercorn", "--bind", f"{HOST}:{port}", target]
+    if name == "gunicorn":              # 1 sync worker ($WEB_CONCURRENCY is removed)
+        return [PY, "-m", "gunicorn", "--bind", f"{HOST}:{port}", target]
+    if name == "waitress":              # 4 threads
+        return [PY, "-m", "waitress", f"--listen={HOST}:{port}", target]
     raise KeyError(name)
 
 
@@ -157,18 +208,25 @@ def status_kib(pid, field):
 class Server:
     """One server process on a free port; a context manager that always kills it."""
 
-    def __init__(self, name, app, pin=None, keep_alive=None):
+    def __init__(self, name, app, pin=None, keep_alive=None, defaults=False):
         self.name, self.app = name, app
         self.port = free_port()
-        self.cmd = server_command(name, app, self.port, keep_alive)
+        if defaults:                    # as its README starts it (the defaults table)
+            self.cmd = defaults_command(name, app, self.port)
+        else:
+            self.cmd = server_command(name, app, self.port, keep_alive)
         if pin is not None:
             self.cmd = ["taskset", "-c", str(pin)] + self.cmd
         self.proc = None
+        # The server's stdout and stderr (its access log too, when it has one on) go to
+        # a file, as under a service manager or a container's log driver.
         self.log = tempfile.TemporaryFile()
 
     def __enter__(self):
         env = dict(os.environ, PYTHONPATH=HERE, PYTHONUNBUFFERED="1")
-        env.pop("WEB_CONCURRENCY", None)        # uvicorn and gateway read it: one process
+        # uvicorn, gunicorn and gateway take their number of processes from it: remove it
+        # so that each server runs as one process (gunicorn: master + 1 worker).
+        env.pop("WEB_CONCURRENCY", None)
         self.proc = subprocess.Popen(self.cmd, cwd=HERE, env=env, stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -201,6 +259,9 @@ class Server:
     def output(self):
         self.log.seek(0)
         return self.log.read().decode("utf-8", "replace")
+
+    def output_bytes(self):
+        return os.fstat(self.log.fileno()).st_size
 
     def pids(self):
         return descendants(self.proc.pid)
@@ -557,8 +618,8 @@ def ratio(value, ref):
     return "-" if value is None or not ref else f"{value / ref:.2f}x"
 
 
-def table(title, columns, rows):
-    """columns: header strings; rows: lists of cells (strings)."""
+def table(title, columns, rows, note=()):
+    """columns: header strings; rows: lists of cells (strings); note: lines below it."""
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
               for i, c in enumerate(columns)]
     lines = [f"\n## {title}", ""]
@@ -568,6 +629,8 @@ def table(title, columns, rows):
         lines.append("| " + " | ".join(
             (c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(r, widths)))
             + " |")
+    if note:
+        lines += [""] + list(note)
     text = "\n".join(lines)
     print(text, flush=True)
     return text
@@ -583,6 +646,7 @@ def summarize(runs):
     return {"reps": len(runs), "rps_median": statistics.median(rps), "rps_min": min(rps),
             "rps_max": max(rps), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
             "cpu_us_per_req": med("cpu_us_per_req"), "cpu_percent": med("cpu_percent"),
+            "log_bytes_per_req": med("log_bytes_per_req"),
             "peak_rss_kib": max(r["peak_rss_kib"] for r in runs),
             "errors": sum(r["errors"] for r in runs)}
 
@@ -603,6 +667,32 @@ def throughput_table(title, summary, names):
                      fmt(s["peak_rss_kib"] / 1024, "{:.1f}"), fmt(s["errors"])])
     return table(title, ["server", "req/s (median)", "min–max", "vs h11", "p99 ms",
                          "CPU µs/req", "vs h11", "CPU %", "peak RSS MiB", "errors"], rows)
+
+
+def defaults_table(title, summary, main_summary, names):
+    """The defaults table: ratios to uvicorn-httptools (defaults), and each server's rate
+    against its own rate in the main table of this run (for gateway and uvicorn that is
+    what the access log costs)."""
+    ref = summary.get(DEFAULTS_REFERENCE, {})
+    rows = []
+    for name in names:
+        s = summary.get(name)
+        if not s:
+            continue
+        rows.append([name, fmt(s["rps_median"]),
+                     f"{s['rps_min']:,.0f}–{s['rps_max']:,.0f}",
+                     ratio(s["rps_median"], ref.get("rps_median")),
+                     fmt(s["p99_ms"], "{:.2f}"), fmt(s["cpu_us_per_req"], "{:.0f}"),
+                     fmt(s["cpu_percent"], "{:.0f}"),
+                     fmt(s["peak_rss_kib"] / 1024, "{:.1f}"), fmt(s["errors"]),
+                     fmt(s["log_bytes_per_req"], "{:.0f}"),
+                     ratio(s["rps_median"], main_summary.get(name, {}).get("rps_median"))])
+    note = ["vs httptools: to uvicorn-httptools (defaults). vs main: req/s here / req/s in "
+            "the main table above (same run);", "what differs from the main table:"]
+    note += [f"  {name}: {DEFAULTS[name]}" for name in names]
+    return table(title, ["server (defaults)", "req/s (median)", "min–max", "vs httptools",
+                         "p99 ms", "CPU µs/req", "CPU %", "peak RSS MiB", "errors",
+                         "log B/req", "vs main"], rows, note)
 
 
 def machine():
@@ -640,7 +730,14 @@ def machine():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="hello + echo 1 KiB; gateway, uvicorn-h11, gunicorn, waitress; 1 rep")
+                    help="hello + echo 1 KiB; gateway, uvicorn-h11, uvicorn-httptools, "
+                         "gunicorn, waitress; 1 rep; the defaults table for gateway and "
+                         "uvicorn-httptools only (~1 minute)")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="hello + echo 1 KiB only: each server with access logs off (the "
+                         "main table) and as its README starts it (the defaults table)")
+    ap.add_argument("--no-defaults", action="store_true",
+                    help="leave out the defaults table (access logs off everywhere)")
     ap.add_argument("--duration", type=int, help="seconds per wrk run (default 3)")
     ap.add_argument("--reps", type=int, help="repetitions, interleaved (default 3; quick 1)")
     ap.add_argument("--servers", help="comma-separated subset of: " + ", ".join(SERVERS))
@@ -649,26 +746,40 @@ def main():
     ap.add_argument("--idle", type=int, default=1000, help="idle keep-alive connections")
     ap.add_argument("--strace-requests", type=int, default=2000)
     args = ap.parse_args()
+    if args.defaults_only and args.no_defaults:
+        ap.error("--defaults-only and --no-defaults exclude each other")
 
     quick = args.quick
     duration = args.duration or 3
     reps = args.reps or (1 if quick else 3)
-    wanted = (["gateway-asgi", "gateway-wsgi", "uvicorn-h11", "gunicorn", "waitress"]
-              if quick else list(SERVERS))
+    wanted = (["gateway-asgi", "gateway-wsgi", "uvicorn-h11", "uvicorn-httptools", "gunicorn",
+               "waitress"] if quick else list(SERVERS))
     if args.servers:
         wanted = [s.strip() for s in args.servers.split(",")]
         unknown = [s for s in wanted if s not in SERVERS]
         if unknown:
             ap.error(f"unknown server(s): {', '.join(unknown)}")
-    names = []
-    for name in wanted:
+    # The defaults table: every server of the run that has a README way of starting it;
+    # --quick keeps it to gateway and the reference, to stay near a minute.
+    if args.no_defaults:
+        wanted_defaults = []
+    elif quick and not args.servers:
+        wanted_defaults = ["gateway-asgi", "gateway-wsgi", DEFAULTS_REFERENCE]
+    else:
+        wanted_defaults = [n for n in wanted if n in DEFAULTS]
+    names, default_names = [], []
+    for name in dict.fromkeys(wanted + wanted_defaults):    # each once, in order
         missing = [m for m in SERVERS[name][1] if importlib.util.find_spec(m) is None]
         if missing:
             print(f"skipping {name}: {', '.join(missing)} not installed for {PY} "
                   "(`make bench` installs the peers into .venv-bench)", flush=True)
-        else:
+            continue
+        if name in wanted:
             names.append(name)
-    workloads = ["hello", "echo-1k"] if quick else list(WORKLOADS)
+        if name in wanted_defaults:
+            default_names.append(name)
+    short = quick or args.defaults_only         # hello and echo 1 KiB only, no extras
+    workloads = ["hello", "echo-1k"] if short else list(WORKLOADS)
 
     ensure_wrk()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)     # 1,000 sockets + wrk's
@@ -685,9 +796,17 @@ def main():
     print(f"gateway flags: {' '.join(gateway_flags()) or '(none)'}", flush=True)
     print(f"{len(names)} servers, {reps} rep(s) of {duration} s, wrk -t1 "
           f"-c{args.connections}, interleaved", flush=True)
-    results = {"date": stamp, "machine": info, "quick": quick, "duration_s": duration,
+    if default_names:
+        print(f"defaults table ({', '.join(DEFAULTS_WORKLOADS)}): {', '.join(default_names)}",
+              flush=True)
+    results = {"date": stamp, "machine": info, "quick": quick,
+               "defaults_only": args.defaults_only, "duration_s": duration,
                "reps": reps, "connections": args.connections, "runs": {}, "summary": {},
                "extras": {}, "problems": []}
+    if default_names:
+        results["extras"]["defaults"] = {
+            "reference": DEFAULTS_REFERENCE, "differs": DEFAULTS, "runs": {}, "summary": {},
+            "commands": {n: defaults_command(n, "hello", 0) for n in default_names}}
     tables = []
 
     def note(problem):
@@ -705,30 +824,53 @@ def main():
         # 1. throughput at -c50, servers interleaved within each repetition
         for wl in workloads:
             app, method, size, title = WORKLOADS[wl]
-            runs = {n: [] for n in names}
+            # One repetition: each server as in the main table (access logs off), then
+            # at once the same server as its README starts it (the defaults table), so
+            # that the two runs whose ratio is the log cost are close in time.
+            plan = []                   # (name, defaults?)
+            with_defaults = default_names if wl in DEFAULTS_WORKLOADS else []
+            for name in names:
+                plan.append((name, False))
+                if name in with_defaults:
+                    plan.append((name, True))
+            plan += [(name, True) for name in with_defaults if name not in names]
+            runs = {run: [] for run in plan}
             for rep in range(reps):
-                for name in names:
+                for name, defaults in plan:
+                    label = name + (" (defaults)" if defaults else "")
                     def one():
-                        with Server(name, app) as srv:
+                        with Server(name, app, defaults=defaults) as srv:
                             r = measured_wrk(srv, args.connections, duration, method, size, tmpdir)
+                            r["log_bytes_per_req"] = round(
+                                srv.output_bytes() / max(1, r["requests"]), 1)
                             log = srv.output()
                             if "Traceback" in log or "rror" in log:
-                                note(f"{wl} {name}: server said: {log[-600:]}")
+                                note(f"{wl} {label}: server said: {log[-600:]}")
                             return r
-                    r = attempt(f"{wl} {name} rep {rep + 1}", one)
+                    r = attempt(f"{wl} {label} rep {rep + 1}", one)
                     if r:
-                        runs[name].append(r)
-                        print(f"  [{wl} {rep + 1}/{reps}] {name:26} {r['rps']:>10,.0f} req/s  "
+                        runs[(name, defaults)].append(r)
+                        print(f"  [{wl} {rep + 1}/{reps}] {label:37} {r['rps']:>10,.0f} req/s  "
                               f"p99 {r.get('p99_ms', 0):7.2f} ms  {r['cpu_us_per_req']:6.0f} µs/req"
                               f"  errors {r['errors']}", flush=True)
-            results["runs"][wl] = runs
-            summary = {n: summarize(rs) for n, rs in runs.items() if rs}
+            main_runs = {n: runs[(n, False)] for n in names}
+            results["runs"][wl] = main_runs
+            summary = {n: summarize(rs) for n, rs in main_runs.items() if rs}
             results["summary"][wl] = summary
             tables.append(throughput_table(f"{title} (wrk -t1 -c{args.connections}, "
                                            f"{reps}x{duration} s)", summary, names))
+            if with_defaults:
+                default_runs = {n: runs[(n, True)] for n in with_defaults}
+                dsummary = {n: summarize(rs) for n, rs in default_runs.items() if rs}
+                results["extras"]["defaults"]["runs"][wl] = default_runs
+                results["extras"]["defaults"]["summary"][wl] = dsummary
+                tables.append(defaults_table(
+                    f"{title}, each server as its README starts it (wrk -t1 "
+                    f"-c{args.connections}, {reps}x{duration} s)", dsummary, summary,
+                    with_defaults))
 
         # 2. pinned to one CPU: the GIL hand-off between threads costs more there
-        if shutil.which("taskset") and "hello" in workloads and not quick:
+        if shutil.which("taskset") and not short:
             # Pinned, the server and wrk no longer share CPUs: the steadiest ratios on a
             # noisy 2-CPU machine. Same reps, interleaved, as the free runs.
             pinned_names = [n for n in ("gateway-asgi", "gateway-wsgi", REFERENCE,
@@ -767,7 +909,7 @@ def main():
                                 ["workload", "server", "req/s free", "req/s pinned",
                                  "pinned/free", "vs h11 pinned", "CPU µs/req pinned"], rows))
 
-        if not quick:
+        if not short:
             # 3. one connection: latency
             lat = {}
             for name in names:
@@ -891,7 +1033,8 @@ def main():
     results["elapsed_s"] = round(elapsed, 1)
     results["tables"] = tables
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", f"{stamp}{'-quick' if quick else ''}.json")
+    suffix = "-quick" if quick else "-defaults" if args.defaults_only else ""
+    path = os.path.join(HERE, "results", f"{stamp}{suffix}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\n{len(results['problems'])} problem(s); {elapsed:.0f} s; wrote "
