@@ -273,10 +273,9 @@ def printable(text: str) -> str:
 # decides when to read it. Nothing here touches a socket, a thread or a clock.
 # =============================================================================
 
-# Limit: these patterns run on client bytes, so each must take linear time. Two
-# neighbours that can both take a run of bytes make a failing match try every
-# split of it (quadratic); so each byte has one part to go to (a chunk-ext's BWS,
-# two), and alternatives differ in their first byte.
+# Limit: patterns run on client bytes, so each must take linear time. Two neighbours
+# that can both take a run of bytes make a failing match try every split (quadratic),
+# so each byte has one part to go to (a chunk-ext's BWS, two); alternatives start apart.
 
 # RFC 9110 §5.6.2   token = 1*tchar
 #   tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." /
@@ -354,6 +353,8 @@ def field_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]
 
 def comma_list(values: list[bytes]) -> list[bytes]:
     """RFC 9110 §5.6.1: split "a, b" lists, drop empty members, lower-case them."""
+    if not values:
+        return []       # the usual case: the field is absent
     items = [item.strip(b" \t") for value in values for item in value.split(b",")]
     return [item.lower() for item in items if item]
 
@@ -427,7 +428,6 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
     (False, 5)
     """
     te_fields = fields[b"transfer-encoding"]
-    te = comma_list(te_fields)      # RFC 9112 §6.1: the codings, in the order applied
     cl = fields[b"content-length"]
     if te_fields and cl:
         # RFC 9112 §6.3 (3). Policy: the RFC lets Transfer-Encoding win, saying it
@@ -435,6 +435,7 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
         # other one (request smuggling, RFC 9112 §11.2), so we refuse and close.
         raise HTTPError(400, "both Transfer-Encoding and Content-Length")
     if te_fields:
+        te = comma_list(te_fields)   # RFC 9112 §6.1: the codings, in the order applied
         if not te:
             raise HTTPError(400, "empty Transfer-Encoding")
         if version == "1.0":     # RFC 9112 §6.1: then TE means faulty framing
@@ -3023,7 +3024,10 @@ class ASGIConnection:
     async def read_more(self, timeout: float | None) -> bool:
         """read() into the parser; False at EOF. TimeoutError after `timeout`
         seconds (None: no limit)."""
-        data = await asyncio.wait_for(self.read(), timeout)
+        # No asyncio.wait_for() without a timeout: it would cost a coroutine per
+        # read (and on Python 3.12+ a Timeout) to change nothing.
+        data = await (self.read() if timeout is None
+                      else asyncio.wait_for(self.read(), timeout))
         self.parser.feed(data)
         return bool(data)
 
@@ -3041,9 +3045,11 @@ class ASGIConnection:
         if transport.is_closing():
             raise ClientDisconnected("the client has disconnected")
         self.writer.write(data)
-        high_water = transport.get_write_buffer_limits()[1]
+        buffered = transport.get_write_buffer_size()
+        if buffered == 0 and not transport.is_closing():
+            return      # the usual case: all went to the socket, nothing to wait for
         try:
-            if transport.get_write_buffer_size() <= high_water:
+            if buffered <= transport.get_write_buffer_limits()[1]:
                 await self.writer.drain()        # below the high-water mark: no wait
             else:
                 await asyncio.wait_for(self.writer.drain(), self.config.timeout_write)
