@@ -48,10 +48,10 @@ $(BVENV)/.installed: bench/requirements.txt
 	$(BPY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
-bench: $(BVENV)/.installed        ## gateway vs its peers, every workload (< 10 minutes)
+bench: $(BVENV)/.installed        ## gateway vs its peers, every workload, no-log and defaults tables (~11 minutes)
 	$(BPY) bench/run.py
 
-bench-quick: $(BVENV)/.installed  ## hello + echo 1 KiB, gateway vs uvicorn/gunicorn/waitress (~35 s)
+bench-quick: $(BVENV)/.installed  ## hello + echo 1 KiB, gateway vs uvicorn/gunicorn/waitress, and defaults (~60 s)
 	$(BPY) bench/run.py --quick
 
 # The Autobahn|Testsuite fuzzing client against gateway (interop/README.md): opt-in, not in
