@@ -2495,7 +2495,7 @@ class HTTPCycle:
     "failed" means the server answered with an error of its own (fail()).
     Beside the state, what the cycle knows about the request and the client:
 
-        start          the app's (status, headers), until the head goes out
+        start, head    the app's (status, headers), and the head made of them
         head_written   the head went out, with the first body bytes (take_head)
         trailers       None, or the trailer fields collected so far
         body_done      the app has received the whole request body
@@ -2512,6 +2512,7 @@ class HTTPCycle:
                                  conn.config)
         self.state = "start"
         self.start: tuple = ()
+        self.head = b""
         self.head_written = False
         self.trailers: list | None = None
         self.body_done = False
@@ -2681,12 +2682,12 @@ class HTTPCycle:
         if self.disconnected:   # ASGI HTTP "Disconnected Client - send exception"
             raise ClientDisconnected("the client has disconnected")
         if kind == "http.response.start" and self.state == "start":
-            # ASGI HTTP "Response Start": the head waits for the first body
-            # message, so that an app failing before it still gets a 500.
+            # ASGI HTTP "Response Start": the head is made now, so that a bad
+            # field raises in the app (RFC 9112 §11.1), but waits for the first
+            # body message, so that an app failing before it still gets a 500.
             self.start = (check_asgi_status(message["status"]),
                           check_asgi_headers(message.get("headers", [])))
-            for name, value in self.start[1]:
-                field_line(name, value)   # RFC 9112 §11.1: a bad field raises now
+            self.head = self.response.head(*self.start, time.time())
             self.trailers = [] if message.get("trailers", False) else None
             self.state = "body"
         elif kind == "http.response.body" and self.state != "start":
@@ -2719,23 +2720,25 @@ class HTTPCycle:
                               message.get("more_body", False))
 
     def take_head(self) -> bytes:
-        """The response head, built now that the first body bytes go out; then b"".
+        """The response head, now that the first body bytes go out; then b"".
 
         ASGI HTTP "Response Start": the head was held back until now, so the
-        close decision (section 4 must_close) sees what the app has read.
+        close decision (section 4 must_close) sees what the app has read; a
+        head that must now say "Connection: close" is made again.
         Response.head drops the app's Transfer-Encoding: the server frames.
         """
         if self.head_written:
             return b""
-        if must_close(self.conn.stopping.is_set(), self.body_done, self.send_continue,
-                      self.conn.parser.unread_body()):
+        if self.response.keep_alive and must_close(
+                self.conn.stopping.is_set(), self.body_done, self.send_continue,
+                self.conn.parser.unread_body()):
             self.response.keep_alive = False
+            self.head = self.response.head(*self.start, time.time())
         self.send_continue = False           # no 1xx after the final response
-        head = self.response.head(*self.start, time.time())
         self.head_written = True
         if self.conn.trace:
-            self.conn.trace.head("<", head)
-        return head
+            self.conn.trace.head("<", self.head)
+        return self.head
 
     async def write_body(self, data: bytes, more_body: bool) -> None:
         """Write body bytes; with the last ones, what ends the response."""
