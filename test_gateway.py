@@ -8961,6 +8961,147 @@ def test_ops_access_log_format_and_escaping(interface, caplog):
     assert ops_access_lines(caplog) == ["200 GET /a%0d%0aFAKE%1b[31m HTTP/1.1"]
 
 
+def test_ops_access_log_reaches_a_users_handler_and_level(interface):
+    # Access lines are records on the "gateway.access" logger: a handler of
+    # one's own there gets them, and a level set there silences them.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("gateway.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    paths = lambda: [r.args["request_line"].split()[1] for r in records]
+    try:
+        with running_server(interface, ops_fixed_app(interface, b"hello"),
+                            access_log_format="%(status)s %(bytes)s") as port:
+            with connect(port) as sock:
+                reader = ResponseReader(sock)
+
+                def get(path: bytes) -> None:
+                    sock.sendall(OPS_GET.replace(b"/ops", path))
+                    assert reader.read_response()[::2] == (200, b"hello")
+                get(b"/first")
+                wait_for(lambda: records)        # ASGI logs once the response is sent
+                logger.setLevel(logging.WARNING)
+                get(b"/silenced")
+                get(b"/after")     # one connection: /silenced was logged before this
+                logger.setLevel(logging.INFO)
+                get(b"/last")
+                wait_for(lambda: "/last?x=1" in paths())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert paths()[0] == "/first?x=1" and "/silenced?x=1" not in paths(), paths()
+    assert {r.getMessage() for r in records} == {"200 5"}
+    assert records[0].funcName == "log_access" and records[0].levelno == logging.INFO
+
+
+def ops_batched_handler() -> tuple[gateway.BatchedStreamHandler, io.StringIO]:
+    """main()'s handler, writing to a StringIO in main()'s format."""
+    stream = io.StringIO()
+    handler = gateway.BatchedStreamHandler()
+    handler.setStream(stream)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    return handler, stream
+
+
+def ops_record(name: str, level: int, text: str) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 0, text, None, None)
+
+
+def test_ops_batched_handler_other_lines_go_at_once_behind_waiting_ones():
+    # A WSGI worker's access lines wait for the loop's flush; a WARNING (or
+    # any line not an access line) is written at once, after them, in order.
+    handler, stream = ops_batched_handler()
+    handler.handle(ops_record("gateway.access", logging.INFO, "one"))
+    handler.handle(ops_record("gateway.access", logging.INFO, "two"))
+    assert stream.getvalue() == ""
+    handler.handle(ops_record("gateway", logging.WARNING, "warned"))
+    assert stream.getvalue() == "gateway.access: one\ngateway.access: two\ngateway: warned\n"
+    handler.handle(ops_record("app", logging.INFO, "app line"))
+    handler.handle(ops_record("gateway.access", logging.ERROR, "error access"))
+    handler.handle(ops_record("gateway.access", logging.INFO, "three"))
+    handler.flush()
+    assert stream.getvalue().splitlines()[3:] == [
+        "app: app line", "gateway.access: error access", "gateway.access: three"]
+
+
+def test_ops_batched_handler_writes_at_the_end_of_the_loop_turn():
+    handler, stream = ops_batched_handler()
+
+    async def main():
+        for text in ("a", "b", "c"):
+            handler.handle(ops_record("gateway.access", logging.INFO, text))
+        assert stream.getvalue() == ""     # same turn of the loop: they wait
+        await asyncio.sleep(0)             # the next turn runs flush() first
+        assert stream.getvalue() == "gateway.access: a\ngateway.access: b\ngateway.access: c\n"
+        handler.handle(ops_record("gateway.access", logging.INFO, "d"))
+        await asyncio.sleep(0)
+        return stream.getvalue().splitlines()[-1]
+
+    assert asyncio.run(main()) == "gateway.access: d"
+
+
+def test_ops_batched_handler_survives_a_broken_stream():
+    handler, stream = ops_batched_handler()
+    handler.handle(ops_record("gateway.access", logging.INFO, "lost"))
+    stream.close()                       # ValueError on write, as a closed stderr
+    handler.flush()
+    handler.handle(ops_record("gateway", logging.WARNING, "also lost"))
+    assert handler.waiting == []
+
+
+@OPS_POSIX
+def test_ops_cli_access_line_appears_while_the_server_is_idle(interface, tmp_path):
+    ops_write_apps(tmp_path)
+    with ops_cli(f"--{interface}", f"ops_apps:hello_{interface}", "--port", "0",
+                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+        port = cli.port()
+        assert request(port, OPS_GET)[::2] == (200, b"hello")
+        line = cli.wait_line(lambda text: text.startswith("gateway.access: "))
+        assert '"GET /ops?x=1 HTTP/1.1" 200 5 ' in line, line
+        assert cli.proc.poll() is None          # written while it serves on
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(TIMEOUT) == 0
+
+
+@OPS_POSIX
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ops_cli_sigterm_loses_no_access_line_and_keeps_their_order(interface, workers,
+                                                                    tmp_path):
+    # Requests one after another on one connection, the last one still in
+    # the app when SIGTERM comes: every line reaches stderr, in the order of
+    # the requests, also from a worker process (which leaves by os._exit()).
+    ops_write_apps(tmp_path)
+    count = 100
+    gate_read, gate_write = os.pipe()
+    try:
+        with ops_cli(f"--{interface}", f"ops_apps:gate_{interface}", "--port", "0",
+                     "--workers", workers, "--app-dir", str(tmp_path), cwd=tmp_path,
+                     pass_fds=[gate_read], env={"OPS_GATE_FD": str(gate_read)}) as cli:
+            port = cli.port()
+            with connect(port) as sock:
+                reader = ResponseReader(sock)
+                for n in range(count):
+                    sock.sendall(b"GET /%d HTTP/1.1\r\nHost: test\r\n\r\n" % n)
+                    assert reader.read_response()[::2] == (200, b"fast")
+                sock.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+                cli.wait_line(lambda line: line == "ops-entered\n")
+                cli.proc.send_signal(signal.SIGTERM)
+                os.close(gate_write)        # EOF on the pipe: /slow answers
+                gate_write = None
+                assert reader.read_response()[::2] == (200, b"slow done")
+            assert cli.proc.wait(TIMEOUT) == 0
+            stderr = cli.rest()
+    finally:
+        for fd in (gate_read, gate_write):
+            if fd is not None:
+                os.close(fd)
+    paths = re.findall(r'^gateway\.access: \S+ - "GET /(\w+) HTTP/1\.1" 200 \d+ ', stderr,
+                       re.MULTILINE)
+    assert paths == [str(n) for n in range(count)] + ["slow"], stderr[-2000:]
+
+
 def test_ops_log_access_escapes_control_characters(caplog):
     caplog.set_level(logging.INFO, logger="gateway.access")
     request_ = Request(method="GET", target=b"/a\x1b[31m\r\nB\x85\x00", path=b"/",
