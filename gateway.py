@@ -37,6 +37,49 @@ Not here, on purpose: HTTP/2 and HTTP/3 (put a proxy such as nginx in front).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import sys
+
+
+def run_from_bytecode() -> None:
+    """`python gateway.py`: become a process that imports gateway, from its
+    cached bytecode, and runs main() there with the same arguments.
+
+    Why: Python compiles a script each time it starts, and keeps the script's
+    syntax tree until the script ends: a large part of the server's peak memory.
+    A module that is imported loads from __pycache__ instead (the first time,
+    it is compiled and written there; where it cannot be written, it is compiled
+    and its tree let go). os.execv() starts a program afresh in this process:
+    a signal sent to its process id (by systemd, docker, kill) still reaches the
+    server. This runs before the imports below, which it would pay for twice.
+
+    The new process has the same sys.argv, sys.path, working directory and
+    interpreter options (sys.orig_argv: -X, -W, -O ...), and imports this file
+    as "gateway", never as "__main__": it does not come back here. Only an
+    optimisation, so this returns, and the script runs as it is, wherever that
+    would not pay or cannot be done: on Windows (no exec that keeps the process),
+    under -B or PYTHONDONTWRITEBYTECODE with no up-to-date bytecode, with -m
+    (bytecode already), or where `import gateway` would load another file or
+    none (-I and -P leave this folder off sys.path; a copy under another name).
+    """
+    options = [o for o in sys.orig_argv[1:-len(sys.argv)] if o != "--"]   # -X dev, -O
+    spec = importlib.util.find_spec("gateway")      # what `import gateway` would load
+    if os.name != "posix" or sys.orig_argv[-len(sys.argv):] != sys.argv \
+            or spec is None or spec.origin != os.path.realpath(sys.argv[0]):
+        return
+    with contextlib.suppress(OSError):      # no bytecode, or no exec: run as it is
+        if not sys.dont_write_bytecode \
+                or os.path.getmtime(spec.cached) >= os.path.getmtime(spec.origin):
+            code = ("import sys; del sys.argv[0]; sys.path[0] = %r; import gateway; "
+                    "sys.exit(gateway.main())" % sys.path[0])
+            os.execv(sys.executable, [sys.executable, *options, "-c", code, *sys.argv])
+
+
+if __name__ == "__main__":
+    run_from_bytecode()         # returns only where it could not
+
 import argparse
 import asyncio
 import base64
@@ -46,20 +89,17 @@ import dataclasses
 import errno
 import functools
 import hashlib
-import importlib
 import inspect
 import io
 import ipaddress
 import itertools
 import logging
-import os
 import re
 import selectors
 import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time

@@ -1729,7 +1729,7 @@ def test_srv_cli_serves_and_stops_on_sigint(interface, spec):
 
 
 def test_srv_cli_runs_as_module():
-    # README: "python -m gateway" loads cached bytecode (a lower peak RSS).
+    # runpy loads "python -m gateway" from cached bytecode: it stays this process.
     cli = SrvCLIProcess("--wsgi", "echo_wsgi:application", "--port", "0",
                         launch=("-m", "gateway"))
     try:
@@ -7376,12 +7376,12 @@ class OpsCLIProcess:
     """gateway.py in a subprocess of its own session; stderr read line by line."""
 
     def __init__(self, *args: str, cwd, pass_fds=(), env: dict | None = None,
-                 preexec_fn=None) -> None:
-        environ = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
+                 preexec_fn=None, launch: tuple = (OPS_GATEWAY,)) -> None:
+        environ = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
         environ.pop("WEB_CONCURRENCY", None)
         children_get_sigint()
         self.proc = subprocess.Popen(
-            [sys.executable, OPS_GATEWAY, *args], cwd=str(cwd), env=environ,
+            [sys.executable, *launch, *args], cwd=str(cwd), env=environ,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, pass_fds=tuple(pass_fds), start_new_session=True,
             preexec_fn=preexec_fn)
@@ -7443,8 +7443,10 @@ def ops_last_line(stderr: str) -> str:
 
 
 @contextlib.contextmanager
-def ops_cli(*args: str, cwd, pass_fds=(), env: dict | None = None, preexec_fn=None):
-    cli = OpsCLIProcess(*args, cwd=cwd, pass_fds=pass_fds, env=env, preexec_fn=preexec_fn)
+def ops_cli(*args: str, cwd, pass_fds=(), env: dict | None = None, preexec_fn=None,
+            launch: tuple = (OPS_GATEWAY,)):
+    cli = OpsCLIProcess(*args, cwd=cwd, pass_fds=pass_fds, env=env, preexec_fn=preexec_fn,
+                        launch=launch)
     try:
         yield cli
     finally:
@@ -9284,11 +9286,17 @@ def application(environ, start_response):
 
 
 @OPS_POSIX
-def test_ops_cli_reload(tmp_path):
+@pytest.mark.parametrize("bytecode", [False, True], ids=["script", "from-bytecode"])
+def test_ops_cli_reload(tmp_path, bytecode):
+    # from-bytecode: a copy of gateway.py that may cache its bytecode, so the
+    # reloader and each child it starts replace themselves (run_from_bytecode).
+    launch, env = (OPS_GATEWAY,), None
+    if bytecode:
+        launch, env = (ops_copy_of_gateway(tmp_path),), {"PYTHONDONTWRITEBYTECODE": ""}
     source = tmp_path / "ops_reload_app.py"
     source.write_text(OPS_RELOAD_APP % b"first version")
     with ops_cli("--wsgi", "ops_reload_app:application", "--reload", "--port", "0",
-                 "--app-dir", str(tmp_path), cwd=tmp_path) as cli:
+                 "--app-dir", str(tmp_path), cwd=tmp_path, launch=launch, env=env) as cli:
         port = cli.port()
         assert request(port, OPS_CLOSE)[::2] == (200, b"first version")
         source.write_text(OPS_RELOAD_APP % b"the second, longer version")
@@ -9301,6 +9309,98 @@ def test_ops_cli_reload(tmp_path):
         assert cli.proc.wait(TIMEOUT) == 0
         stderr = cli.rest()
         assert ops_last_line(stderr) == "gateway: stopped", stderr   # the child's
+
+
+def ops_copy_of_gateway(tmp_path) -> str:
+    """A copy of gateway.py in a folder of its own whose name has a space and a
+    non-ASCII letter; a test that lets it write its __pycache__ keeps the
+    checkout clean."""
+    folder = tmp_path / "gateway dir \u00fc"
+    folder.mkdir()
+    return str(shutil.copy(OPS_GATEWAY, folder / "gateway.py"))
+
+
+OPS_EXEC_APP = '''
+import json, os, sys
+
+def application(environ, start_response):
+    """What the app can see of the process that serves it."""
+    if environ["PATH_INFO"] == "/process":
+        main = sys.modules["__main__"]
+        seen = {"pid": os.getpid(), "main_file": getattr(main, "__file__", None)}
+    else:
+        seen = {"argv": sys.argv, "path": sys.path, "script_name": environ["SCRIPT_NAME"],
+                "dev_mode": sys.flags.dev_mode, "optimize": sys.flags.optimize,
+                "warnoptions": sys.warnoptions, "cwd": os.getcwd()}
+    body = json.dumps(seen).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+@OPS_POSIX
+@pytest.mark.parametrize("options", [(), ("-X", "dev", "-W", "error::DeprecationWarning"),
+                                     ("-O", "--")])
+def test_ops_cli_script_replaces_itself_with_its_bytecode(tmp_path, options):
+    # `python gateway.py` runs as a script only until it can load itself from
+    # __pycache__ instead (run_from_bytecode(): os.execv, same process id).
+    # Three starts from another folder: without bytecode (PYTHONDONTWRITEBYTECODE,
+    # none cached: it runs as the script), then allowed to write it (the first
+    # start caches it), then with it cached. The app sees the same arguments,
+    # sys.path, folder and interpreter options each time, byte for byte; the
+    # process id that Popen returned is the one that serves and obeys signals.
+    gateway_py = ops_copy_of_gateway(tmp_path)
+    cache = os.path.join(os.path.dirname(gateway_py), "__pycache__")
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "ops_exec_app.py").write_text(OPS_EXEC_APP)
+    args = ("--wsgi", "ops_exec_app:application", "--port", "0", "--no-date-header",
+            "--root-path", "/a mount/\u00fc")
+    answers = []
+    for may_write, stop, executed in [("1", signal.SIGTERM, False),
+                                      ("", signal.SIGINT, True),
+                                      ("1", signal.SIGTERM, True)]:
+        with ops_cli(*args, cwd=app_dir, launch=(*options, gateway_py),
+                     env={"PYTHONDONTWRITEBYTECODE": may_write}) as cli:
+            port = cli.port()
+            with connect(port) as sock:
+                sock.sendall(OPS_CLOSE)
+                answers.append(read_until_closed(sock))
+            process = json.loads(request(port, b"GET /process HTTP/1.1\r\nHost: test\r\n"
+                                                b"Connection: close\r\n\r\n")[2])
+            assert process["pid"] == cli.proc.pid
+            assert process["main_file"] == (None if executed else gateway_py)
+            assert os.path.isdir(cache) == executed      # written by the first start
+            cli.proc.send_signal(stop)
+            assert cli.proc.wait(TIMEOUT) == 0
+            assert ops_last_line(cli.rest()) == "gateway: stopped", cli.seen
+    assert answers[0] == answers[1] == answers[2]
+    head, _, body = answers[0].partition(b"\r\n\r\n")
+    assert head == (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nServer: gateway\r\nConnection: close" % len(body))
+    seen = json.loads(body)
+    # sys.path: --app-dir's folder first (main()), then the folder of gateway.py.
+    assert seen.pop("path")[:2] == [str(app_dir), os.path.dirname(gateway_py)]
+    assert seen == {"argv": [gateway_py, *args], "script_name": "/a mount/\u00fc",
+                    "cwd": str(app_dir), "dev_mode": "dev" in options,
+                    "optimize": int("-O" in options),
+                    "warnoptions": ["default", "error::DeprecationWarning"]   # -X dev, -W
+                    if "dev" in options else []}
+
+
+def test_ops_importing_gateway_never_replaces_the_process(tmp_path):
+    # Only `python gateway.py` replaces itself: a program that imports gateway
+    # (bytecode cached and writable, arguments that main() would take) goes on.
+    folder = os.path.dirname(ops_copy_of_gateway(tmp_path))
+    environ = dict(os.environ, PYTHONDONTWRITEBYTECODE="")
+    for _ in range(2):                  # the second import finds the bytecode cached
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import os, sys, gateway; "
+             "print(os.getpid(), sys.argv[1:], gateway.__name__)", "--asgi", "x:app"],
+            cwd=folder, env=environ, stdout=subprocess.PIPE, text=True)
+        output, _ = proc.communicate(timeout=TIMEOUT)
+        assert (proc.returncode, output) == (0, f"{proc.pid} ['--asgi', 'x:app'] gateway\n")
 
 
 def test_ws_deflate_with_a_smaller_server_window_round_trips():
