@@ -227,6 +227,9 @@ class Server:
         # uvicorn, gunicorn and gateway take their number of processes from it: remove it
         # so that each server runs as one process (gunicorn: master + 1 worker).
         env.pop("WEB_CONCURRENCY", None)
+        # Python writes bytecode by default (pip wrote the peers' when it installed them);
+        # a sandbox that turns it off would make `python gateway.py` compile at every start.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.proc = subprocess.Popen(self.cmd, cwd=HERE, env=env, stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
