@@ -153,8 +153,8 @@ SELECT_SOCKETS = 512 if os.name == "nt" else 1024   # FD_SETSIZE: select() watch
 #                                  this many sockets (Windows), or descriptors below
 #                                  it (POSIX) -> the WSGI loop stops accepting
 ACCEPT_PAUSE_SECONDS = 0.5       # after accept() ran out of descriptors (`ulimit -n`)
-#                                  -> no accept() for this long (ASGI: asyncio's
-#                                  constants.ACCEPT_RETRY_DELAY, 1 s)
+#                                  -> no accept() for this long (ASGI: then asyncio's
+#                                  retry, constants.ACCEPT_RETRY_DELAY, 1 s)
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #                                  accept() errors that mean "pause", as above
 SPOOL_BYTES = 1024 * 1024        # a chunked WSGI body past this goes to a temp file
@@ -3135,6 +3135,30 @@ class ASGIConnection:
                 transport.abort()     # Limit: the client does not read the rest
 
 
+class ASGIListener(socket.socket):
+    """The listening socket that asyncio.start_server() is given: a copy (dup).
+
+    Limit: asyncio makes up to `backlog` accept() calls per wake-up, and when
+    one fails for want of descriptors it goes on calling, each failure adding
+    one more retry a second later (constants.ACCEPT_RETRY_DELAY): their number
+    would grow every second. Here the first failure pauses accept() for
+    ACCEPT_PAUSE_SECONDS, less than that second: until then it raises
+    BlockingIOError, "no client waits", which ends asyncio's calls at once.
+    """
+    paused_until = 0.0      # time.monotonic()
+
+    def accept(self):
+        """socket.accept(), unless paused by a failure just before."""
+        if time.monotonic() < self.paused_until:
+            raise BlockingIOError(errno.EAGAIN, "paused: out of descriptors")
+        try:
+            return super().accept()
+        except OSError as error:
+            if error.errno in OUT_OF_DESCRIPTORS:
+                self.paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
+            raise
+
+
 class ASGIServer:
     """Serves one ASGI app on a listening socket until shutdown() is called.
 
@@ -3188,21 +3212,21 @@ class ASGIServer:
                 tls = {"ssl": make_ssl_context(self.config),
                        "ssl_handshake_timeout": self.config.timeout_request_head}
                 self.server_cert = read_server_cert(self.config.ssl_certfile)
-            # Limit: asyncio's `backlog` is also how many accept() calls it makes
-            # per wake-up, and it goes on calling after one fails for want of
-            # descriptors, each failure scheduling one more retry: their number
-            # grows every second. With 1 there is one retry at a time, and one
-            # accept() per turn of the loop. asyncio also calls listen() with it,
-            # so we listen() again with --backlog, which the kernel then uses.
-            server = await asyncio.start_server(self.handle, sock=self.listener,
-                                                limit=RECV_BYTES, backlog=1, **tls)
-            self.listener.listen(self.config.backlog)
+            # asyncio's `backlog` is how many accept() calls it makes per wake-up
+            # (ASGIListener); it also calls listen() with it, so we listen() again
+            # with --backlog, which the kernel then uses.
+            listener = ASGIListener(self.listener.family, self.listener.type,
+                                    fileno=socket.dup(self.listener.fileno()))
+            server = await asyncio.start_server(self.handle, sock=listener,
+                                                limit=RECV_BYTES, backlog=100, **tls)
+            listener.listen(self.config.backlog)
             if self.ready is not None:
                 self.ready()
             sweeper = asyncio.ensure_future(self.close_idle())
             async with server:
                 await self.stopping.wait()
                 server.close()          # stop accepting now ...
+                self.listener.close()   # (server.close() closed the copy, `listener`)
                 await self.drain()      # ... and drain before __aexit__: since Python
                 #                         3.12 it waits for every connection to close
             sweeper.cancel()

@@ -8797,6 +8797,33 @@ def test_ops_cli_out_of_descriptors_backs_off(interface, tmp_path):
         cli.kill()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_NOFILE is POSIX")
+def test_asgi_listener_pauses_accept_after_running_out_of_descriptors():
+    # asyncio makes up to 100 accept() calls per wake-up and goes on after one
+    # fails for want of descriptors, each failure adding a retry; ASGIListener
+    # answers "nobody waits" (BlockingIOError) to the calls after the failure.
+    import resource
+    with socket.create_server(("127.0.0.1", 0)) as plain:
+        listener = gateway.ASGIListener(plain.family, plain.type,
+                                        fileno=socket.dup(plain.fileno()))
+        with listener, socket.create_connection(plain.getsockname(), timeout=TIMEOUT):
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            lowest_free = os.dup(0)
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                with pytest.raises(OSError) as failure:
+                    listener.accept()
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert failure.value.errno == errno.EMFILE
+            with pytest.raises(BlockingIOError):     # paused: the kernel is not asked
+                listener.accept()
+            listener.paused_until = 0.0              # as if the pause were over
+            conn, _ = listener.accept()
+            conn.close()
+
+
 # =============================================================================
 # 5. Proxy headers
 # =============================================================================
