@@ -3144,19 +3144,28 @@ class ASGIListener(socket.socket):
     would grow every second. Here the first failure pauses accept() for
     ACCEPT_PAUSE_SECONDS, less than that second: until then it raises
     BlockingIOError, "no client waits", which ends asyncio's calls at once.
+    The first failure is logged, and so is the first accept() after them.
     """
     paused_until = 0.0      # time.monotonic()
+    failing = False         # accept() failed for want of descriptors, last time
 
     def accept(self):
         """socket.accept(), unless paused by a failure just before."""
         if time.monotonic() < self.paused_until:
             raise BlockingIOError(errno.EAGAIN, "paused: out of descriptors")
         try:
-            return super().accept()
+            accepted = super().accept()
         except OSError as error:
             if error.errno in OUT_OF_DESCRIPTORS:
+                if not self.failing:
+                    log.warning("%s: not accepting for now", out_of(error))
+                self.failing = True
                 self.paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
             raise
+        if self.failing:
+            self.failing = False
+            log.info("accepting connections again")
+        return accepted
 
 
 class ASGIServer:
@@ -3183,7 +3192,6 @@ class ASGIServer:
         self.forced = False          # a second shutdown(): no lifespan shutdown
         self.stop_early = False      # shutdown() came before serve()
         self.starting = threading.Lock()
-        self.out_of_fds: float | None = None   # loop time accept() last failed
         self.next_handler = None     # the loop's exception handler before ours
         self.server_cert: str | None = None    # PEM, for the ASGI TLS extension
 
@@ -3295,16 +3303,14 @@ class ASGIServer:
 
         asyncio reports an accept() that ran out of descriptors with a
         traceback, and again at each retry (constants.ACCEPT_RETRY_DELAY, a
-        second, during which new clients wait in the backlog). Say it once
-        until a connection is accepted again; pass everything else on.
+        second, during which new clients wait in the backlog). ASGIListener
+        has said it once, without one; pass everything else on.
         """
         error = context.get("exception")
         if (context.get("message") == "socket.accept() out of system resource"
                 and isinstance(error, OSError) and error.errno in OUT_OF_DESCRIPTORS):
-            if self.out_of_fds is None:
-                log.warning("%s: not accepting for now", out_of(error))
-            self.out_of_fds = loop.time()
-        elif self.next_handler is not None:
+            return            # ASGIListener said it once, without the traceback
+        if self.next_handler is not None:
             self.next_handler(loop, context)
         else:
             loop.default_exception_handler(context)
@@ -3312,12 +3318,6 @@ class ASGIServer:
     async def handle(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
         """Serve one accepted connection, unless it is dead already."""
-        if (self.out_of_fds is not None and self.loop.time() - self.out_of_fds
-                >= asyncio.constants.ACCEPT_RETRY_DELAY):
-            # Accepted by a retry, not before the failure (those come here
-            # within a few turns of the loop).
-            self.out_of_fds = None
-            log.info("accepting connections again")
         if not set_nodelay(writer.get_extra_info("socket")):
             log.debug("closed a new connection at once: reset before it was served")
             writer.transport.abort()
