@@ -1587,8 +1587,9 @@ class WSGIConnection:
         self.events = 0                      # what the selector watches for us
         self.parser = RequestParser(server.config)
         self.sending = bytearray()           # bytes queued, in order, not yet sent
-        # The clocks of expire(): `since` this idle (or closing) phase began,
-        # when bytes last came in, and when sending last made progress.
+        # The clocks of expire(): `since` this idle (or closing) phase began, or
+        # the head under way its first byte; when bytes last came in, and when
+        # sending last made progress.
         self.since = self.last_read = self.last_write = time.monotonic()
         self.peer_eof = False            # client FIN: only requests buffered remain
         self.trace = Trace() if server.config.trace else None
@@ -1657,6 +1658,8 @@ class WSGIConnection:
             self.on_eof()
         elif self.state != "closing":    # closing: what comes is read and dropped
             self.last_read = time.monotonic()
+            if self.state == "idle" and not self.parser.has_partial_request:
+                self.since = self.last_read     # a head: its timeout starts now
             self.parser.feed(data)
             self.process()
 
@@ -3004,12 +3007,14 @@ class ASGIConnection:
 
     async def next_request(self) -> Request | None:
         """The next request head, or None if the client leaves or stays idle."""
-        deadline = self.loop.time() + self.config.timeout_request_head
+        deadline = None
         while (request := self.parser.next_event()) is None:
             # RFC 9112 §9.5: an idle connection may be closed. close_idle() does
             # it for every connection, one timer for all. A head under way gets
             # a deadline instead: RFC 9110 §15.5.9, 408 for a slow head (slowloris).
             between = not self.parser.buffer
+            if deadline is None and not between:     # from the head's first bytes
+                deadline = self.loop.time() + self.config.timeout_request_head
             self.idle_since = self.loop.time() if between else None
             try:
                 if not await self.read_more(None if between

@@ -2143,6 +2143,27 @@ def test_limits_request_head_timeout_is_408(interface):
         assert seen == []
 
 
+def test_limits_request_head_timeout_runs_from_the_heads_first_byte(interface):
+    # HEAD_SECONDS is "first byte to end of head": a keep-alive connection idle for
+    # longer than that (but not longer than --timeout-keep-alive) still gets the
+    # whole timeout for its next head. It used to run from the start of the wait.
+    seen: list = []
+    with limits_server(interface, limits_reader_app(interface, seen),
+                       timeout_request_head=1.0, timeout_keep_alive=10.0) as port:
+        with limits_connect(port, LIMITS_SHORT) as sock:
+            sock.sendall(LIMITS_GET)
+            assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
+            time.sleep(1.3)                    # idle: longer than the head timeout
+            sock.sendall(LIMITS_GET[:20])      # part of the next head ...
+            sock.settimeout(0.6)               # ... gets no 408 while it is young
+            with pytest.raises(socket.timeout):
+                sock.recv(1)
+            sock.settimeout(LIMITS_SHORT)
+            sock.sendall(LIMITS_GET[20:])
+            assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
+        assert seen == ["/", "/"]
+
+
 def test_limits_read_timeout_fails_the_read_and_answers_408(interface):
     seen: list = []
     with limits_server(interface, limits_reader_app(interface, seen),
