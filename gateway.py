@@ -532,7 +532,7 @@ def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
     """Parse one request head, up to the LF that ends its last line, into a Request."""
     # RFC 9112 §2.2: lines end in CRLF; Leniency: or in a bare LF. One CR is taken
     # off each line; any other CR fails the patterns (400), never splits a line.
-    lines = [line[:-1] if line[-1:] == b"\r" else line for line in head.split(b"\n")]
+    lines = [line.removesuffix(b"\r") for line in head.split(b"\n")]
     if len(lines[0]) > limits.limit_request_line:
         raise HTTPError(414, "request line too long")   # Limit: RFC 9112 §3
     method, target, version = parse_request_line(lines[0])
