@@ -709,8 +709,8 @@ class RequestParser:
         line_end = newline if newline >= 0 else len(buffer)   # or more
         if buffer[line_end - 1:line_end] == b"\r":
             line_end -= 1          # the CR of its CRLF (or, last, perhaps so)
-        method = buffer[: min(line_end, MAX_METHOD_BYTES + 1)]
-        if len(method) > MAX_METHOD_BYTES and b" " not in method:
+        # A method longer than any we know: no SP in its first MAX_METHOD_BYTES + 1.
+        if line_end > MAX_METHOD_BYTES and b" " not in buffer[:MAX_METHOD_BYTES + 1]:
             raise HTTPError(501, "method too long")   # Limit: RFC 9112 §3, before 414
         if line_end > self.limits.limit_request_line:
             raise HTTPError(414, "request line too long")     # Limit: RFC 9112 §3
