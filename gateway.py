@@ -464,11 +464,11 @@ def body_framing(version: str, fields: dict[bytes, list[bytes]]) -> tuple[bool, 
 
     Takes framing_fields(); returns (chunked, content_length).
 
-    >>> body_framing("1.1", {b"transfer-encoding": [], b"content-length": [b"5, 5"]})
+    >>> body_framing("1.1", {b"content-length": [b"5, 5"]})
     (False, 5)
     """
-    te_fields = fields[b"transfer-encoding"]
-    cl = fields[b"content-length"]
+    te_fields = fields.get(b"transfer-encoding")
+    cl = fields.get(b"content-length")
     if te_fields and cl:
         # RFC 9112 §6.3 (3). Policy: the RFC lets Transfer-Encoding win, saying it
         # "ought to be handled as an error". A proxy in front may have used the
@@ -515,16 +515,16 @@ def check_host(version: str, hosts: list[bytes]) -> None:
 
 
 # The fields that frame a request (RFC 9112 §3.2, §6, §9.3; RFC 9110 §10.1.1).
-FRAMING_FIELDS = (b"host", b"content-length", b"transfer-encoding", b"connection",
-                  b"expect")
+FRAMING_FIELDS = {b"host", b"content-length", b"transfer-encoding", b"connection",
+                  b"expect"}
 
 
 def framing_fields(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
-    """The values of each of FRAMING_FIELDS, in order."""
-    fields = {name: [] for name in FRAMING_FIELDS}
+    """The values of each of FRAMING_FIELDS sent, in order; an absent one has no key."""
+    fields = {}
     for name, value in headers:     # one pass over the headers, not one per field
-        if name in fields:
-            fields[name].append(value)
+        if name in FRAMING_FIELDS:
+            fields.setdefault(name, []).append(value)
     return fields
 
 
@@ -532,7 +532,7 @@ def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
     """Parse one request head, up to the LF that ends its last line, into a Request."""
     # RFC 9112 §2.2: lines end in CRLF; Leniency: or in a bare LF. One CR is taken
     # off each line; any other CR fails the patterns (400), never splits a line.
-    lines = [line[:-1] if line[-1:] == b"\r" else line for line in head.split(b"\n")]
+    lines = [line.removesuffix(b"\r") for line in head.split(b"\n")]
     if len(lines[0]) > limits.limit_request_line:
         raise HTTPError(414, "request line too long")   # Limit: RFC 9112 §3
     method, target, version = parse_request_line(lines[0])
@@ -542,7 +542,7 @@ def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
     # RFC 9110 §5.3: every field line is kept, in wire order, never merged.
     headers = [parse_field_line(line) for line in lines[1:]]
     fields = framing_fields(headers)
-    check_host(version, fields[b"host"])
+    check_host(version, fields.get(b"host", []))
     if authority is not None:
         # RFC 9112 §3.2.2: the server "MUST ignore the received Host header
         # field (if any) and instead use the host information of the target".
@@ -550,13 +550,13 @@ def parse_head(head: bytes, limits: Limits = LIMITS) -> Request:
         headers.append((b"host", authority))
     chunked, content_length = body_framing(version, fields)
     # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; 1.0 only with "keep-alive".
-    connection = comma_list(fields[b"connection"])
+    connection = comma_list(fields.get(b"connection", []))
     keep_alive = b"close" not in connection and (version == "1.1"
                                                  or b"keep-alive" in connection)
     # RFC 9110 §10.1.1: 100-continue only means something for HTTP/1.1; any
     # other expectation gets 417 (RFC 9110 §15.5.18).
     expect_continue = False
-    if fields[b"expect"] and version == "1.1":
+    if b"expect" in fields and version == "1.1":
         if any(item != b"100-continue" for item in comma_list(fields[b"expect"])):
             raise HTTPError(417, "only 'Expect: 100-continue' is supported")
         expect_continue = chunked or content_length > 0   # no 100 for an empty body
@@ -709,8 +709,8 @@ class RequestParser:
         line_end = newline if newline >= 0 else len(buffer)   # or more
         if buffer[line_end - 1:line_end] == b"\r":
             line_end -= 1          # the CR of its CRLF (or, last, perhaps so)
-        method = buffer[: min(line_end, MAX_METHOD_BYTES + 1)]
-        if len(method) > MAX_METHOD_BYTES and b" " not in method:
+        # A method longer than any we know: no SP in its first MAX_METHOD_BYTES + 1.
+        if line_end > MAX_METHOD_BYTES and b" " not in buffer[:MAX_METHOD_BYTES + 1]:
             raise HTTPError(501, "method too long")   # Limit: RFC 9112 §3, before 414
         if line_end > self.limits.limit_request_line:
             raise HTTPError(414, "request line too long")     # Limit: RFC 9112 §3
