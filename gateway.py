@@ -830,15 +830,16 @@ CONNECTION_FIELDS = {b"connection", b"keep-alive", b"transfer-encoding"}
 
 # RFC 9112 §11.1 (response splitting): nothing from the app may end a line, so
 # a field line the app gives us is a token, ": ", and a value without NUL, CR, LF.
-SAFE_FIELD_LINE = re.compile(TOKEN + rb": [^\x00\r\n]*")
+SAFE_FIELD_LINE = re.compile(rb"(?P<name>" + TOKEN + rb"): [^\x00\r\n]*")
 
 
 def field_line(name: bytes, value: bytes) -> bytes:
     """b"Name: value" for a field from the app; ValueError if it is unsafe."""
     line = name + b": " + value
-    # A ":" in the name is checked apart: the pattern alone would take the
+    match = SAFE_FIELD_LINE.fullmatch(line)
+    # The token must be the whole name: the pattern alone would take the
     # name b"X: Y" as the token X and a value "Y: ...".
-    if b":" in name or SAFE_FIELD_LINE.fullmatch(line) is None:
+    if match is None or match.end("name") != len(name):
         raise ValueError(f"invalid header field: {name!r}: {value!r}")
     return line
 
