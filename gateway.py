@@ -959,8 +959,9 @@ class Response:
             lines.append(b"Date: " + http_date(now))    # RFC 9110 §6.6.1
         if self.config.server_header and b"server" not in own:
             lines.append(b"Server: " + SERVER_NAME)     # RFC 9110 §10.2.4
-        lines += [name + b": " + value for name, value in self.config.headers
-                  if name.lower() not in own]           # --header
+        for name, value in self.config.headers:          # --header
+            if name.lower() not in own:
+                lines.append(name + b": " + value)
         if self.framing == "chunked":    # RFC 9112 §6.1: never to HTTP/1.0
             lines.append(b"Transfer-Encoding: chunked")
         if not self.keep_alive:
