@@ -2736,7 +2736,13 @@ class HTTPCycle:
             self.state = "body"
         elif kind == "http.response.body" and self.state != "start":
             if self.state == "body":    # ASGI HTTP "Response Body": later ones, ignored
-                await self.send_body(message)
+                body = message.get("body", b"")
+                if type(body) is not bytes:     # ASGI "Strings and Unicode": bytes only
+                    raise TypeError(f"ASGI: body must be bytes, not {type(body).__name__}")
+                # The first takes the held-back head along. RFC 9110 §9.3.2: a
+                # HEAD response's body is taken, not sent (Response.body).
+                await self.write_body(self.take_head() + self.response.body(body),
+                                      message.get("more_body", False))
         elif kind == "http.response.zerocopysend" and self.state != "start":
             if self.state == "body":    # ASGI extensions "Zero Copy Send": as a body
                 await self.send_file(message["file"], message)
@@ -2750,18 +2756,6 @@ class HTTPCycle:
                                      message.get("more_trailers", False))
         else:
             raise RuntimeError(f"ASGI: unexpected {kind!r} (response {self.state})")
-
-    async def send_body(self, message: dict) -> None:
-        """ASGI HTTP "Response Body": the first one takes the held-back head along.
-
-        RFC 9110 §9.3.2: a HEAD response's body bytes are taken, not sent
-        (Response.body frames them to nothing).
-        """
-        body = message.get("body", b"")
-        if type(body) is not bytes:     # ASGI "Strings and Unicode": bytes only
-            raise TypeError(f"ASGI: body must be bytes, not {type(body).__name__}")
-        await self.write_body(self.take_head() + self.response.body(body),
-                              message.get("more_body", False))
 
     def take_head(self) -> bytes:
         """The response head, now that the first body bytes go out; then b"".
