@@ -2657,7 +2657,13 @@ class HTTPCycle:
     # -- receive ---------------------------------------------------------------
 
     async def receive(self) -> dict:
-        """ASGI HTTP "Request - receive event", then "Disconnect - receive event"."""
+        """ASGI HTTP "Request - receive event", then "Disconnect - receive event".
+
+        The body is streamed: each event has all the body bytes the parser has
+        now, de-chunked (RFC 9112 §7.1), and the socket is read only when it
+        has none. So it is read only when the app asks for more, and a slow
+        app slows its client down (backpressure).
+        """
         if self.body_done or self.disconnected:
             await self.wait_for_disconnect()
             return {"type": "http.disconnect"}
@@ -2666,15 +2672,6 @@ class HTTPCycle:
         continue_owed, self.send_continue = self.send_continue, False
         if continue_owed and not self.conn.parser.buffer:
             await self.conn.write(CONTINUE)
-        return await self.read_body()
-
-    async def read_body(self) -> dict:
-        """All the body bytes the parser has now, reading the socket if it has none.
-
-        ASGI HTTP "Request - receive event": the body is streamed, de-chunked
-        by the parser (RFC 9112 §7.1). The socket is read only when the app
-        asks for more, so a slow app slows its client down (backpressure).
-        """
         parts = []
         try:
             while True:
