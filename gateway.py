@@ -2545,7 +2545,8 @@ class HTTPCycle:
         body_done      the app has received the whole request body
         send_continue  "100 Continue" is still owed (RFC 9110 §10.1.1)
         disconnected   the client has gone, or its body was malformed or late
-        response_done  set at "done": wakes a receive() waiting for disconnect
+        response_done  set at "done" to wake a receive() waiting for disconnect;
+                       None until one waits (most requests have none)
     """
 
     def __init__(self, conn: ASGIConnection, request: Request) -> None:
@@ -2562,7 +2563,7 @@ class HTTPCycle:
         self.body_done = False
         self.send_continue = request.expect_continue
         self.disconnected = False
-        self.response_done = asyncio.Event()
+        self.response_done: asyncio.Event | None = None
 
     @property
     def keep_alive(self) -> bool:
@@ -2700,6 +2701,7 @@ class HTTPCycle:
         pipelined request, kept in the parser.
         """
         conn = self.conn
+        self.response_done = self.response_done or asyncio.Event()
         while not self.disconnected and self.state not in ("done", "failed"):
             if conn.eof or len(conn.parser.buffer) > MAX_HEAD_BYTES:
                 await self.response_done.wait()    # nothing more to learn
@@ -2784,7 +2786,7 @@ class HTTPCycle:
             self.state = "done"
         if data:
             await self.conn.write(data)
-        if self.state == "done":
+        if self.state == "done" and self.response_done is not None:
             self.response_done.set()
 
     async def send_trailers(self, headers: list, more_trailers: bool) -> None:
@@ -2800,7 +2802,8 @@ class HTTPCycle:
         wanted = b"trailers" in comma_list(field_values(self.request.headers, b"te"))
         self.state = "done"
         await self.conn.write(self.response.end(self.trailers if wanted else []))
-        self.response_done.set()
+        if self.response_done is not None:
+            self.response_done.set()
 
     async def send_early_hint(self, links) -> None:
         """ASGI extensions "Early Hints": a 103 response ahead of the final one.
