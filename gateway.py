@@ -830,15 +830,16 @@ CONNECTION_FIELDS = {b"connection", b"keep-alive", b"transfer-encoding"}
 
 # RFC 9112 §11.1 (response splitting): nothing from the app may end a line, so
 # a field line the app gives us is a token, ": ", and a value without NUL, CR, LF.
-SAFE_FIELD_LINE = re.compile(TOKEN + rb": [^\x00\r\n]*")
+SAFE_FIELD_LINE = re.compile(rb"(?P<name>" + TOKEN + rb"): [^\x00\r\n]*")
 
 
 def field_line(name: bytes, value: bytes) -> bytes:
     """b"Name: value" for a field from the app; ValueError if it is unsafe."""
     line = name + b": " + value
-    # A ":" in the name is checked apart: the pattern alone would take the
+    match = SAFE_FIELD_LINE.fullmatch(line)
+    # The token must be the whole name: the pattern alone would take the
     # name b"X: Y" as the token X and a value "Y: ...".
-    if b":" in name or SAFE_FIELD_LINE.fullmatch(line) is None:
+    if match is None or match.end("name") != len(name):
         raise ValueError(f"invalid header field: {name!r}: {value!r}")
     return line
 
@@ -958,8 +959,9 @@ class Response:
             lines.append(b"Date: " + http_date(now))    # RFC 9110 §6.6.1
         if self.config.server_header and b"server" not in own:
             lines.append(b"Server: " + SERVER_NAME)     # RFC 9110 §10.2.4
-        lines += [name + b": " + value for name, value in self.config.headers
-                  if name.lower() not in own]           # --header
+        for name, value in self.config.headers:          # --header
+            if name.lower() not in own:
+                lines.append(name + b": " + value)
         if self.framing == "chunked":    # RFC 9112 §6.1: never to HTTP/1.0
             lines.append(b"Transfer-Encoding: chunked")
         if not self.keep_alive:
@@ -2546,7 +2548,8 @@ class HTTPCycle:
         body_done      the app has received the whole request body
         send_continue  "100 Continue" is still owed (RFC 9110 §10.1.1)
         disconnected   the client has gone, or its body was malformed or late
-        response_done  set at "done": wakes a receive() waiting for disconnect
+        response_done  set at "done" to wake a receive() waiting for disconnect;
+                       None until one waits (most requests have none)
     """
 
     def __init__(self, conn: ASGIConnection, request: Request) -> None:
@@ -2563,7 +2566,7 @@ class HTTPCycle:
         self.body_done = False
         self.send_continue = request.expect_continue
         self.disconnected = False
-        self.response_done = asyncio.Event()
+        self.response_done: asyncio.Event | None = None
 
     @property
     def keep_alive(self) -> bool:
@@ -2658,7 +2661,13 @@ class HTTPCycle:
     # -- receive ---------------------------------------------------------------
 
     async def receive(self) -> dict:
-        """ASGI HTTP "Request - receive event", then "Disconnect - receive event"."""
+        """ASGI HTTP "Request - receive event", then "Disconnect - receive event".
+
+        The body is streamed: each event has all the body bytes the parser has
+        now, de-chunked (RFC 9112 §7.1), and the socket is read only when it
+        has none. So it is read only when the app asks for more, and a slow
+        app slows its client down (backpressure).
+        """
         if self.body_done or self.disconnected:
             await self.wait_for_disconnect()
             return {"type": "http.disconnect"}
@@ -2667,15 +2676,6 @@ class HTTPCycle:
         continue_owed, self.send_continue = self.send_continue, False
         if continue_owed and not self.conn.parser.buffer:
             await self.conn.write(CONTINUE)
-        return await self.read_body()
-
-    async def read_body(self) -> dict:
-        """All the body bytes the parser has now, reading the socket if it has none.
-
-        ASGI HTTP "Request - receive event": the body is streamed, de-chunked
-        by the parser (RFC 9112 §7.1). The socket is read only when the app
-        asks for more, so a slow app slows its client down (backpressure).
-        """
         parts = []
         try:
             while True:
@@ -2704,6 +2704,7 @@ class HTTPCycle:
         pipelined request, kept in the parser.
         """
         conn = self.conn
+        self.response_done = self.response_done or asyncio.Event()
         while not self.disconnected and self.state not in ("done", "failed"):
             if conn.eof or len(conn.parser.buffer) > MAX_HEAD_BYTES:
                 await self.response_done.wait()    # nothing more to learn
@@ -2737,7 +2738,13 @@ class HTTPCycle:
             self.state = "body"
         elif kind == "http.response.body" and self.state != "start":
             if self.state == "body":    # ASGI HTTP "Response Body": later ones, ignored
-                await self.send_body(message)
+                body = message.get("body", b"")
+                if type(body) is not bytes:     # ASGI "Strings and Unicode": bytes only
+                    raise TypeError(f"ASGI: body must be bytes, not {type(body).__name__}")
+                # The first takes the held-back head along. RFC 9110 §9.3.2: a
+                # HEAD response's body is taken, not sent (Response.body).
+                await self.write_body(self.take_head() + self.response.body(body),
+                                      message.get("more_body", False))
         elif kind == "http.response.zerocopysend" and self.state != "start":
             if self.state == "body":    # ASGI extensions "Zero Copy Send": as a body
                 await self.send_file(message["file"], message)
@@ -2751,18 +2758,6 @@ class HTTPCycle:
                                      message.get("more_trailers", False))
         else:
             raise RuntimeError(f"ASGI: unexpected {kind!r} (response {self.state})")
-
-    async def send_body(self, message: dict) -> None:
-        """ASGI HTTP "Response Body": the first one takes the held-back head along.
-
-        RFC 9110 §9.3.2: a HEAD response's body bytes are taken, not sent
-        (Response.body frames them to nothing).
-        """
-        body = message.get("body", b"")
-        if type(body) is not bytes:     # ASGI "Strings and Unicode": bytes only
-            raise TypeError(f"ASGI: body must be bytes, not {type(body).__name__}")
-        await self.write_body(self.take_head() + self.response.body(body),
-                              message.get("more_body", False))
 
     def take_head(self) -> bytes:
         """The response head, now that the first body bytes go out; then b"".
@@ -2794,7 +2789,7 @@ class HTTPCycle:
             self.state = "done"
         if data:
             await self.conn.write(data)
-        if self.state == "done":
+        if self.state == "done" and self.response_done is not None:
             self.response_done.set()
 
     async def send_trailers(self, headers: list, more_trailers: bool) -> None:
@@ -2810,7 +2805,8 @@ class HTTPCycle:
         wanted = b"trailers" in comma_list(field_values(self.request.headers, b"te"))
         self.state = "done"
         await self.conn.write(self.response.end(self.trailers if wanted else []))
-        self.response_done.set()
+        if self.response_done is not None:
+            self.response_done.set()
 
     async def send_early_hint(self, links) -> None:
         """ASGI extensions "Early Hints": a 103 response ahead of the final one.
