@@ -2153,6 +2153,7 @@ def test_limits_request_head_timeout_runs_from_the_heads_first_byte(interface):
         with limits_connect(port, LIMITS_SHORT) as sock:
             sock.sendall(LIMITS_GET)
             assert ResponseReader(sock).read_exact(len(limits_ok(0))) == limits_ok(0)
+            # Not a wait for the server: the idle time itself is what is tested.
             time.sleep(1.3)                    # idle: longer than the head timeout
             sock.sendall(LIMITS_GET[:20])      # part of the next head ...
             sock.settimeout(0.6)               # ... gets no 408 while it is young

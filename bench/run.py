@@ -655,6 +655,14 @@ def summarize(runs):
             "errors": sum(r["errors"] for r in runs)}
 
 
+def rate_columns(name, s, ref):
+    """The first columns of both throughput tables: server, req/s, min–max, the ratio
+    to `ref`'s req/s, p99 and CPU per request."""
+    return [name, fmt(s["rps_median"]), f"{s['rps_min']:,.0f}–{s['rps_max']:,.0f}",
+            ratio(s["rps_median"], ref.get("rps_median")),
+            fmt(s["p99_ms"], "{:.2f}"), fmt(s["cpu_us_per_req"], "{:.0f}")]
+
+
 def throughput_table(title, summary, names):
     ref = summary.get(REFERENCE, {})
     rows = []
@@ -662,10 +670,7 @@ def throughput_table(title, summary, names):
         s = summary.get(name)
         if not s:
             continue
-        rows.append([name, fmt(s["rps_median"]),
-                     f"{s['rps_min']:,.0f}–{s['rps_max']:,.0f}",
-                     ratio(s["rps_median"], ref.get("rps_median")),
-                     fmt(s["p99_ms"], "{:.2f}"), fmt(s["cpu_us_per_req"], "{:.0f}"),
+        rows.append(rate_columns(name, s, ref) + [
                      ratio(s["cpu_us_per_req"], ref.get("cpu_us_per_req")),
                      fmt(s["cpu_percent"], "{:.0f}"),
                      fmt(s["peak_rss_kib"] / 1024, "{:.1f}"), fmt(s["errors"])])
@@ -683,10 +688,7 @@ def defaults_table(title, summary, main_summary, names):
         s = summary.get(name)
         if not s:
             continue
-        rows.append([name, fmt(s["rps_median"]),
-                     f"{s['rps_min']:,.0f}–{s['rps_max']:,.0f}",
-                     ratio(s["rps_median"], ref.get("rps_median")),
-                     fmt(s["p99_ms"], "{:.2f}"), fmt(s["cpu_us_per_req"], "{:.0f}"),
+        rows.append(rate_columns(name, s, ref) + [
                      fmt(s["cpu_percent"], "{:.0f}"),
                      fmt(s["peak_rss_kib"] / 1024, "{:.1f}"), fmt(s["errors"]),
                      fmt(s["log_bytes_per_req"], "{:.0f}"),
