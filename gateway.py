@@ -2257,7 +2257,8 @@ class WSGIServer:
         if not self.accepting and not self.stopping.is_set():
             timeout = max(0.0, min(timeout, self.resume_at - time.monotonic()))  # retry
         for handler in logging.root.handlers:
-            handler.flush()     # the access lines of this turn (section 12)
+            if isinstance(handler, BatchedStreamHandler):
+                handler.flush()     # the access lines of this turn (section 12)
         for key, mask in self.selector.select(timeout):
             if key.data == "accept":
                 self.accept()
@@ -4027,42 +4028,78 @@ def log_access(config: Config, client, request: Request, status: int | str, size
         "status": status, "bytes": size,
         "duration_ms": (time.monotonic() - started) * 1000.0,
     }
+    line_format = config.access_log_format or ACCESS_LOG_FORMAT
+    handler = untouched_handler()
+    try:
+        if handler is not None:     # nobody could see a LogRecord: skip making one
+            return handler.add_access_line(line_format % fields)
+    except (KeyError, TypeError, ValueError):
+        pass              # a bad --access-log-format: the record below reports it
     # What access_log.info() does, less its search of the stack for the caller.
     access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0,
-        config.access_log_format or ACCESS_LOG_FORMAT, (fields,), None, "log_access"))
+        line_format, (fields,), None, "log_access"))
+
+
+def untouched_handler() -> BatchedStreamHandler | None:
+    """main()'s handler if an access record would reach it alone, to be
+    written as main() set it up; None once a filter, a handler or a format
+    of one's own is configured. Checked per line, as logging checks levels."""
+    logger = access_log
+    while logger.parent and logger.propagate and not (logger.handlers or logger.filters):
+        logger = logger.parent                    # up to the root logger
+    handlers = logger.handlers if logger.parent is None else []
+    if len(handlers) == 1 and isinstance(handlers[0], BatchedStreamHandler):
+        handler = handlers[0]           # and it is as its __init__ set it up:
+        if handler.formatter is handler.own_formatter and not handler.filters \
+                and handler.level <= logging.INFO:
+            return handler
+    return None
 
 
 class BatchedStreamHandler(logging.StreamHandler):
     """The handler main() gives the root logger: stderr, as basicConfig()
-    writes it, but access lines are written in batches.
+    writes it, but access lines go out in batches, one write() per turn of
+    the loop rather than one per request.
 
     An access line waits in a list until the loop that logged it ends its
     turn: an asyncio loop runs flush() as its next callback (call_soon), and
-    the WSGI loop flushes the root logger's handlers before it waits in
-    select(). Any other line is written at once, behind those waiting, so
-    the order is kept. logging.shutdown() writes what is left: at exit, and
-    in a worker process before os._exit(). What it buys: one write() per
-    turn of the loop, not one per request.
+    the WSGI loop flushes before it waits in select(). Any other line is
+    written at once, behind those waiting, so the order is kept.
+    logging.shutdown() writes what is left: at exit, and before a worker
+    process's os._exit().
     """
 
+    FORMAT = "%(name)s: %(message)s"
+
     def __init__(self) -> None:
-        """Write to sys.stderr, with nothing waiting."""
+        """Write to sys.stderr in FORMAT, with nothing waiting."""
         super().__init__()
+        self.setFormatter(logging.Formatter(self.FORMAT))
+        self.own_formatter = self.formatter
         self.waiting: list[str] = []      # formatted lines, oldest first
+
+    def add_access_line(self, message: str) -> None:
+        """What emit() does with an access record of this message."""
+        self.add(self.FORMAT % {"name": access_log.name, "message": message}, True)
 
     def emit(self, record: logging.LogRecord) -> None:
         """Runs on: any thread, holding self.lock (Handler.handle takes it)."""
         try:
-            self.waiting.append(self.format(record) + self.terminator)
-            if record.name != access_log.name:
+            self.add(self.format(record), record.name == access_log.name)
+        except Exception:
+            self.handleError(record)              # as StreamHandler.emit() does
+
+    def add(self, line: str, batched: bool) -> None:
+        """Queue a line; write at once unless it may wait for the loop's turn."""
+        with self.lock:
+            self.waiting.append(line + self.terminator)
+            if not batched:
                 self.flush()
             elif len(self.waiting) == 1:          # the first of a batch
                 try:
                     asyncio.get_running_loop().call_soon(self.flush)
                 except RuntimeError:
                     pass          # a WSGI thread: its loop will flush
-        except Exception:
-            self.handleError(record)              # as StreamHandler.emit() does
 
     def flush(self) -> None:
         """Write the waiting lines with one write(), then flush the stream."""
@@ -4790,8 +4827,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level == "trace":     # the most detailed level: debug and --trace
         args.log_level, args.trace = "debug", True
     # The one place that sets up logging: the sections above only log.
-    logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s",
-                        handlers=[BatchedStreamHandler()])
+    logging.basicConfig(level=args.log_level.upper(), handlers=[BatchedStreamHandler()])
     if args.env_file:
         load_env_file(args.env_file)
     if args.reload:

@@ -9093,6 +9093,99 @@ def test_ops_batched_handler_writes_at_the_end_of_the_loop_turn():
     assert asyncio.run(main()) == "gateway.access: d"
 
 
+@contextlib.contextmanager
+def ops_root_handled_by(handler: logging.Handler):
+    """The root logger as main() leaves it: `handler` alone, level INFO (not
+    pytest's capture handlers, which would make every access line a record)."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+
+
+def ops_log_one_access(line_format: str = "") -> None:
+    parser = gateway.RequestParser()
+    parser.feed(b"GET /a?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    gateway.log_access(gateway.Config(access_log_format=line_format),
+                       ("10.0.0.7", 4242), parser.next_event(), 200, 13,
+                       time.monotonic() - 0.0021)
+
+
+# How each bit of logging configuration is put back: the test undoes it.
+OPS_CONFIGURED = {
+    "a handler on gateway.access": lambda h: ops_undo(
+        logging.getLogger("gateway.access").addHandler, logging.NullHandler(),
+        logging.getLogger("gateway.access").removeHandler),
+    "a handler on gateway": lambda h: ops_undo(
+        logging.getLogger("gateway").addHandler, logging.NullHandler(),
+        logging.getLogger("gateway").removeHandler),
+    "a second root handler": lambda h: ops_undo(
+        logging.getLogger().addHandler, logging.NullHandler(),
+        logging.getLogger().removeHandler),
+    "a filter on gateway.access": lambda h: ops_undo(
+        logging.getLogger("gateway.access").addFilter, logging.Filter(),
+        logging.getLogger("gateway.access").removeFilter),
+    "a filter on the handler": lambda h: ops_undo(h.addFilter, logging.Filter(),
+                                                  h.removeFilter),
+    "a format of one's own": lambda h: ops_undo(
+        h.setFormatter, logging.Formatter("%(asctime)s %(message)s"),
+        lambda _: h.setFormatter(h.own_formatter)),
+    "no propagation": lambda h: ops_undo(
+        lambda on: setattr(logging.getLogger("gateway.access"), "propagate", on),
+        False, lambda _: setattr(logging.getLogger("gateway.access"), "propagate", True)),
+}
+
+
+def ops_undo(do, value, undo):
+    do(value)
+    return lambda: undo(value)
+
+
+def test_ops_access_line_skips_the_log_record_only_while_logging_is_as_main_set_it():
+    handler, stream = gateway.BatchedStreamHandler(), io.StringIO()
+    handler.setStream(stream)
+    with ops_root_handled_by(handler):
+        assert gateway.untouched_handler() is handler
+        ops_log_one_access()
+        handler.flush()
+        fast = stream.getvalue()
+        for what, configure in OPS_CONFIGURED.items():
+            undo = configure(handler)
+            try:
+                assert gateway.untouched_handler() is None, what
+            finally:
+                undo()
+        assert gateway.untouched_handler() is handler
+        # The record's way, forced by a filter that passes everything, writes
+        # the same line, byte for byte.
+        keep_all = logging.Filter()
+        gateway.access_log.addFilter(keep_all)
+        try:
+            ops_log_one_access()
+        finally:
+            gateway.access_log.removeFilter(keep_all)
+        handler.flush()
+    line = r'gateway\.access: 10\.0\.0\.7:4242 - "GET /a\?q=1 HTTP/1\.1" 200 13 2\.\dms\n'
+    assert re.fullmatch(line, fast), fast
+    assert re.fullmatch(line * 2, stream.getvalue()), stream.getvalue()
+
+
+def test_ops_access_line_with_a_bad_format_is_reported_as_logging_does(capsys):
+    handler, stream = gateway.BatchedStreamHandler(), io.StringIO()
+    handler.setStream(stream)
+    with ops_root_handled_by(handler):
+        ops_log_one_access("%(nope)s")      # no such field: logging's own report
+        ops_log_one_access("%(status)s")    # and the next line is written
+        handler.flush()
+    assert stream.getvalue() == "gateway.access: 200\n"
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
 def test_ops_batched_handler_survives_a_broken_stream():
     handler, stream = ops_batched_handler()
     handler.handle(ops_record("gateway.access", logging.INFO, "lost"))
