@@ -4076,11 +4076,13 @@ class BatchedStreamHandler(logging.StreamHandler):
         super().__init__()
         self.setFormatter(logging.Formatter(self.FORMAT))
         self.own_formatter = self.formatter
+        # FORMAT ends with the message: an access line is this, then the line.
+        self.access_prefix = self.FORMAT % {"name": access_log.name, "message": ""}
         self.waiting: list[str] = []      # formatted lines, oldest first
 
     def add_access_line(self, message: str) -> None:
         """What emit() does with an access record of this message."""
-        self.add(self.FORMAT % {"name": access_log.name, "message": message}, True)
+        self.add(self.access_prefix + message, True)
 
     def emit(self, record: logging.LogRecord) -> None:
         """Runs on: any thread, holding self.lock (Handler.handle takes it)."""
@@ -4322,8 +4324,7 @@ def cipher_suite(context, name: str) -> int | None:
     ASGI extensions "TLS", cipher_suite: the two bytes of the TLS registry as
     one 16-bit number. ssl only gives the name; the context's get_ciphers()
     gives ids of OpenSSL's form 0x0300XXXX, whose low 16 bits are that number.
-    The list is read when a name is first seen, and kept (a name not in it, as
-    None).
+    The list is read once, when a name is first seen (one not in it: None).
     """
     if name not in CIPHER_SUITES:
         CIPHER_SUITES.update((c["name"], c["id"] & 0xFFFF)
@@ -4428,8 +4429,7 @@ def run_workers(count: int, serve_one) -> int:
     """Fork `count` workers that share the listening socket; keep them alive.
 
     The parent forwards SIGINT/SIGTERM (as SIGTERM) and waits for them to
-    drain; a worker that dies unexpectedly is replaced.
-    """
+    drain; a worker that dies unexpectedly is replaced."""
     children: set[int] = set()
     stopping = []
 
