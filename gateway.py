@@ -4031,7 +4031,7 @@ def log_access(config: Config, client, request: Request, status: int | str, size
     line_format = config.access_log_format or ACCESS_LOG_FORMAT
     handler = untouched_handler()
     try:
-        if handler is not None:     # nobody could see a LogRecord: skip making one
+        if handler is not None:  # nobody could see a LogRecord: skip it, the dearest part
             return handler.add_access_line(line_format % fields)
     except (KeyError, TypeError, ValueError):
         pass              # a bad --access-log-format: the record below reports it
