@@ -663,17 +663,17 @@ def rate_columns(name, s, ref):
             fmt(s["p99_ms"], "{:.2f}"), fmt(s["cpu_us_per_req"], "{:.0f}")]
 
 
+def rows_of(summary, names, columns):
+    """One row, columns(name, its summary), per server in `names` that has a summary."""
+    return [columns(name, summary[name]) for name in names if summary.get(name)]
+
+
 def throughput_table(title, summary, names):
     ref = summary.get(REFERENCE, {})
-    rows = []
-    for name in names:
-        s = summary.get(name)
-        if not s:
-            continue
-        rows.append(rate_columns(name, s, ref) + [
-                     ratio(s["cpu_us_per_req"], ref.get("cpu_us_per_req")),
-                     fmt(s["cpu_percent"], "{:.0f}"),
-                     fmt(s["peak_rss_kib"] / 1024, "{:.1f}"), fmt(s["errors"])])
+    rows = rows_of(summary, names, lambda name, s: rate_columns(name, s, ref) + [
+        ratio(s["cpu_us_per_req"], ref.get("cpu_us_per_req")),
+        fmt(s["cpu_percent"], "{:.0f}"),
+        fmt(s["peak_rss_kib"] / 1024, "{:.1f}"), fmt(s["errors"])])
     return table(title, ["server", "req/s (median)", "min–max", "vs h11", "p99 ms",
                          "CPU µs/req", "vs h11", "CPU %", "peak RSS MiB", "errors"], rows)
 
@@ -683,16 +683,11 @@ def defaults_table(title, summary, main_summary, names):
     against its own rate in the main table of this run (for gateway and uvicorn that is
     what the access log costs)."""
     ref = summary.get(DEFAULTS_REFERENCE, {})
-    rows = []
-    for name in names:
-        s = summary.get(name)
-        if not s:
-            continue
-        rows.append(rate_columns(name, s, ref) + [
-                     fmt(s["cpu_percent"], "{:.0f}"),
-                     fmt(s["peak_rss_kib"] / 1024, "{:.1f}"), fmt(s["errors"]),
-                     fmt(s["log_bytes_per_req"], "{:.0f}"),
-                     ratio(s["rps_median"], main_summary.get(name, {}).get("rps_median"))])
+    rows = rows_of(summary, names, lambda name, s: rate_columns(name, s, ref) + [
+        fmt(s["cpu_percent"], "{:.0f}"),
+        fmt(s["peak_rss_kib"] / 1024, "{:.1f}"), fmt(s["errors"]),
+        fmt(s["log_bytes_per_req"], "{:.0f}"),
+        ratio(s["rps_median"], main_summary.get(name, {}).get("rps_median"))])
     note = ["vs httptools: to uvicorn-httptools (defaults). vs main: req/s here / req/s in "
             "the main table above (same run);", "what differs from the main table:"]
     note += [f"  {name}: {DEFAULTS[name]}" for name in names]
