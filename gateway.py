@@ -49,9 +49,10 @@ def run_from_bytecode() -> None:
 
     Why: Python compiles a script each time it starts, and keeps the script's
     syntax tree until the script ends: a large part of the server's peak memory.
-    A module that is imported loads from __pycache__ instead (the first time,
-    it is compiled and written there; where it cannot be written, it is compiled
-    and its tree let go). os.execv() starts a program afresh in this process:
+    A module that is imported loads from __pycache__ instead: written here
+    first if missing or stale, as the new process would, since exec forgets
+    this process's peak (where it cannot be written, the import compiles and
+    lets the tree go). os.execv() starts a program afresh in this process:
     a signal sent to its process id (by systemd, docker, kill) still reaches the
     server. This runs before the imports below, which it would pay for twice.
 
@@ -70,8 +71,13 @@ def run_from_bytecode() -> None:
             or spec is None or spec.origin != os.path.realpath(sys.argv[0]):
         return
     with contextlib.suppress(OSError):      # no bytecode, or no exec: run as it is
-        if not sys.dont_write_bytecode \
-                or os.path.getmtime(spec.cached) >= os.path.getmtime(spec.origin):
+        stale = not os.path.exists(spec.cached) \
+            or os.path.getmtime(spec.cached) < os.path.getmtime(spec.origin)
+        if stale and not sys.dont_write_bytecode:
+            with contextlib.suppress(Exception):   # read-only: the import compiles
+                import py_compile
+                py_compile.compile(spec.origin, spec.cached, doraise=True)
+        if not stale or not sys.dont_write_bytecode:
             code = ("import sys; del sys.argv[0]; sys.path[0] = %r; import gateway; "
                     "sys.exit(gateway.main())" % sys.path[0])
             os.execv(sys.executable, [sys.executable, *options, "-c", code, *sys.argv])
@@ -4047,13 +4053,11 @@ def untouched_handler() -> BatchedStreamHandler | None:
     logger = access_log
     while logger.parent and logger.propagate and not (logger.handlers or logger.filters):
         logger = logger.parent                    # up to the root logger
-    handlers = logger.handlers if logger.parent is None else []
-    if len(handlers) == 1 and isinstance(handlers[0], BatchedStreamHandler):
-        handler = handlers[0]           # and it is as its __init__ set it up:
-        if handler.formatter is handler.own_formatter and not handler.filters \
-                and handler.level <= logging.INFO:
-            return handler
-    return None
+    handlers = logger.handlers if logger.parent is None else []     # the root's
+    handler = handlers[0] if len(handlers) == 1 else None
+    untouched = isinstance(handler, BatchedStreamHandler) and not handler.filters \
+        and handler.formatter is handler.own_formatter and handler.level <= logging.INFO
+    return handler if untouched else None
 
 
 class BatchedStreamHandler(logging.StreamHandler):

@@ -9531,6 +9531,26 @@ def test_ops_cli_script_replaces_itself_with_its_bytecode(tmp_path, options):
                     if "dev" in options else []}
 
 
+@OPS_POSIX
+def test_ops_cli_first_start_serves_from_bytecode_written_before_the_exec(tmp_path):
+    # Nothing cached yet: run_from_bytecode() writes __pycache__ before os.execv,
+    # so the process that serves loads gateway from bytecode, as later starts do,
+    # and does not compile it (which would raise its peak memory). `python -v`
+    # (passed on to the new process) says which of the two the import did.
+    gateway_py = ops_copy_of_gateway(tmp_path)
+    cached = importlib.util.cache_from_source(gateway_py)
+    ops_write_apps(tmp_path)
+    with ops_cli("--asgi", "ops_apps:hello_asgi", "--port", "0", "--app-dir", str(tmp_path),
+                 cwd=tmp_path, launch=("-v", gateway_py),
+                 env={"PYTHONDONTWRITEBYTECODE": ""}) as cli:
+        assert request(cli.port(), OPS_GET)[::2] == (200, b"hello")
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(TIMEOUT) == 0
+        stderr = "".join(cli.seen) + cli.rest()
+    assert f"# code object from {cached!r}" in stderr
+    assert f"# wrote {cached!r}" not in stderr
+
+
 def test_ops_importing_gateway_never_replaces_the_process(tmp_path):
     # Only `python gateway.py` replaces itself: a program that imports gateway
     # (bytecode cached and writable, arguments that main() would take) goes on.
