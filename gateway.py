@@ -4005,12 +4005,11 @@ def asgi3_app(app, interface: str = "auto"):
 
 
 # =============================================================================
-# §12  Operations - logging, proxies, TLS, sockets and worker processes
+# §12  Operations - logging, proxies, TLS and sockets
 #
 # What running gateway for real needs around the protocol: an access log and
-# --trace, trusting a proxy in front, TLS, listening sockets, and a parent
-# process that keeps N forked workers on one listening socket. The servers of
-# sections 5 to 11 call in here; nothing here calls back into them.
+# --trace, trusting a proxy in front, TLS, and listening sockets. The servers
+# of sections 5 to 11 call in here; nothing here calls back into them.
 # =============================================================================
 
 # -- The access log and --trace -----------------------------------------------
@@ -4027,23 +4026,32 @@ def log_access(config: Config, client, request: Request, status: int | str, size
     status "-" for a request that got no response. Both servers call it."""
     if not config.access_log or not access_log.isEnabledFor(logging.INFO):
         return     # checked first: building the line costs more than this test
-    fields = {
+    line = (config.access_log_format or ACCESS_LOG_FORMAT, client, request, status, size,
+            time.monotonic() - started)
+    handler = untouched_handler()
+    if handler is not None:     # nobody could see a LogRecord: the line waits as values
+        handler.add(line, batched=True)
+    else:
+        access_log.handle(access_record(line))
+
+
+def access_fields(client, request: Request, status: int | str, size: int,
+                  seconds: float) -> dict:
+    """The fields an --access-log-format may use, for one request."""
+    return {
         "client": "%s:%s" % tuple(client[:2]) if client else "-",
         "request_line": printable(f"{request.method} {request.target.decode('latin-1')}"
                                   f" HTTP/{request.version}"),
-        "status": status, "bytes": size,
-        "duration_ms": (time.monotonic() - started) * 1000.0,
+        "status": status, "bytes": size, "duration_ms": seconds * 1000.0,
     }
-    line_format = config.access_log_format or ACCESS_LOG_FORMAT
-    handler = untouched_handler()
-    try:
-        if handler is not None:  # nobody could see a LogRecord: skip it, the dearest part
-            return handler.add_access_line(line_format % fields)
-    except (KeyError, TypeError, ValueError):
-        pass              # a bad --access-log-format: the record below reports it
-    # What access_log.info() does, less its search of the stack for the caller.
-    access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0,
-        line_format, (fields,), None, "log_access"))
+
+
+def access_record(line: tuple) -> logging.LogRecord:
+    """The LogRecord of an access line (its format, then access_fields()'s
+    arguments): what access_log.info() would make, less its search of the
+    stack for the caller."""
+    return access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line[0],
+                                 (access_fields(*line[1:]),), None, "log_access")
 
 
 def untouched_handler() -> BatchedStreamHandler | None:
@@ -4070,7 +4078,9 @@ class BatchedStreamHandler(logging.StreamHandler):
     the WSGI loop flushes before it waits in select(). Any other line is
     written at once, behind those waiting, so the order is kept.
     logging.shutdown() writes what is left: at exit, and before a worker
-    process's os._exit().
+    process's os._exit(). An access line that log_access() hands over as
+    values is formatted by flush(), with its batch: formatting many lines in
+    one go costs less than one at a time, between requests.
     """
 
     FORMAT = "%(name)s: %(message)s"
@@ -4082,23 +4092,20 @@ class BatchedStreamHandler(logging.StreamHandler):
         self.own_formatter = self.formatter
         # FORMAT ends with the message: an access line is this, then the line.
         self.access_prefix = self.FORMAT % {"name": access_log.name, "message": ""}
-        self.waiting: list[str] = []      # formatted lines, oldest first
-
-    def add_access_line(self, message: str) -> None:
-        """What emit() does with an access record of this message."""
-        self.add(self.access_prefix + message, True)
+        self.waiting: list[str | tuple] = []     # lines (or an access line's values)
 
     def emit(self, record: logging.LogRecord) -> None:
         """Runs on: any thread, holding self.lock (Handler.handle takes it)."""
         try:
-            self.add(self.format(record), record.name == access_log.name)
+            self.add(self.format(record) + self.terminator,
+                     batched=record.name == access_log.name)
         except Exception:
             self.handleError(record)              # as StreamHandler.emit() does
 
-    def add(self, line: str, batched: bool) -> None:
+    def add(self, line: str | tuple, batched: bool) -> None:
         """Queue a line; write at once unless it may wait for the loop's turn."""
         with self.lock:
-            self.waiting.append(line + self.terminator)
+            self.waiting.append(line)
             if not batched:
                 self.flush()
             elif len(self.waiting) == 1:          # the first of a batch
@@ -4110,12 +4117,23 @@ class BatchedStreamHandler(logging.StreamHandler):
     def flush(self) -> None:
         """Write the waiting lines with one write(), then flush the stream."""
         with self.lock:
-            lines, self.waiting = "".join(self.waiting), []
+            waiting, self.waiting = self.waiting, []
+            lines = "".join([line if type(line) is str else self.access_text(line)
+                             for line in waiting])
             try:
                 self.stream.write(lines)
                 super().flush()
             except (OSError, ValueError):
                 pass       # stderr is gone: lose the lines, not the server
+
+    def access_text(self, line: tuple) -> str:
+        """An access line from its values, as emit() would write its record."""
+        try:
+            text = line[0] % access_fields(*line[1:])
+        except Exception:
+            self.handleError(access_record(line))   # a bad --access-log-format
+            return ""
+        return self.access_prefix + text + self.terminator
 
 
 trace_log = logging.getLogger("gateway.trace")
@@ -4417,91 +4435,6 @@ def set_nodelay(sock: socket.socket) -> bool:
     return True
 
 
-# -- --workers: a parent process and N forked workers -------------------------
-#
-# The parent binds the socket, forks the workers (each one runs serve() on the
-# inherited socket; the kernel hands each new connection to one of them) and
-# then only waits: it relays SIGINT/SIGTERM to them as SIGTERM, replaces one
-# that dies, and exits with the status of a lifespan that failed in one.
-
-# The signals on_signals() (section 13) turns into a graceful shutdown, by
-# name: a platform may lack one. A worker keeps only SIGTERM (fork_worker()).
-SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM")
-
-
-def run_workers(count: int, serve_one) -> int:
-    """Fork `count` workers that share the listening socket; keep them alive.
-
-    The parent forwards SIGINT/SIGTERM (as SIGTERM) and waits for them to
-    drain; a worker that dies unexpectedly is replaced."""
-    children: set[int] = set()
-    stopping = []
-
-    def stop(signum, frame) -> None:
-        """The parent's handler: relay the stop to every worker as SIGTERM."""
-        stopping.append(signum)
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass               # it has just exited; os.wait() will say so
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    for _ in range(count):
-        children.add(fork_worker(serve_one))
-    result = 0
-    while children:
-        pid, status = os.wait()
-        children.discard(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            # ASGI Lifespan "Shutdown Failed" (or a startup that failed as we
-            # stopped) in one worker: the whole server exits non-zero.
-            if code in (EXIT_STARTUP_FAILED, EXIT_SHUTDOWN_FAILED) and not result:
-                result = code
-        elif code == EXIT_STARTUP_FAILED:     # it cannot start: stop them all
-            result = code
-            stop(signal.SIGTERM, None)
-        else:
-            log.warning("worker %d died (exit %d); starting another", pid, code)
-            children.add(fork_worker(serve_one))
-    return result
-
-
-def fork_worker(serve_one) -> int:
-    """Fork one worker that serves until stopped, then exits; return its pid.
-
-    The relayed signals are blocked across fork(): a child must never run the
-    parent's handler (it would relay the signal to its brothers a second
-    time), and it may not get to run at all before a signal arrives.
-    """
-    global SHUTDOWN_SIGNALS
-    relayed = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
-    pid = os.fork()
-    if pid:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
-        return pid      # the parent
-    # The child. Ctrl+C in a terminal goes to the whole process group: a
-    # worker ignores it and waits for the SIGTERM its parent relays, so that
-    # one Ctrl+C never counts twice (which would stop it at once).
-    SHUTDOWN_SIGNALS = ("SIGTERM",)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)      # until the server's own
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
-    code = 1            # serve, then leave the process: fork_worker never returns
-    try:
-        serve_one()
-        code = 0
-    except LifespanFailure as error:
-        log.error("%s", error)
-        code = error.status
-    finally:
-        logging.shutdown()     # write the access lines that wait, as exit would
-        os._exit(code)
-
-
 # =============================================================================
 # §13  Command line - options in, an exit status out
 #
@@ -4515,7 +4448,7 @@ def fork_worker(serve_one) -> int:
 #   3. import_app(): the app named "module:attr"                     -> exit 1
 #   4. make_listener() (section 12): bind the socket                 -> exit 1
 #   5. serve_until_stopped(): serve() in this process, or, with
-#      --workers N, run_workers() forks N processes that each serve()
+#      --workers N, run_workers() (at the end) forks N processes that each serve()
 #   6. the server installs on_signals() and serves until SIGTERM or Ctrl+C,
 #      then drains: exit 0, or 3 / 4 if the ASGI lifespan failed
 # =============================================================================
@@ -4892,6 +4825,92 @@ def serve_until_stopped(app, interface: str, spec: str, config: Config,
         return error.status   # EXIT_STARTUP_FAILED or EXIT_SHUTDOWN_FAILED
     log.info("stopped")
     return 0
+
+
+
+# -- --workers: a parent process and N forked workers -------------------------
+#
+# The parent binds the socket, forks the workers (each one runs serve() on the
+# inherited socket; the kernel hands each new connection to one of them) and
+# then only waits: it relays SIGINT/SIGTERM to them as SIGTERM, replaces one
+# that dies, and exits with the status of a lifespan that failed in one.
+
+# The signals on_signals() (above) turns into a graceful shutdown, by
+# name: a platform may lack one. A worker keeps only SIGTERM (fork_worker()).
+SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def run_workers(count: int, serve_one) -> int:
+    """Fork `count` workers that share the listening socket; keep them alive.
+
+    The parent forwards SIGINT/SIGTERM (as SIGTERM) and waits for them to
+    drain; a worker that dies unexpectedly is replaced."""
+    children: set[int] = set()
+    stopping = []
+
+    def stop(signum, frame) -> None:
+        """The parent's handler: relay the stop to every worker as SIGTERM."""
+        stopping.append(signum)
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass               # it has just exited; os.wait() will say so
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for _ in range(count):
+        children.add(fork_worker(serve_one))
+    result = 0
+    while children:
+        pid, status = os.wait()
+        children.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            # ASGI Lifespan "Shutdown Failed" (or a startup that failed as we
+            # stopped) in one worker: the whole server exits non-zero.
+            if code in (EXIT_STARTUP_FAILED, EXIT_SHUTDOWN_FAILED) and not result:
+                result = code
+        elif code == EXIT_STARTUP_FAILED:     # it cannot start: stop them all
+            result = code
+            stop(signal.SIGTERM, None)
+        else:
+            log.warning("worker %d died (exit %d); starting another", pid, code)
+            children.add(fork_worker(serve_one))
+    return result
+
+
+def fork_worker(serve_one) -> int:
+    """Fork one worker that serves until stopped, then exits; return its pid.
+
+    The relayed signals are blocked across fork(): a child must never run the
+    parent's handler (it would relay the signal to its brothers a second
+    time), and it may not get to run at all before a signal arrives.
+    """
+    global SHUTDOWN_SIGNALS
+    relayed = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
+    pid = os.fork()
+    if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
+        return pid      # the parent
+    # The child. Ctrl+C in a terminal goes to the whole process group: a
+    # worker ignores it and waits for the SIGTERM its parent relays, so that
+    # one Ctrl+C never counts twice (which would stop it at once).
+    SHUTDOWN_SIGNALS = ("SIGTERM",)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)      # until the server's own
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
+    code = 1            # serve, then leave the process: fork_worker never returns
+    try:
+        serve_one()
+        code = 0
+    except LifespanFailure as error:
+        log.error("%s", error)
+        code = error.status
+    finally:
+        logging.shutdown()     # write the access lines that wait, as exit would
+        os._exit(code)
 
 
 if __name__ == "__main__":
