@@ -4092,7 +4092,7 @@ class BatchedStreamHandler(logging.StreamHandler):
         self.own_formatter = self.formatter
         # FORMAT ends with the message: an access line is this, then the line.
         self.access_prefix = self.FORMAT % {"name": access_log.name, "message": ""}
-        self.waiting: list[str | tuple] = []     # lines (or an access line's values)
+        self.waiting = collections.deque()      # lines (or an access line's values)
 
     def emit(self, record: logging.LogRecord) -> None:
         """Runs on: any thread, holding self.lock (Handler.handle takes it)."""
@@ -4103,21 +4103,27 @@ class BatchedStreamHandler(logging.StreamHandler):
             self.handleError(record)              # as StreamHandler.emit() does
 
     def add(self, line: str | tuple, batched: bool) -> None:
-        """Queue a line; write at once unless it may wait for the loop's turn."""
-        with self.lock:
-            self.waiting.append(line)
-            if not batched:
-                self.flush()
-            elif len(self.waiting) == 1:          # the first of a batch
-                try:
-                    asyncio.get_running_loop().call_soon(self.flush)
-                except RuntimeError:
-                    pass          # a WSGI thread: its loop will flush
+        """Queue a line; write at once unless it may wait for the loop's turn.
+
+        Without the lock: a deque's append() and popleft() are atomic, and
+        flush() takes lines until none is left, so a line added while it
+        runs is either taken or finds the deque empty and schedules a flush.
+        """
+        self.waiting.append(line)
+        if not batched:
+            self.flush()
+        elif len(self.waiting) == 1:          # the first of a batch
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                pass          # a WSGI thread: its loop will flush
 
     def flush(self) -> None:
         """Write the waiting lines with one write(), then flush the stream."""
-        with self.lock:
-            waiting, self.waiting = self.waiting, []
+        with self.lock:                       # one flush at a time
+            waiting = []
+            while self.waiting:
+                waiting.append(self.waiting.popleft())
             lines = "".join([line if type(line) is str else self.access_text(line)
                              for line in waiting])
             try:

@@ -9186,13 +9186,53 @@ def test_ops_access_line_with_a_bad_format_is_reported_as_logging_does(capsys):
     assert "--- Logging error ---" in capsys.readouterr().err
 
 
+def test_ops_batched_handler_loses_no_line_to_threads_adding_while_it_flushes():
+    # add() takes no lock (a deque's append and popleft are atomic): threads
+    # that add access lines, and one that logs other lines (each written at
+    # once), run beside a thread that flushes all the time; every line is
+    # written once, and each thread's lines stay in their order.
+    handler, stream = ops_batched_handler()
+    count, done = 3000, threading.Event()
+
+    def adder(name: str) -> None:
+        for n in range(count):
+            handler.add(f"{name} {n}\n", batched=True)
+
+    def logger() -> None:
+        for n in range(count // 10):
+            handler.handle(ops_record("gateway", logging.WARNING, f"w {n}"))
+
+    def flusher() -> None:
+        while not done.is_set():
+            handler.flush()
+
+    threads = [threading.Thread(target=adder, args=(name,)) for name in "abc"]
+    threads.append(threading.Thread(target=logger))
+    flushing = threading.Thread(target=flusher)
+    flushing.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    done.set()
+    flushing.join(TIMEOUT)
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    for name, total in [("a", count), ("b", count), ("c", count),
+                        ("gateway: w", count // 10)]:
+        numbers = [int(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.rsplit(" ", 1)[0] == name]
+        assert numbers == list(range(total)), name
+    assert len(lines) == 3 * count + count // 10
+
+
 def test_ops_batched_handler_survives_a_broken_stream():
     handler, stream = ops_batched_handler()
     handler.handle(ops_record("gateway.access", logging.INFO, "lost"))
     stream.close()                       # ValueError on write, as a closed stderr
     handler.flush()
     handler.handle(ops_record("gateway", logging.WARNING, "also lost"))
-    assert handler.waiting == []
+    assert not handler.waiting
 
 
 @OPS_POSIX
