@@ -4073,7 +4073,7 @@ class BatchedStreamHandler(logging.StreamHandler):
     writes it, but access lines go out in batches, one write() per turn of
     the loop rather than one per request.
 
-    An access line waits in a list until the loop that logged it ends its
+    An access line waits in `waiting` until the loop that logged it ends its
     turn: an asyncio loop runs flush() as its next callback (call_soon), and
     the WSGI loop flushes before it waits in select(). Any other line is
     written at once, behind those waiting, so the order is kept.
