@@ -4121,13 +4121,12 @@ class BatchedStreamHandler(logging.StreamHandler):
     def flush(self) -> None:
         """Write the waiting lines with one write(), then flush the stream."""
         with self.lock:                       # one flush at a time
-            waiting = []
+            lines = []
             while self.waiting:
-                waiting.append(self.waiting.popleft())
-            lines = "".join([line if type(line) is str else self.access_text(line)
-                             for line in waiting])
+                line = self.waiting.popleft()
+                lines.append(line if type(line) is str else self.access_text(line))
             try:
-                self.stream.write(lines)
+                self.stream.write("".join(lines))
                 super().flush()
             except (OSError, ValueError):
                 pass       # stderr is gone: lose the lines, not the server
