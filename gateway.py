@@ -965,9 +965,8 @@ class Response:
             lines.append(b"Date: " + http_date(now))    # RFC 9110 §6.6.1
         if self.config.server_header and b"server" not in own:
             lines.append(b"Server: " + SERVER_NAME)     # RFC 9110 §10.2.4
-        for name, value in self.config.headers:          # --header
-            if name.lower() not in own:
-                lines.append(name + b": " + value)
+        lines += [name + b": " + value for name, value in self.config.headers   # --header
+                  if name.lower() not in own]
         if self.framing == "chunked":    # RFC 9112 §6.1: never to HTTP/1.0
             lines.append(b"Transfer-Encoding: chunked")
         if not self.keep_alive:
@@ -1127,11 +1126,9 @@ def add_header_variables(environ: dict, headers: list[tuple[bytes, bytes]]) -> N
     """PEP 3333 "environ Variables": CONTENT_TYPE, CONTENT_LENGTH, HTTP_* (CGI)."""
     for name, value in headers:
         key = environ_key(name)
-        if key is None:
-            continue
         if key in environ:   # RFC 9110 §5.3: repeated fields join with commas
             environ[key] += ", " + value.decode("latin-1")
-        else:
+        elif key is not None:     # None: environ_key() leaves the field out
             environ[key] = value.decode("latin-1")
 
 
