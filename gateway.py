@@ -1802,20 +1802,16 @@ class WSGIConnection:
 
     def put(self, data: bytes, wait: bool = True) -> None:
         """Runs on: a worker. Queue bytes to send; with `wait`, first wait
-        while more than HIGH_WATER bytes are unsent."""
+        while more than HIGH_WATER bytes are unsent. The client has gone if
+        the connection closed meanwhile."""
         with self.room:
-            self._wait_for_room(HIGH_WATER if wait else sys.maxsize)
+            while wait and self.unsent > HIGH_WATER and not self.closed:
+                self.room.wait()
+            if self.closed:
+                raise ClientDisconnected("client went away")
             self.outbox.append(data)
             self.unsent += len(data)
         self.server.wake(self)
-
-    def _wait_for_room(self, limit: int) -> None:
-        """Runs on: a worker holding `room`. Wait until at most `limit` bytes
-        are unsent; the client has gone if the connection closed meanwhile."""
-        while self.unsent > limit and not self.closed:
-            self.room.wait()
-        if self.closed:
-            raise ClientDisconnected("client went away")
 
     def park_if_full(self, call: WSGICall) -> bool:
         """Runs on: a worker. Too much unsent? Then leave `call` with us (the
@@ -2121,14 +2117,12 @@ class FileWrapper:
     def __iter__(self):
         """Read the file from where it is now, a block at a time, to its end
         (or until `limit` bytes are read)."""
-        left = self.limit
-        while left is None or left > 0:
-            block = self.filelike.read(self.block_size if left is None
-                                       else min(self.block_size, left))
+        left = sys.maxsize if self.limit is None else self.limit
+        while left > 0:
+            block = self.filelike.read(min(self.block_size, left))
             if not block:
                 return
-            if left is not None:
-                left -= len(block)
+            left -= len(block)
             yield block
 
     def size(self) -> int | None:
