@@ -1752,10 +1752,8 @@ class WSGIConnection:
 
     def close_spool(self) -> None:
         """Close the spool file, even if a full disk refuses its last flush."""
-        try:
+        with contextlib.suppress(OSError):
             self.spool.close()
-        except OSError:
-            pass
 
     def on_bad_request(self, error: HTTPError) -> None:
         """Answer a request the parser refused, then close (RFC 9112 §9.6)."""
@@ -1982,10 +1980,9 @@ class WSGIConnection:
             self.room.notify_all()   # a worker waiting in put() must see this
         if self.events:
             self.events = 0
-            try:
+            # KeyError, ValueError: never registered, or the selector lost it.
+            with contextlib.suppress(KeyError, ValueError):
                 self.server.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass         # never registered, or the selector lost it
         self.sock.close()
         if self.spool is not None and self.state != "app":
             self.close_spool()       # no worker reads it (any more)
@@ -2384,17 +2381,13 @@ class WSGIServer:
             # One byte wakes the loop: while one is on its way, no more are sent.
             send, self.wake_sent = not self.wake_sent, True
         if send:
-            try:
+            with contextlib.suppress(OSError):   # full: the loop is about to wake anyway
                 self.wake_writer.send(b"\0")
-            except OSError:       # full: the loop is about to wake anyway
-                pass
 
     def on_wake(self) -> None:
         """Empty the wake-up socket, then run on_wake() of each connection woken."""
-        try:
+        with contextlib.suppress(BlockingIOError):
             self.wake_reader.recv(4096)    # the bytes mean nothing: waking was all
-        except BlockingIOError:
-            pass
         with self.wake_lock:
             woken, self.woken, self.wake_sent = self.woken, [], False   # byte read
         for conn in woken:
@@ -2448,10 +2441,8 @@ class WSGIServer:
         """Runs on: any thread. Stop gracefully; a second call stops at once."""
         self.forced = not self.running
         self.running = False
-        try:
+        with contextlib.suppress(OSError):
             self.wake_writer.send(b"\0")
-        except OSError:
-            pass
 
     def close_all(self) -> None:
         """Close every connection, stop the workers, then the selector and sockets."""
