@@ -1749,10 +1749,8 @@ class WSGIConnection:
 
     def close_spool(self) -> None:
         """Close the spool file, even if a full disk refuses its last flush."""
-        try:
+        with contextlib.suppress(OSError):
             self.spool.close()
-        except OSError:
-            pass
 
     def on_bad_request(self, error: HTTPError) -> None:
         """Answer a request the parser refused, then close (RFC 9112 §9.6)."""
@@ -1799,20 +1797,16 @@ class WSGIConnection:
 
     def put(self, data: bytes, wait: bool = True) -> None:
         """Runs on: a worker. Queue bytes to send; with `wait`, first wait
-        while more than HIGH_WATER bytes are unsent."""
+        while more than HIGH_WATER bytes are unsent. The client has gone if
+        the connection closed meanwhile."""
         with self.room:
-            self._wait_for_room(HIGH_WATER if wait else sys.maxsize)
+            while wait and self.unsent > HIGH_WATER and not self.closed:
+                self.room.wait()
+            if self.closed:
+                raise ClientDisconnected("client went away")
             self.outbox.append(data)
             self.unsent += len(data)
         self.server.wake(self)
-
-    def _wait_for_room(self, limit: int) -> None:
-        """Runs on: a worker holding `room`. Wait until at most `limit` bytes
-        are unsent; the client has gone if the connection closed meanwhile."""
-        while self.unsent > limit and not self.closed:
-            self.room.wait()
-        if self.closed:
-            raise ClientDisconnected("client went away")
 
     def park_if_full(self, call: WSGICall) -> bool:
         """Runs on: a worker. Too much unsent? Then leave `call` with us (the
@@ -1983,10 +1977,9 @@ class WSGIConnection:
             self.room.notify_all()   # a worker waiting in put() must see this
         if self.events:
             self.events = 0
-            try:
+            # KeyError, ValueError: never registered, or the selector lost it.
+            with contextlib.suppress(KeyError, ValueError):
                 self.server.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass         # never registered, or the selector lost it
         self.sock.close()
         if self.spool is not None and self.state != "app":
             self.close_spool()       # no worker reads it (any more)
@@ -2118,14 +2111,12 @@ class FileWrapper:
     def __iter__(self):
         """Read the file from where it is now, a block at a time, to its end
         (or until `limit` bytes are read)."""
-        left = self.limit
-        while left is None or left > 0:
-            block = self.filelike.read(self.block_size if left is None
-                                       else min(self.block_size, left))
+        left = sys.maxsize if self.limit is None else self.limit
+        while left > 0:
+            block = self.filelike.read(min(self.block_size, left))
             if not block:
                 return
-            if left is not None:
-                left -= len(block)
+            left -= len(block)
             yield block
 
     def size(self) -> int | None:
@@ -2387,17 +2378,13 @@ class WSGIServer:
             # One byte wakes the loop: while one is on its way, no more are sent.
             send, self.wake_sent = not self.wake_sent, True
         if send:
-            try:
+            with contextlib.suppress(OSError):   # full: the loop is about to wake anyway
                 self.wake_writer.send(b"\0")
-            except OSError:       # full: the loop is about to wake anyway
-                pass
 
     def on_wake(self) -> None:
         """Empty the wake-up socket, then run on_wake() of each connection woken."""
-        try:
+        with contextlib.suppress(BlockingIOError):
             self.wake_reader.recv(4096)    # the bytes mean nothing: waking was all
-        except BlockingIOError:
-            pass
         with self.wake_lock:
             woken, self.woken, self.wake_sent = self.woken, [], False   # byte read
         for conn in woken:
@@ -2451,10 +2438,8 @@ class WSGIServer:
         """Runs on: any thread. Stop gracefully; a second call stops at once."""
         self.forced = not self.running
         self.running = False
-        try:
+        with contextlib.suppress(OSError):
             self.wake_writer.send(b"\0")
-        except OSError:
-            pass
 
     def close_all(self) -> None:
         """Close every connection, stop the workers, then the selector and sockets."""
