@@ -2692,18 +2692,17 @@ class HTTPCycle:
         response (ASGIConnection.start_read); what it brings is the next
         pipelined request, kept in the parser.
         """
-        conn = self.conn
         self.response_done = self.response_done or asyncio.Event()
         while not self.disconnected and self.state not in ("done", "failed"):
-            if conn.eof or len(conn.parser.buffer) > MAX_HEAD_BYTES:
+            if self.conn.eof or len(self.conn.parser.buffer) > MAX_HEAD_BYTES:
                 await self.response_done.wait()    # nothing more to learn
                 return
-            reading = conn.start_read()
+            reading = self.conn.start_read()
             finished = asyncio.ensure_future(self.response_done.wait())
             await asyncio.wait([reading, finished], return_when=asyncio.FIRST_COMPLETED)
             finished.cancel()
             if reading.done():                     # read_more() takes it over
-                self.disconnected = not await conn.read_more(None)
+                self.disconnected = not await self.conn.read_more(None)
 
     # -- send ------------------------------------------------------------------
 
@@ -3279,8 +3278,7 @@ class ASGIServer:
             if conn.idle:
                 self.cancel(task)
             elif conn.websocket is not None:   # RFC 6455 §7.4.1: 1001 "going away"
-                closing = conn.websocket.close(1001, "server shutting down")
-                asyncio.ensure_future(closing)
+                asyncio.ensure_future(conn.websocket.close(1001, "server shutting down"))
         if self.connections:
             await asyncio.wait(list(self.connections),
                                timeout=self.config.timeout_graceful_shutdown)
