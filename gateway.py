@@ -3473,10 +3473,9 @@ class PerMessageDeflate:
             values = {pair[0]: pair[1] if len(pair) > 1 else None for pair in pairs}
             # Limit: a value (the last part) of more digits than int() reads, 4,300,
             # is as invalid as one out of range.
-            valid = [DEFLATE_PARAMETER.fullmatch(b"=".join(p)) and len(p[-1]) <= 4300
-                     for p in pairs]
-            if (name != b"permessage-deflate" or len(values) != len(pairs)
-                    or not all(valid)):
+            valid = all(DEFLATE_PARAMETER.fullmatch(b"=".join(p)) and len(p[-1]) <= 4300
+                        for p in pairs)
+            if name != b"permessage-deflate" or len(values) != len(pairs) or not valid:
                 continue
             window = int(values.get(b"server_max_window_bits") or 15)
             answer = [b"permessage-deflate"]   # RFC 7692 §7.1.2.2: no client bits
@@ -3829,13 +3828,12 @@ class WebSocketCycle:
 
     async def keep_alive(self) -> None:
         """ASGI "WebSocket": the server pings. Policy: no Pong in time: 1011."""
-        config = self.conn.config
         while self.state == "open":
-            await asyncio.sleep(config.ws_ping_interval)
+            await asyncio.sleep(self.conn.config.ws_ping_interval)
             self.pong.clear()
             await self.conn.write(encode_frame(OP_PING, b""))
             try:
-                await asyncio.wait_for(self.pong.wait(), config.ws_ping_timeout)
+                await asyncio.wait_for(self.pong.wait(), self.conn.config.ws_ping_timeout)
             except asyncio.TimeoutError:
                 await self.close(1011, "keepalive ping timeout")
 
